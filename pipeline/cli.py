@@ -1,0 +1,74 @@
+"""``python -m pipeline <command> [--config FILE] [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, JobConfig, load_config
+
+
+def _parse_phases(text: str) -> list[int]:
+    try:
+        phases = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"phases must look like 1,2,3, got {text!r}") from err
+    if not phases or any(p not in (1, 2, 3) for p in phases) or phases != sorted(set(phases)):
+        raise argparse.ArgumentTypeError(f"phases must be increasing values out of 1,2,3, got {text!r}")
+    return phases
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML job config (default: configs/default.yaml)")
+        p.add_argument("overrides", nargs="*", help="config overrides, e.g. shards.workers=2")
+        return p
+
+    p = command("shards", "build WebDataset shards (image, decoded images, label map)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any input was rejected")
+    p = command("train", "run training phases with DeepSpeed (single process, torchrun or deepspeed)")
+    p.add_argument("--phases", type=_parse_phases, default=[1, 2, 3], help="e.g. 1,2,3 or 2")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p = command("evaluate", "R-PD evaluation of codec vs codec-SE")
+    p.add_argument("--model", action="append", default=[], help="exported generator file or models:/name@alias")
+    command("run", "main job end to end: shards, three phases, evaluation, tracking")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
+    if args.command == "shards":
+        from pipeline.shards import build_shards, format_summary
+
+        manifest = build_shards(cfg)
+        print(format_summary(manifest))
+        return 1 if (args.strict or cfg.shards.strict) and manifest["rejects"] else 0
+    if args.command == "train":
+        from pipeline.trainer import train
+
+        train(cfg, phases=args.phases, resume=args.resume)
+        return 0
+    if args.command == "evaluate":
+        from pipeline.evaluate import evaluate
+
+        evaluate(cfg, models=args.model)
+        return 0
+    if args.command == "run":
+        from pipeline.job import run
+
+        run(cfg)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _dispatch(args, cfg)
