@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", type=_parse_phases, default=[1, 2, 3], help="e.g. 1,2,3 or 2")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p = command("evaluate", "R-PD evaluation of codec vs codec-SE")
-    p.add_argument("--model", action="append", default=[], help="exported generator file or models:/name@alias")
+    p.add_argument(
+        "--model", action="append", default=[], help="generator file or models:/name@alias"
+    )
     command("run", "main job end to end: shards, three phases, evaluation, tracking")
     return parser
 
