@@ -1,0 +1,312 @@
+"""pix2pixHD-style networks and the JPD-SE generator input.
+
+The generator sees ``one-hot labels (label_nc) ⊕ instance edges (1, with instances) ⊕ decoded RGB (3)``.
+Ablations keep the same channels and zero some of them, so every phase and ablation shares one
+architecture: ``visual_input=False`` zeroes the decoded image (phase 1), ``zero_semantics=True`` zeroes
+the one-hot and edge channels (the no-semantics baseline).
+
+The discriminator is conditioned like pix2pixHD's: it sees the semantic channels of the generator input
+⊕ an image (generated or real)::
+
+    g_in = generator_input(label, edge, decoded, label_nc=nc, use_instance=inst, ...)
+    fake = generator(g_in)
+    semantics = g_in[:, : semantic_channels(nc, inst)]
+    pred_fake = discriminator(discriminator_input(semantics, fake))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import ModelConfig
+
+IMAGE_CHANNELS = 3
+NORMS = ("instance", "batch", "none")
+
+
+def semantic_channels(label_nc: int, use_instance: bool) -> int:
+    """Channels of the semantic conditioning: one-hot labels plus the instance edge map."""
+    return label_nc + int(use_instance)
+
+
+def input_channels(label_nc: int, use_instance: bool) -> int:
+    """Channels of :func:`generator_input`'s output."""
+    return semantic_channels(label_nc, use_instance) + IMAGE_CHANNELS
+
+
+def edge_map(instance: Tensor) -> Tensor:
+    """pix2pixHD's ``get_edges``: 1.0 where a pixel's id differs from a 4-neighbour's, else 0.0.
+
+    Works on the last two dimensions of any tensor with at least two (``H x W``, ``B x H x W``,
+    ``B x 1 x H x W``); the result has the input's shape and dtype float32.
+    """
+    if instance.dim() < 2:
+        raise ValueError(f"edge_map needs at least 2 dimensions, got shape {tuple(instance.shape)}")
+    edge = torch.zeros(instance.shape, dtype=torch.bool, device=instance.device)
+    horizontal = instance[..., :, 1:] != instance[..., :, :-1]
+    vertical = instance[..., 1:, :] != instance[..., :-1, :]
+    edge[..., :, 1:] |= horizontal
+    edge[..., :, :-1] |= horizontal
+    edge[..., 1:, :] |= vertical
+    edge[..., :-1, :] |= vertical
+    return edge.float()
+
+
+def generator_input(
+    label: Tensor,
+    edge: Tensor | None,
+    decoded: Tensor,
+    *,
+    label_nc: int,
+    use_instance: bool,
+    zero_semantics: bool,
+    visual_input: bool,
+) -> Tensor:
+    """Assemble ``one-hot(label) ⊕ edge ⊕ decoded`` (``B x input_channels x H x W``).
+
+    ``label``: int ``B x H x W`` (or ``B x 1 x H x W``) ids in ``[0, label_nc)``; ``edge``: ``B x 1 x H x W``,
+    required when ``use_instance`` and ignored otherwise; ``decoded``: ``B x 3 x H x W`` in [-1, 1].
+    ``zero_semantics`` zeroes the one-hot and edge channels, ``visual_input=False`` the decoded ones.
+    """
+    if label_nc <= 0:
+        raise ValueError(f"label_nc must be positive, got {label_nc}")
+    if label.dim() == 4 and label.shape[1] == 1:
+        label = label[:, 0]
+    if label.dim() != 3:
+        raise ValueError(f"label must be B x H x W, got shape {tuple(label.shape)}")
+    if label.dtype.is_floating_point or label.dtype == torch.bool:
+        raise ValueError(f"label must hold integer ids, got dtype {label.dtype}")
+    batch, height, width = label.shape
+    if decoded.shape != (batch, IMAGE_CHANNELS, height, width):
+        raise ValueError(
+            f"decoded must be {batch} x 3 x {height} x {width} to match the label, got {tuple(decoded.shape)}"
+        )
+    if label.numel():
+        low, high = int(label.min()), int(label.max())
+        if low < 0 or high >= label_nc:
+            raise ValueError(
+                f"label ids must lie in [0, {label_nc}) (label_nc={label_nc}), found ids in [{low}, {high}]"
+            )
+    label = label.to(decoded.device, torch.long)
+    onehot = torch.zeros(batch, label_nc, height, width, dtype=decoded.dtype, device=decoded.device)
+    onehot.scatter_(1, label.unsqueeze(1), 1.0)
+    parts = [onehot]
+    if use_instance:
+        if edge is None:
+            raise ValueError("use_instance is set but no edge map was given")
+        if edge.shape != (batch, 1, height, width):
+            raise ValueError(f"edge must be {batch} x 1 x {height} x {width}, got {tuple(edge.shape)}")
+        parts.append(edge.to(decoded.device, decoded.dtype))
+    if zero_semantics:
+        parts = [torch.zeros_like(p) for p in parts]
+    parts.append(decoded if visual_input else torch.zeros_like(decoded))
+    return torch.cat(parts, dim=1)
+
+
+def discriminator_input(semantics: Tensor, image: Tensor) -> Tensor:
+    """pix2pixHD conditioning: the semantic channels (one-hot ⊕ edge) ⊕ the image."""
+    if semantics.shape[0] != image.shape[0] or semantics.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"semantics {tuple(semantics.shape)} and image {tuple(image.shape)} differ in batch or size"
+        )
+    return torch.cat([semantics, image], dim=1)
+
+
+def norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """pix2pixHD's norms: InstanceNorm without affine parameters, BatchNorm with them, or none."""
+    if norm == "instance":
+        return lambda channels: nn.InstanceNorm2d(channels, affine=False)
+    if norm == "batch":
+        return lambda channels: nn.BatchNorm2d(channels, affine=True)
+    if norm == "none":
+        return lambda channels: nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+class ResnetBlock(nn.Module):
+    """Two reflect-padded 3x3 convs with a skip connection."""
+
+    def __init__(self, dim: int, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3),
+            norm(dim),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, kernel_size=3),
+            norm(dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv_block(x)
+
+
+class Generator(nn.Module):
+    """pix2pixHD GlobalGenerator: 7x7 front, stride-2 downsamplings, residual blocks, upsamplings, tanh.
+
+    Input height and width must be multiples of ``2 ** n_downsample``.
+    """
+
+    def __init__(
+        self,
+        input_nc: int,
+        output_nc: int = IMAGE_CHANNELS,
+        ngf: int = 64,
+        n_downsample: int = 4,
+        n_blocks: int = 9,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        if min(input_nc, output_nc, ngf) <= 0 or n_downsample < 0 or n_blocks < 0:
+            raise ValueError(
+                f"invalid generator size: input_nc={input_nc} output_nc={output_nc} ngf={ngf} "
+                f"n_downsample={n_downsample} n_blocks={n_blocks}"
+            )
+        self.hparams = {
+            "input_nc": input_nc,
+            "output_nc": output_nc,
+            "ngf": ngf,
+            "n_downsample": n_downsample,
+            "n_blocks": n_blocks,
+            "norm": norm,
+        }
+        make_norm = norm_layer(norm)
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, kernel_size=7),
+            make_norm(ngf),
+            nn.ReLU(True),
+        ]
+        for i in range(n_downsample):
+            mult = 2**i
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1),
+                make_norm(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
+        mult = 2**n_downsample
+        layers += [ResnetBlock(ngf * mult, make_norm) for _ in range(n_blocks)]
+        for i in range(n_downsample):
+            mult = 2 ** (n_downsample - i)
+            layers += [
+                nn.ConvTranspose2d(
+                    ngf * mult, ngf * mult // 2, kernel_size=3, stride=2, padding=1, output_padding=1
+                ),
+                make_norm(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        factor, input_nc = 2 ** self.hparams["n_downsample"], self.hparams["input_nc"]
+        if x.dim() != 4 or x.shape[1] != input_nc:
+            raise ValueError(f"generator expects B x {input_nc} x H x W, got {tuple(x.shape)}")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"generator input size {tuple(x.shape[2:])} must be a multiple of {factor}")
+        return self.model(x)
+
+
+class NLayerDiscriminator(nn.Module):
+    """pix2pixHD PatchGAN with intermediate features: returns every block's output, the last is the score."""
+
+    def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm: str = "instance") -> None:
+        super().__init__()
+        make_norm = norm_layer(norm)
+        kw, pad = 4, 2
+        blocks: list[nn.Sequential] = [
+            nn.Sequential(nn.Conv2d(input_nc, ndf, kw, stride=2, padding=pad), nn.LeakyReLU(0.2, True))
+        ]
+        nf = ndf
+        for _ in range(1, n_layers):
+            nf_prev, nf = nf, min(nf * 2, 512)
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(nf_prev, nf, kw, stride=2, padding=pad), make_norm(nf), nn.LeakyReLU(0.2, True)
+                )
+            )
+        nf_prev, nf = nf, min(nf * 2, 512)
+        blocks.append(
+            nn.Sequential(
+                nn.Conv2d(nf_prev, nf, kw, stride=1, padding=pad), make_norm(nf), nn.LeakyReLU(0.2, True)
+            )
+        )
+        blocks.append(nn.Sequential(nn.Conv2d(nf, 1, kw, stride=1, padding=pad)))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for block in self.blocks:
+            x = block(x)
+            features.append(x)
+        return features
+
+
+class MultiscaleDiscriminator(nn.Module):
+    """``num_d`` PatchGANs; scale ``i`` sees the input average-pooled ``i`` times (scale 0: full size).
+
+    ``forward`` returns one list per scale of ``n_layers + 2`` feature maps; the last of each is the
+    prediction, the others feed the feature-matching loss.
+    """
+
+    def __init__(
+        self, input_nc: int, ndf: int = 64, n_layers: int = 3, num_d: int = 2, norm: str = "instance"
+    ) -> None:
+        super().__init__()
+        if num_d < 1 or n_layers < 1 or ndf <= 0 or input_nc <= 0:
+            raise ValueError(
+                f"invalid discriminator size: input_nc={input_nc} ndf={ndf} n_layers={n_layers} num_d={num_d}"
+            )
+        self.input_nc = input_nc
+        self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers, norm) for _ in range(num_d))
+        self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+
+    def forward(self, x: Tensor) -> list[list[Tensor]]:
+        if x.dim() != 4 or x.shape[1] != self.input_nc:
+            raise ValueError(f"discriminator expects B x {self.input_nc} x H x W, got {tuple(x.shape)}")
+        outputs = []
+        for i, scale in enumerate(self.scales):
+            if i:
+                x = self.downsample(x)
+            outputs.append(scale(x))
+        return outputs
+
+
+def init_weights(module: nn.Module) -> None:
+    """pix2pixHD init: conv weights ~ N(0, 0.02); norm weights ~ N(1, 0.02) with zero bias."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.affine:
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def build_models(
+    model_cfg: ModelConfig, label_nc: int, use_instance: bool
+) -> tuple[Generator, MultiscaleDiscriminator]:
+    """The generator and discriminator for ``label_nc`` classes (the caller resolves ``label_nc``)."""
+    if label_nc <= 0:
+        raise ValueError(f"label_nc must be positive, got {label_nc}")
+    generator = Generator(
+        input_channels(label_nc, use_instance),
+        IMAGE_CHANNELS,
+        ngf=model_cfg.ngf,
+        n_downsample=model_cfg.n_downsample,
+        n_blocks=model_cfg.n_blocks,
+        norm=model_cfg.norm,
+    )
+    discriminator = MultiscaleDiscriminator(
+        semantic_channels(label_nc, use_instance) + IMAGE_CHANNELS,
+        ndf=model_cfg.ndf,
+        n_layers=model_cfg.n_layers_d,
+        num_d=model_cfg.num_d,
+        norm=model_cfg.norm,
+    )
+    init_weights(generator)
+    init_weights(discriminator)
+    return generator, discriminator
