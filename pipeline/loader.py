@@ -1,0 +1,403 @@
+"""Shards -> batches of tensors: a WebDataset pipeline with aligned crop/flip, split by node and worker.
+
+:func:`make_dataset` composes these stages (each runs inside a DataLoader worker)::
+
+    shard list (SimpleShardList, or ResampledShards when loader.resampled)
+    -> split shards over rank x worker units -> tar samples -> split samples (only with too few shards)
+    -> shuffle (train) -> keep the members needed -> decode PNGs with OpenCV, JSON
+    -> instance edges, crop/flip (train), tensors -> batched
+
+Splitting (finite mode). A *unit* is one DataLoader worker of one rank; there are
+``world_size x num_workers`` of them. With at least that many shards every unit reads its own
+shards (``shards[unit::units]``, what ``wds.split_by_node`` + ``wds.split_by_worker`` do). With
+fewer shards every unit reads all of them and keeps every ``units``-th sample. Either way each
+sample is seen exactly once per epoch across all units. Shards of equal size (and at least as many
+as units) keep the ranks' workloads balanced and avoid reading every tar on every unit.
+
+Resampled mode draws shards with replacement, forever, from a seed per rank and worker (for
+multi-node jobs whose ranks must never run dry); :func:`make_loader` cuts a nominal epoch of
+``ceil(samples / (world_size x batch_size))`` batches when the manifest gives the sample count.
+
+Randomness (shard order, shuffle buffer, crops, flips) is drawn from ``seed``, the epoch (one per
+pass over the dataset in a worker; :func:`make_loader` keeps workers alive so that it advances),
+the rank and the worker, so a run is reproducible for a given seed and layout.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import random
+from collections.abc import Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch import Tensor
+
+from pipeline.config import JobConfig
+from pipeline.models import edge_map
+from pipeline.shards import read_manifest
+
+IMAGE, LABEL, INSTANCE, META = "image.png", "label.png", "instance.png", "json"
+# Distinct streams of randomness derived from the same seed.
+_SHARD_ORDER, _SHUFFLE, _AUGMENT, _RESAMPLE = 1, 2, 3, 4
+
+
+class LoaderError(ValueError):
+    """Shards that cannot be read as configured (missing manifest, split, codec or member)."""
+
+
+def codec_member(cfg: JobConfig) -> str:
+    """The shard member name of the configured codec x quality, e.g. ``hevc_q42``."""
+    return f"{cfg.loader.codec}_q{cfg.loader.quality}"
+
+
+def _split_entry(cfg: JobConfig, manifest: dict[str, Any], split: str) -> dict[str, Any]:
+    splits = manifest.get("splits", {})
+    if split not in splits or not splits[split].get("shards"):
+        built = sorted(s for s, entry in splits.items() if entry.get("shards"))
+        raise LoaderError(f"split {split!r} has no shards in {cfg.shards.output}; built: {built or 'none'}")
+    member = codec_member(cfg)
+    if member not in manifest.get("codecs", {}):
+        raise LoaderError(
+            f"{member} (loader.codec={cfg.loader.codec}, loader.quality={cfg.loader.quality}) was not built "
+            f"in {cfg.shards.output}; built: {sorted(manifest.get('codecs', {})) or 'none'}"
+        )
+    return splits[split]
+
+
+def _expand_pattern(pattern: str) -> list[str]:
+    urls: list[str] = []
+    for url in wds.shardlists.expand_urls(pattern):
+        if "://" in url or url.startswith("pipe:"):
+            urls.append(url)
+        elif glob.has_magic(url):
+            urls.extend(sorted(glob.glob(url)))
+        elif Path(url).is_file():
+            urls.append(url)
+        else:
+            raise LoaderError(f"loader.shards: no such shard file {url}")
+    if not urls:
+        raise LoaderError(f"loader.shards={pattern!r} matches no shard files")
+    return urls
+
+
+def shard_urls(cfg: JobConfig, split: str | None = None) -> list[str]:
+    """Shard files of ``split`` (default ``loader.split``): ``loader.shards`` if set, else the manifest's.
+
+    ``loader.shards`` may be a brace pattern (``shards/val-{000000..000003}.tar``), a glob, a
+    ``::``-separated list or one file; it is taken as is, without checking split or codec.
+    """
+    if cfg.loader.shards:
+        return _expand_pattern(cfg.loader.shards)
+    manifest = read_manifest(cfg.shards.output)
+    entry = _split_entry(cfg, manifest, split or cfg.loader.split)
+    return [str(Path(cfg.shards.output) / name) for name in entry["shards"]]
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: torch.distributed's when initialised, else the arguments, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        actual = (dist.get_rank(), dist.get_world_size())
+        if (rank is not None and rank != actual[0]) or (world_size is not None and world_size != actual[1]):
+            raise ValueError(f"rank/world_size {rank}/{world_size} contradict torch.distributed's {actual}")
+        return actual
+    if rank is None and world_size is None:
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError("give both rank and world_size, or neither")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    return rank, world_size
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _unit(rank: int, world_size: int) -> tuple[int, int]:
+    """This process's unit index and the number of units (ranks x workers)."""
+    worker, num_workers = _worker()
+    return rank * num_workers + worker, world_size * num_workers
+
+
+def _unit_seed(rank: int) -> int:
+    """ResampledShards' ``worker_seed``: distinct per rank and worker."""
+    worker, _ = _worker()
+    return wds.utils.make_seed(_RESAMPLE, rank, worker)
+
+
+class _Stage:
+    """A pipeline stage whose randomness depends on seed, rank and the pass (epoch) it is in."""
+
+    def __init__(self, rank: int, world_size: int, seed: int):
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = -1
+
+    def _next_rng(self, stream: int, per_unit: bool) -> random.Random:
+        self.epoch += 1
+        worker, _ = _worker()
+        who = (self.rank, worker) if per_unit else ()
+        return random.Random(wds.utils.make_seed(self.seed, stream, self.epoch, *who))
+
+
+class _SplitShards(_Stage):
+    """Shard-level split over units when there are enough shards, else pass them all on (see module doc)."""
+
+    def __init__(self, rank: int, world_size: int, seed: int, num_shards: int, shuffle: bool):
+        super().__init__(rank, world_size, seed)
+        self.num_shards, self.shuffle = num_shards, shuffle
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # Same order on every unit: the stream is shared, not per unit.
+        rng = self._next_rng(_SHARD_ORDER, per_unit=False)
+        shards = list(src)
+        if self.shuffle:
+            rng.shuffle(shards)
+        unit, units = _unit(self.rank, self.world_size)
+        yield from shards[unit::units] if self.num_shards >= units else shards
+
+
+class _SplitSamples:
+    """Every ``units``-th sample, only when :class:`_SplitShards` passed every shard on."""
+
+    def __init__(self, rank: int, world_size: int, num_shards: int):
+        self.rank, self.world_size, self.num_shards = rank, world_size, num_shards
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        unit, units = _unit(self.rank, self.world_size)
+        if self.num_shards >= units:
+            yield from src
+            return
+        for index, sample in enumerate(src):
+            if index % units == unit:
+                yield sample
+
+
+class _Shuffle(_Stage):
+    """``wds.shuffle`` with a buffer of ``bufsize`` samples, seeded per unit and epoch."""
+
+    def __init__(self, rank: int, world_size: int, seed: int, bufsize: int):
+        super().__init__(rank, world_size, seed)
+        self.bufsize = bufsize
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = self._next_rng(_SHUFFLE, per_unit=True)
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+def _select(sample: dict[str, Any], member: str) -> dict[str, Any]:
+    """Keep only the members the batch needs (shards may hold several codecs and qualities)."""
+    wanted = (IMAGE, LABEL, f"{member}.png", META)
+    missing = [m for m in wanted if m not in sample]
+    if missing:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise LoaderError(
+            f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {missing}; it has {have}"
+        )
+    keep = wanted + (INSTANCE, "__key__", "__url__")
+    return {k: v for k, v in sample.items() if k in keep}
+
+
+def _png(key: str, data: bytes) -> np.ndarray | None:
+    """wds.decode handler: PNG members with OpenCV, unchanged depth (16-bit instances), RGB order."""
+    if not key.endswith(".png"):
+        return None
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise LoaderError(f"cannot decode PNG member {key}")
+    if array.ndim == 3:
+        if array.shape[2] != 3:
+            raise LoaderError(f"PNG member {key} has {array.shape[2]} channels, expected 3")
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    return array
+
+
+def _arrays(sample: dict[str, Any], member: str) -> dict[str, Any]:
+    """Decoded members -> aligned ``H x W [x C]`` arrays plus metadata; edges from the full instance map."""
+    key = sample["__key__"]
+    image, decoded, label = sample[IMAGE], sample[f"{member}.png"], sample[LABEL]
+    meta = sample[META]
+    if decoded.shape != image.shape or label.shape != image.shape[:2]:
+        raise LoaderError(
+            f"sample {key}: sizes differ: image {image.shape}, {member} {decoded.shape}, label {label.shape}"
+        )
+    if INSTANCE in sample:
+        edge = edge_map(torch.from_numpy(sample[INSTANCE].astype(np.int32))).numpy()
+    else:
+        edge = np.zeros(label.shape, np.float32)
+    try:
+        bpp, label_bpp = float(meta["codecs"][member]["bpp"]), float(meta["label"]["bpp"])
+    except (KeyError, TypeError) as err:
+        raise LoaderError(f"sample {key}: metadata lacks codecs.{member}.bpp or label.bpp") from err
+    return {
+        "image": image,
+        "decoded": decoded,
+        "label": label,
+        "edge": edge,
+        "bpp": bpp,
+        "label_bpp": label_bpp,
+        "key": key,
+    }
+
+
+SPATIAL = ("image", "decoded", "label", "edge")
+
+
+class _Augment(_Stage):
+    """Random crop and horizontal flip, the same window and flip for every spatial member."""
+
+    def __init__(self, rank: int, world_size: int, seed: int, crop: tuple[int, int] | None, flip: bool):
+        super().__init__(rank, world_size, seed)
+        self.crop, self.flip = crop, flip
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = self._next_rng(_AUGMENT, per_unit=True)
+        for sample in src:
+            yield augment(sample, rng, self.crop, self.flip)
+
+
+def augment(
+    sample: dict[str, Any], rng: random.Random, crop: tuple[int, int] | None, flip: bool
+) -> dict[str, Any]:
+    """Crop ``crop=(h, w)`` at a random offset and flip with probability 1/2, identically on all members."""
+    height, width = sample["label"].shape
+    top = left = 0
+    out_h, out_w = height, width
+    if crop is not None:
+        out_h, out_w = crop
+        if out_h > height or out_w > width:
+            raise LoaderError(
+                f"loader.crop {list(crop)} is larger than sample {sample['key']} ({height}x{width}, HxW)"
+            )
+        top, left = rng.randint(0, height - out_h), rng.randint(0, width - out_w)
+    step = -1 if flip and rng.random() < 0.5 else 1
+    out = dict(sample)
+    for name in SPATIAL:
+        window = sample[name][top : top + out_h, left : left + out_w]
+        out[name] = window[:, ::step]
+    return out
+
+
+def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    def rgb(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+    return {
+        "image": rgb(sample["image"]),
+        "decoded": rgb(sample["decoded"]),
+        "label": torch.from_numpy(np.ascontiguousarray(sample["label"]).astype(np.int64)),
+        "edge": torch.from_numpy(np.ascontiguousarray(sample["edge"], dtype=np.float32))[None],
+        "bpp": sample["bpp"],
+        "label_bpp": sample["label_bpp"],
+        "key": sample["key"],
+    }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> the batch dict of ARCHITECTURE.md "Batches"."""
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise LoaderError(f"samples of different sizes {sorted(shapes)} in one batch: set loader.crop")
+    batch: dict[str, Any] = {name: torch.stack([s[name] for s in samples]) for name in SPATIAL}
+    for name in ("bpp", "label_bpp"):
+        batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.float32)
+    batch["key"] = [s["key"] for s in samples]
+    return batch
+
+
+def _crop(cfg: JobConfig) -> tuple[int, int] | None:
+    crop = list(cfg.loader.crop)
+    if not crop:
+        return None
+    if len(crop) != 2 or min(crop) < 1:
+        raise LoaderError(f"loader.crop must be [] or [height, width] of positive sizes, got {crop}")
+    return crop[0], crop[1]
+
+
+def make_dataset(
+    cfg: JobConfig,
+    split: str | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    train: bool = True,
+    seed: int = 0,
+) -> wds.DataPipeline:
+    """Batches of ``split`` for this rank (and, inside a DataLoader, this worker); see the module doc.
+
+    ``train`` switches on shard-order shuffling, the shuffle buffer and crop/flip; without it the
+    samples come in shard order at full size.
+    """
+    loader = cfg.loader
+    if loader.batch_size < 1:
+        raise LoaderError(f"loader.batch_size must be >= 1, got {loader.batch_size}")
+    crop = _crop(cfg) if train else None
+    urls = shard_urls(cfg, split)
+    rank, world_size = resolve_rank(rank, world_size)
+    member = codec_member(cfg)
+    if loader.resampled:
+        source = [
+            wds.ResampledShards(urls, seed=seed, worker_seed=partial(_unit_seed, rank), deterministic=True)
+        ]
+    else:
+        source = [
+            wds.SimpleShardList(urls),
+            _SplitShards(rank, world_size, seed, len(urls), shuffle=train),
+        ]
+    samples = [wds.tarfile_to_samples()]
+    if not loader.resampled:
+        samples.append(_SplitSamples(rank, world_size, len(urls)))
+    if train and loader.shuffle > 1:
+        samples.append(_Shuffle(rank, world_size, seed, loader.shuffle))
+    samples += [
+        wds.map(partial(_select, member=member)),
+        wds.decode(_png),
+        wds.map(partial(_arrays, member=member)),
+    ]
+    if train and (crop is not None or loader.flip):
+        samples.append(_Augment(rank, world_size, seed, crop, loader.flip))
+    samples += [
+        wds.map(_to_tensors),
+        wds.batched(loader.batch_size, collation_fn=collate, partial=not loader.resampled),
+    ]
+    return wds.DataPipeline(*source, *samples)
+
+
+def make_loader(
+    cfg: JobConfig,
+    split: str | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    train: bool = True,
+    seed: int = 0,
+) -> wds.WebLoader:
+    """:func:`make_dataset` in a ``WebLoader`` with ``loader.num_workers`` persistent workers.
+
+    Iterating it again starts the next epoch (new shard order, shuffle and crops). In resampled
+    mode one pass is a nominal epoch when the manifest gives the split's sample count, else endless.
+    """
+    dataset = make_dataset(cfg, split, rank=rank, world_size=world_size, train=train, seed=seed)
+    workers = cfg.loader.num_workers
+    if workers < 0:
+        raise LoaderError(f"loader.num_workers must be >= 0, got {workers}")
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    if cfg.loader.resampled and not cfg.loader.shards:
+        entry = _split_entry(cfg, read_manifest(cfg.shards.output), split or cfg.loader.split)
+        _, world = resolve_rank(rank, world_size)
+        loader = loader.with_epoch(math.ceil(entry["samples"] / (world * cfg.loader.batch_size)))
+    return loader

@@ -1,0 +1,199 @@
+"""The shard -> batch loader on real shards of the Cityscapes sample (256x128, hevc QP 42)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import JobConfig, from_dict
+from pipeline.loader import LoaderError, make_dataset, make_loader, shard_urls
+from pipeline.models import edge_map
+from pipeline.shards import build_shards
+
+WIDTH, HEIGHT = 256, 128
+MEMBER = "hevc_q42"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> tuple[JobConfig, dict]:
+    out = tmp_path_factory.mktemp("shards")
+    cfg = from_dict(
+        {
+            "data": {"root": str(cityscapes_root), "width": WIDTH, "height": HEIGHT, "splits": ["val"]},
+            "shards": {
+                "output": str(out),
+                "codecs": [{"name": "hevc", "qualities": [37, 42]}],  # the loader must pick q42
+                "samples_per_shard": 4,
+                "workers": 1,
+            },
+            "loader": {"split": "val", "codec": "hevc", "quality": 42, "batch_size": 4, "shuffle": 8},
+        }
+    )
+    return cfg, build_shards(cfg)
+
+
+def _with(cfg: JobConfig, **loader: object) -> JobConfig:
+    return dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, **loader))
+
+
+def _originals(cfg: JobConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Full-size members straight from the tars, decoded independently of the loader."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for url in shard_urls(cfg):
+        with tarfile.open(url) as tar:
+            for info in tar.getmembers():
+                key, _, member = info.name.partition(".")
+                data = np.frombuffer(tar.extractfile(info).read(), np.uint8)
+                entry = out.setdefault(key, {})
+                if member == "json":
+                    entry["json"] = json.load(io.BytesIO(data.tobytes()))
+                elif member in ("image.png", f"{MEMBER}.png", "hevc_q37.png"):
+                    entry[member] = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                elif member in ("label.png", "instance.png"):
+                    entry[member] = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    return out
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return ((image.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)
+
+
+def _keys(batches) -> list[str]:
+    return [key for batch in batches for key in batch["key"]]
+
+
+def test_batch_format(built: tuple[JobConfig, dict]) -> None:
+    cfg, manifest = built
+    originals = _originals(cfg)
+    batches = list(make_dataset(cfg, train=False))
+    assert sorted(_keys(batches)) == sorted(originals)
+    assert len(originals) == manifest["splits"]["val"]["samples"] == 22
+    assert [len(b["key"]) for b in batches] == [4, 4, 4, 4, 4, 2]  # partial last batch kept
+    batch = batches[0]
+    assert batch["image"].shape == batch["decoded"].shape == (4, 3, HEIGHT, WIDTH)
+    assert batch["label"].shape == (4, HEIGHT, WIDTH) and batch["edge"].shape == (4, 1, HEIGHT, WIDTH)
+    assert batch["image"].dtype == batch["decoded"].dtype == batch["edge"].dtype == torch.float32
+    assert batch["label"].dtype == torch.int64
+    assert batch["bpp"].dtype == batch["label_bpp"].dtype == torch.float32 and batch["bpp"].shape == (4,)
+    for name in ("image", "decoded"):
+        assert -1.0 <= batch[name].min() < -0.5 and 0.5 < batch[name].max() <= 1.0
+    assert set(batch["edge"].unique().tolist()) == {0.0, 1.0}
+    for i, key in enumerate(batch["key"]):
+        original = originals[key]
+        assert np.array_equal(_to_uint8(batch["image"][i]), original["image.png"])
+        assert np.array_equal(_to_uint8(batch["decoded"][i]), original[f"{MEMBER}.png"])
+        assert not np.array_equal(original["image.png"], original[f"{MEMBER}.png"])
+        assert not np.array_equal(original["hevc_q37.png"], original[f"{MEMBER}.png"])
+        assert np.array_equal(batch["label"][i].numpy(), original["label.png"])
+        meta = original["json"]
+        assert batch["bpp"][i].item() == pytest.approx(meta["codecs"][MEMBER]["bpp"])
+        assert batch["label_bpp"][i].item() == pytest.approx(meta["label"]["bpp"])
+
+
+def _locate(crop: np.ndarray, full: np.ndarray) -> tuple[int, int, bool]:
+    """Where ``crop`` (maybe flipped) lies in ``full``: exact match by template search."""
+    for flipped in (False, True):
+        window = crop[:, ::-1] if flipped else crop
+        scores = cv2.matchTemplate(full, np.ascontiguousarray(window), cv2.TM_SQDIFF)
+        top, left = np.unravel_index(np.argmin(scores), scores.shape)
+        if np.array_equal(full[top : top + crop.shape[0], left : left + crop.shape[1]], window):
+            return int(top), int(left), flipped
+    raise AssertionError("crop not found in the original image")
+
+
+def test_crop_and_flip_are_aligned(built: tuple[JobConfig, dict]) -> None:
+    cfg, _ = built
+    originals = _originals(cfg)
+    crop_h, crop_w = 48, 80
+    placements = []
+    for batch in make_dataset(_with(cfg, crop=[crop_h, crop_w], flip=True), seed=3):
+        assert batch["image"].shape[-2:] == batch["label"].shape[-2:] == (crop_h, crop_w)
+        for i, key in enumerate(batch["key"]):
+            original = originals[key]
+            top, left, flipped = _locate(_to_uint8(batch["image"][i]), original["image.png"])
+            step = -1 if flipped else 1
+
+            def window(array: np.ndarray, top: int = top, left: int = left, step: int = step) -> np.ndarray:
+                return array[top : top + crop_h, left : left + crop_w][:, ::step]
+
+            assert np.array_equal(_to_uint8(batch["decoded"][i]), window(original[f"{MEMBER}.png"]))
+            assert np.array_equal(batch["label"][i].numpy(), window(original["label.png"]))
+            full_edge = edge_map(torch.from_numpy(original["instance.png"].astype(np.int32))).numpy()
+            assert np.array_equal(batch["edge"][i, 0].numpy(), window(full_edge))
+            placements.append((top, left, flipped))
+    assert len(placements) == 22
+    assert {p[2] for p in placements} == {False, True}
+    assert len({p[:2] for p in placements}) > 10
+
+
+def test_deterministic_given_seed(built: tuple[JobConfig, dict]) -> None:
+    cfg = _with(built[0], crop=[32, 32], flip=True)
+
+    def first_epochs(seed: int) -> list[tuple[list[str], torch.Tensor]]:
+        dataset = make_dataset(cfg, seed=seed)
+        return [(b["key"], b["image"]) for epoch in range(2) for b in itertools.islice(dataset, 2)]
+
+    one, again, other = first_epochs(0), first_epochs(0), first_epochs(1)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(one, again, strict=True))
+    assert any(a[0] != b[0] or not torch.equal(a[1], b[1]) for a, b in zip(one, other, strict=True))
+    assert one[:2] != one[2:] and [k for k, _ in one[:2]] != [k for k, _ in one[2:]]  # epochs differ
+
+
+@pytest.mark.parametrize("single_shard", [False, True], ids=["split-shards", "split-samples"])
+def test_ranks_and_workers_disjoint_and_complete(built: tuple[JobConfig, dict], single_shard: bool) -> None:
+    cfg, manifest = built
+    cfg = _with(cfg, num_workers=2, crop=[16, 16], batch_size=3)
+    if single_shard:  # 1 shard < 2 ranks x 2 workers: split by sample
+        cfg = _with(cfg, shards=str(Path(cfg.shards.output) / manifest["splits"]["val"]["shards"][0]))
+        expected = set(_originals(cfg))
+        assert len(expected) == 4
+    else:
+        assert len(manifest["splits"]["val"]["shards"]) >= 4
+        expected = set(_originals(cfg))
+    loaders = [make_loader(cfg, rank=rank, world_size=2, seed=5) for rank in range(2)]
+    for _epoch in range(2):  # shard order changes per epoch, identically on every rank
+        per_rank = []
+        for rank, loader in enumerate(loaders):
+            keys = _keys(loader)
+            assert len(keys) == len(set(keys)), f"rank {rank} saw a sample twice: {sorted(keys)}"
+            per_rank.append(set(keys))
+        assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+        assert per_rank[0] | per_rank[1] == expected
+
+
+def test_resampled_is_endless(built: tuple[JobConfig, dict]) -> None:
+    cfg = _with(built[0], resampled=True, crop=[16, 16], batch_size=4)
+    streams = []
+    for rank in range(2):
+        batches = list(itertools.islice(make_dataset(cfg, rank=rank, world_size=2), 8))
+        assert all(len(b["key"]) == 4 for b in batches)
+        streams.append(_keys(batches))
+    assert len(streams[0]) == 32 > 22  # more than one epoch's worth on a single rank
+    assert set(streams[0]) <= set(_originals(cfg)) and streams[0] != streams[1]
+    loader = make_loader(cfg, rank=0, world_size=2)
+    assert len(list(loader)) == len(list(loader)) == 3  # nominal epoch: ceil(22 / (2 x 4)) batches
+
+
+def test_clear_errors(built: tuple[JobConfig, dict], tmp_path: Path) -> None:
+    cfg, _ = built
+    with pytest.raises(LoaderError, match=r"hevc_q32 .*not built.*\['hevc_q37', 'hevc_q42'\]"):
+        shard_urls(_with(cfg, quality=32))
+    with pytest.raises(LoaderError, match=r"split 'train'.*built: \['val'\]"):
+        shard_urls(cfg, "train")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        shard_urls(dataclasses.replace(cfg, shards=dataclasses.replace(cfg.shards, output=str(tmp_path))))
+    with pytest.raises(LoaderError, match="no such shard file"):
+        shard_urls(_with(cfg, shards=str(tmp_path / "val-{000000..000001}.tar")))
+    with pytest.raises(LoaderError, match=r"larger than sample"):
+        next(iter(make_dataset(_with(cfg, crop=[HEIGHT, WIDTH + 1]))))
+    with pytest.raises(LoaderError, match="positive"):
+        make_dataset(_with(cfg, crop=[0, 8]))
