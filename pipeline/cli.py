@@ -34,10 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", type=_parse_phases, default=[1, 2, 3], help="e.g. 1,2,3 or 2")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p = command("evaluate", "R-PD evaluation of codec vs codec-SE")
-    p.add_argument(
-        "--model", action="append", default=[], help="generator file or models:/name@alias"
-    )
+    p.add_argument("--model", action="append", default=[], help="generator file or models:/name@alias")
     command("run", "main job end to end: shards, three phases, evaluation, tracking")
+    p = sub.add_parser("tracking-replay", help="log an offline tracking record to an MLflow store")
+    p.add_argument("record", help="a .jsonl record written while the store was unreachable")
+    p.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI, else local)")
+    p.add_argument("--experiment", default="", help="experiment name (default: the recorded one)")
     return parser
 
 
@@ -55,8 +57,11 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
         return 0
     if args.command == "evaluate":
         from pipeline.evaluate import evaluate
+        from pipeline.tracking import make_tracker, run_tags
 
-        evaluate(cfg, models=args.model)
+        tracker = make_tracker(cfg)
+        with tracker.start_run(f"{cfg.name}-evaluate", params=cfg.flat(), tags=run_tags(cfg)):
+            evaluate(cfg, models=args.model, tracker=tracker)
         return 0
     if args.command == "run":
         from pipeline.job import run
@@ -68,6 +73,12 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tracking-replay":
+        from pipeline.tracking import replay_offline
+
+        runs = replay_offline(args.record, args.uri, experiment=args.experiment)
+        print(f"replayed {len(runs)} run(s) from {args.record}")
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -137,6 +137,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     init_from: str = ""  # exported generator of the previous phase, for --phases 2 or 3
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0: keep all
 
 
 @dataclass
@@ -144,7 +145,7 @@ class TrackingConfig:
     """MLflow tracking; the default needs no server."""
 
     enabled: bool = True
-    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
     experiment: str = "jpd-se"
     log_every: int = 10
     register: bool = True
@@ -157,6 +158,7 @@ class EvalConfig:
     """R-PD evaluation."""
 
     output_dir: str = "runs/eval"
+    input: str = "auto"  # shards | source (encode data.* on the fly) | auto: shards when built, else source
     split: str = "val"
     qualities: list[int] = field(default_factory=list)  # empty: every built quality
     max_images: int = 0  # 0: all

@@ -286,7 +286,7 @@ def augment(
     return out
 
 
-def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+def to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     def rgb(array: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
@@ -365,7 +365,7 @@ def make_dataset(
     if train and (crop is not None or loader.flip):
         samples.append(_Augment(rank, world_size, seed, crop, loader.flip))
     samples += [
-        wds.map(_to_tensors),
+        wds.map(to_tensors),
         wds.batched(loader.batch_size, collation_fn=collate, partial=not loader.resampled),
     ]
     return wds.DataPipeline(*source, *samples)

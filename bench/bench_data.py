@@ -1,0 +1,144 @@
+"""Data-path benchmark at 1024x512 (issue: shards vs on-the-fly codec, read cost, build scaling).
+
+Prints, from one run on one machine:
+  1. training samples/s read from shards vs the on-the-fly path of the original code
+     (load PNGs, encode + decode the codec per sample, crop/flip, to tensors);
+  2. shard read cost per sample vs the bare PNG decode of the same members;
+  3. shard build samples/s with 1 vs 2 worker processes.
+
+Usage: python bench/bench_data.py [--root DIR] [--quality Q]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.codecs import get_codec
+from pipeline.config import JobConfig, from_dict
+from pipeline.loader import augment, collate, make_dataset, to_tensors
+from pipeline.models import edge_map
+from pipeline.shards import build_shards
+from pipeline.sources import open_source
+
+
+def _config(root: str, out: Path, quality: int, workers: int) -> JobConfig:
+    return from_dict(
+        {
+            "data": {"root": root, "width": 1024, "height": 512},
+            "shards": {
+                "output": str(out),
+                "codecs": [{"name": "hevc", "qualities": [quality]}],
+                "samples_per_shard": 4,
+                "workers": workers,
+            },
+            "loader": {
+                "codec": "hevc",
+                "quality": quality,
+                "crop": [256, 512],
+                "batch_size": 1,
+                "shuffle": 0,
+            },
+        }
+    )
+
+
+def _build_rate(cfg: JobConfig) -> tuple[float, int]:
+    start = time.perf_counter()
+    manifest = build_shards(cfg)
+    count = sum(s["samples"] for s in manifest["splits"].values())
+    return count / (time.perf_counter() - start), count
+
+
+def _loader_rate(cfg: JobConfig, train: bool) -> float:
+    start, count = time.perf_counter(), 0
+    for batch in make_dataset(cfg, train=train):
+        count += len(batch["key"])
+    return count / (time.perf_counter() - start)
+
+
+def _on_the_fly_rate(cfg: JobConfig, limit: int) -> float:
+    """The original JPD-SE path: the codec round trip runs per training sample."""
+    source = open_source(cfg.data)
+    codec = get_codec("hevc")
+    samples = source.samples(cfg.loader.split)[:limit]
+    rng = random.Random(0)
+    start = time.perf_counter()
+    for sample in samples:
+        rgb, label, instance = source.load(sample, cfg.data.width, cfg.data.height)
+        result = codec.roundtrip(rgb, cfg.loader.quality)
+        edge = edge_map(torch.from_numpy(instance.astype(np.int32))).numpy()
+        arrays = {
+            "image": rgb,
+            "decoded": result.decoded,
+            "label": label,
+            "edge": edge,
+            "bpp": result.bpp,
+            "label_bpp": 0.0,
+            "key": sample.key,
+        }
+        collate([to_tensors(augment(arrays, rng, tuple(cfg.loader.crop), True))])
+    return len(samples) / (time.perf_counter() - start)
+
+
+def _bare_png_rate(shards: list[Path], member: str) -> float:
+    """Decode the PNG members a training sample needs, from bytes already in memory."""
+    blobs: list[bytes] = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for info in tar.getmembers():
+                if info.name.endswith((".image.png", ".label.png", ".instance.png", f".{member}")):
+                    blobs.append(tar.extractfile(info).read())
+    samples = len(blobs) / 4
+    start = time.perf_counter()
+    for blob in blobs:
+        cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
+    return samples / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", default=JobConfig().data.root)
+    parser.add_argument("--quality", type=int, default=42)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, 1024x512, hevc QP {args.quality}")
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        one = _config(args.root, Path(tmp) / "w1", args.quality, workers=1)
+        two = _config(args.root, Path(tmp) / "w2", args.quality, workers=2)
+        build1, count = _build_rate(one)
+        build2, _ = _build_rate(two)
+        shard_train = _loader_rate(one, train=True)
+        fly = _on_the_fly_rate(one, limit=count)
+        shard_eval = _loader_rate(one, train=False)
+        bare = _bare_png_rate(sorted((Path(tmp) / "w1").glob("*.tar")), f"hevc_q{args.quality}.png")
+    rows = [
+        ("training samples/s, shards (crop 256x512 + flip)", f"{shard_train:.2f}"),
+        ("training samples/s, on-the-fly codec per sample", f"{fly:.2f}"),
+        ("  speed-up (goal >= 30x)", f"{shard_train / fly:.1f}x"),
+        ("shard read, full samples/s (decode + tensors)", f"{shard_eval:.2f}"),
+        ("bare PNG decode of the same members, samples/s", f"{bare:.2f}"),
+        ("  read cost vs bare decode (goal <= 1.5x)", f"{bare / shard_eval:.2f}x"),
+        ("shard build samples/s, 1 worker", f"{build1:.2f}"),
+        ("shard build samples/s, 2 workers", f"{build2:.2f}"),
+        ("  build scaling (goal >= 1.8x)", f"{build2 / build1:.2f}x"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{count} samples")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

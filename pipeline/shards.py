@@ -1,0 +1,493 @@
+"""WebDataset shard builder: images, codec round trips and label maps, with manifest, resume and rejects.
+
+Shard ``i`` of split ``s`` holds ``samples[i*n:(i+1)*n]`` of the source's sorted list, so the
+assignment never depends on timing or worker count. A shard is written under a temporary name
+in the output folder and renamed when complete; then a sidecar ``<split>-NNNNNN.json`` records
+its keys, rejects and per-sample rates. A rerun skips every shard whose sidecar matches the
+planned keys and build settings, so a killed build resumes where it stopped and still ends
+with every input exactly once: in a shard or in the manifest's ``rejects``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.codecs import LabelCoder, get_codec
+from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig
+from pipeline.sources import BadSample, Sample, fit, open_source
+
+MANIFEST = "manifest.json"
+VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class ShardError(ConfigError):
+    """Shard settings or an output folder that cannot be used."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Everything a worker needs to encode samples; picklable."""
+
+    data: DataConfig
+    codecs: tuple[tuple[str, int, tuple[tuple[str, Any], ...]], ...]  # (name, quality, options)
+    label_coder: str
+    label_downsample: int
+    store_bitstreams: bool
+
+    def fingerprint(self) -> str:
+        data = asdict(self.data)
+        del data["splits"]  # a split's shards do not depend on which other splits are built
+        text = json.dumps(
+            [data, self.codecs, self.label_coder, self.label_downsample, self.store_bitstreams],
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    split: str
+    name: str  # <split>-NNNNNN
+    samples: tuple[Sample, ...]
+    fingerprint: str  # build settings + planned keys
+
+
+class _Worker:
+    """A source, codecs and label coder, built once per process."""
+
+    def __init__(self, ctx: _Context):
+        self.ctx = ctx
+        self.source = open_source(ctx.data)
+        instances: dict[str, Any] = {}
+        self.codecs = []
+        for name, quality, options in ctx.codecs:
+            ident = json.dumps([name, options], default=str)
+            if ident not in instances:
+                instances[ident] = get_codec(name, **dict(options))
+            self.codecs.append((name, quality, instances[ident]))
+        self.label_coder = LabelCoder(method=ctx.label_coder, downsample=ctx.label_downsample)
+
+    def encode(self, sample: Sample) -> dict[str, Any]:
+        """``{"key", "members", "meta"}`` for a good sample, ``{"key", "reject"}`` for a bad one."""
+        try:
+            rgb, label, instance = self.source.read(sample)
+        except BadSample as err:
+            reject = {"key": sample.key, "split": sample.split, "path": str(sample.image), "reason": str(err)}
+            return {"key": sample.key, "reject": reject}
+        original = [int(rgb.shape[1]), int(rgb.shape[0])]
+        width, height = self.ctx.data.width, self.ctx.data.height
+        rgb, label, instance = fit(rgb, label, instance, width, height)
+        pixels = width * height
+        members = {"image.png": _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), "label.png": _png(label)}
+        if instance is not None:
+            members["instance.png"] = _png(instance.astype(np.uint16))
+        codecs = {}
+        for name, quality, codec in self.codecs:
+            result = codec.roundtrip(rgb, quality)
+            tag = f"{name}_q{quality}"
+            members[f"{tag}.png"] = _png(cv2.cvtColor(result.decoded, cv2.COLOR_RGB2BGR))
+            if self.ctx.store_bitstreams:
+                members[f"{tag}.bin"] = result.bitstream
+            codecs[tag] = {
+                "codec": name,
+                "quality": quality,
+                "bytes": len(result.bitstream),
+                "bpp": 8 * len(result.bitstream) / pixels,
+                "sha256": _sha(result.bitstream),
+            }
+        label_bits = self.label_coder.encode(label)
+        if self.ctx.store_bitstreams:
+            members["label.bin"] = label_bits
+        meta = {
+            "key": sample.key,
+            "split": sample.split,
+            "source": {
+                "image": str(sample.image),
+                "label": str(sample.label) if sample.label else None,
+                "instance": str(sample.instance) if instance is not None else None,
+            },
+            "width": width,
+            "height": height,
+            "original_size": original,
+            "codecs": codecs,
+            "label": {
+                "coder": self.label_coder.method,
+                "downsample": self.ctx.label_downsample,
+                "bytes": len(label_bits),
+                "bpp": 8 * len(label_bits) / pixels,
+                "sha256": _sha(label_bits),
+            },
+            "sha256": {member: _sha(data) for member, data in members.items()},
+        }
+        members["json"] = json.dumps(meta, sort_keys=True).encode()
+        return {"key": sample.key, "members": members, "meta": meta}
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for an array of shape {array.shape} {array.dtype}")
+    return buf.tobytes()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_WORKERS: dict[str, _Worker] = {}
+
+
+def _worker(ctx: _Context) -> _Worker:
+    key = ctx.fingerprint()
+    if key not in _WORKERS:
+        _WORKERS[key] = _Worker(ctx)
+    return _WORKERS[key]
+
+
+def _init_pool_worker(ctx: _Context) -> None:
+    _worker(ctx)
+
+
+def _encode_in_pool(ctx: _Context, sample: Sample) -> dict[str, Any]:
+    return _worker(ctx).encode(sample)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(fileobj)`` to a temp name in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def _write_shard(out: Path, job: _ShardJob, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tar the encoded samples (if any), then record the shard in its sidecar; returns the sidecar."""
+    import webdataset as wds  # it imports torch: only where tars are written, not in encode workers
+
+    good = [r for r in results if "reject" not in r]
+    tar = out / f"{job.name}.tar"
+    (out / f"{job.name}.json").unlink(missing_ok=True)  # an old sidecar must never vouch for a new tar
+
+    def write_tar(f: Any) -> None:
+        with wds.TarWriter(f, encoder=False, mtime=0) as writer:
+            for r in good:
+                writer.write({"__key__": r["key"], **r["members"]})
+
+    if good:
+        _atomic_write(tar, write_tar)
+    else:
+        tar.unlink(missing_ok=True)
+    sidecar = {
+        "shard": job.name,
+        "split": job.split,
+        "fingerprint": job.fingerprint,
+        "tar_bytes": tar.stat().st_size if good else None,
+        "keys": [r["key"] for r in good],
+        "rejects": [r["reject"] for r in results if "reject" in r],
+        "stats": [
+            {
+                "key": r["key"],
+                "codecs": {tag: c["bpp"] for tag, c in r["meta"]["codecs"].items()},
+                "label_bpp": r["meta"]["label"]["bpp"],
+                "label_coder": r["meta"]["label"]["coder"],
+            }
+            for r in good
+        ],
+    }
+    _write_json(out / f"{job.name}.json", sidecar)
+    return sidecar
+
+
+def _build_whole_shard(ctx: _Context, out: str, job: _ShardJob) -> dict[str, Any]:
+    """One shard start to end in this process (inline runs and Ray tasks)."""
+    worker = _worker(ctx)
+    return _write_shard(Path(out), job, [worker.encode(s) for s in job.samples])
+
+
+def _completed(out: Path, job: _ShardJob) -> dict[str, Any] | None:
+    """The shard's sidecar when the shard on disk is complete and built from the same plan."""
+    try:
+        sidecar = json.loads((out / f"{job.name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("fingerprint") != job.fingerprint:
+        return None
+    tar = out / f"{job.name}.tar"
+    if sidecar.get("keys"):
+        return sidecar if tar.is_file() and tar.stat().st_size == sidecar.get("tar_bytes") else None
+    return None if tar.exists() else sidecar
+
+
+def _plan(worker: _Worker, splits: list[str], per_shard: int) -> list[_ShardJob]:
+    source = worker.source
+    base = worker.ctx.fingerprint()
+    jobs = []
+    for split in splits:
+        samples = source.samples(split)
+        if not samples:
+            raise ShardError(f"split {split!r} of the {source.name} source at {source.root} has no images")
+        keys = [s.key for s in samples]
+        if len(set(keys)) != len(keys):
+            raise ShardError(f"split {split!r} has duplicate sample keys")
+        for index, start in enumerate(range(0, len(samples), per_shard)):
+            chunk = tuple(samples[start : start + per_shard])
+            text = json.dumps([base, split, [s.key for s in chunk]])
+            jobs.append(
+                _ShardJob(split, f"{split}-{index:06d}", chunk, hashlib.sha256(text.encode()).hexdigest())
+            )
+    return jobs
+
+
+def _clean(out: Path, jobs: list[_ShardJob]) -> None:
+    """Remove temp files of killed runs and shards of the built splits that the plan no longer has."""
+    planned = {job.name for job in jobs}
+    splits = {job.split for job in jobs}
+    pattern = re.compile(r"^(?P<name>(?P<split>.+)-\d{6})\.(tar|json)$")
+    for path in out.iterdir():
+        if not path.is_file():
+            continue
+        if re.match(r"^\..+\.tmp-\d+$", path.name):
+            path.unlink(missing_ok=True)
+            continue
+        match = pattern.match(path.name)
+        if match and match["split"] in splits and match["name"] not in planned:
+            log.info("removing %s: not part of this build's plan", path)
+            path.unlink(missing_ok=True)
+
+
+def _run_inline(ctx: _Context, out: Path, jobs: list[_ShardJob], bar: tqdm) -> Iterable[dict[str, Any]]:
+    for job in jobs:
+        yield _build_whole_shard(ctx, str(out), job)
+        bar.update(len(job.samples))
+
+
+def _run_pool(
+    ctx: _Context, out: Path, jobs: list[_ShardJob], workers: int, bar: tqdm
+) -> Iterable[dict[str, Any]]:
+    """Encode samples in a process pool (a bounded window of them in flight); tar shards here."""
+    todo = deque((job, i) for job in jobs for i in range(len(job.samples)))
+    results: dict[str, list[Any]] = {job.name: [None] * len(job.samples) for job in jobs}
+    left = {job.name: len(job.samples) for job in jobs}
+    running: dict[Future, tuple[_ShardJob, int]] = {}
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_pool_worker,
+        initargs=(ctx,),
+    )
+    try:
+        while todo or running:
+            while todo and len(running) < 4 * workers:
+                job, i = todo.popleft()
+                running[pool.submit(_encode_in_pool, ctx, job.samples[i])] = (job, i)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, i = running.pop(future)
+                results[job.name][i] = future.result()
+                bar.update(1)
+                left[job.name] -= 1
+                if not left[job.name]:
+                    yield _write_shard(out, job, results.pop(job.name))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_ray(
+    ctx: _Context, out: Path, jobs: list[_ShardJob], workers: int, bar: tqdm
+) -> Iterable[dict[str, Any]]:
+    """One Ray task per shard; needs ``shards.output`` on a filesystem every node sees."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        runtime_env = {"env_vars": {"PYTHONPATH": path}}
+        try:
+            ray.init(address="auto", runtime_env=runtime_env, log_to_driver=False)
+        except ConnectionError:
+            ray.init(num_cpus=workers, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        task = ray.remote(num_cpus=1)(_build_whole_shard)
+        pending = {task.remote(ctx, str(out.resolve()), job): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                job = pending.pop(ref)
+                yield ray.get(ref)
+                bar.update(len(job.samples))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _context(cfg: JobConfig) -> _Context:
+    s = cfg.shards
+    if s.samples_per_shard < 1:
+        raise ShardError(f"shards.samples_per_shard must be >= 1, got {s.samples_per_shard}")
+    if s.workers < 0:
+        raise ShardError(f"shards.workers must be >= 0 (0: every core), got {s.workers}")
+    if cfg.data.width < 1 or cfg.data.height < 1:
+        raise ShardError(
+            f"data.width and data.height must be positive, got {cfg.data.width}x{cfg.data.height}"
+        )
+    if not cfg.data.splits:
+        raise ShardError("data.splits is empty")
+    if not s.codecs or any(not spec.qualities for spec in s.codecs):
+        raise ShardError("shards.codecs needs at least one codec, each with at least one quality")
+    codecs = tuple(
+        (spec.name, int(q), tuple(sorted(spec.options.items()))) for spec in s.codecs for q in spec.qualities
+    )
+    tags = [f"{name}_q{q}" for name, q, _ in codecs]
+    if len(set(tags)) != len(tags):
+        raise ShardError(f"shards.codecs names the same codec and quality twice: {sorted(tags)}")
+    return _Context(cfg.data, codecs, s.label_coder, s.label_downsample, s.store_bitstreams)
+
+
+def build_shards(cfg: JobConfig) -> dict[str, Any]:
+    """Build (or finish) the shards of every split in ``cfg.data.splits``; returns the manifest.
+
+    With ``shards.workers`` > 1 the encoders run in spawned processes, so a script calling this
+    needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    ctx = _context(cfg)
+    worker = _worker(ctx)  # fails early on a bad source, codec or label coder
+    for name, quality, codec in worker.codecs:
+        lo, hi = codec.quality_range
+        if not lo <= quality <= hi:
+            raise ShardError(f"shards.codecs: {name} quality must be in [{lo}, {hi}], got {quality}")
+    splits = list(dict.fromkeys(cfg.data.splits))
+    jobs = _plan(worker, splits, cfg.shards.samples_per_shard)
+    out = Path(cfg.shards.output)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean(out, jobs)
+    sidecars = {job.name: sc for job in jobs if (sc := _completed(out, job)) is not None}
+    pending = [job for job in jobs if job.name not in sidecars]
+    if sidecars:
+        log.info("%d of %d shards already complete in %s", len(sidecars), len(jobs), out)
+    workers = cfg.shards.workers or os.cpu_count() or 1
+    with tqdm(total=sum(len(j.samples) for j in pending), desc="shards", unit="sample", disable=None) as bar:
+        if cfg.shards.use_ray:
+            run = _run_ray(ctx, out, pending, workers, bar)
+        elif workers == 1 or len(pending) == 0:
+            run = _run_inline(ctx, out, pending, bar)
+        else:
+            run = _run_pool(ctx, out, pending, workers, bar)
+        for sidecar in run:
+            sidecars[sidecar["shard"]] = sidecar
+    manifest = _manifest(cfg, worker, [sidecars[job.name] for job in jobs])
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]]) -> dict[str, Any]:
+    splits: dict[str, dict[str, Any]] = {}
+    for sc in sidecars:
+        entry = splits.setdefault(sc["split"], {"shards": [], "samples": 0})
+        if sc["keys"]:
+            entry["shards"].append(f"{sc['shard']}.tar")
+            entry["samples"] += len(sc["keys"])
+    stats = [row for sc in sidecars for row in sc["stats"]]
+    codecs = {}
+    for name, quality, _ in worker.ctx.codecs:
+        tag = f"{name}_q{quality}"
+        values = [row["codecs"][tag] for row in stats]
+        codecs[tag] = {
+            "codec": name,
+            "quality": quality,
+            "bpp_mean": statistics.fmean(values) if values else None,
+            "bpp_min": min(values) if values else None,
+            "bpp_max": max(values) if values else None,
+        }
+    label_bpp = [row["label_bpp"] for row in stats]
+    coders = sorted({row["label_coder"] for row in stats}) or [worker.label_coder.method]
+    return {
+        "version": VERSION,
+        "config": cfg.to_dict(),
+        "config_hash": cfg.digest(),
+        "dataset": {
+            **worker.source.describe(),
+            "width": cfg.data.width,
+            "height": cfg.data.height,
+        },
+        "splits": splits,
+        "codecs": codecs,
+        "label": {
+            "coder": coders[0] if len(coders) == 1 else ",".join(coders),
+            "downsample": cfg.shards.label_downsample,
+            "bpp_mean": statistics.fmean(label_bpp) if label_bpp else None,
+        },
+        "rejects": [reject for sc in sidecars for reject in sc["rejects"]],
+    }
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a shard folder; a clear error when there is none."""
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"no {MANIFEST} in {output_dir}; build shards first (python -m pipeline shards)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ShardError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
+        raise ShardError(
+            f"{path}: unsupported manifest version {manifest.get('version')!r}, expected {VERSION}"
+        )
+    return manifest
+
+
+def format_summary(manifest: dict[str, Any], max_reasons: int = 5) -> str:
+    """A few lines for people: samples and shards per split, rates, rejects."""
+    ds = manifest["dataset"]
+    lines = [
+        f"shards in {manifest['config']['shards']['output']} (config {manifest['config_hash']}): "
+        f"{ds['source']} at {ds['width']}x{ds['height']}, label_nc {ds['label_nc']}, "
+        f"instances {'yes' if ds['has_instances'] else 'no'}"
+    ]
+    for split, entry in manifest["splits"].items():
+        lines.append(f"  {split}: {entry['samples']} samples in {len(entry['shards'])} shards")
+    lines.append(f"  {'codec':<16} {'bpp mean':>9} {'min':>9} {'max':>9}")
+
+    def num(x: float | None) -> str:
+        return f"{x:9.4f}" if x is not None else f"{'-':>9}"
+
+    for tag, c in manifest["codecs"].items():
+        lines.append(f"  {tag:<16} {num(c['bpp_mean'])} {num(c['bpp_min'])} {num(c['bpp_max'])}")
+    lab = manifest["label"]
+    rate = num(lab["bpp_mean"]).strip()
+    lines.append(f"  label map ({lab['coder']}, downsample {lab['downsample']}): bpp mean {rate}")
+    rejects = manifest["rejects"]
+    lines.append(f"  rejects: {len(rejects)}")
+    for r in rejects[:max_reasons]:
+        lines.append(f"    {r['split']}/{r['key']}: {r['reason']}")
+    if len(rejects) > max_reasons:
+        lines.append(f"    ... and {len(rejects) - max_reasons} more (see manifest.json)")
+    return "\n".join(lines)
