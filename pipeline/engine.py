@@ -1,0 +1,206 @@
+"""Distributed set-up and the two DeepSpeed engines (generator, discriminator).
+
+The entry point is launcher-agnostic: ``torchrun``, the ``deepspeed`` launcher (with
+``--no_local_rank``) and ``srun`` + ``torchrun`` all export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+a plain ``python -m pipeline train`` has none of them and becomes a world of one.
+
+DeepSpeed is imported lazily, after :func:`init_distributed` has chosen its accelerator
+(``DS_ACCELERATOR=cpu`` without CUDA, so DeepSpeed does not guess and warn). On CPU, DeepSpeed's
+first process group JIT-compiles its shared-memory collective op into the torch extensions cache
+(``~/.cache/torch_extensions``; about half a minute once per machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import REPO_ROOT, ConfigError, JobConfig, PhaseConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Engines:
+    """The generator engine, the discriminator engine (``None`` when the phase does not train D) and
+    the bare discriminator network that the generator step runs (frozen there, no DeepSpeed hooks)."""
+
+    generator: DeepSpeedEngine
+    discriminator: DeepSpeedEngine | None
+    discriminator_net: nn.Module
+    dtype: torch.dtype
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """Join the launcher's process group (gloo on CPU, NCCL on GPU) or make a world of one.
+
+    Idempotent: a second call in the same process returns the same world.
+    """
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    launched = all(var in os.environ for var in ("RANK", "WORLD_SIZE"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # DeepSpeed's engine reads LOCAL_RANK from the environment even in a single process.
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+    import deepspeed
+
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if launched:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        else:
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                verbose=False,
+            )
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[DistEnv]:
+    """:func:`init_distributed` for the duration of a block; a process group created here is torn
+    down at its end (one the caller had set up is left alone), so training can run again in the
+    same process and other code never sees a stale world of one."""
+    created = not dist.is_initialized()
+    env = init_distributed()
+    try:
+        yield env
+    finally:
+        if created and dist.is_initialized():
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_path(path: str) -> Path:
+    """A config path: absolute, relative to the working directory, or else to the repository."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return REPO_ROOT / candidate
+
+
+def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.device) -> dict[str, Any]:
+    """``cfg.train.deepspeed_config`` with the job's batch size and the phase's Adam settings.
+
+    The optimizer is pix2pixHD's: Adam without weight decay (DeepSpeed's "Adam" otherwise means AdamW
+    with decay 0.01). On CPU it is ``torch.optim.Adam`` (``torch_adam``), DeepSpeed's fused kernels
+    being CUDA-only.
+    """
+    path = resolve_path(cfg.train.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON: {err}") from err
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: top level must be an object")
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage > 2:
+        raise ConfigError(
+            f"{path}: ZeRO stage {stage} is not supported (the generator step runs the bare "
+            "discriminator, which needs whole parameters); use stage 0, 1 or 2"
+        )
+    if device.type == "cpu" and (ds.get("fp16", {}).get("enabled") or ds.get("bf16", {}).get("enabled")):
+        raise ConfigError(
+            f"{path}: fp16/bf16 engines need a GPU; use configs/deepspeed/zero0_fp32.json on CPU"
+        )
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = cfg.loader.batch_size
+    optimizer = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    params = optimizer.setdefault("params", {})
+    params.update(lr=phase_cfg.lr, betas=list(cfg.train.betas))
+    if optimizer.get("type", "").lower() == "adam":
+        params.setdefault("weight_decay", 0.0)
+        params.setdefault("adam_w_mode", False)
+    if device.type == "cpu":
+        params["torch_adam"] = True
+    return ds
+
+
+def engine_dtype(engine: DeepSpeedEngine) -> torch.dtype:
+    """The dtype the engine's module computes in (its inputs must be cast to it)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def _initialize(module: nn.Module, config: dict[str, Any]) -> DeepSpeedEngine:
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=copy.deepcopy(config))
+    return engine
+
+
+def build_engines(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    cfg: JobConfig,
+    phase_cfg: PhaseConfig,
+    env: DistEnv | None = None,
+) -> Engines:
+    """Wrap both networks in DeepSpeed engines with the phase's learning rate.
+
+    When the phase does not train the discriminator (phase 3), D gets no engine and no optimizer
+    state: it is frozen, in eval mode, on the generator's device and dtype.
+    """
+    env = env or init_distributed()
+    config = deepspeed_config(cfg, phase_cfg, env.device)
+    g_engine = _initialize(generator, config)
+    dtype = engine_dtype(g_engine)
+    if phase_cfg.train_discriminator:
+        d_engine = _initialize(discriminator, config)
+        return Engines(g_engine, d_engine, d_engine.module, dtype)
+    discriminator.requires_grad_(False)
+    discriminator.eval()
+    return Engines(g_engine, None, discriminator.to(env.device, dtype), dtype)

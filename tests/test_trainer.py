@@ -1,0 +1,238 @@
+"""Three-phase training in one process (a DeepSpeed world of one on CPU), tiny crops, few steps."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pipeline.engine as engine
+import pipeline.trainer as trainer
+from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.export import load_generator
+from pipeline.losses import VGG19
+from pipeline.shards import build_shards
+from pipeline.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class RecordingTracker(Tracker):
+    """Keeps every run, metric and artifact it is given."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, int]] = []  # (name, nesting depth)
+        self.metrics: list[tuple[str, int, dict[str, float]]] = []
+        self.artifacts: list[Path] = []
+        self._stack: list[str] = []
+
+    @contextlib.contextmanager
+    def start_run(
+        self, name: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ) -> Iterator[None]:
+        self.runs.append((name, len(self._stack)))
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((self._stack[-1], int(step or 0), dict(metrics)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append(Path(path))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    cfg = load_config(
+        None,
+        [
+            f"data.root={cityscapes_root}",
+            "data.width=256",
+            "data.height=128",
+            f"shards.output={out}",
+            "shards.codecs=[{name: hevc, qualities: [37, 42]}]",
+            "shards.workers=1",
+        ],
+    )
+    build_shards(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init VGG19 in torchvision's key layout (no download needed)."""
+    path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
+    torch.manual_seed(0)
+    torch.save(VGG19().state_dict(), path)
+    return path
+
+
+def make_cfg(shards: Path, vgg_file: Path, out: Path, *extra: str) -> JobConfig:
+    return load_config(
+        None,
+        [
+            f"shards.output={shards}",
+            f"train.output_dir={out}",
+            f"loss.vgg_weights={vgg_file}",
+            "loader.crop=[64, 128]",
+            "loader.batch_size=1",
+            "loader.shuffle=4",
+            "phase1.steps=2",
+            "phase2.steps=2",
+            "phase3.steps=2",
+            "phase2.loss.vgg=0",  # VGG dominates a CPU step; phase 1 keeps it
+            "phase3.loss.gan=1.0",  # the generator step then runs the frozen discriminator
+            "train.checkpoint_every=0",
+            "train.log_every=1",
+            "tracking.log_every=1",
+            *extra,
+        ],
+    )
+
+
+def recording_build_engines(seen: list[dict[str, torch.Tensor]]) -> Callable[..., Any]:
+    """``build_engines`` that first keeps the generator weights it gets, i.e. before the first step."""
+
+    def spy(generator, discriminator, cfg, phase_cfg, env=None):
+        seen.append({k: v.detach().clone() for k, v in generator.state_dict().items()})
+        return engine.build_engines(generator, discriminator, cfg, phase_cfg, env)
+
+    return spy
+
+
+@pytest.fixture
+def initial_generators(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    seen: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(trainer, "build_engines", recording_build_engines(seen))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def chain(shards: Path, vgg_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Phases 1, 2, 3 with decoded images at QP 42."""
+    out = tmp_path_factory.mktemp("chain")
+    tracker = RecordingTracker()
+    seen: list[dict[str, torch.Tensor]] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_engines", recording_build_engines(seen))
+        exports = trainer.train(make_cfg(shards, vgg_file, out), [1, 2, 3], tracker=tracker)
+    return {"out": out, "exports": exports, "tracker": tracker, "initial": seen}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exports_and_specs(chain: dict[str, Any]) -> None:
+    out = chain["out"]
+    assert chain["exports"] == {n: out / f"phase{n}" / "generator.safetensors" for n in (1, 2, 3)}
+    for phase, path in chain["exports"].items():
+        _, spec = load_generator(path)
+        assert (spec["phase"], spec["codec"], spec["quality"], spec["steps"]) == (phase, "hevc", 42, 2)
+        assert spec["label_nc"] == 34 and spec["use_instance"] is True and spec["zero_semantics"] is False
+    assert chain["tracker"].artifacts == list(chain["exports"].values())
+
+
+def test_each_phase_starts_from_the_previous_export(chain: dict[str, Any]) -> None:
+    initial, exports = chain["initial"], chain["exports"]
+    assert len(initial) == 3
+    assert same(initial[1], weights(exports[1]))
+    assert same(initial[2], weights(exports[2]))
+    assert not same(initial[0], weights(exports[1]))  # phase 1 trained
+    assert not same(weights(exports[1]), weights(exports[2]))
+    assert not same(weights(exports[2]), weights(exports[3]))
+
+
+def test_phase3_leaves_the_discriminator_unchanged(chain: dict[str, Any]) -> None:
+    d = {n: weights(chain["out"] / f"phase{n}" / "discriminator.safetensors") for n in (1, 2, 3)}
+    assert not same(d[1], d[2])  # phase 2 trains D (carried over from phase 1)
+    assert same(d[2], d[3])
+
+
+def test_losses_are_finite_and_follow_the_phase_weights(chain: dict[str, Any]) -> None:
+    tracker = chain["tracker"]
+    assert tracker.runs == [("cityscapes-hevc", 0), ("phase1", 1), ("phase2", 1), ("phase3", 1)]
+    by_phase: dict[str, set[str]] = {}
+    for run, _, metrics in tracker.metrics:
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        assert metrics["samples_per_s"] > 0
+        by_phase.setdefault(run, set()).update(metrics)
+    d_terms = {"d_real", "d_fake", "d_total"}
+    assert by_phase["phase1"] >= {"g_gan", "g_feat", "g_vgg", "g_total"} | d_terms
+    assert "g_dist" not in by_phase["phase1"]
+    assert by_phase["phase2"] >= {"g_gan", "g_feat", "g_dist", "g_total"} | d_terms
+    assert by_phase["phase3"] == {"g_gan", "g_dist", "g_total", "samples_per_s"}
+
+
+def test_phase1_ignores_the_decoded_image(
+    chain: dict[str, Any], shards: Path, vgg_file: Path, tmp_path: Path
+) -> None:
+    """Same seed, decoded images at QP 37 instead of 42: phase 1 is bit-identical, phase 2 is not."""
+    cfg = make_cfg(shards, vgg_file, tmp_path, "loader.quality=37")
+    exports = trainer.train(cfg, [1, 2], tracker=Tracker())
+    assert same(weights(exports[1]), weights(chain["exports"][1]))
+    assert not same(weights(exports[2]), weights(chain["exports"][2]))
+
+
+def test_init_from_starts_a_later_phase(
+    chain: dict[str, Any], shards: Path, vgg_file: Path, tmp_path: Path, initial_generators: list
+) -> None:
+    source = chain["exports"][2]
+    cfg = make_cfg(shards, vgg_file, tmp_path, f"train.init_from={source}", "phase3.steps=1")
+    tracker = RecordingTracker()
+    exports = trainer.train(cfg, [3], tracker=tracker, run_name="refine")
+    assert same(initial_generators[0], weights(source))
+    assert exports[3].is_file()
+    assert tracker.runs == [("refine", 0), ("phase3", 1)]
+
+
+def test_a_later_phase_without_a_source_is_refused(shards: Path, vgg_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="init_from"):
+        trainer.train(make_cfg(shards, vgg_file, tmp_path), [2], tracker=Tracker())
+    assert not torch.distributed.is_initialized()  # the world of one is torn down, also on errors
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem
+)
+def test_deepspeed_configs_get_the_phase_settings(path: Path) -> None:
+    cfg = load_config(
+        None, [f"train.deepspeed_config={path}", "loader.batch_size=3", "train.betas=[0.4, 0.9]"]
+    )
+    raw = json.loads(path.read_text())
+    assert raw["gradient_accumulation_steps"] >= 1 and "gradient_clipping" in raw
+    half = raw.get("bf16", {}).get("enabled") or raw.get("fp16", {}).get("enabled")
+    if half:
+        with pytest.raises(ConfigError, match="need a GPU"):
+            engine.deepspeed_config(cfg, cfg.phase3, torch.device("cpu"))
+        ds = engine.deepspeed_config(cfg, cfg.phase3, torch.device("cuda", 0))
+    else:
+        ds = engine.deepspeed_config(cfg, cfg.phase3, torch.device("cpu"))
+        assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    params = ds["optimizer"]["params"]
+    assert (params["lr"], params["betas"], params["weight_decay"]) == (cfg.phase3.lr, [0.4, 0.9], 0.0)
+    assert params["adam_w_mode"] is False
+
+
+def test_zero3_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, [f"train.deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match="stage 3"):
+        engine.deepspeed_config(cfg, cfg.phase1, torch.device("cpu"))
