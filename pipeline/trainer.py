@@ -47,12 +47,12 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, flatten
 from pipeline.engine import DistEnv, Engines, barrier, build_engines, distributed
-from pipeline.export import export_generator, load_generator, make_spec
+from pipeline.export import export_generator, load_generator, make_spec, read_spec
 from pipeline.loader import make_loader
 from pipeline.losses import GeneratorLosses, discriminator_loss
 from pipeline.models import build_models, discriminator_input, generator_input, semantic_channels
 from pipeline.shards import read_manifest
-from pipeline.tracking import Tracker, make_tracker, run_tags
+from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -578,4 +578,17 @@ def _train_phases(
             exports[phase] = runner.run(resume_from=start)
             if env.is_main:
                 tracker.log_artifact(exports[phase], artifact_path=f"phase{phase}")
+                _register(cfg, tracker, phase, exports[phase])
     return exports
+
+
+def _register(cfg: JobConfig, tracker: Tracker, phase: int, export: Path) -> None:
+    """Phase 3's generator (and phase 2's, the perception-leaning one, on request) goes to the registry."""
+    if not cfg.tracking.register or phase == 1 or (phase == 2 and not cfg.tracking.register_phase2):
+        return
+    name = registry_name(cfg.loader.codec, cfg.loader.quality, cfg.model.zero_semantics)
+    if phase == 2:
+        name += "-perceptual"
+    uri = tracker.register_generator(export, name, alias=cfg.tracking.alias or None, spec=read_spec(export))
+    if uri:
+        print(f"[train] registered {uri}" + (f" as @{cfg.tracking.alias}" if cfg.tracking.alias else ""))
