@@ -9,6 +9,7 @@ ARGS ?=
 install:
 	$(PYTHON) -m pip install --quiet "torch==2.13.0"
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 run: install
 	$(PYTHON) -m pipeline run $(ARGS)

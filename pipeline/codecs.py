@@ -67,6 +67,7 @@ class Codec(ABC):
     quality_range: ClassVar[tuple[int, int]]
     higher_quality_is_better: ClassVar[bool] = True
     min_size: ClassVar[int] = 1  # smallest width and height the codec accepts
+    single_thread_options: ClassVar[dict[str, object]] = {}  # options that keep it on one core
 
     def encode(self, rgb: np.ndarray, quality: int) -> bytes:
         """Compress an RGB ``uint8`` ``H x W x 3`` image to its exact bitstream."""
@@ -129,12 +130,22 @@ def available_codecs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_codec(name: str, **options: object) -> Codec:
-    """The codec registered as ``name``, built with its ``options`` (e.g. ``bpgenc="/opt/bpg/bpgenc"``)."""
+def _codec_class(name: str) -> type[Codec]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(available_codecs())}") from None
+
+
+def get_codec(name: str, *, single_thread: bool = False, **options: object) -> Codec:
+    """The codec registered as ``name``, built with its ``options`` (e.g. ``bpgenc="/opt/bpg/bpgenc"``).
+
+    ``single_thread`` adds the codec's options that keep it on one core (options given win), for
+    callers that parallelise over processes instead.
+    """
+    cls = _codec_class(name)
+    if single_thread:
+        options = {**cls.single_thread_options, **options}
     try:
         return cls(**options)
     except TypeError as err:
@@ -522,13 +533,20 @@ class HEVCCodec(Codec):
     1411 vs 1143 bytes at 256x128 QP42, 19104 vs 18836 at 2048x1024; 305 more with the ``clap`` box of
     odd sizes), a 23 % overhead on small images. :meth:`decode` rebuilds a minimal HEIF around the stream
     for libde265 (its output equals libde265's decode of libheif's own file) and crops to the header's size.
+
+    ``threads`` sizes x265's thread pool (0: x265's default, every core); the bitstream does not depend
+    on it. The shard builder uses one thread per worker process, so that one worker is one core.
     """
 
     name = "hevc"
     quality_range = (0, 51)
     higher_quality_is_better = False
+    single_thread_options = {"threads": 1}
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 0) -> None:
+        if threads < 0:
+            raise ValueError(f"hevc: threads must be >= 0 (0: x265's default pool), got {threads}")
+        self._enc_params = {"x265:pools": str(threads)} if threads else {}
         try:
             import pillow_heif  # imported here so that the other codecs work without it
         except ImportError as err:
@@ -545,7 +563,11 @@ class HEVCCodec(Codec):
             )
         buf = io.BytesIO()
         self._heif.from_bytes("RGB", (width, height), rgb.tobytes()).save(
-            buf, quality=50, enc_params={"x265:qp": str(quality)}, chroma=420, save_nclx_profile=False
+            buf,
+            quality=50,
+            enc_params={"x265:qp": str(quality), **self._enc_params},
+            chroma=420,
+            save_nclx_profile=False,
         )
         heif = buf.getvalue()
         hvcc, mdat = _find_box(heif, [b"meta", b"iprp", b"ipco", b"hvcC"]), _find_box(heif, [b"mdat"])
@@ -609,7 +631,7 @@ def _jxl_available() -> bool:
 def _jxl_encode(label: np.ndarray) -> bytes:
     import imagecodecs
 
-    return bytes(imagecodecs.jpegxl_encode(label, lossless=True, effort=9))
+    return bytes(imagecodecs.jpegxl_encode(label, lossless=True, effort=9, numthreads=1))
 
 
 def _jxl_decode(data: bytes) -> np.ndarray:

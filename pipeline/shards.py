@@ -71,7 +71,8 @@ class _ShardJob:
 
 
 class _Worker:
-    """A source, codecs and label coder, built once per process."""
+    """A source, codecs and label coder, built once per process; single-threaded codecs, so that
+    ``shards.workers`` processes use that many cores."""
 
     def __init__(self, ctx: _Context):
         self.ctx = ctx
@@ -81,7 +82,7 @@ class _Worker:
         for name, quality, options in ctx.codecs:
             ident = json.dumps([name, options], default=str)
             if ident not in instances:
-                instances[ident] = get_codec(name, **dict(options))
+                instances[ident] = get_codec(name, single_thread=True, **dict(options))
             self.codecs.append((name, quality, instances[ident]))
         self.label_coder = LabelCoder(method=ctx.label_coder, downsample=ctx.label_downsample)
 

@@ -285,3 +285,11 @@ def test_label_coder_bad_input(label_map: np.ndarray) -> None:
         coder.encode(np.dstack([label_map] * 3))
     with pytest.raises(ValueError, match="does not fit"):
         coder.decode(coder.encode(label_map), size=(256, 128))
+
+
+def test_hevc_thread_count_does_not_change_the_bitstream(sample_image: np.ndarray) -> None:
+    pooled = get_codec("hevc").encode(sample_image, 40)
+    assert get_codec("hevc", single_thread=True).encode(sample_image, 40) == pooled
+    assert get_codec("hevc", threads=2).encode(sample_image, 40) == pooled
+    with pytest.raises(ValueError, match="threads"):
+        get_codec("hevc", threads=-1)
