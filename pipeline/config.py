@@ -177,6 +177,15 @@ class TuneConfig:
     mode: str = "max"
     output_dir: str = "runs/tune"
     search_space: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # experiment folder under output_dir; empty: <name>-tune
+    report_every: int = 50  # steps between intermediate results (ASHA's rungs)
+    eval_images: int = 8  # held-out images (eval.split) evaluated per result; 0: all
+    niqe_weight: float = 1.0  # val_score = val_psnr - niqe_weight * val_niqe
+    grace_period: int = 0  # ASHA: steps before a trial can be stopped; 0: report_every
+    reduction_factor: float = 2.0  # ASHA
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 1
 
 
 @dataclass

@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,20 @@ class Checkpoint:
     @property
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / STATE_FILE).read_text())
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What ``train(..., on_step=...)`` is called with after every optimizer step, on every rank."""
+
+    phase: int
+    step: int
+    steps: int  # the phase's total
+    generator: nn.Module  # the bare generator network (in training mode; the callback must not step it)
+    losses: dict[str, Tensor]  # this rank's loss terms of the step
+
+
+StepCallback = Callable[[StepEvent], None]
 
 
 @dataclass(frozen=True)
@@ -219,10 +233,17 @@ class PhaseRunner:
     """Trains one phase: build, (resume), steps, checkpoints, export."""
 
     def __init__(
-        self, cfg: JobConfig, phase: int, env: DistEnv, tracker: Tracker, data: DatasetInfo, init: Path | None
+        self,
+        cfg: JobConfig,
+        phase: int,
+        env: DistEnv,
+        tracker: Tracker,
+        data: DatasetInfo,
+        init: Path | None,
+        on_step: StepCallback | None = None,
     ) -> None:
         self.cfg, self.phase, self.env, self.tracker = cfg, phase, env, tracker
-        self.data, self.init = data, init
+        self.data, self.init, self.on_step = data, init, on_step
         self.phase_cfg = cfg.phase(phase)
         self.out = output_dir(cfg)
         self.step = 0
@@ -463,6 +484,8 @@ class PhaseRunner:
                 self._log(metrics)
             if self._due(self.cfg.train.checkpoint_every) and self.step < steps:
                 self._save_checkpoint()
+            if self.on_step is not None:
+                self.on_step(StepEvent(self.phase, self.step, steps, self.engines.generator.module, metrics))
         self.bar.close()
         if self.saved_step != self.step:
             self._save_checkpoint()
@@ -529,12 +552,14 @@ def train(
     resume: bool = False,
     tracker: Tracker | None = None,
     run_name: str | None = None,
+    on_step: StepCallback | None = None,
 ) -> dict[int, Path]:
     """Train ``phases`` (e.g. ``[1, 2, 3]``) in order; return ``{phase: exported generator file}``.
 
     With ``resume`` the newest complete checkpoint decides where to start: phases before its phase
     are taken as done (their exports must exist), its phase continues from its step. The tracker
-    gets one run (``run_name``, default ``cfg.name``) with a nested run per phase.
+    gets one run (``run_name``, default ``cfg.name``) with a nested run per phase. ``on_step`` is
+    called after every optimizer step (e.g. to evaluate and report to a hyperparameter search).
     """
     if not phases or phases != sorted(set(phases)) or any(p not in (1, 2, 3) for p in phases):
         raise ConfigError(f"phases must be increasing values out of 1, 2, 3, got {phases}")
@@ -542,11 +567,16 @@ def train(
         tracker = tracker if tracker is not None else make_tracker(cfg, rank=env.rank)
         tags = {**run_tags(cfg), "phases": ",".join(map(str, phases)), "world_size": str(env.world_size)}
         with tracker.start_run(run_name or cfg.name, params=cfg.flat(), tags=tags):
-            return _train_phases(cfg, phases, resume, tracker, env)
+            return _train_phases(cfg, phases, resume, tracker, env, on_step)
 
 
 def _train_phases(
-    cfg: JobConfig, phases: list[int], resume: bool, tracker: Tracker, env: DistEnv
+    cfg: JobConfig,
+    phases: list[int],
+    resume: bool,
+    tracker: Tracker,
+    env: DistEnv,
+    on_step: StepCallback | None = None,
 ) -> dict[int, Path]:
     out = output_dir(cfg)
     data = dataset_info(cfg)
@@ -573,7 +603,7 @@ def _train_phases(
         if latest is not None and phase < latest.phase:
             raise RuntimeError(f"resuming at phase {latest.phase}, but phase {phase}'s {export} is missing")
         start = latest if latest is not None and latest.phase == phase else None
-        runner = PhaseRunner(cfg, phase, env, tracker, data, _init_source(cfg, phase, phases, out))
+        runner = PhaseRunner(cfg, phase, env, tracker, data, _init_source(cfg, phase, phases, out), on_step)
         with tracker.start_run(f"phase{phase}", params=_phase_params(cfg, phase), tags=run_tags(cfg, phase)):
             exports[phase] = runner.run(resume_from=start)
             if env.is_main:
