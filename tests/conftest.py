@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# No network here: MLflow's usage telemetry would only fail in the background.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
 
