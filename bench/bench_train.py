@@ -260,6 +260,8 @@ def _parse() -> argparse.Namespace:
     args = parser.parse_args()
     if min(args.batches, args.warmup + 1, args.steps, args.repeats, args.threads) < 1:
         parser.error("--batches, --steps, --repeats and --threads must be >= 1, --warmup >= 0")
+    if args.bf16 and args.device == "cpu":
+        parser.error("--bf16 needs --device cuda (DeepSpeed's bf16 engines need a GPU)")
     return args
 
 

@@ -1,0 +1,517 @@
+"""Ray Tune search of the phase-2 loss weights: JPD-SE's perception-distortion trade-off.
+
+Every trial fine-tunes phase 2 from the same phase-1 export (``train.init_from``, required: the sweep
+compares weightings on one shared semantic prior, not different priors) for ``tune.max_steps`` steps with
+its own values of the searched keys (``tune.search_space``, dotted config keys, e.g.
+``phase2.loss.dist: {loguniform: [1, 100]}``; also ``uniform``, ``randint`` and ``choice``). Every
+``tune.report_every`` steps, and once more on the exported generator at the end, it evaluates the first
+``tune.eval_images`` images of ``eval.split`` of the shards: mean PSNR (distortion), mean NIQE
+(perception; its pristine model is fitted once, on all original images of that split, and needs no
+weights) and ``val_score = val_psnr - tune.niqe_weight * val_niqe``. ``tune.metric`` picks one of the
+three as the objective; ASHA (``time_attr="step"``) stops the weak trials at those reports. The best trial
+is the best *completed* one (early-stopped trials have no exported generator).
+
+Layout: ``<tune.output_dir>/<tune.name>/`` is Ray's experiment folder (``Tuner.restore`` resumes it); each
+trial folder ``trial_<id>/`` holds Ray's results and ``train/``, the trial's own ``train.output_dir``
+(checkpoints, ``phase2/generator.safetensors``). An interrupted trial resumes from its newest trainer
+checkpoint. ``best.json`` lies in the experiment folder.
+
+Tracking: one sweep run in the driver; in the Ray worker each trial opens a run nested under it
+(``mlflow.parentRunId``) against the tracking URI resolved once in the driver (a worker's working
+directory is Ray's trial folder, so ``default_tracking_uri`` there would point elsewhere); the trainer's run
+and its ``phase2`` run nest under the trial's run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, JobConfig, TuneConfig, _merge, from_dict, parse_overrides
+from pipeline.tracking import Tracker, default_tracking_uri, make_tracker, run_tags
+
+if TYPE_CHECKING:
+    from ray.tune import Result, ResultGrid
+    from ray.tune.experiment import Trial
+    from torch import nn
+
+    from pipeline.evaluate import EvalSample
+    from pipeline.trainer import StepEvent
+
+METRICS = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
+SPEC_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
+DEFAULT_SPACE: dict[str, Any] = {
+    "phase2.loss.dist": {"loguniform": [1.0, 100.0]},
+    "phase2.loss.feat": {"loguniform": [1.0, 100.0]},
+}
+# Keys every trial sets itself; searching them would break the sweep.
+RESERVED = ("train.output_dir", "train.init_from", "phase2.steps", "tracking.", "tune.")
+BEST_FILE = "best.json"
+TRAIN_DIR = "train"
+
+
+@dataclass
+class TrialSummary:
+    """One trial as the sweep ended it: its values, its last result and, when it completed, its export."""
+
+    trial_id: str
+    params: dict[str, Any]
+    metrics: dict[str, float]  # val_psnr, val_niqe, val_score of its last result
+    step: int  # phase-2 step of that result
+    generator: str  # the exported generator; empty unless the trial ran all its steps
+    path: str  # Ray's trial folder
+    error: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "error"
+        return "done" if self.generator else f"stopped@{self.step}"
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` returns (and writes to ``best.json``)."""
+
+    experiment: str
+    metric: str
+    mode: str
+    best: TrialSummary
+    trials: list[TrialSummary]
+    baseline: dict[str, float]  # the codec's decoded images on the same held-out images
+    best_file: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "metric": self.metric,
+            "mode": self.mode,
+            "best": {**asdict(self.best), "status": self.best.status},
+            "baseline": self.baseline,
+            "trials": [{**asdict(t), "status": t.status} for t in self.trials],
+        }
+
+
+@dataclass
+class _Setup:
+    """What every trial gets from the driver (through Ray's object store)."""
+
+    base: dict[str, Any]  # the resolved JobConfig: absolute paths, tracking URI, phase2.steps
+    experiment: str
+    parent_run_id: str | None
+    samples: list[EvalSample] = field(default_factory=list)
+    niqe: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (as Ray's samplers give them) as Python numbers for JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a config value")
+
+
+def with_overrides(cfg: JobConfig, values: Mapping[str, Any]) -> JobConfig:
+    """``cfg`` with ``{"phase2.loss.dist": 12.5, ...}`` applied and validated by the config's own rules."""
+    tree = parse_overrides([f"{key}={json.dumps(value, default=_plain)}" for key, value in values.items()])
+    return from_dict(_merge(cfg.to_dict(), tree))
+
+
+def check_settings(settings: TuneConfig) -> None:
+    """Refuse settings the sweep cannot run with."""
+    if settings.metric not in METRICS:
+        raise ConfigError(f"tune.metric must be one of {sorted(METRICS)}, got {settings.metric!r}")
+    if settings.mode != METRICS[settings.metric]:
+        raise ConfigError(
+            f"tune.mode must be {METRICS[settings.metric]!r} for {settings.metric} (PSNR and the score are "
+            f"higher-better, NIQE lower-better), got {settings.mode!r}"
+        )
+    for name in ("num_samples", "max_steps", "report_every", "max_concurrent_trials"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"tune.{name} must be >= 1, got {getattr(settings, name)}")
+    if settings.eval_images < 0:
+        raise ConfigError(f"tune.eval_images must be >= 0 (0: all), got {settings.eval_images}")
+    if settings.cpus_per_trial <= 0 or settings.gpus_per_trial < 0:
+        raise ConfigError(
+            f"tune.cpus_per_trial must be > 0 and tune.gpus_per_trial >= 0, "
+            f"got {settings.cpus_per_trial} and {settings.gpus_per_trial}"
+        )
+    if not 0 <= settings.grace_period <= settings.max_steps:
+        raise ConfigError(f"tune.grace_period must lie in [0, tune.max_steps], got {settings.grace_period}")
+    if settings.reduction_factor <= 1:
+        raise ConfigError(f"tune.reduction_factor must be > 1, got {settings.reduction_factor}")
+
+
+def _domain(key: str, entry: Any) -> Any:
+    from ray import tune as ray_tune
+
+    hint = f"tune.search_space.{key} must be one of {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
+    hint += "{randint: [lo, hi]}, {choice: [a, b, ...]}"
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+        raise ConfigError(f"{hint}; got {entry!r}")
+    ((kind, args),) = entry.items()
+    if kind not in SPEC_KINDS or not isinstance(args, list) or not args:
+        raise ConfigError(f"{hint}; got {entry!r}")
+    if kind == "choice":
+        return ray_tune.choice(args)
+    if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        raise ConfigError(f"tune.search_space.{key}: {kind} needs [lo, hi] numbers, got {args!r}")
+    lo, hi = args
+    if not lo < hi or (kind == "loguniform" and lo <= 0):
+        raise ConfigError(
+            f"tune.search_space.{key}: {kind} needs 0 < lo < hi (lo < hi for uniform), got {args}"
+        )
+    return {"loguniform": ray_tune.loguniform, "uniform": ray_tune.uniform, "randint": ray_tune.randint}[
+        kind
+    ](lo, hi)
+
+
+def search_space(cfg: JobConfig) -> dict[str, Any]:
+    """Ray Tune domains for ``cfg.tune.search_space`` (default: :data:`DEFAULT_SPACE`), keys checked
+    against the config and one value of each domain checked against the key's type."""
+    spec = cfg.tune.search_space or DEFAULT_SPACE
+    known = cfg.flat()
+    space = {}
+    for key, entry in spec.items():
+        if key not in known:
+            raise ConfigError(f"tune.search_space: {key!r} is not a config value (e.g. phase2.loss.dist)")
+        if key.startswith(RESERVED):
+            raise ConfigError(f"tune.search_space: {key!r} is set by the sweep itself and cannot be searched")
+        space[key] = _domain(key, entry)
+        with_overrides(cfg, {key: space[key].sample()})
+    return space
+
+
+def _absolute(path: str) -> str:
+    if not path or "://" in path or path.startswith("pipe:"):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def trial_base(cfg: JobConfig) -> JobConfig:
+    """The config every trial starts from: local paths made absolute (Ray runs trials in folders of its
+    own), the tracking URI resolved, ``phase2.steps = tune.max_steps``, no phase-2 registration."""
+    from pipeline.engine import resolve_path
+    from pipeline.export import read_spec
+
+    if not cfg.train.init_from:
+        raise ConfigError(
+            "tune needs train.init_from=<phase-1 exported generator>: every trial fine-tunes phase 2 from "
+            "the same semantic prior (train one with `python -m pipeline train --phases 1`)"
+        )
+    init = Path(cfg.train.init_from).expanduser().resolve()
+    if not init.is_file():
+        raise ConfigError(f"train.init_from: no such file {init}")
+    phase = read_spec(init).get("phase")
+    if phase != 1:
+        warnings.warn(f"train.init_from {init} is a phase-{phase} export, not phase 1's", stacklevel=2)
+    values: dict[str, Any] = {
+        "data.root": _absolute(cfg.data.root),
+        "shards.output": _absolute(cfg.shards.output),
+        "loader.shards": _absolute(cfg.loader.shards),
+        "loss.vgg_weights": _absolute(cfg.loss.vgg_weights),
+        "train.init_from": str(init),
+        "train.deepspeed_config": str(resolve_path(cfg.train.deepspeed_config).resolve()),
+        "phase2.steps": cfg.tune.max_steps,
+        "tracking.register_phase2": False,
+    }
+    if cfg.tracking.enabled:
+        values["tracking.uri"] = default_tracking_uri(cfg.tracking.uri)
+    return with_overrides(cfg, values)
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+def eval_set(cfg: JobConfig) -> tuple[list[EvalSample], Any]:
+    """The held-out samples (``tune.eval_images`` of ``eval.split``, at ``loader.quality``) and the NIQE
+    model fitted on all originals of that split."""
+    from pipeline import metrics
+    from pipeline.evaluate import ShardInput
+
+    if not (Path(cfg.shards.output) / "manifest.json").is_file():
+        raise ConfigError(f"tune evaluates on built shards, but there is no manifest in {cfg.shards.output}")
+    quality = cfg.loader.quality
+    every = ShardInput(with_overrides(cfg, {"eval.max_images": 0, "eval.qualities": [quality]}))
+    niqe_model = metrics.fit_niqe_model(
+        every.originals(), f"uncompressed {every.description} ({cfg.data.width}x{cfg.data.height})"
+    )
+    subset = ShardInput(
+        with_overrides(cfg, {"eval.max_images": cfg.tune.eval_images, "eval.qualities": [quality]})
+    )
+    samples = list(subset.samples())
+    if niqe_model.n_patches < 4 * metrics.NIQE_FEATURES:
+        warnings.warn(
+            f"NIQE's pristine model is fitted on only {niqe_model.n_patches} patches of "
+            f"{metrics.NIQE_PATCH} px ({metrics.NIQE_FEATURES} features): its scores are unreliable; "
+            "use larger images or more of them",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if not samples:
+        raise ConfigError(f"no held-out images: {subset.description}")
+    return samples, niqe_model
+
+
+def summarize(psnrs: list[float], niqes: list[float], niqe_weight: float) -> dict[str, float]:
+    """Mean PSNR, mean NIQE (over images with a usable NIQE) and the combined score."""
+    finite = [v for v in niqes if math.isfinite(v)]
+    val_psnr = float(np.mean(psnrs))
+    val_niqe = float(np.mean(finite)) if finite else math.nan
+    return {"val_psnr": val_psnr, "val_niqe": val_niqe, "val_score": val_psnr - niqe_weight * val_niqe}
+
+
+def codec_baseline(
+    samples: list[EvalSample], quality: int, niqe_model: Any, niqe_weight: float
+) -> dict[str, float]:
+    from pipeline import metrics
+
+    psnrs = [metrics.cap_psnr(metrics.psnr(s.image, s.decoded[quality])) for s in samples]
+    return summarize(psnrs, [metrics.niqe(s.decoded[quality], niqe_model) for s in samples], niqe_weight)
+
+
+class Evaluator:
+    """Scores a generator on the held-out samples (through a float32 eval-mode copy of it)."""
+
+    def __init__(self, cfg: JobConfig, samples: list[EvalSample], niqe_model: Any) -> None:
+        from pipeline.export import make_spec
+        from pipeline.trainer import dataset_info
+
+        data = dataset_info(cfg)
+        self.quality = cfg.loader.quality
+        self.spec = make_spec(
+            cfg.model, data.label_nc, data.use_instance, codec=cfg.loader.codec, quality=self.quality, phase=2
+        )
+        self.samples, self.niqe_model, self.niqe_weight = samples, niqe_model, cfg.tune.niqe_weight
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def __call__(self, generator: nn.Module) -> dict[str, float]:
+        from pipeline import metrics
+        from pipeline.evaluate import Method, enhance
+        from pipeline.models import Generator
+
+        net = Generator(**generator.hparams)
+        net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
+        method = Method("trial", self.quality, net.to(self.device).eval(), self.spec)
+        psnrs, niqes = [], []
+        for sample in self.samples:
+            out = enhance(method, sample.decoded[self.quality], sample.label, sample.instance, self.device)
+            psnrs.append(metrics.cap_psnr(metrics.psnr(sample.image, out)))
+            niqes.append(metrics.niqe(out, self.niqe_model))
+        return summarize(psnrs, niqes, self.niqe_weight)
+
+
+# ------------------------------------------------------------------------------------------ a trial
+
+
+def _trial(config: dict[str, Any], setup: _Setup) -> None:
+    """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune."""
+    from ray import tune as ray_tune
+
+    from pipeline.export import load_generator
+    from pipeline.metrics import NIQEModel
+    from pipeline.trainer import read_latest, train
+
+    context = ray_tune.get_context()
+    trial_id = context.get_trial_id()
+    out = Path(setup.experiment) / Path(context.get_trial_dir()).name / TRAIN_DIR
+    cfg = with_overrides(from_dict(setup.base), {**config, "train.output_dir": str(out)})
+    evaluate = Evaluator(cfg, setup.samples, NIQEModel.from_dict(setup.niqe))
+    tracker = make_tracker(cfg)
+    tags = {**run_tags(cfg, 2), "sweep": Path(setup.experiment).name, "trial_id": trial_id}
+    if setup.parent_run_id:
+        tags["mlflow.parentRunId"] = setup.parent_run_id
+    every = cfg.tune.report_every
+
+    def on_step(event: StepEvent) -> None:
+        if event.phase != 2 or event.step >= event.steps or event.step % every:
+            return
+        scores = evaluate(event.generator)
+        tracker.log_metrics(scores, step=event.step)
+        ray_tune.report({"step": event.step, **scores})  # ASHA may end the trial here (SystemExit)
+
+    with tracker.start_run(f"trial-{trial_id}", params=config, tags=tags):
+        try:
+            exports = train(
+                cfg,
+                [2],
+                resume=read_latest(out) is not None,
+                tracker=tracker,
+                run_name="train",
+                on_step=on_step,
+            )
+        except SystemExit:
+            tracker.log_metrics({"stopped_early": 1.0})
+            raise
+        generator, _ = load_generator(exports[2], evaluate.device)
+        scores = evaluate(generator)
+        tracker.log_metrics({**scores, "stopped_early": 0.0}, step=cfg.phase2.steps)
+    ray_tune.report({"step": cfg.phase2.steps, **scores, "generator": str(exports[2])})
+
+
+def trial_dirname(trial: Trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# -------------------------------------------------------------------------------------------- sweep
+
+
+def _active_run_id(tracker: Tracker) -> str | None:
+    """The store id of the tracker's innermost open run; None for the no-op tracker or an offline store."""
+    stack = getattr(tracker, "_stack", None)
+    return stack[-1].run_id if stack else None
+
+
+def _summary(result: Result) -> TrialSummary:
+    metrics = dict(result.metrics or {})
+    config = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
+    return TrialSummary(
+        trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
+        params=config,
+        metrics={k: float(metrics[k]) for k in METRICS if k in metrics},
+        step=int(metrics.get("step", 0)),
+        generator=str(metrics.get("generator", "")),
+        path=str(result.path),
+        error=str(result.error).splitlines()[0] if result.error else "",
+    )
+
+
+def best_trial(trials: list[TrialSummary], metric: str, mode: str) -> TrialSummary:
+    """The completed trial with the best finite ``metric``."""
+    scored = [t for t in trials if t.generator and math.isfinite(t.metrics.get(metric, math.nan))]
+    if not scored:
+        states = ", ".join(f"{t.trial_id}: {t.status}" for t in trials) or "no trials"
+        raise RuntimeError(f"no trial completed with a finite {metric} ({states})")
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda t: t.metrics[metric])
+
+
+def format_table(result: TuneResult) -> str:
+    keys = sorted({k for t in result.trials for k in t.params})
+    width = max([16, *map(len, keys)])
+    head = f"{'trial':<12} " + " ".join(f"{k:>{width}}" for k in keys)
+    lines = [head + f" {'step':>6} {'PSNR':>7} {'NIQE':>7} {'score':>8}  status"]
+    base = result.baseline
+    lines.append(
+        f"{'codec':<12} "
+        + " ".join(f"{'':>{width}}" for _ in keys)
+        + f" {'':>6} {base['val_psnr']:>7.3f} {base['val_niqe']:>7.3f} {base['val_score']:>8.3f}  baseline"
+    )
+    for t in sorted(result.trials, key=lambda t: t.trial_id):
+        values = " ".join(
+            f"{t.params[k]:>{width}.4g}"
+            if isinstance(t.params.get(k), float)
+            else f"{t.params.get(k, '')!s:>{width}}"
+            for k in keys
+        )
+        m = {k: t.metrics.get(k, math.nan) for k in METRICS}
+        mark = "  <- best" if t.trial_id == result.best.trial_id else ""
+        lines.append(
+            f"{t.trial_id:<12} {values} {t.step:>6} {m['val_psnr']:>7.3f} {m['val_niqe']:>7.3f} "
+            f"{m['val_score']:>8.3f}  {t.status}{mark}"
+        )
+    return "\n".join(lines)
+
+
+def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
+    """Run (or with ``resume`` continue, via ``Tuner.restore``) the sweep; write ``best.json``, print the
+    table of trials and return the result (best trial's values, metrics and exported generator)."""
+    import ray
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    settings = cfg.tune
+    check_settings(settings)
+    base = trial_base(cfg)
+    space = search_space(base)
+    experiment = Path(settings.output_dir).expanduser().resolve() / (settings.name or f"{cfg.name}-tune")
+    restore = resume and ray_tune.Tuner.can_restore(str(experiment))
+    if resume and not restore:
+        print(f"[tune] --resume: no experiment to restore in {experiment}, starting afresh")
+    elif not resume and ray_tune.Tuner.can_restore(str(experiment)):
+        raise ConfigError(
+            f"{experiment} already holds a sweep: resume it (--resume) or set another tune.name"
+        )
+    if cfg.eval.split == cfg.loader.split:
+        print(
+            f"[tune] note: eval.split = loader.split = {cfg.eval.split!r}: "
+            "the trials are scored on images they train on"
+        )
+    samples, niqe_model = eval_set(base)
+    baseline = codec_baseline(samples, base.loader.quality, niqe_model, settings.niqe_weight)
+
+    tracker = make_tracker(base)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False)
+    try:
+        params = {k: json.dumps(v) for k, v in (settings.search_space or DEFAULT_SPACE).items()}
+        tags = {**run_tags(base, 2), "sweep": experiment.name}
+        with tracker.start_run(experiment.name, params={**base.flat(), **params}, tags=tags):
+            setup = _Setup(
+                base.to_dict(), str(experiment), _active_run_id(tracker), samples, niqe_model.to_dict()
+            )
+            trainable = ray_tune.with_resources(
+                ray_tune.with_parameters(_trial, setup=setup),
+                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+            )
+            if restore:
+                tuner = ray_tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+            else:
+                scheduler = ASHAScheduler(
+                    time_attr="step",
+                    max_t=settings.max_steps,
+                    grace_period=settings.grace_period or min(settings.report_every, settings.max_steps),
+                    reduction_factor=settings.reduction_factor,
+                )
+                tuner = ray_tune.Tuner(
+                    trainable,
+                    param_space=space,
+                    tune_config=ray_tune.TuneConfig(
+                        metric=settings.metric,
+                        mode=settings.mode,
+                        # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials
+                        # when it is given a search algorithm
+                        search_alg=BasicVariantGenerator(
+                            max_concurrent=settings.max_concurrent_trials, random_state=cfg.train.seed
+                        ),
+                        scheduler=scheduler,
+                        num_samples=settings.num_samples,
+                        trial_dirname_creator=trial_dirname,
+                    ),
+                    run_config=ray_tune.RunConfig(
+                        name=experiment.name, storage_path=str(experiment.parent), verbose=1
+                    ),
+                )
+            grid: ResultGrid = tuner.fit()
+            trials = [_summary(r) for r in grid]
+            result = TuneResult(
+                str(experiment),
+                settings.metric,
+                settings.mode,
+                best_trial(trials, settings.metric, settings.mode),
+                trials,
+                baseline,
+            )
+            best_file = experiment / BEST_FILE
+            best_file.write_text(json.dumps(result.to_dict(), indent=2))
+            result.best_file = str(best_file)
+            tracker.log_metrics({f"best.{k}": v for k, v in result.best.metrics.items()})
+            tracker.log_artifact(best_file, "tune")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(format_table(result))
+    print(f"[tune] best trial {result.best.trial_id}: {result.best.params} -> {result.best.generator}")
+    return result
