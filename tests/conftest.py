@@ -29,3 +29,32 @@ def sample_image(cityscapes_root: Path):
     path = sorted((cityscapes_root / "leftImg8bit").rglob("*_leftImg8bit.png"))[0]
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     return cv2.cvtColor(cv2.resize(bgr, (256, 128), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+SMALL_SHARDS = {"width": 256, "height": 128, "qualities": [37, 42], "samples_per_shard": 4}
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> Path:
+    """Shards of the whole sample (:data:`SMALL_SHARDS`), built once per session; tests only read them."""
+    from pipeline.config import from_dict
+    from pipeline.shards import build_shards
+
+    out = tmp_path_factory.mktemp("small-shards")
+    cfg = from_dict(
+        {
+            "data": {
+                "root": str(cityscapes_root),
+                "width": SMALL_SHARDS["width"],
+                "height": SMALL_SHARDS["height"],
+            },
+            "shards": {
+                "output": str(out),
+                "codecs": [{"name": "hevc", "qualities": SMALL_SHARDS["qualities"]}],
+                "samples_per_shard": SMALL_SHARDS["samples_per_shard"],
+                "workers": 1,
+            },
+        }
+    )
+    build_shards(cfg)
+    return out

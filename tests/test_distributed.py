@@ -15,9 +15,7 @@ from typing import Any
 import psutil  # a DeepSpeed dependency
 import pytest
 
-from pipeline.config import load_config
 from pipeline.export import load_generator
-from pipeline.shards import build_shards
 from pipeline.trainer import params_digest
 
 pytestmark = pytest.mark.slow
@@ -29,21 +27,8 @@ PHASE1_STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    cfg = load_config(
-        None,
-        [
-            f"data.root={cityscapes_root}",
-            "data.width=256",
-            "data.height=128",
-            f"shards.output={out}",
-            "shards.codecs=[{name: hevc, qualities: [42]}]",
-            "shards.workers=1",
-        ],
-    )
-    build_shards(cfg)
-    return out
+def shards(small_shards: Path) -> Path:
+    return small_shards
 
 
 def torchrun(shards: Path, out: Path, *extra: str) -> list[str]:

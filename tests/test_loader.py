@@ -17,28 +17,23 @@ import torch
 from pipeline.config import JobConfig, from_dict
 from pipeline.loader import LoaderError, make_dataset, make_loader, shard_urls
 from pipeline.models import edge_map
-from pipeline.shards import build_shards
+from pipeline.shards import read_manifest
 
 WIDTH, HEIGHT = 256, 128
 MEMBER = "hevc_q42"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> tuple[JobConfig, dict]:
-    out = tmp_path_factory.mktemp("shards")
+def built(small_shards: Path, cityscapes_root: Path) -> tuple[JobConfig, dict]:
+    """The session's shards (hevc QP 37 and 42: the loader must pick q42), 4 samples a shard."""
     cfg = from_dict(
         {
             "data": {"root": str(cityscapes_root), "width": WIDTH, "height": HEIGHT, "splits": ["val"]},
-            "shards": {
-                "output": str(out),
-                "codecs": [{"name": "hevc", "qualities": [37, 42]}],  # the loader must pick q42
-                "samples_per_shard": 4,
-                "workers": 1,
-            },
+            "shards": {"output": str(small_shards), "codecs": [{"name": "hevc", "qualities": [37, 42]}]},
             "loader": {"split": "val", "codec": "hevc", "quality": 42, "batch_size": 4, "shuffle": 8},
         }
     )
-    return cfg, build_shards(cfg)
+    return cfg, read_manifest(small_shards)
 
 
 def _with(cfg: JobConfig, **loader: object) -> JobConfig:

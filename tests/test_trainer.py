@@ -18,7 +18,6 @@ import pipeline.trainer as trainer
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.export import load_generator
 from pipeline.losses import VGG19
-from pipeline.shards import build_shards
 from pipeline.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,21 +51,8 @@ class RecordingTracker(Tracker):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    cfg = load_config(
-        None,
-        [
-            f"data.root={cityscapes_root}",
-            "data.width=256",
-            "data.height=128",
-            f"shards.output={out}",
-            "shards.codecs=[{name: hevc, qualities: [37, 42]}]",
-            "shards.workers=1",
-        ],
-    )
-    build_shards(cfg)
-    return out
+def shards(small_shards: Path) -> Path:
+    return small_shards
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +77,8 @@ def make_cfg(shards: Path, vgg_file: Path, out: Path, *extra: str) -> JobConfig:
             "phase1.steps=2",
             "phase2.steps=2",
             "phase3.steps=2",
-            "phase2.loss.vgg=0",  # VGG dominates a CPU step; phase 1 keeps it
+            "phase1.loss.vgg=10",  # the small preset has no VGG term; phase 1 exercises it here
+            "phase2.loss.vgg=0",  # VGG dominates a CPU step
             "phase3.loss.gan=1.0",  # the generator step then runs the frozen discriminator
             "train.checkpoint_every=0",
             "train.log_every=1",
