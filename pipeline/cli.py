@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("evaluate", "R-PD evaluation of codec vs codec-SE")
     p.add_argument("--model", action="append", default=[], help="generator file or models:/name@alias")
     command("run", "main job end to end: shards, three phases, evaluation, tracking")
+    p = command("tune", "Ray Tune search of the phase-2 perception-distortion loss weights")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir")
     p = sub.add_parser("tracking-replay", help="log an offline tracking record to an MLflow store")
     p.add_argument("record", help="a .jsonl record written while the store was unreachable")
     p.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI, else local)")
@@ -62,6 +64,15 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
         tracker = make_tracker(cfg)
         with tracker.start_run(f"{cfg.name}-evaluate", params=cfg.flat(), tags=run_tags(cfg)):
             evaluate(cfg, models=args.model, tracker=tracker)
+        return 0
+    if args.command == "tune":
+        from pipeline.tune import tune
+
+        try:
+            tune(cfg, resume=args.resume)
+        except KeyboardInterrupt as err:
+            print(f"interrupted: {err}", file=sys.stderr)
+            return 130
         return 0
     if args.command == "run":
         from pipeline.job import run

@@ -355,6 +355,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(tree)
 
 
+def with_overrides(cfg: JobConfig, values: dict[str, Any]) -> JobConfig:
+    """``cfg`` with ``{"phase2.loss.dist": 12.5, ...}`` applied and validated like any override."""
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        _set_path(tree, key, value)
+    return from_dict(_merge(cfg.to_dict(), tree))
+
+
 def from_dict(tree: dict[str, Any]) -> JobConfig:
     """Build a :class:`JobConfig` from a (possibly partial) nested dict.
 

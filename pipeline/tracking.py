@@ -81,6 +81,11 @@ class Tracker:
         """A run; a run started inside another is nested under it."""
         yield
 
+    @property
+    def active_run_id(self) -> str | None:
+        """The store id of the innermost open run; None without a store (or while offline)."""
+        return None
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Scalar metrics at a step."""
 
@@ -480,6 +485,10 @@ class MLflowTracker(Tracker):
         if self.offline:
             self._record({"event": "end_run", "key": run.key, "status": status, "time": ms})
         self._stack.pop()
+
+    @property
+    def active_run_id(self) -> str | None:
+        return self._stack[-1].run_id if self._stack else None
 
     def _current(self, what: str) -> _Run | None:
         if not self._stack:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, JobConfig, TuneConfig, _merge, from_dict, parse_overrides
+from pipeline.config import ConfigError, JobConfig, TuneConfig, from_dict, with_overrides
 from pipeline.tracking import Tracker, default_tracking_uri, make_tracker, run_tags
 
 if TYPE_CHECKING:
@@ -44,10 +46,11 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.evaluate import EvalSample
+    from pipeline.metrics import NIQEModel
     from pipeline.trainer import StepEvent
 
 METRICS = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
-SPEC_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
+SPEC_KINDS = ("loguniform", "uniform", "randint", "choice")
 DEFAULT_SPACE: dict[str, Any] = {
     "phase2.loss.dist": {"loguniform": [1.0, 100.0]},
     "phase2.loss.feat": {"loguniform": [1.0, 100.0]},
@@ -112,19 +115,6 @@ class _Setup:
 
 
 # ------------------------------------------------------------------------------------------ config
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (as Ray's samplers give them) as Python numbers for JSON."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not a config value")
-
-
-def with_overrides(cfg: JobConfig, values: Mapping[str, Any]) -> JobConfig:
-    """``cfg`` with ``{"phase2.loss.dist": 12.5, ...}`` applied and validated by the config's own rules."""
-    tree = parse_overrides([f"{key}={json.dumps(value, default=_plain)}" for key, value in values.items()])
-    return from_dict(_merge(cfg.to_dict(), tree))
 
 
 def check_settings(settings: TuneConfig) -> None:
@@ -233,7 +223,7 @@ def trial_base(cfg: JobConfig) -> JobConfig:
 # -------------------------------------------------------------------------------------- evaluation
 
 
-def eval_set(cfg: JobConfig) -> tuple[list[EvalSample], Any]:
+def eval_set(cfg: JobConfig) -> tuple[list[EvalSample], NIQEModel]:
     """The held-out samples (``tune.eval_images`` of ``eval.split``, at ``loader.quality``) and the NIQE
     model fitted on all originals of that split."""
     from pipeline import metrics
@@ -272,7 +262,7 @@ def summarize(psnrs: list[float], niqes: list[float], niqe_weight: float) -> dic
 
 
 def codec_baseline(
-    samples: list[EvalSample], quality: int, niqe_model: Any, niqe_weight: float
+    samples: list[EvalSample], quality: int, niqe_model: NIQEModel, niqe_weight: float
 ) -> dict[str, float]:
     from pipeline import metrics
 
@@ -283,7 +273,7 @@ def codec_baseline(
 class Evaluator:
     """Scores a generator on the held-out samples (through a float32 eval-mode copy of it)."""
 
-    def __init__(self, cfg: JobConfig, samples: list[EvalSample], niqe_model: Any) -> None:
+    def __init__(self, cfg: JobConfig, samples: list[EvalSample], niqe_model: NIQEModel) -> None:
         from pipeline.export import make_spec
         from pipeline.trainer import dataset_info
 
@@ -314,7 +304,7 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------ a trial
 
 
-def _trial(config: dict[str, Any], setup: _Setup) -> None:
+def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune."""
     from ray import tune as ray_tune
 
@@ -338,21 +328,14 @@ def _trial(config: dict[str, Any], setup: _Setup) -> None:
             return
         scores = evaluate(event.generator)
         tracker.log_metrics(scores, step=event.step)
-        ray_tune.report({"step": event.step, **scores})  # ASHA may end the trial here (SystemExit)
+        # ASHA may stop the trial here: Ray then raises SystemExit in this thread and ends the worker
+        # process (see _close_stopped_runs for the MLflow runs it leaves open)
+        ray_tune.report({"step": event.step, **scores})
 
     with tracker.start_run(f"trial-{trial_id}", params=config, tags=tags):
-        try:
-            exports = train(
-                cfg,
-                [2],
-                resume=read_latest(out) is not None,
-                tracker=tracker,
-                run_name="train",
-                on_step=on_step,
-            )
-        except SystemExit:
-            tracker.log_metrics({"stopped_early": 1.0})
-            raise
+        exports = train(
+            cfg, [2], resume=read_latest(out) is not None, tracker=tracker, run_name="train", on_step=on_step
+        )
         generator, _ = load_generator(exports[2], evaluate.device)
         scores = evaluate(generator)
         tracker.log_metrics({**scores, "stopped_early": 0.0}, step=cfg.phase2.steps)
@@ -366,10 +349,58 @@ def trial_dirname(trial: Trial) -> str:
 # -------------------------------------------------------------------------------------------- sweep
 
 
-def _active_run_id(tracker: Tracker) -> str | None:
-    """The store id of the tracker's innermost open run; None for the no-op tracker or an offline store."""
-    stack = getattr(tracker, "_stack", None)
-    return stack[-1].run_id if stack else None
+def _close_stopped_runs(tracker: Tracker, sweep_run_id: str | None, trials: list[TrialSummary]) -> None:
+    """End the MLflow runs of trials that did not complete: KILLED (stopped early or interrupted) or
+    FAILED (errors).
+
+    Ray ends an early-stopped trial by raising SystemExit in its report call and exiting the worker
+    process right away, which races the runs' own ending: they may be left RUNNING or FAILED.
+    """
+    from pipeline.tracking import MLflowTracker
+
+    status = {t.trial_id: ("FAILED" if t.error else "KILLED") for t in trials if not t.generator}
+    if not status or sweep_run_id is None or not isinstance(tracker, MLflowTracker) or tracker.offline:
+        return
+    client, experiment_id = tracker.client, tracker.experiment_id
+
+    def children(run_id: str) -> list[Any]:
+        return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+
+    try:
+        for trial_run in children(sweep_run_id):
+            trial_status = status.get(trial_run.data.tags.get("trial_id", ""))
+            if trial_status is None:
+                continue
+            pending = [trial_run]
+            while pending:
+                run = pending.pop()
+                pending += children(run.info.run_id)
+                if run.info.status != trial_status:
+                    tracker.end_run(
+                        run.info.run_id, trial_status, run.info.end_time or int(time.time() * 1000)
+                    )
+            tracker.log_metric_values(
+                trial_run.info.run_id, {"stopped_early": 1.0}, 0, int(time.time() * 1000)
+            )
+    except Exception as err:  # tracking never fails the sweep
+        warnings.warn(f"could not close the runs of stopped trials: {err}", RuntimeWarning, stacklevel=2)
+
+
+def _unfinished(experiment: Path, expected: int | None) -> str:
+    """Why the sweep in ``experiment`` is not finished, from the state Ray saved ("" when it is).
+
+    After an interrupted ``fit()`` the trials Ray stopped on its way out read TERMINATED in memory;
+    the saved state keeps them RUNNING/PENDING, as ``Tuner.restore`` will see them.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    states = [t.status for t in ExperimentAnalysis(str(experiment)).trials]
+    open_trials = sum(state not in ("TERMINATED", "ERROR") for state in states)
+    if open_trials:
+        return f"{open_trials} trial(s) unfinished"
+    if expected is not None and len(states) < expected:
+        return f"{expected - len(states)} of {expected} trials not started"
+    return ""
 
 
 def _summary(result: Result) -> TrialSummary:
@@ -431,6 +462,11 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise ConfigError(
+            "run the sweep as one plain process, not under torchrun/deepspeed: each trial makes its own "
+            "world of one (Ray's workers inherit RANK/WORLD_SIZE and would try to join the launcher's world)"
+        )
     settings = cfg.tune
     check_settings(settings)
     base = trial_base(cfg)
@@ -460,10 +496,10 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
         tags = {**run_tags(base, 2), "sweep": experiment.name}
         with tracker.start_run(experiment.name, params={**base.flat(), **params}, tags=tags):
             setup = _Setup(
-                base.to_dict(), str(experiment), _active_run_id(tracker), samples, niqe_model.to_dict()
+                base.to_dict(), str(experiment), tracker.active_run_id, samples, niqe_model.to_dict()
             )
             trainable = ray_tune.with_resources(
-                ray_tune.with_parameters(_trial, setup=setup),
+                ray_tune.with_parameters(run_trial, setup=setup),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
             if restore:
@@ -496,6 +532,10 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
                 )
             grid: ResultGrid = tuner.fit()
             trials = [_summary(r) for r in grid]
+            _close_stopped_runs(tracker, setup.parent_run_id, trials)
+            unfinished = _unfinished(experiment, None if restore else settings.num_samples)
+            if unfinished:  # Ray returns from fit() on Ctrl-C, having saved the experiment's state
+                raise KeyboardInterrupt(f"sweep interrupted ({unfinished}); continue it with --resume")
             result = TuneResult(
                 str(experiment),
                 settings.metric,

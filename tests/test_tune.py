@@ -13,10 +13,17 @@ import pytest
 
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.export import read_spec
-from pipeline.shards import build_shards
-from pipeline.tracking import Tracker
+from pipeline.tracking import MLflowTracker, Tracker
 from pipeline.trainer import train
-from pipeline.tune import BEST_FILE, search_space, trial_base, tune
+from pipeline.tune import (
+    BEST_FILE,
+    TrialSummary,
+    _close_stopped_runs,
+    check_settings,
+    search_space,
+    trial_base,
+    tune,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -26,21 +33,8 @@ MAX_STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    cfg = load_config(
-        None,
-        [
-            f"data.root={cityscapes_root}",
-            "data.width=256",
-            "data.height=128",
-            f"shards.output={out}",
-            "shards.codecs=[{name: hevc, qualities: [42]}]",
-            "shards.workers=1",
-        ],
-    )
-    build_shards(cfg)
-    return out
+def shards(small_shards: Path) -> Path:
+    return small_shards
 
 
 def base_cfg(shards: Path, out: Path, *extra: str) -> JobConfig:
@@ -92,6 +86,7 @@ def sweep_cfg(shards: Path, phase1: Path, root: Path) -> JobConfig:
         "tune.report_every=2",
         "tune.eval_images=2",
         "tune.max_concurrent_trials=2",
+        "tune.reduction_factor=4",  # ASHA keeps the top quarter at step 2: early stops are likely
         "tune.metric=val_psnr",
         "tune.mode=max",
         f"tune.search_space={space}",
@@ -178,14 +173,55 @@ def test_trials_are_runs_nested_under_the_sweep_run(sweep: dict[str, Any]) -> No
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tune-test")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    sweeps = [r for r in runs if r.info.run_name == "sweep"]
-    assert len(sweeps) == 1
     trial_runs = [r for r in runs if r.info.run_name.startswith("trial-")]
     assert len(trial_runs) == 3
-    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {sweeps[0].info.run_id}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in trial_runs}
+    assert len(parents) == 1
+    (sweep_run,) = [r for r in runs if r.info.run_id in parents]
+    assert sweep_run.info.run_name == "sweep" and "mlflow.parentRunId" not in sweep_run.data.tags
+    assert sweep_run.data.metrics["best.val_psnr"] == pytest.approx(sweep["result"].best.metrics["val_psnr"])
     assert {r.data.tags["trial_id"] for r in trial_runs} == {t.trial_id for t in sweep["result"].trials}
+    completed = {t.trial_id for t in sweep["result"].trials if t.generator}
     for run in trial_runs:
-        assert "val_psnr" in run.data.metrics or run.data.metrics.get("stopped_early") == 1.0
+        if run.data.tags["trial_id"] in completed:
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["stopped_early"] == 0.0 and math.isfinite(run.data.metrics["val_psnr"])
+        else:  # stopped by ASHA: Ray ended the worker mid-trial; the sweep closed its runs
+            assert run.info.status == "KILLED" and run.data.metrics["stopped_early"] == 1.0
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def test_runs_of_stopped_trials_are_closed(tmp_path: Path) -> None:
+    """A stopped trial's worker dies with its runs open; the sweep ends them KILLED (errors: FAILED)."""
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "close-test", offline_dir=tmp_path)
+    client, experiment_id = tracker.client, tracker.experiment_id
+
+    def open_run(name: str, parent: str, **tags: str) -> str:
+        tags = {"mlflow.parentRunId": parent, **tags}
+        return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+    def trial(trial_id: str, generator: str = "", error: str = "") -> TrialSummary:
+        return TrialSummary(trial_id, {}, {}, 2, generator, "", error)
+
+    with tracker.start_run("sweep"):
+        sweep_id = tracker.active_run_id
+        assert sweep_id
+        stopped = open_run("trial-a", sweep_id, trial_id="a")
+        stopped_child = open_run("phase2", open_run("train", stopped))
+        client.set_terminated(stopped_child, "FAILED")  # ended by the SystemExit before the worker died
+        errored = open_run("trial-b", sweep_id, trial_id="b")
+        done = open_run("trial-c", sweep_id, trial_id="c")
+        client.set_terminated(done, "FINISHED")
+        _close_stopped_runs(tracker, sweep_id, [trial("a"), trial("b", error="boom"), trial("c", "g.st")])
+    runs = {r.info.run_id: r for r in client.search_runs([experiment_id])}
+    assert [runs[i].info.status for i in (stopped, stopped_child, errored, done)] == [
+        "KILLED",
+        "KILLED",
+        "FAILED",
+        "FINISHED",
+    ]
+    assert runs[stopped].data.metrics["stopped_early"] == 1.0
+    assert "stopped_early" not in runs[done].data.metrics
 
 
 def test_resume_restores_the_finished_sweep_without_rerunning_it(sweep: dict[str, Any]) -> None:
@@ -222,6 +258,19 @@ def test_a_sweep_needs_a_phase1_export(shards: Path, tmp_path: Path) -> None:
 def test_bad_search_spaces_are_refused(space: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         search_space(load_config(None, [f"tune.search_space={space}"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["tune.metric=val_niqe", "tune.mode=max"], "tune.mode must be 'min'"),
+        (["tune.metric=lpips"], "tune.metric must be one of"),
+        (["tune.report_every=0"], "tune.report_every must be >= 1"),
+    ],
+)
+def test_bad_settings_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_settings(load_config(None, overrides).tune)
 
 
 def test_tune_config_composes_the_default() -> None:
