@@ -355,7 +355,13 @@ class PhaseRunner:
         self.engines.generator.save_checkpoint(str(path), tag="generator", save_latest=False)
         if self.engines.discriminator is not None:
             self.engines.discriminator.save_checkpoint(str(path), tag="discriminator", save_latest=False)
-        torch.save(_rng_state(), path / f"rng_rank{self.env.rank}.pt")
+        # Ranks read different numbers of batches per epoch: each keeps its own data position.
+        position = {
+            "epoch": self.batches.epoch,
+            "batches_in_epoch": self.batches.in_epoch,
+            "samples": self.samples,
+        }
+        torch.save({**_rng_state(), "data": position}, path / f"rng_rank{self.env.rank}.pt")
         digests = [None] * self.env.world_size
         dist.all_gather_object(digests, params_digest(self.engines.generator.module))
         samples = self._all_samples()
@@ -408,8 +414,13 @@ class PhaseRunner:
         self.step = self.saved_step = int(state["step"])
         rng_file = ckpt.path / f"rng_rank{self.env.rank}.pt"
         if state["world_size"] == self.env.world_size and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-            self.batches = Batches(self.cfg, self.env, self.phase, state["epoch"], state["batches_in_epoch"])
+            rank_state = torch.load(rng_file, weights_only=True)
+            _set_rng_state(rank_state)
+            position = rank_state["data"]
+            self.batches = Batches(
+                self.cfg, self.env, self.phase, position["epoch"], position["batches_in_epoch"]
+            )
+            self.samples = int(position["samples"])
         else:
             _say(
                 self.env,
@@ -417,7 +428,7 @@ class PhaseRunner:
             )
             seed_everything(self.cfg.train.seed + self.env.rank + self.step)
             self.batches = Batches(self.cfg, self.env, self.phase, state["epoch"] + 1)
-        self.samples = int(state["samples_seen"]) // self.env.world_size
+            self.samples = int(state["samples_seen"]) // self.env.world_size
         _say(self.env, f"resuming phase {self.phase} at step {self.step} from {ckpt.path}")
 
     # ---- the phase ------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Launcher variables of this (pytest) process must not leak into the launched job.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PHASE1_STEPS = 40
+# Past the end of every rank's first epoch (22 samples, 2 ranks, batch 1): the ranks then sit at
+# different data positions, which a resume must restore rank by rank.
+KILL_AFTER = 14
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def interrupted_job(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         try:
             while proc.poll() is None and time.monotonic() < deadline:
                 pointer = latest(out)
-                if pointer is not None and pointer["phase"] == 1 and pointer["step"] >= 2:
+                if pointer is not None and pointer["phase"] == 1 and pointer["step"] >= KILL_AFTER:
                     break
                 time.sleep(0.05)
         finally:
