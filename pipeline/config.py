@@ -22,6 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
+PHASES = ("phase1", "phase2", "phase3")
+
+
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
 
@@ -227,6 +230,27 @@ class JobConfig:
     def digest(self) -> str:
         """A short stable hash of the resolved config."""
         text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def training_digest(self) -> str:
+        """A hash of what trained weights depend on: data, labels, loader, model, losses, phase
+        settings and optimiser; not step counts, paths, logging, tracking or evaluation."""
+        tree = self.to_dict()
+        loader = {k: v for k, v in tree["loader"].items() if k not in ("num_workers", "shards")}
+        phases = {
+            n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")
+        }
+        train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
+        parts = [
+            tree["data"],
+            tree["shards"]["label_downsample"],
+            loader,
+            tree["model"],
+            tree["loss"],
+            phases,
+            train,
+        ]
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:

@@ -380,6 +380,7 @@ class PhaseRunner:
                 "samples_seen": samples,
                 "world_size": self.env.world_size,
                 "config_digest": self.cfg.digest(),
+                "training_digest": self.cfg.training_digest(),
                 "generator_sha256": digests,
                 "time": time.time(),
             }
@@ -592,8 +593,12 @@ def _train_phases(
     out = output_dir(cfg)
     data = dataset_info(cfg)
     latest = read_latest(out) if resume else None
-    if latest is not None and latest.state["config_digest"] != cfg.digest():
-        _say(env, f"note: {latest.path.name} was written under a different config; resuming with this one")
+    if latest is not None and latest.state.get("training_digest") != cfg.training_digest():
+        raise ConfigError(
+            f"{latest.path} was trained under different data, model, loss or optimiser settings; "
+            f"resuming (or reusing its exports) would mix the two. Use a new train.output_dir, or delete "
+            f"{out / CHECKPOINTS} to start afresh in this one"
+        )
     if env.is_main:
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         if not resume:

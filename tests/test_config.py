@@ -59,3 +59,13 @@ def test_digest_and_flat_follow_the_values() -> None:
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["shards", "model.bogus=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
+    base = JobConfig()
+    same = load_config(None, [])
+    assert from_dict(base.to_dict()).training_digest() == base.training_digest()
+    for harmless in (["phase2.steps=999"], ["train.output_dir=elsewhere"], ["tracking.enabled=false"]):
+        assert load_config(None, harmless).training_digest() == same.training_digest(), harmless
+    for changes in (["data.root=/other"], ["phase2.loss.dist=1"], ["loader.quality=37"], ["model.ngf=4"]):
+        assert load_config(None, changes).training_digest() != same.training_digest(), changes

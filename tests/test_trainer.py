@@ -194,6 +194,18 @@ def test_a_later_phase_without_a_source_is_refused(shards: Path, vgg_file: Path,
     assert not torch.distributed.is_initialized()  # the world of one is torn down, also on errors
 
 
+def test_resume_refuses_checkpoints_of_other_training_settings(
+    shards: Path, vgg_file: Path, tmp_path: Path
+) -> None:
+    cfg = make_cfg(shards, vgg_file, tmp_path, "phase1.loss.vgg=0")
+    trainer.train(cfg, [1], tracker=Tracker())
+    again = make_cfg(shards, vgg_file, tmp_path, "phase1.loss.vgg=0", "phase1.steps=4")
+    assert trainer.train(again, [1], resume=True, tracker=Tracker())[1].is_file()  # more steps: fine
+    other = make_cfg(shards, vgg_file, tmp_path, "phase1.loss.vgg=0", "phase1.loss.feat=1")
+    with pytest.raises(ConfigError, match="different data, model, loss"):
+        trainer.train(other, [1], resume=True, tracker=Tracker())
+
+
 @pytest.mark.parametrize(
     "path", sorted((REPO / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.stem
 )
