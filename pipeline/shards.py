@@ -97,7 +97,10 @@ class _Worker:
         width, height = self.ctx.data.width, self.ctx.data.height
         rgb, label, instance = fit(rgb, label, instance, width, height)
         pixels = width * height
-        members = {"image.png": _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), "label.png": _png(label)}
+        # The label map as the decoder has it: with shards.label_downsample > 1, the nearest-neighbour
+        # reconstruction of the down-sampled map whose bits are counted below.
+        received = self.label_coder.reconstruct(label)
+        members = {"image.png": _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), "label.png": _png(received)}
         if instance is not None:
             members["instance.png"] = _png(instance.astype(np.uint16))
         codecs = {}

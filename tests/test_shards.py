@@ -341,3 +341,20 @@ def test_format_summary_lists_first_reasons() -> None:
     text = format_summary(manifest)
     assert "rejects: 7" in text and "val/k0: reason 0" in text and "val/k4: reason 4" in text
     assert "val/k5" not in text and "2 more" in text
+
+
+def test_downsampled_label_map_is_stored_as_decoded(cityscapes_root: Path, tmp_path: Path) -> None:
+    cfg_tree = config(cityscapes_root, tmp_path, width=128, height=64)
+    cfg_tree["shards"].update(label_downsample=2, store_bitstreams=True, workers=1, samples_per_shard=32)
+    cfg_tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [45]}]
+    cfg = from_dict(cfg_tree)
+    manifest = build_shards(cfg)
+    source = open_source(cfg.data)
+    loaded = {s.key: source.load(s, 128, 64)[1] for s in source.samples("val")}
+    for key, members in read_tars(shard_paths(tmp_path, manifest)).items():
+        meta = json.loads(members["json"])
+        coder = LabelCoder(meta["label"]["coder"], downsample=2)
+        stored = png(members["label.png"])
+        assert np.array_equal(stored, coder.decode(members["label.bin"], size=(128, 64)))
+        assert np.array_equal(stored, coder.reconstruct(loaded[key]))
+        assert meta["label"]["bytes"] == len(members["label.bin"]) == len(coder.encode(loaded[key]))
