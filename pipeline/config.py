@@ -95,7 +95,9 @@ class ModelConfig:
     n_layers_d: int = 3
     num_d: int = 2
     label_nc: int = 0  # 0: from the data (manifest / source)
-    use_instance: bool = True
+    # pix2pixHD's instance edges as an extra input; off by default because the decoder would
+    # need the instance map too, and its bits are not counted in the rate.
+    use_instance: bool = False
     zero_semantics: bool = False
 
 
@@ -344,6 +346,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     hint = _hint_kind(hint)
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
         default = hint()
         return _build(hint, _merge(dataclasses.asdict(default), value or {}), where)
     if origin is list:
@@ -362,6 +366,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint in (int, float, str):
         if hint is str and value is None:
             return ""
+        if isinstance(value, bool) or (hint is str and not isinstance(value, (str, int, float))):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
         try:
             converted = hint(value)
         except (TypeError, ValueError) as err:

@@ -116,7 +116,7 @@ class ShardInput:
             raise ValueError(
                 f"eval.qualities {missing} not built for {self.codec} at {self.root}; built: {built}"
             )
-        self.qualities = sorted(cfg.eval.qualities) or built
+        self.qualities = sorted(set(cfg.eval.qualities)) or built
         dataset = manifest["dataset"]
         self.source_name = str(dataset["source"])
         self.label_nc = int(dataset["label_nc"])
@@ -177,7 +177,7 @@ class SourceInput:
         self.width, self.height = cfg.data.width, cfg.data.height
         self.codec = cfg.loader.codec
         specs = [c for c in cfg.shards.codecs if c.name == self.codec]
-        self.qualities = sorted(cfg.eval.qualities) or sorted({q for c in specs for q in c.qualities})
+        self.qualities = sorted(set(cfg.eval.qualities)) or sorted({q for c in specs for q in c.qualities})
         if not self.qualities:
             raise ValueError(f"no qualities for {self.codec}: set eval.qualities or list it in shards.codecs")
         self.encoder = get_codec(self.codec, **(specs[0].options if specs else {}))

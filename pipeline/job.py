@@ -24,7 +24,7 @@ def job_qualities(cfg: JobConfig, manifest: dict[str, Any]) -> list[int]:
     built = sorted(c["quality"] for c in manifest["codecs"].values() if c["codec"] == cfg.loader.codec)
     if not built:
         raise ConfigError(f"loader.codec={cfg.loader.codec!r} was not built; shards.codecs has none of it")
-    wanted = cfg.eval.qualities or built
+    wanted = sorted(set(cfg.eval.qualities)) or built
     missing = sorted(set(wanted) - set(built))
     if missing:
         raise ConfigError(f"eval.qualities {missing} were not built for {cfg.loader.codec} (built: {built})")

@@ -461,7 +461,9 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except ValueError as err:
         raise ShardError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path} is not a shard manifest (a JSON object expected)")
+    if manifest.get("version") != VERSION:
         raise ShardError(
             f"{path}: unsupported manifest version {manifest.get('version')!r}, expected {VERSION}"
         )

@@ -34,6 +34,9 @@ def test_partial_phase_section_keeps_that_phase_defaults() -> None:
         (["model.ngf=1.5"], "expected an integer"),
         (["loader.flip=maybe"], "expected true/false"),
         (["noequals"], "key.sub=value"),
+        (["model=5"], "expected a section"),
+        (["shards.workers=true"], "expected int"),
+        (["name=[1, 2]"], "expected str"),
     ],
 )
 def test_bad_overrides_fail_clearly(override: list[str], message: str) -> None:

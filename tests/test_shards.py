@@ -311,7 +311,6 @@ def test_errors_are_clear(cityscapes_root: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_build_equals_local_build(cityscapes_root: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ray")
     from test_sources import copy_frames
 
     copy_frames(cityscapes_root, tmp_path / "data", 3)

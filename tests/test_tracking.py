@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import mlflow
+from mlflow import MlflowClient
 
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.export import export_generator, load_generator, make_spec
@@ -35,9 +37,6 @@ from pipeline.tracking import (
     resolve_model_uri,
     run_tags,
 )
-
-mlflow = pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
 
 DEAD_SERVER = "http://127.0.0.1:9"  # loopback discard port: nothing listens
 HTTP_ENV = (

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.export import read_spec
@@ -24,8 +25,6 @@ from pipeline.tune import (
     trial_base,
     tune,
 )
-
-ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDS = {"phase2.loss.dist": (1.0, 100.0), "phase2.loss.feat": (0.5, 20.0)}
