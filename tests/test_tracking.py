@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 import torch
-import mlflow
 from mlflow import MlflowClient
 
 from pipeline.config import JobConfig, ModelConfig
