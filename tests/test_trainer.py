@@ -71,6 +71,7 @@ def make_cfg(shards: Path, vgg_file: Path, out: Path, *extra: str) -> JobConfig:
             f"shards.output={shards}",
             f"train.output_dir={out}",
             f"loss.vgg_weights={vgg_file}",
+            "model.use_instance=true",  # the sample has instance maps: exercise the edge channel
             "loader.crop=[64, 128]",
             "loader.batch_size=1",
             "loader.shuffle=4",
