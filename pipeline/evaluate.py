@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,8 +242,9 @@ def load_methods(
     methods = [Method(name=codec, quality=None)]
     taken: set[tuple[str, int]] = set()
     for model in models:
-        path = Path(tracking.resolve_model_uri(model, tracking_uri=tracking_uri))
-        generator, spec = load_generator(path, device=device)
+        with tempfile.TemporaryDirectory(prefix="jpdse-model-") as download:  # registry models only
+            path = Path(tracking.resolve_model_uri(model, tracking_uri=tracking_uri, dst_dir=download))
+            generator, spec = load_generator(path, device=device)
         if spec.get("codec") != codec or "quality" not in spec:
             raise ValueError(
                 f"model {model} is for codec {spec.get('codec')!r} q{spec.get('quality')}, "

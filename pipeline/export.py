@@ -61,7 +61,11 @@ def export_generator(path: str | Path, generator: nn.Module, spec: dict[str, Any
         metadata = {SPEC_KEY: json.dumps(spec, sort_keys=True)}
     except TypeError as err:
         raise ValueError(f"generator spec must be JSON-serialisable: {err}") from err
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    # float32 whatever the training precision (a bf16/fp16 engine's module), so exports are portable
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
+        for k, v in net.state_dict().items()
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -601,8 +601,10 @@ def _train_phases(
         )
     if env.is_main:
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume:  # a fresh run: the checkpoints of an earlier one are discarded, not left to pile up
             (out / CHECKPOINTS / LATEST).unlink(missing_ok=True)
+            for old in (out / CHECKPOINTS).glob("phase*-step*"):
+                shutil.rmtree(old, ignore_errors=True)
         elif latest is None:
             _say(env, f"--resume: no complete checkpoint in {out / CHECKPOINTS}, starting afresh")
     barrier()

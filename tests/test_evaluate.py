@@ -198,7 +198,7 @@ def test_registry_uris_go_through_tracking(
     _, manifest, models = setup
     asked: list[tuple[str, str]] = []
 
-    def fake_resolve(uri: str, *, tracking_uri: str = "") -> Path:
+    def fake_resolve(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | None = None) -> Path:
         asked.append((uri, tracking_uri))
         return models / "nosem45.safetensors"
 
