@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replayed {len(runs)} run(s) from {args.record}")
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        return _dispatch(args, load_config(args.config, args.overrides))
+    except (ConfigError, FileNotFoundError) as err:  # bad settings or missing inputs: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return _dispatch(args, cfg)

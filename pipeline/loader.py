@@ -40,7 +40,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch import Tensor
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.models import edge_map
 from pipeline.shards import read_manifest
 
@@ -49,7 +49,7 @@ IMAGE, LABEL, INSTANCE, META = "image.png", "label.png", "instance.png", "json"
 _SHARD_ORDER, _SHUFFLE, _AUGMENT, _RESAMPLE = 1, 2, 3, 4
 
 
-class LoaderError(ValueError):
+class LoaderError(ConfigError):
     """Shards that cannot be read as configured (missing manifest, split, codec or member)."""
 
 

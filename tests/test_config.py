@@ -72,3 +72,10 @@ def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
         assert load_config(None, harmless).training_digest() == same.training_digest(), harmless
     for changes in (["data.root=/other"], ["phase2.loss.dist=1"], ["loader.quality=37"], ["model.ngf=4"]):
         assert load_config(None, changes).training_digest() != same.training_digest(), changes
+
+
+def test_cli_reports_missing_inputs_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", f"shards.output={tmp_path}", "tracking.enabled=false"]) == 2
+    assert "no shard manifest" in capsys.readouterr().err
