@@ -45,11 +45,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.config import REPO_ROOT, JobConfig, load_config
 from pipeline.engine import deepspeed_config, distributed
 from pipeline.loader import make_dataset
-from pipeline.losses import GeneratorLosses, default_vgg19_path, discriminator_loss
-from pipeline.models import build_models, discriminator_input, generator_input, semantic_channels
+from pipeline.losses import GeneratorLosses, default_vgg19_path
+from pipeline.models import build_models
 from pipeline.shards import build_shards
 from pipeline.tracking import Tracker
-from pipeline.trainer import DatasetInfo, PhaseRunner, dataset_info, seed_everything
+from pipeline.trainer import (
+    DatasetInfo,
+    PhaseRunner,
+    dataset_info,
+    discriminator_terms,
+    generator_terms,
+    seed_everything,
+    step_inputs,
+)
 
 PHASE = 2
 FULL_CONFIG = REPO_ROOT / "configs" / "cityscapes_full.yaml"
@@ -107,10 +115,6 @@ class Cycle:
         return batch
 
 
-def _floats(outputs: list[list[Tensor]] | None) -> list[list[Tensor]] | None:
-    return None if outputs is None else [[t.float() for t in scale] for scale in outputs]
-
-
 class PlainLoop:
     """The trainer's phase step written against bare modules and ``torch.optim.Adam``."""
 
@@ -127,7 +131,6 @@ class PlainLoop:
         generator, discriminator = build_models(cfg.model, data.label_nc, data.use_instance)
         self.generator, self.discriminator = generator.to(device), discriminator.to(device)
         self.losses = GeneratorLosses.from_config(self.phase_cfg.loss, cfg.loss, cfg.model).to(device)
-        self.semantic_nc = semantic_channels(data.label_nc, data.use_instance)
         params = ds["optimizer"]["params"]
         adam = {"lr": params["lr"], "betas": tuple(params["betas"]), "weight_decay": params["weight_decay"]}
         if device.type == "cuda":
@@ -149,35 +152,22 @@ class PlainLoop:
             nn.utils.clip_grad_norm_(module.parameters(), self.clip)
         optimizer.step()
 
-    def step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        g_in = generator_input(
-            batch["label"].to(self.device),
-            batch["edge"].to(self.device),
-            batch["decoded"].to(self.device),
-            label_nc=self.data.label_nc,
-            use_instance=self.data.use_instance,
-            zero_semantics=self.cfg.model.zero_semantics,
-            visual_input=self.phase_cfg.visual_input,
-        )
-        semantics, real = g_in[:, : self.semantic_nc], batch["image"].to(self.device)
-        real_d = discriminator_input(semantics, real)
-        d_net = self.discriminator
-        with self._autocast():
-            fake = self.generator(g_in)
-            d_net.requires_grad_(False)
-            fake_out = d_net(discriminator_input(semantics, fake)) if self.losses.needs_fake_outputs else None
-            real_out = None
-            if self.losses.needs_real_outputs:
-                with torch.no_grad():
-                    real_out = d_net(real_d)
-        terms = self.losses(fake.float(), real, _floats(fake_out), _floats(real_out))
-        self._update(terms["g_total"], self.generator, self.g_opt)
+    def _autocast_call(self, module: nn.Module) -> Callable[[Tensor], Any]:
+        def call(x: Tensor) -> Any:
+            with self._autocast():
+                return module(x)
 
-        d_net.requires_grad_(True)
-        with self._autocast():
-            d_fake = d_net(discriminator_input(semantics, fake.detach()))
-            d_real = d_net(real_d)
-        d_terms = discriminator_loss(_floats(d_fake), _floats(d_real), self.cfg.loss.gan_mode)
+        return call
+
+    def step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The trainer's step functions, with bare modules and ``torch.optim`` instead of engines."""
+        x = step_inputs(self.cfg, self.phase_cfg, self.data, batch, self.device, torch.float32)
+        d_net = self.discriminator
+        fake, terms = generator_terms(
+            self._autocast_call(self.generator), self._autocast_call(d_net), d_net, self.losses, x
+        )
+        self._update(terms["g_total"], self.generator, self.g_opt)
+        d_terms = discriminator_terms(self._autocast_call(d_net), d_net, x, fake, self.cfg.loss.gan_mode)
         self._update(d_terms["d_total"], d_net, self.d_opt)
         terms.update(d_terms)
         return {k: v.detach() for k, v in terms.items()}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
 from pipeline.models import IMAGE_CHANNELS, Generator, input_channels
@@ -43,6 +43,17 @@ def _generator_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
         "n_blocks": int(spec["n_blocks"]),
         "norm": str(spec["norm"]),
     }
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
+    """A state dict from a ``.pth``/``.pt`` file a user hands over (``weights_only``: no code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {what} from {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict ({what}), got {type(state).__name__}")
+    return state
 
 
 def export_generator(path: str | Path, generator: nn.Module, spec: dict[str, Any]) -> Path:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import LossConfig, LossWeights, ModelConfig
+from pipeline.export import read_state_dict
 
 GAN_MODES = ("lsgan", "hinge")
 DISTORTIONS = ("l1", "mse")
@@ -139,12 +140,7 @@ def load_vgg19(path: str = "") -> VGG19:
             f"which saves it under $TORCH_HOME/hub/checkpoints), then copy it here. "
             f"Set loss weight vgg=0 to train without the perceptual loss."
         )
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read VGG19 weights from {file}: {err}") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{file} does not hold a state dict (got {type(state).__name__})")
+    state = read_state_dict(file, "VGG19 weights")
     features = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
     model = VGG19()
     try:

@@ -38,6 +38,8 @@ from scipy import linalg
 from scipy.special import gamma as gamma_fn
 from torch import Tensor, nn
 
+from pipeline.export import read_state_dict
+
 PSNR_CAP_DB = 100.0
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MS_SSIM_WIN = 11
@@ -387,16 +389,6 @@ class LPIPS(nn.Module):
         return float(total)
 
 
-def _read_state_dict(path: Path, what: str) -> dict[str, Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read {what} from {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict ({what})")
-    return state
-
-
 def _hub_checkpoint(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
@@ -419,7 +411,7 @@ def load_lpips(weights: str = "", device: str | torch.device = "cpu") -> LPIPS |
     if not lin_path.is_file():
         return Unavailable(f"LPIPS linear-layer weights not found at {lin_path}")
     try:
-        lin_state = _read_state_dict(lin_path, "LPIPS linear layers")
+        lin_state = read_state_dict(lin_path, "LPIPS linear layers")
         lins = {
             int(m.group(1)): v
             for k, v in lin_state.items()
@@ -441,7 +433,7 @@ def load_lpips(weights: str = "", device: str | torch.device = "cpu") -> LPIPS |
         model = LPIPS(net)
         features = {
             k[len("features.") :]: v
-            for k, v in _read_state_dict(backbone, "LPIPS backbone").items()
+            for k, v in read_state_dict(backbone, "LPIPS backbone").items()
             if k.startswith("features.")
         }
         model.features.load_state_dict(features, strict=True)
@@ -639,7 +631,7 @@ def load_fid_inception(weights: str = "", device: str | torch.device = "cpu") ->
         )
     model = FIDInception()
     try:
-        state = _read_state_dict(path, "FID Inception weights")
+        state = read_state_dict(path, "FID Inception weights")
         own = model.state_dict()
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         if missing:

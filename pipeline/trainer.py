@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, JobConfig, flatten
+from pipeline.config import ConfigError, JobConfig, PhaseConfig, flatten
 from pipeline.engine import DistEnv, Engines, barrier, build_engines, distributed
 from pipeline.export import export_generator, load_generator, make_spec, read_spec
 from pipeline.loader import make_loader
@@ -264,7 +264,6 @@ class PhaseRunner:
             self.env.device
         )
         self.accumulation = self.engines.generator.gradient_accumulation_steps()
-        self.semantic_nc = semantic_channels(data.label_nc, data.use_instance)
 
     def _load_init(self, generator: nn.Module, discriminator: nn.Module) -> None:
         previous, spec = load_generator(self.init)
@@ -289,45 +288,18 @@ class PhaseRunner:
 
     # ---- one step ---------------------------------------------------------------------------------
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        device, dtype = self.env.device, self.engines.dtype
-        g_in = generator_input(
-            batch["label"].to(device),
-            batch["edge"].to(device),
-            batch["decoded"].to(device),
-            label_nc=self.data.label_nc,
-            use_instance=self.data.use_instance,
-            zero_semantics=self.cfg.model.zero_semantics,
-            visual_input=self.phase_cfg.visual_input,
-        ).to(dtype)
-        real = batch["image"].to(device)
-        return g_in, g_in[:, : self.semantic_nc], real
-
     def _micro_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         g_engine, d_engine, d_net = (
             self.engines.generator,
             self.engines.discriminator,
             self.engines.discriminator_net,
         )
-        g_in, semantics, real = self._inputs(batch)
-        real_d = discriminator_input(semantics, real.to(semantics.dtype))
-
-        fake = g_engine(g_in)
-        d_net.requires_grad_(False)
-        fake_out = d_net(discriminator_input(semantics, fake)) if self.losses.needs_fake_outputs else None
-        real_out = None
-        if self.losses.needs_real_outputs:
-            with torch.no_grad():
-                real_out = d_net(real_d)
-        terms = self.losses(fake.float(), real, _as_float(fake_out), _as_float(real_out))
+        x = step_inputs(self.cfg, self.phase_cfg, self.data, batch, self.env.device, self.engines.dtype)
+        fake, terms = generator_terms(g_engine, d_net, d_net, self.losses, x)
         g_engine.backward(terms["g_total"])
         g_engine.step()
-
         if d_engine is not None:
-            d_net.requires_grad_(True)
-            d_fake = d_engine(discriminator_input(semantics, fake.detach()))
-            d_real = d_engine(real_d)
-            d_terms = discriminator_loss(_as_float(d_fake), _as_float(d_real), self.cfg.loss.gan_mode)
+            d_terms = discriminator_terms(d_engine, d_net, x, fake, self.cfg.loss.gan_mode)
             d_engine.backward(d_terms["d_total"])
             d_engine.step()
             terms.update(d_terms)
@@ -532,6 +504,69 @@ def _as_float(outputs: list[list[Tensor]] | None) -> list[list[Tensor]] | None:
     if outputs is None:
         return None
     return [[t.float() for t in scale] for scale in outputs]
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One batch as the GAN step sees it: generator input, its semantic channels, the real image."""
+
+    g_in: Tensor
+    semantics: Tensor
+    real: Tensor
+
+    @property
+    def real_d(self) -> Tensor:
+        return discriminator_input(self.semantics, self.real.to(self.semantics.dtype))
+
+
+def step_inputs(
+    cfg: JobConfig,
+    phase_cfg: PhaseConfig,
+    data: DatasetInfo,
+    batch: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> StepInputs:
+    g_in = generator_input(
+        batch["label"].to(device),
+        batch["edge"].to(device),
+        batch["decoded"].to(device),
+        label_nc=data.label_nc,
+        use_instance=data.use_instance,
+        zero_semantics=cfg.model.zero_semantics,
+        visual_input=phase_cfg.visual_input,
+    ).to(dtype)
+    semantic_nc = semantic_channels(data.label_nc, data.use_instance)
+    return StepInputs(g_in, g_in[:, :semantic_nc], batch["image"].to(device))
+
+
+def generator_terms(
+    generator: Callable[[Tensor], Tensor],
+    frozen_d: Callable[[Tensor], Any],
+    d_net: nn.Module,
+    losses: GeneratorLosses,
+    x: StepInputs,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The fake image and the generator's loss terms, through the discriminator with its gradients off
+    (``frozen_d`` calls ``d_net``; DeepSpeed refuses a backward through the D engine inside G's loss)."""
+    fake = generator(x.g_in)
+    d_net.requires_grad_(False)
+    fake_out = frozen_d(discriminator_input(x.semantics, fake)) if losses.needs_fake_outputs else None
+    real_out = None
+    if losses.needs_real_outputs:
+        with torch.no_grad():
+            real_out = frozen_d(x.real_d)
+    return fake, losses(fake.float(), x.real, _as_float(fake_out), _as_float(real_out))
+
+
+def discriminator_terms(
+    discriminator: Callable[[Tensor], Any], d_net: nn.Module, x: StepInputs, fake: Tensor, gan_mode: str
+) -> dict[str, Tensor]:
+    """The discriminator's loss terms on the (detached) fake and the real image."""
+    d_net.requires_grad_(True)
+    d_fake = discriminator(discriminator_input(x.semantics, fake.detach()))
+    d_real = discriminator(x.real_d)
+    return discriminator_loss(_as_float(d_fake), _as_float(d_real), gan_mode)
 
 
 def _init_source(cfg: JobConfig, phase: int, phases: list[int], out: Path) -> Path | None:
