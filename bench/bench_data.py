@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import subprocess
@@ -118,6 +119,23 @@ def _on_the_fly_rate(cfg: JobConfig, limit: int, single_thread: bool) -> float:
     return len(samples) / (time.perf_counter() - start)
 
 
+def _burn(n: int) -> int:
+    return sum(i * i for i in range(n))
+
+
+def _cpu_ceiling(n: int = 20_000_000) -> float:
+    """How well two processes scale on this machine at all: a pure-Python loop, 2 processes vs 1."""
+    start = time.perf_counter()
+    _burn(n), _burn(n)
+    serial = time.perf_counter() - start
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_burn, [1, 1])  # start-up out of the timing
+        start = time.perf_counter()
+        pool.map(_burn, [n, n])
+        parallel = time.perf_counter() - start
+    return serial / parallel
+
+
 def _bare_png_rate(shards: list[Path], member: str) -> float:
     """Decode the PNG members a training sample needs, from bytes already in memory."""
     blobs: list[bytes] = []
@@ -147,6 +165,7 @@ def main() -> None:
         two = _config(args.root, Path(tmp) / "w2", args.quality, workers=2)
         build1, count = _build_rate(one)
         build2, _ = _build_rate(two)
+        ceiling = _cpu_ceiling()
         shard_train = _loader_rate(one, train=True)
         shard_train2 = _loader_rate(one, train=True, workers=2)
         fly = _on_the_fly_rate(one, limit=count, single_thread=False)
@@ -167,6 +186,7 @@ def main() -> None:
         ("shard build samples/s, 1 worker", f"{build1:.2f}"),
         ("shard build samples/s, 2 workers", f"{build2:.2f}"),
         ("  build scaling (goal >= 1.8x)", f"{build2 / build1:.2f}x"),
+        ("  CPU ceiling: pure-Python loop, 2 processes vs 1", f"{ceiling:.2f}x"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{count} samples")
