@@ -9,10 +9,14 @@ Images are RGB ``uint8`` ``H x W x 3`` (numpy arrays or tensors; ``3 x H x W`` t
   Five scales need a short side above 160 px; smaller images use the most scales that fit
   (short side > ``10 * 2**(levels - 1)``) with the first ``levels`` standard weights renormalised to sum
   to 1 (:func:`ms_ssim_levels`). Values from different level counts are not comparable with each other.
-* **NIQE** (Mittal, Soundararajan, Bovik 2013) needs no downloaded weights: its pristine multivariate
-  Gaussian is fitted on the dataset's own uncompressed images (:func:`fit_niqe_model`). Lower is more
-  natural. The one deviation from the MATLAB reference: the half-scale image is made with OpenCV's
-  area resize instead of MATLAB's antialiased bicubic ``imresize``.
+* **NIQE** (Mittal, Soundararajan, Bovik 2013) is the standard one: a port of the release's MATLAB
+  ``computequality.m`` (rounded ``rgb2gray``, 96x96 patches, half scale by MATLAB's antialiased bicubic
+  ``imresize``, 18 AGGD features per scale) scored against the release's published pristine model, shipped
+  as ``pipeline/data/niqe_pristine.mat`` with its notice in ``pipeline/data/NIQE_NOTICE.txt``
+  (:func:`published_niqe_model`, the default of :func:`niqe`). It reproduces the release's MATLAB scores of
+  its test images to the printed four decimals. Optionally, a *dataset-fitted* pristine model can be fitted on
+  a dataset's own uncompressed images (:func:`fit_niqe_model`); its scores are not standard NIQE and are
+  comparable only with scores against the same fitted model. Lower is more natural.
 * **LPIPS** (v0.1, AlexNet or VGG16 backbone) and **FID** (pytorch-fid's Inception-v3 pool3 features)
   need network weights that no installed package ships. They are read from local files only; when a file
   is missing the loaders return :class:`Unavailable` with the reason, never a number.
@@ -20,6 +24,8 @@ Images are RGB ``uint8`` ``H x W x 3`` (numpy arrays or tensors; ``3 x H x W`` t
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import importlib.util
 import math
 import re
@@ -28,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _library_ms_ssim
 from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
-from scipy import linalg
+from scipy import linalg, ndimage
+from scipy.io import loadmat
 from scipy.special import gamma as gamma_fn
 from torch import Tensor, nn
 
@@ -138,15 +144,32 @@ def ms_ssim(a: ImageLike, b: ImageLike) -> float:
 NIQE_PATCH = 96
 NIQE_SHARPNESS_THRESHOLD = 0.75
 NIQE_FEATURES = 36
-_SHAPE_GRID = np.arange(0.2, 10.0 + 5e-4, 0.001)
-_GGD_RATIO = gamma_fn(1 / _SHAPE_GRID) * gamma_fn(3 / _SHAPE_GRID) / gamma_fn(2 / _SHAPE_GRID) ** 2
+NIQE_PUBLISHED_FITTED_ON = (
+    "published pristine model (Mittal et al. 2013, modelparameters.mat: 125 pristine images, 96x96 patches)"
+)
+# MATLAB rgb2gray's coefficients (first row of the inverse NTSC transform), to 15 digits
+_RGB2GRAY = np.array([0.298936021293775, 0.587043074451121, 0.114020904255103])
+# MATLAB's gam = 0.2:0.001:10 and estimateaggdparam's r_gam on it
+_SHAPE_GRID = 0.2 + 0.001 * np.arange(9801)
 _AGGD_RATIO = gamma_fn(2 / _SHAPE_GRID) ** 2 / (gamma_fn(1 / _SHAPE_GRID) * gamma_fn(3 / _SHAPE_GRID))
-_SHIFTS = ((0, 1), (1, 0), (1, 1), (-1, 1))
+# computefeature.m's circshift shifts; np.roll(a, s, axis=(0, 1)) == circshift(a, s)
+_SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def _mscn_window() -> np.ndarray:
+    """1-D factor of ``fspecial('gaussian', 7, 7/6)`` (the normalised 2-D window is its outer product)."""
+    x = np.arange(-3, 4, dtype=np.float64)
+    g = np.exp(-(x**2) / (2 * (7 / 6) ** 2))
+    return g / g.sum()
+
+
+_MSCN_WINDOW = _mscn_window()
 
 
 @dataclass(frozen=True)
 class NIQEModel:
-    """The pristine multivariate Gaussian of NIQE features, and what it was fitted on."""
+    """The pristine multivariate Gaussian of NIQE features, and what it was fitted on
+    (``n_patches`` 0: not recorded, as for the published model)."""
 
     mu: np.ndarray
     cov: np.ndarray
@@ -174,73 +197,138 @@ class NIQEModel:
         )
 
 
-def _ggd_params(x: np.ndarray) -> tuple[float, float]:
-    """Moment-matching GGD fit: shape and standard deviation."""
-    sigma_sq = float(np.mean(x**2))
-    mean_abs = float(np.mean(np.abs(x)))
-    if mean_abs == 0.0:
-        return math.nan, math.nan
-    rho = sigma_sq / mean_abs**2
-    return float(_SHAPE_GRID[np.argmin(np.abs(rho - _GGD_RATIO))]), math.sqrt(sigma_sq)
+@functools.cache
+def published_niqe_model() -> NIQEModel:
+    """The NIQE release's pristine model (``pipeline/data/niqe_pristine.mat``, a copy of its
+    ``modelparameters.mat``; licence and provenance in ``pipeline/data/NIQE_NOTICE.txt``)."""
+    with importlib.resources.files("pipeline").joinpath("data/niqe_pristine.mat").open("rb") as handle:
+        params = loadmat(handle)
+    return NIQEModel(
+        mu=np.asarray(params["mu_prisparam"], dtype=np.float64).reshape(NIQE_FEATURES),
+        cov=np.asarray(params["cov_prisparam"], dtype=np.float64).reshape(NIQE_FEATURES, NIQE_FEATURES),
+        fitted_on=NIQE_PUBLISHED_FITTED_ON,
+        patch_size=NIQE_PATCH,
+    )
 
 
-def _aggd_params(x: np.ndarray) -> tuple[float, float, float, float]:
-    """Moment-matching AGGD fit: shape, mean, left variance, right variance."""
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """MATLAB imresize's bicubic kernel (a = -0.5)."""
+    ax = np.abs(x)
+    ax2, ax3 = ax**2, ax**3
+    return (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1) + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * (
+        (ax > 1) & (ax <= 2)
+    )
+
+
+def _resize_weights(in_length: int, out_length: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """MATLAB imresize's ``contributions``: 0-based source indices and weights (``out x taps``)."""
+    kernel_width = 4.0
+    antialias = scale < 1
+    if antialias:
+        kernel_width /= scale
+    x = np.arange(1, out_length + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)
+    left = np.floor(u - kernel_width / 2)
+    taps = int(math.ceil(kernel_width)) + 2
+    indices = left[:, None] + np.arange(taps)[None, :]  # 1-based, may fall outside the image
+    distance = u[:, None] - indices
+    weights = scale * _cubic(scale * distance) if antialias else _cubic(distance)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_length), np.arange(in_length - 1, -1, -1)])  # symmetric
+    indices = mirror[np.mod(indices.astype(np.int64) - 1, mirror.size)]
+    keep = np.any(weights != 0, axis=0)
+    return indices[:, keep], weights[:, keep]
+
+
+def matlab_imresize(image: np.ndarray, scale: float) -> np.ndarray:
+    """MATLAB ``imresize(image, scale)`` (bicubic, antialiased when shrinking) of a float image, computed in
+    float64 without rounding: output sides ``ceil(side * scale)``, rows resized first, then columns."""
+    out = np.asarray(image, dtype=np.float64)
+    for axis in (0, 1):
+        in_length = out.shape[axis]
+        indices, weights = _resize_weights(in_length, int(math.ceil(in_length * scale)), scale)
+        moved = np.moveaxis(out, axis, 0)
+        gathered = moved[indices]  # out_length x taps x rest
+        resized = np.einsum("ot,ot...->o...", weights, gathered)
+        out = np.moveaxis(resized, 0, axis)
+    return out
+
+
+def matlab_rgb2gray(image: ImageLike) -> np.ndarray:
+    """MATLAB ``rgb2gray`` of a uint8 RGB image: its coefficients, rounded half away from zero to uint8."""
+    rgb = as_rgb_uint8(image).astype(np.float64)
+    gray = rgb[..., 0] * _RGB2GRAY[0] + rgb[..., 1] * _RGB2GRAY[1] + rgb[..., 2] * _RGB2GRAY[2]
+    return np.clip(np.floor(gray + 0.5), 0, 255).astype(np.uint8)
+
+
+def _mscn(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MSCN coefficients ``(im - mu) / (sigma + 1)`` and local deviation ``sigma`` (replicate borders)."""
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return ndimage.correlate1d(
+            ndimage.correlate1d(x, _MSCN_WINDOW, axis=0, mode="nearest"), _MSCN_WINDOW, axis=1, mode="nearest"
+        )
+
+    mu = blur(image)
+    sigma = np.sqrt(np.abs(blur(image * image) - mu * mu))
+    return (image - mu) / (sigma + 1.0), sigma
+
+
+def _aggd_params(x: np.ndarray) -> tuple[float, float, float]:
+    """``estimateaggdparam.m``: AGGD shape alpha, left and right scales (NaN where one side is empty)."""
     left, right = x[x < 0], x[x > 0]
     if left.size == 0 or right.size == 0:
-        return math.nan, math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan
     left_std, right_std = math.sqrt(float(np.mean(left**2))), math.sqrt(float(np.mean(right**2)))
     gamma_hat = left_std / right_std
     r_hat = float(np.mean(np.abs(x))) ** 2 / float(np.mean(x**2))
     r_norm = r_hat * (gamma_hat**3 + 1) * (gamma_hat + 1) / (gamma_hat**2 + 1) ** 2
     alpha = float(_SHAPE_GRID[np.argmin((_AGGD_RATIO - r_norm) ** 2)])
     const = math.sqrt(gamma_fn(1 / alpha) / gamma_fn(3 / alpha))
-    mean = (right_std - left_std) * (gamma_fn(2 / alpha) / gamma_fn(1 / alpha)) * const
-    return alpha, float(mean), left_std**2, right_std**2
+    return alpha, left_std * const, right_std * const
 
 
-def _patch_features(block: np.ndarray) -> list[float]:
-    alpha, sigma = _ggd_params(block)
-    feats = [alpha, sigma]
+def _block_features(block: np.ndarray) -> list[float]:
+    """``computefeature.m``: the 18 features of one MSCN block."""
+    alpha, beta_l, beta_r = _aggd_params(block.ravel())
+    feats = [alpha, (beta_l + beta_r) / 2]
     for shift in _SHIFTS:
-        feats.extend(_aggd_params((block * np.roll(block, shift, axis=(0, 1))).ravel()))
+        alpha, beta_l, beta_r = _aggd_params((block * np.roll(block, shift, axis=(0, 1))).ravel())
+        mean = (beta_r - beta_l) * gamma_fn(2 / alpha) / gamma_fn(1 / alpha)
+        feats.extend([alpha, mean, beta_l, beta_r])
     return feats
 
 
-def niqe_features(image: ImageLike, patch_size: int = NIQE_PATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch NIQE features (``n x 36``: 18 at full and 18 at half scale) and patch sharpness (``n``).
+def _blocks(image: np.ndarray, size: int) -> list[np.ndarray]:
+    """Non-overlapping ``size x size`` blocks, column by column as MATLAB's blkproc + reshape order them."""
+    rows, cols = image.shape[0] // size, image.shape[1] // size
+    return [
+        image[r * size : (r + 1) * size, c * size : (c + 1) * size] for c in range(cols) for r in range(rows)
+    ]
 
-    The grey image is cut to whole ``patch_size`` patches; features come from the MSCN coefficients
-    (7x7 Gaussian, sigma 7/6, C=1). Sharpness is the mean local deviation of a patch at full scale.
+
+def niqe_features(image: ImageLike, patch_size: int = NIQE_PATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch NIQE features (``n x 36``: 18 at full and 18 at half scale) and patch sharpness (``n``),
+    as the reference ``computequality.m`` computes them.
+
+    Grey is MATLAB's rounded ``rgb2gray``, cut to whole ``patch_size`` patches; the half scale is MATLAB's
+    antialiased bicubic ``imresize(im, 0.5)``; features are AGGD fits of the MSCN coefficients (7x7
+    Gaussian, sigma 7/6) and of their four neighbour products. Sharpness is a patch's mean local deviation
+    at full scale (used only to select patches for a pristine fit).
     """
-    gray = cv2.cvtColor(as_rgb_uint8(image), cv2.COLOR_RGB2GRAY).astype(np.float64)
+    gray = matlab_rgb2gray(image).astype(np.float64)
     rows, cols = gray.shape[0] // patch_size, gray.shape[1] // patch_size
     if rows == 0 or cols == 0:
         raise ValueError(f"NIQE needs images of at least {patch_size}x{patch_size} px, got {gray.shape}")
     gray = gray[: rows * patch_size, : cols * patch_size]
     per_scale, sharpness = [], np.zeros(0)
     for scale in (1, 2):
-        mu = cv2.GaussianBlur(gray, (7, 7), 7 / 6, borderType=cv2.BORDER_REPLICATE)
-        sigma = np.sqrt(
-            np.abs(cv2.GaussianBlur(gray * gray, (7, 7), 7 / 6, borderType=cv2.BORDER_REPLICATE) - mu * mu)
-        )
-        mscn = (gray - mu) / (sigma + 1.0)
+        mscn, sigma = _mscn(gray)
         size = patch_size // scale
-        feats = [
-            _patch_features(mscn[r * size : (r + 1) * size, c * size : (c + 1) * size])
-            for r in range(rows)
-            for c in range(cols)
-        ]
-        per_scale.append(np.asarray(feats, dtype=np.float64))
+        per_scale.append(np.asarray([_block_features(b) for b in _blocks(mscn, size)], dtype=np.float64))
         if scale == 1:
-            sharpness = np.asarray(
-                [
-                    sigma[r * size : (r + 1) * size, c * size : (c + 1) * size].mean()
-                    for r in range(rows)
-                    for c in range(cols)
-                ]
-            )
-            gray = cv2.resize(gray, (gray.shape[1] // 2, gray.shape[0] // 2), interpolation=cv2.INTER_AREA)
+            sharpness = np.asarray([b.mean() for b in _blocks(sigma, size)])
+            gray = matlab_imresize(gray, 0.5)
     return np.concatenate(per_scale, axis=1), sharpness
 
 
@@ -254,7 +342,8 @@ def select_sharp_patches(
 def fit_niqe_model_from_features(
     patches: Sequence[np.ndarray], fitted_on: str, patch_size: int = NIQE_PATCH
 ) -> NIQEModel:
-    """Fit the pristine Gaussian on already selected patch features (rows with NaN are dropped)."""
+    """Fit a pristine Gaussian on already selected patch features (rows with NaN are dropped): the
+    dataset-fitted alternative to :func:`published_niqe_model`."""
     stacked = (
         np.concatenate([p.reshape(-1, NIQE_FEATURES) for p in patches], axis=0)
         if patches
@@ -278,7 +367,7 @@ def fit_niqe_model(
     patch_size: int = NIQE_PATCH,
     sharpness_threshold: float = NIQE_SHARPNESS_THRESHOLD,
 ) -> NIQEModel:
-    """Fit NIQE's pristine model on uncompressed images (sharpness-selected patches of each image)."""
+    """Fit a dataset's own pristine model on uncompressed images (sharpness-selected patches of each)."""
     patches = []
     for image in images:
         feats, sharp = niqe_features(image, patch_size)
@@ -287,17 +376,25 @@ def fit_niqe_model(
 
 
 def niqe_from_features(features: np.ndarray, model: NIQEModel) -> float:
-    """NIQE distance of an image's patch features to the pristine model (NaN if no patch is usable)."""
-    usable = features[np.all(np.isfinite(features), axis=1)]
-    if usable.shape[0] == 0:
+    """NIQE distance of an image's patch features to the pristine model, as ``computequality.m``: nanmean
+    over patches, covariance over the patches without NaN, pseudo-inverse (NaN if no patch is usable)."""
+    complete = features[np.all(np.isfinite(features), axis=1)]
+    if complete.shape[0] == 0:
         return math.nan
-    cov = np.cov(usable, rowvar=False) if usable.shape[0] > 1 else np.zeros_like(model.cov)
-    diff = model.mu - usable.mean(axis=0)
-    return float(math.sqrt(max(float(diff @ np.linalg.pinv((model.cov + cov) / 2) @ diff), 0.0)))
+    mu = np.nanmean(features, axis=0)
+    cov = np.cov(complete, rowvar=False) if complete.shape[0] > 1 else np.zeros_like(model.cov)
+    diff = model.mu - mu
+    pooled = (model.cov + cov) / 2
+    # computequality.m uses pinv, with MATLAB's tolerance max(size) * eps * largest singular value; a plain
+    # inverse would give meaningless values when the pooled covariance is (numerically) singular, as it is
+    # with a pristine model fitted on fewer patches than features
+    inverse = np.linalg.pinv(pooled, rcond=max(pooled.shape) * np.finfo(np.float64).eps)
+    return float(math.sqrt(max(float(diff @ inverse @ diff), 0.0)))
 
 
-def niqe(image: ImageLike, model: NIQEModel) -> float:
-    """NIQE of one image against ``model`` (lower = more natural)."""
+def niqe(image: ImageLike, model: NIQEModel | None = None) -> float:
+    """NIQE of one image (lower = more natural) against ``model``; ``None``: the published pristine model."""
+    model = published_niqe_model() if model is None else model
     return niqe_from_features(niqe_features(image, model.patch_size)[0], model)
 
 
