@@ -678,11 +678,6 @@ def _pip_requirements() -> list[str]:
     return out
 
 
-def _visual_input(spec: Mapping[str, Any]) -> bool:
-    """Phase 1 generators never see the decoded image (its channels are zeroed)."""
-    return bool(spec.get("visual_input", spec.get("phase") != 1))
-
-
 def example_input(spec: Mapping[str, Any], batch: int = 1) -> dict[str, np.ndarray]:
     """A zero input of the smallest comfortable size for the generator ``spec`` describes."""
     side = 2 * 2 ** int(spec["n_downsample"])
@@ -701,6 +696,7 @@ def predict(generator: nn.Module, spec: Mapping[str, Any], inputs: Mapping[str, 
     enhanced image, float32 ``B x 3 x H x W`` in [-1, 1]."""
     import torch
 
+    from pipeline.export import uses_synthesis, visual_input
     from pipeline.models import generator_input
 
     needed = ("label", "decoded", "edge") if spec["use_instance"] else ("label", "decoded")
@@ -715,10 +711,10 @@ def predict(generator: nn.Module, spec: Mapping[str, Any], inputs: Mapping[str, 
         label_nc=int(spec["label_nc"]),
         use_instance=bool(spec["use_instance"]),
         zero_semantics=bool(spec.get("zero_semantics", False)),
-        visual_input=_visual_input(spec),
+        visual_input=visual_input(spec),
     )
     with torch.no_grad():
-        return generator(x).numpy()
+        return generator(x, synthesis=uses_synthesis(spec)).numpy()
 
 
 def generator_signature(generator_file: Path) -> ModelSignature:
@@ -765,19 +761,34 @@ def _model_location(uri: str, store: str) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=store, registry_uri=store)
-    ref = uri.removeprefix("models:/").strip("/")
-    name, at, alias = ref.partition("@")
-    if at:
-        if not name or not alias or "/" in alias:
-            raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
-        version = client.get_model_version_by_alias(name, alias).version
-        return client.get_model_version_download_uri(name, version)
+    ref = pin_model_uri(uri, tracking_uri=store).removeprefix("models:/").strip("/")
     name, slash, version = ref.partition("/")
     if slash and version.isdigit():
         return client.get_model_version_download_uri(name, version)
     if not slash and name.startswith("m-"):
         return client.get_logged_model(name).artifact_location
     raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
+
+
+def pin_model_uri(uri: str, *, tracking_uri: str = "") -> str:
+    """``models:/name@alias`` as ``models:/name/<version>``, the version the alias points at now (in the
+    store at ``tracking_uri``, default :func:`default_tracking_uri`); any other URI or path as given.
+
+    A model's identity: what an evaluation names a registry model by, and downloads, so that an alias
+    moved meanwhile cannot mix two models.
+    """
+    if not uri.startswith("models:/"):
+        return uri
+    name, at, alias = uri.removeprefix("models:/").strip("/").partition("@")
+    if not at:
+        return uri
+    if not name or not alias or "/" in alias:
+        raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
+    from mlflow import MlflowClient
+
+    store = default_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
 
 
 def download_model(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | None = None) -> Path:

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
-from pipeline.export import export_generator, load_generator, make_spec, read_spec
+from pipeline.export import (
+    FORMAT,
+    FORMAT_VERSION,
+    export_generator,
+    load_generator,
+    make_spec,
+    read_spec,
+    read_train_frames,
+    uses_synthesis,
+    visual_input,
+    weights_sha256,
+)
 from pipeline.models import Generator, build_models, input_channels
 
 LABEL_NC = 34
+V2 = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+
+
+def write_raw(path: Path, generator: Generator, spec: dict[str, Any], **metadata: str) -> Path:
+    """A generator file with hand-made metadata (``spec`` plus ``metadata``), as another writer made it."""
+    state = {k: v.contiguous() for k, v in generator.state_dict().items()}
+    save_file(state, str(path), metadata={"spec": json.dumps(spec), **metadata})
+    return path
 
 
 def trained_like(norm: str) -> tuple[Generator, dict]:
@@ -87,7 +110,99 @@ def test_load_refuses_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not an exported generator"):
         load_generator(tmp_path / "plain.safetensors")
 
-    state = {k: v.contiguous() for k, v in generator.state_dict().items()}
-    save_file(state, str(tmp_path / "wrong.safetensors"), metadata={"spec": json.dumps({**spec, "ngf": 16})})
+    write_raw(tmp_path / "wrong.safetensors", generator, {**spec, "ngf": 16}, **V2)
     with pytest.raises(ValueError, match="do not match the spec"):
         load_generator(tmp_path / "wrong.safetensors")
+
+
+def test_metadata_holds_format_version_and_training_frames(tmp_path: Path) -> None:
+    generator, spec = trained_like("instance")
+    path = export_generator(
+        tmp_path / "g.safetensors", generator, spec, train_frames=["b_01", "a_02", "b_01"]
+    )
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert {k: metadata[k] for k in V2} == {"format": "jpdse-generator", "format_version": "2"}
+    assert read_train_frames(path) == ["a_02", "b_01"]
+    assert weights_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    # safetensors writes metadata in hash-map order; exports sort it, so equal content gives equal bytes
+    hashes = {
+        weights_sha256(export_generator(tmp_path / f"same{i}.safetensors", generator, spec, ["a", "b"]))
+        for i in range(6)
+    }
+    assert len(hashes) == 1
+    assert load_generator(tmp_path / "same0.safetensors")[1] == spec
+
+    export_generator(path, generator, spec)
+    assert read_train_frames(path) is None  # the file does not say
+    with pytest.raises(ValueError, match="not a JSON list of strings"):
+        read_train_frames(write_raw(tmp_path / "bad.safetensors", generator, spec, **V2, train_frames='"a"'))
+
+
+def test_unknown_spec_keys_and_newer_versions_are_refused(tmp_path: Path) -> None:
+    generator, spec = trained_like("instance")
+    with pytest.raises(ValueError, match=r"\['attention'\] are not part of format version 2"):
+        export_generator(tmp_path / "g.safetensors", generator, {**spec, "attention": True})
+    assert not (tmp_path / "g.safetensors").exists()
+
+    unknown = write_raw(tmp_path / "unknown.safetensors", generator, {**spec, "attention": 1}, **V2)
+    with pytest.raises(
+        ValueError, match=r"spec keys \['attention'\] are unknown to generator format version 2"
+    ):
+        load_generator(unknown)
+    with pytest.raises(ValueError, match="attention"):
+        read_train_frames(unknown)
+    newer = write_raw(tmp_path / "newer.safetensors", generator, spec, format=FORMAT, format_version="3")
+    with pytest.raises(ValueError, match="format_version 3 is newer than this pipeline reads"):
+        load_generator(newer)
+    foreign = write_raw(tmp_path / "foreign.safetensors", generator, spec, format="other", format_version="2")
+    with pytest.raises(ValueError, match="'format' is 'other'"):
+        read_spec(foreign)
+    garbled = write_raw(tmp_path / "garbled.safetensors", generator, spec, format=FORMAT, format_version="2a")
+    with pytest.raises(ValueError, match="unrecognised generator format_version '2a'"):
+        read_spec(garbled)
+    # every message is one line
+    for path in (unknown, newer, foreign, garbled):
+        with pytest.raises(ValueError) as caught:
+            load_generator(path)
+        assert "\n" not in str(caught.value)
+
+
+def test_unversioned_files_load_as_version_1(tmp_path: Path) -> None:
+    """Exports written before the format was versioned: only ``spec`` metadata, a plain generator, no
+    ``residual`` key; they keep loading as what they are."""
+    torch.manual_seed(0)
+    plain_cfg = ModelConfig(ngf=8, n_downsample=2, n_blocks=2, residual=False)
+    generator, _ = build_models(plain_cfg, LABEL_NC, use_instance=True)
+    spec = make_spec(plain_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=3, steps=10)
+    del spec["residual"]
+    path = write_raw(tmp_path / "v1.safetensors", generator, spec)
+
+    loaded, loaded_spec = load_generator(path)
+    assert loaded_spec == spec and not loaded.residual
+    x = torch.randn(1, input_channels(LABEL_NC, True), 64, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), generator.eval()(x))
+    assert read_train_frames(path) is None
+    # version 1 knows neither the residual generator nor the keys added with version 2
+    for key, value in (("residual", True), ("train_split", "train"), ("selected", {"step": 3})):
+        bad = write_raw(tmp_path / f"v1-{key}.safetensors", generator, {**spec, key: value})
+        with pytest.raises(ValueError, match=rf"\['{key}'\] are unknown to generator format version 1"):
+            read_spec(bad)
+
+
+def test_version_2_spec_keys_follow_model_config(tmp_path: Path) -> None:
+    generator, spec = trained_like("instance")
+    assert set(f.name for f in dataclasses.fields(ModelConfig)) <= set(spec)
+    selected = {"step": 40, "metric": "psnr", "value": 31.2}
+    path = export_generator(
+        tmp_path / "g.safetensors", generator, {**spec, "train_split": "train", "selected": selected}
+    )
+    assert read_spec(path)["selected"] == selected
+
+
+@pytest.mark.parametrize(("phase", "synthesis"), [(1, True), (2, False), (3, False)])
+def test_which_head_follows_the_phase(phase: int, synthesis: bool) -> None:
+    spec = {"phase": phase}
+    assert uses_synthesis(spec) is synthesis and visual_input(spec) is not synthesis

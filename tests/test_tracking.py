@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.export import export_generator, load_generator, make_spec
-from pipeline.models import build_models
+from pipeline.models import build_models, generator_input
 from pipeline.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     TRUNCATED,
@@ -30,6 +30,7 @@ from pipeline.tracking import (
     download_model,
     git_commit,
     make_tracker,
+    pin_model_uri,
     predict,
     register_generator,
     registry_name,
@@ -236,6 +237,8 @@ def test_registered_generator_loads_back_bit_identically(
         )[0].info.run_id
     )
 
+    assert pin_model_uri(f"models:/{name}@champion", tracking_uri=uri) == model_uri
+    assert pin_model_uri(model_uri, tracking_uri=uri) == model_uri
     resolved = resolve_model_uri(f"models:/{name}@champion", tracking_uri=uri, dst_dir=tmp_path / "a")
     assert resolved.read_bytes() == path.read_bytes()
     loaded, loaded_spec = load_generator(resolved)
@@ -253,6 +256,40 @@ def test_registered_generator_loads_back_bit_identically(
     assert {s.name for s in pyfunc.metadata.get_input_schema().inputs} == {"label", "decoded", "edge"}
     assert np.array_equal(pyfunc.predict(batch), predict(generator, spec, batch))
     assert not (workdir / "mlflow.db").exists(), "MLflow's global default store was used"
+
+
+def test_predict_runs_the_head_of_the_phase() -> None:
+    """Phases 2-3 output through the correction head (a fresh one returns the decoded image); phase 1's
+    export draws from the labels with the synthesis head, without seeing the decoded image."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(ngf=4, n_downsample=2, n_blocks=1)
+    generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)
+    generator.eval()
+    batch = generator_batch()
+    for phase in (2, 3):
+        spec = make_spec(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=phase)
+        assert np.array_equal(predict(generator, spec, batch), batch["decoded"])
+    spec = make_spec(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=1)
+    x = generator_input(
+        torch.as_tensor(batch["label"]),
+        torch.as_tensor(batch["edge"]),
+        torch.zeros(2, 3, 32, 48),
+        label_nc=LABEL_NC,
+        use_instance=True,
+        zero_semantics=False,
+        visual_input=True,
+    )
+    with torch.no_grad():
+        drawn = generator(x, synthesis=True).numpy()
+    assert np.array_equal(predict(generator, spec, batch), drawn)
+    assert not np.allclose(drawn, batch["decoded"])
+
+
+def test_pin_model_uri_leaves_other_uris_alone() -> None:
+    for uri in ("runs:/abc/generator", "models:/hevc-se-q42/3", "some/generator.safetensors"):
+        assert pin_model_uri(uri) == uri
+    with pytest.raises(ValueError, match="bad model URI"):
+        pin_model_uri("models:/@champion")
 
 
 def test_resolve_model_uri_local_paths(
