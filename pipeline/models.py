@@ -149,6 +149,19 @@ class Generator(nn.Module):
     """pix2pixHD GlobalGenerator: 7x7 front, stride-2 downsamplings, residual blocks, upsamplings, tanh.
 
     Input height and width must be multiples of ``2 ** n_downsample``.
+
+    Two output heads share the trunk:
+
+    * the **synthesis head** (pix2pixHD's 7x7 conv + tanh, the last layers of ``self.model``) draws an image
+      from the trunk's features; phase 1 (the semantic prior, decoded image zeroed) and every phase of a
+      plain (``residual=False``) generator use it;
+    * the **correction head** (``residual=True`` only; a 7x7 conv initialised at zero) outputs a correction
+      added to the decoded image: ``clamp(decoded + correction, -1, 1)``. At initialisation it returns the
+      decoded image exactly, so phases 2-3 start at the codec and every step is a measurable gain.
+
+    The phase-1 prior hands its trunk (and its synthesis head, unused afterwards) to phases 2-3 weight for
+    weight; the correction head stays at zero until phase 2 trains it. ``forward(x, synthesis=True)``
+    picks the synthesis head; a plain generator ignores the flag.
     """
 
     def __init__(
@@ -159,6 +172,7 @@ class Generator(nn.Module):
         n_downsample: int = 4,
         n_blocks: int = 9,
         norm: str = "instance",
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if min(input_nc, output_nc, ngf) <= 0 or n_downsample < 0 or n_blocks < 0:
@@ -173,7 +187,14 @@ class Generator(nn.Module):
             "n_downsample": n_downsample,
             "n_blocks": n_blocks,
             "norm": norm,
+            "residual": residual,
         }
+        if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
+            raise ValueError(
+                f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "
+                f"input channels): needs input_nc >= {IMAGE_CHANNELS} and output_nc == {IMAGE_CHANNELS}, "
+                f"got {input_nc} and {output_nc}"
+            )
         make_norm = norm_layer(norm)
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
@@ -199,16 +220,41 @@ class Generator(nn.Module):
                 make_norm(ngf * mult // 2),
                 nn.ReLU(True),
             ]
+        # the synthesis head stays inside ``model`` so that plain generators keep pix2pixHD's layout
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
+        self.correction: nn.Sequential | None = None
+        if residual:
+            self.correction = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7))
+            zero_correction(self)
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def residual(self) -> bool:
+        return self.correction is not None
+
+    def forward(self, x: Tensor, synthesis: bool = False) -> Tensor:
         factor, input_nc = 2 ** self.hparams["n_downsample"], self.hparams["input_nc"]
         if x.dim() != 4 or x.shape[1] != input_nc:
             raise ValueError(f"generator expects B x {input_nc} x H x W, got {tuple(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"generator input size {tuple(x.shape[2:])} must be a multiple of {factor}")
-        return self.model(x)
+        if self.correction is None or synthesis:
+            return self.model(x)
+        features = self.model[:-SYNTHESIS_HEAD_LAYERS](x)
+        decoded = x[:, -IMAGE_CHANNELS:]
+        return (decoded + self.correction(features).to(decoded.dtype)).clamp(-1.0, 1.0)
+
+
+SYNTHESIS_HEAD_LAYERS = 3  # ReflectionPad2d, Conv2d, Tanh at the end of Generator.model
+
+
+def zero_correction(generator: Generator) -> None:
+    """Set the correction head's conv to zero: the generator then returns its decoded input exactly."""
+    if generator.correction is None:
+        raise ValueError("zero_correction needs a residual generator")
+    conv = generator.correction[-1]
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -299,6 +345,7 @@ def build_models(
         n_downsample=model_cfg.n_downsample,
         n_blocks=model_cfg.n_blocks,
         norm=model_cfg.norm,
+        residual=model_cfg.residual,
     )
     discriminator = MultiscaleDiscriminator(
         semantic_channels(label_nc, use_instance) + IMAGE_CHANNELS,
@@ -308,5 +355,7 @@ def build_models(
         norm=model_cfg.norm,
     )
     init_weights(generator)
+    if generator.residual:
+        zero_correction(generator)  # init_weights drew it from N(0, 0.02)
     init_weights(discriminator)
     return generator, discriminator

@@ -169,7 +169,8 @@ def test_vgg_loss(vgg_file: Path) -> None:
 
 def tiny_setup(label_nc: int = 6) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    cfg = ModelConfig(ngf=8, n_downsample=2, n_blocks=1, ndf=8, n_layers_d=2, num_d=2)
+    # plain output: a fresh residual generator's zero head would keep every trunk gradient at zero
+    cfg = ModelConfig(ngf=8, n_downsample=2, n_blocks=1, ndf=8, n_layers_d=2, num_d=2, residual=False)
     generator, discriminator = build_models(cfg, label_nc, use_instance=False)
     label = torch.randint(0, label_nc, (2, 32, 64))
     target = torch.rand(2, 3, 32, 64) * 2 - 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,12 +17,14 @@ from pipeline.models import (
     generator_input,
     input_channels,
     semantic_channels,
+    zero_correction,
 )
 
 LABEL_NC = 34
 B, H, W = 2, 64, 128
 FLAGS = {"label_nc": LABEL_NC, "zero_semantics": False, "visual_input": True}
 TINY = ModelConfig(ngf=8, n_downsample=2, n_blocks=1, ndf=8, n_layers_d=2, num_d=2)
+PLAIN = dataclasses.replace(TINY, residual=False)
 
 
 @pytest.fixture
@@ -105,9 +109,13 @@ def test_shapes_and_discriminator_features(batch: dict[str, torch.Tensor]) -> No
     assert outputs[1][-1].shape[-1] < outputs[0][-1].shape[-1]
 
 
-def test_blind_generator_ignores_the_decoded_image(batch: dict[str, torch.Tensor]) -> None:
+@pytest.mark.parametrize("model_cfg", [PLAIN, TINY], ids=["plain", "residual"])
+def test_blind_generator_ignores_the_decoded_image(
+    batch: dict[str, torch.Tensor], model_cfg: ModelConfig
+) -> None:
     torch.manual_seed(0)
-    generator, _ = build_models(TINY, LABEL_NC, use_instance=True)
+    generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)
+    perturb_correction(generator)
     other = dict(batch, decoded=-batch["decoded"])
     with torch.no_grad():
         a = generator(assemble(batch, visual_input=False))
@@ -118,9 +126,47 @@ def test_blind_generator_ignores_the_decoded_image(batch: dict[str, torch.Tensor
     assert not torch.allclose(c, d)
 
 
-def test_zero_semantics_generator_ignores_labels(batch: dict[str, torch.Tensor]) -> None:
+def perturb_correction(generator: Generator) -> None:
+    """A trained-looking correction head (an untrained one is zero and ignores every input)."""
+    if generator.correction is not None:
+        with torch.no_grad():
+            generator.correction[-1].weight.normal_(0.0, 0.02)
+
+
+def test_residual_generator_starts_at_the_decoded_image(batch: dict[str, torch.Tensor]) -> None:
+    """For every phase's input (decoded image zeroed or not, semantics zeroed or not) a fresh residual
+    generator returns the decoded image it was given, exactly."""
     torch.manual_seed(0)
     generator, _ = build_models(TINY, LABEL_NC, use_instance=True)
+    assert generator.residual
+    for flags in ({}, {"visual_input": False}, {"zero_semantics": True}):
+        x = assemble(batch, **flags)
+        with torch.no_grad():
+            assert torch.equal(generator(x), x[:, -3:].clamp(-1, 1))
+    # the synthesis head (phase 1) is pix2pixHD's tanh output, not the identity
+    with torch.no_grad():
+        drawn = generator(assemble(batch, visual_input=False), synthesis=True)
+    assert drawn.abs().max() < 1 and drawn.abs().sum() > 0
+
+
+def test_residual_and_plain_generators_share_the_trunk_layout() -> None:
+    plain, _ = build_models(PLAIN, 5, use_instance=False)
+    residual, _ = build_models(TINY, 5, use_instance=False)
+    extra = set(residual.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) <= set(residual.state_dict())
+    assert extra == {"correction.1.weight", "correction.1.bias"}
+    zero_correction(residual)
+    with pytest.raises(ValueError, match="residual"):
+        zero_correction(plain)
+
+
+@pytest.mark.parametrize("model_cfg", [PLAIN, TINY], ids=["plain", "residual"])
+def test_zero_semantics_generator_ignores_labels(
+    batch: dict[str, torch.Tensor], model_cfg: ModelConfig
+) -> None:
+    torch.manual_seed(0)
+    generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)
+    perturb_correction(generator)
     other = dict(batch, label=(batch["label"] + 5) % LABEL_NC, edge=1 - batch["edge"])
     with torch.no_grad():
         assert torch.equal(
@@ -134,6 +180,7 @@ def test_norms_and_init(norm: str) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(ngf=8, n_downsample=1, n_blocks=1, ndf=8, n_layers_d=1, num_d=1, norm=norm)
     generator, discriminator = build_models(cfg, 5, use_instance=False)
+    perturb_correction(generator)
     assert generator(torch.zeros(1, input_channels(5, False), 16, 16)).shape == (1, 3, 16, 16)
     convs = [
         m.weight for m in generator.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
@@ -155,3 +202,5 @@ def test_bad_configuration_is_refused() -> None:
         MultiscaleDiscriminator(7, ndf=4, n_layers=1, num_d=1)(torch.zeros(1, 6, 16, 16))
     with pytest.raises(ValueError, match="label_nc"):
         build_models(TINY, 0, use_instance=True)
+    with pytest.raises(ValueError, match="residual"):
+        Generator(2, residual=True)
