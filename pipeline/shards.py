@@ -31,9 +31,11 @@ from tqdm import tqdm
 from pipeline.codecs import LabelCoder, get_codec
 from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig
 from pipeline.sources import BadSample, Sample, fit, open_source
+from pipeline.splits import plan_splits
 
 MANIFEST = "manifest.json"
-VERSION = 1
+VERSION = 2  # 2: every split lists its keys, held-out splits (data.holdout); 1 still reads
+READABLE_VERSIONS = (1, 2)
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,9 @@ class _Context:
 
     def fingerprint(self) -> str:
         data = asdict(self.data)
-        del data["splits"]  # a split's shards do not depend on which other splits are built
+        # a split's shards do not depend on which other splits are built; which frames a split holds is
+        # part of each shard's own fingerprint (its planned keys)
+        del data["splits"], data["holdout"]
         text = json.dumps(
             [data, self.codecs, self.label_coder, self.label_downsample, self.store_bitstreams],
             sort_keys=True,
@@ -249,12 +253,11 @@ def _completed(out: Path, job: _ShardJob) -> dict[str, Any] | None:
     return None if tar.exists() else sidecar
 
 
-def _plan(worker: _Worker, splits: list[str], per_shard: int) -> list[_ShardJob]:
+def _plan(worker: _Worker, per_shard: int) -> list[_ShardJob]:
     source = worker.source
     base = worker.ctx.fingerprint()
     jobs = []
-    for split in splits:
-        samples = source.samples(split)
+    for split, samples in plan_splits(worker.ctx.data, source).items():
         if not samples:
             raise ShardError(f"split {split!r} of the {source.name} source at {source.root} has no images")
         keys = [s.key for s in samples]
@@ -387,8 +390,7 @@ def build_shards(cfg: JobConfig) -> dict[str, Any]:
         lo, hi = codec.quality_range
         if not lo <= quality <= hi:
             raise ShardError(f"shards.codecs: {name} quality must be in [{lo}, {hi}], got {quality}")
-    splits = list(dict.fromkeys(cfg.data.splits))
-    jobs = _plan(worker, splits, cfg.shards.samples_per_shard)
+    jobs = _plan(worker, cfg.shards.samples_per_shard)
     out = Path(cfg.shards.output)
     out.mkdir(parents=True, exist_ok=True)
     _clean(out, jobs)
@@ -414,10 +416,11 @@ def build_shards(cfg: JobConfig) -> dict[str, Any]:
 def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]]) -> dict[str, Any]:
     splits: dict[str, dict[str, Any]] = {}
     for sc in sidecars:
-        entry = splits.setdefault(sc["split"], {"shards": [], "samples": 0})
+        entry = splits.setdefault(sc["split"], {"shards": [], "samples": 0, "keys": []})
         if sc["keys"]:
             entry["shards"].append(f"{sc['shard']}.tar")
             entry["samples"] += len(sc["keys"])
+            entry["keys"] += sc["keys"]
     stats = [row for sc in sidecars for row in sc["stats"]]
     codecs = {}
     for name, quality, _ in worker.ctx.codecs:
@@ -463,10 +466,21 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(manifest, dict):
         raise ShardError(f"{path} is not a shard manifest (a JSON object expected)")
-    if manifest.get("version") != VERSION:
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > VERSION
         raise ShardError(
-            f"{path}: unsupported manifest version {manifest.get('version')!r}, expected {VERSION}"
+            f"{path}: manifest version {version!r} "
+            + ("is newer than this code reads" if newer else "is not a shard manifest version")
+            + f" (reads {list(READABLE_VERSIONS)}); rebuild the shards or update the pipeline"
         )
+    if version == 1:  # version 1 listed keys only in the per-shard sidecars
+        for entry in manifest.get("splits", {}).values():
+            entry["keys"] = [
+                key
+                for shard in entry["shards"]
+                for key in json.loads((path.parent / shard.replace(".tar", ".json")).read_text())["keys"]
+            ]
     return manifest
 
 

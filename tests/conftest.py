@@ -32,11 +32,17 @@ def sample_image(cityscapes_root: Path):
 
 
 SMALL_SHARDS = {"width": 256, "height": 128, "qualities": [37, 42], "samples_per_shard": 4}
+# as configs/default.yaml: frankfurt (10 frames) trains, munster (2) validates, lindau (10) is reported
+HOLDOUT = [
+    {"name": "valid", "from_split": "val", "cities": ["munster"]},
+    {"name": "test", "from_split": "val", "cities": ["lindau"]},
+]
 
 
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> Path:
-    """Shards of the whole sample (:data:`SMALL_SHARDS`), built once per session; tests only read them."""
+    """Shards of the whole sample (:data:`SMALL_SHARDS`, split as :data:`HOLDOUT`), built once per session;
+    tests only read them."""
     from pipeline.config import from_dict
     from pipeline.shards import build_shards
 
@@ -47,6 +53,7 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path
                 "root": str(cityscapes_root),
                 "width": SMALL_SHARDS["width"],
                 "height": SMALL_SHARDS["height"],
+                "holdout": HOLDOUT,
             },
             "shards": {
                 "output": str(out),

@@ -29,7 +29,8 @@ QUALITIES = [37, 45]
 
 def config(root: Path, out: Path, **data: Any) -> dict[str, Any]:
     return {
-        "data": {"root": str(root), "splits": ["val"], "width": 256, "height": 128, **data},
+        # no held-out splits (the default config's): the tests cut the sample down to a few frames
+        "data": {"root": str(root), "splits": ["val"], "width": 256, "height": 128, "holdout": [], **data},
         "shards": {
             "output": str(out),
             "codecs": [{"name": "hevc", "qualities": QUALITIES}],
@@ -94,7 +95,11 @@ def test_every_frame_is_in_exactly_one_shard(built, cityscapes_root: Path) -> No
     cfg, out, manifest, samples = built
     keys = [p.name.replace("_leftImg8bit.png", "") for p in cityscapes_root.glob("leftImg8bit/val/*/*.png")]
     assert sorted(samples) == sorted(keys) and len(keys) == 22
-    assert manifest["splits"]["val"] == {"shards": [f"val-{i:06d}.tar" for i in range(6)], "samples": 22}
+    assert manifest["splits"]["val"] == {
+        "shards": [f"val-{i:06d}.tar" for i in range(6)],
+        "samples": 22,
+        "keys": sorted(keys),
+    }
     # shard i holds sorted keys [4i, 4i+4)
     for i, path in enumerate(shard_paths(out, manifest)):
         assert sorted(read_tars([path])) == sorted(keys)[4 * i : 4 * i + 4]
@@ -260,7 +265,11 @@ def test_ade20k_and_folder_layouts(cityscapes_root: Path, tmp_path: Path) -> Non
     cfg = from_dict(tree)
     manifest = build_shards(cfg)
     assert manifest["dataset"]["label_nc"] == 151 and manifest["dataset"]["has_instances"] is False
-    assert manifest["splits"]["val"] == {"shards": ["val-000000.tar", "val-000001.tar"], "samples": 3}
+    assert manifest["splits"]["val"] == {
+        "shards": ["val-000000.tar", "val-000001.tar"],
+        "samples": 3,
+        "keys": ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"],
+    }
     samples = read_tars(shard_paths(tmp_path / "ade_out", manifest))
     assert sorted(samples) == keys
     assert all("instance.png" not in m for m in samples.values())
@@ -357,3 +366,36 @@ def test_downsampled_label_map_is_stored_as_decoded(cityscapes_root: Path, tmp_p
         assert np.array_equal(stored, coder.decode(members["label.bin"], size=(128, 64)))
         assert np.array_equal(stored, coder.reconstruct(loaded[key]))
         assert meta["label"]["bytes"] == len(members["label.bin"]) == len(coder.encode(loaded[key]))
+
+
+def test_manifest_versions(built, tmp_path: Path) -> None:
+    """Version 2 lists every split's keys; a version-1 manifest (keys only in the sidecars) still reads with
+    the same keys; a newer version is refused in one line."""
+    _, out, manifest, samples = built
+    assert manifest["version"] == 2 and sorted(manifest["splits"]["val"]["keys"]) == sorted(samples)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    old = json.loads((copy / "manifest.json").read_text())
+    old["version"] = 1
+    for entry in old["splits"].values():
+        del entry["keys"]
+    (copy / "manifest.json").write_text(json.dumps(old))
+    assert read_manifest(copy)["splits"]["val"]["keys"] == manifest["splits"]["val"]["keys"]
+    old["version"] = 3
+    (copy / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ShardError, match=r"version 3 is newer than this code reads \(reads \[1, 2\]\)"):
+        read_manifest(copy)
+
+
+def test_held_out_splits_get_shards_of_their_own(cityscapes_root: Path, tmp_path: Path) -> None:
+    tree = config(cityscapes_root, tmp_path / "out")
+    tree["data"]["holdout"] = [{"name": "test", "from_split": "val", "cities": ["lindau"]}]
+    tree["shards"]["workers"] = 1
+    tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [45]}]
+    manifest = build_shards(from_dict(tree))
+    assert manifest["splits"]["test"]["samples"] == 10 and manifest["splits"]["val"]["samples"] == 12
+    test_keys = set(read_tars(shard_paths(tmp_path / "out", manifest, "test")))
+    val_keys = set(read_tars(shard_paths(tmp_path / "out", manifest, "val")))
+    assert test_keys == set(manifest["splits"]["test"]["keys"]) and not test_keys & val_keys
+    assert all(k.startswith("lindau_") for k in test_keys) and len(test_keys | val_keys) == 22
+    assert "test: 10 samples" in format_summary(manifest)
