@@ -8,14 +8,29 @@ Methods: the base codec's decoded image at every quality, and one enhanced image
 at the codec x quality in its spec. Models with ``zero_semantics`` form their own curve
 ``<codec>-SE (no semantics)``.
 
+Models: every result carries its model's identity (column ``model``): ``models:/name/version`` for registry
+models (an alias is pinned to its version), ``<path>#<sha256[:12]>`` for files, the codec's name for the
+base codec. Models of one kind at different qualities form one curve (``method``); two models that would
+share a curve point get curves of their own (suffixed with the folder that tells them apart, else their
+hash or registry version), so a (method, quality) pair is always one model. A file given twice (same
+sha256) is evaluated once.
+
+Frames: a model that records its training frames (:func:`pipeline.export.read_train_frames`) is never
+scored on them unless ``eval.allow_training_frames`` (then its results are flagged ``on_training_frames``).
+
 Rates, both in every row: ``bpp_codec`` (the codec bitstream alone) and ``bpp_total`` (what the decoder
 must receive: codec + the lossless label map for methods that read labels; equal to ``bpp_codec`` for the
 base codec and the no-semantics model).
 
 Outputs in ``eval.output_dir``: ``rpd.csv`` (one row per image x method x quality), ``rpd_mean.csv`` (one
-row per method x quality: plain means of the rows, plus set-level FID), ``bdrate.json``, ``niqe_model.json``,
+row per model x quality: plain means of the rows, plus set-level FID), ``bdrate.json`` (with the scored
+frames), ``niqe_model.json`` (``eval.niqe_fitted`` only),
 ``rpd_psnr.png`` / ``rpd_msssim.png`` / ``rpd_niqe.png`` and ``crops/``. PSNRs are capped at 100 dB
 (:func:`pipeline.metrics.cap_psnr`). MS-SSIM BD-rates use MS-SSIM in dB, ``-10 log10(1 - MS-SSIM)``.
+
+NIQE (column ``niqe``) is the standard one, against the published pristine model. With ``eval.niqe_fitted``
+a pristine model is also fitted on the split's own originals (``niqe_model.json``) and scored as the extra
+column ``niqe_fitted``.
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,23 +53,28 @@ from tqdm import tqdm
 from pipeline import metrics
 from pipeline.bdrate import MIN_POINTS, bd_psnr, bd_rate
 from pipeline.config import JobConfig
+from pipeline.export import load_generator, read_train_frames, uses_synthesis, visual_input, weights_sha256
 from pipeline.tracking import Tracker
 
-ROW_COLUMNS = [
-    "key",
+NUMERIC = ["bpp_codec", "bpp_total", "psnr", "ms_ssim", "niqe", "lpips"]
+ROW_COLUMNS = ["key", "method", "model", "codec", "quality", *NUMERIC, "on_training_frames"]
+MEAN_COLUMNS = [
     "method",
+    "model",
+    "label",
     "codec",
     "quality",
-    "bpp_codec",
-    "bpp_total",
-    "psnr",
-    "ms_ssim",
-    "niqe",
-    "lpips",
+    "images",
+    *NUMERIC,
+    "fid",
+    "lpips_note",
+    "fid_note",
+    "on_training_frames",
 ]
-NUMERIC = ["bpp_codec", "bpp_total", "psnr", "ms_ssim", "niqe", "lpips"]
-MEAN_COLUMNS = ["method", "codec", "quality", "images", *NUMERIC, "fid", "lpips_note", "fid_note"]
+FITTED_NIQE = "niqe_fitted"  # the column after ``niqe`` with eval.niqe_fitted
+REGISTRY_SCHEMES = ("models:/", "runs:/")
 CROP_SIZE = 256
+SHOWN_KEYS = 10  # frame keys printed in full; more are abbreviated
 
 
 @dataclass
@@ -74,11 +94,15 @@ class EvalSample:
 class Method:
     """A curve point generator: the base codec (``generator is None``) or one exported generator."""
 
-    name: str
+    name: str  # the curve
     quality: int | None  # None: the base codec, at every quality
     generator: torch.nn.Module | None = None
     spec: dict[str, Any] = field(default_factory=dict)
-    origin: str = ""
+    origin: str = ""  # the model as given
+    model: str = ""  # identity: models:/name/version, <path>#<sha256[:12]>, or the codec's name
+    label: str = ""  # short unique name for tables and legends
+    train_frames: list[str] | None = None  # None: the model does not record them
+    on_training_frames: bool = False
 
     @property
     def uses_labels(self) -> bool:
@@ -90,6 +114,10 @@ def _decode_png(data: bytes, flags: int, what: str) -> np.ndarray:
     if array is None:
         raise ValueError(f"cannot decode {what}")
     return array
+
+
+def _all_shards(urls: Iterable[str]) -> Iterable[str]:
+    return urls
 
 
 class ShardInput:
@@ -128,11 +156,16 @@ class ShardInput:
     def _raw(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
-        dataset = wds.WebDataset(self.shards, shardshuffle=False, empty_check=False)
+        # every shard on this rank: evaluation (and validation, on rank 0 of a training world) reads it all
+        dataset = wds.WebDataset(self.shards, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
         for index, sample in enumerate(dataset):
             if index >= self.count:
                 return
             yield sample
+
+    def keys(self) -> list[str]:
+        """The keys of the evaluated samples, in order (nothing is decoded)."""
+        return [raw["__key__"] for raw in self._raw()]
 
     def originals(self) -> Iterator[np.ndarray]:
         for raw in self._raw():
@@ -190,6 +223,10 @@ class SourceInput:
         self.count = len(self.items)
         self.description = f"{self.count} {cfg.eval.split} images of {self.source_name} at {self.source.root}"
 
+    def keys(self) -> list[str]:
+        """The keys of the evaluated samples, in order."""
+        return [item.key for item in self.items]
+
     def originals(self) -> Iterator[np.ndarray]:
         for item in self.items:
             yield self.source.load(item, self.width, self.height)[0]
@@ -233,36 +270,82 @@ def load_methods(
 ) -> list[Method]:
     """The base codec plus one method per model (checked against the codec, qualities and label table).
 
-    A model is an exported generator file or a registry URI (``models:/name@alias``), resolved by
-    :func:`pipeline.tracking.resolve_model_uri` against ``tracking_uri``.
+    A model is an exported generator file or a registry URI (``models:/name@alias``), pinned by
+    :func:`pipeline.tracking.pin_model_uri` and resolved by :func:`pipeline.tracking.resolve_model_uri`
+    against ``tracking_uri``. Each gets its identity, label and curve name (see the module docstring);
+    a file whose sha256 was already given is skipped with a notice.
     """
     from pipeline import tracking
-    from pipeline.export import load_generator
 
-    methods = [Method(name=codec, quality=None)]
-    taken: set[tuple[str, int]] = set()
+    methods = [Method(name=codec, quality=None, model=codec, label=codec)]
+    seen: dict[str, str] = {}  # sha256 -> identity
+    # identity -> (its folders, nearest first; its hash or registry version): what may tell it apart
+    suffixes: dict[str, tuple[list[str], str]] = {}
     for model in models:
+        pinned = tracking.pin_model_uri(model, tracking_uri=tracking_uri)
         with tempfile.TemporaryDirectory(prefix="jpdse-model-") as download:  # registry models only
-            path = Path(tracking.resolve_model_uri(model, tracking_uri=tracking_uri, dst_dir=download))
+            path = Path(tracking.resolve_model_uri(pinned, tracking_uri=tracking_uri, dst_dir=download))
+            sha = weights_sha256(path)
+            if sha in seen:
+                print(f"[eval] {model} is the model {seen[sha]} again (same sha256): evaluated once")
+                continue
             generator, spec = load_generator(path, device=device)
+            train_frames = read_train_frames(path)
         if spec.get("codec") != codec or "quality" not in spec:
             raise ValueError(
                 f"model {model} is for codec {spec.get('codec')!r} q{spec.get('quality')}, "
                 f"but the evaluation is of {codec!r}"
             )
-        quality = int(spec["quality"])
-        if quality not in qualities:
-            raise ValueError(f"model {model} is for {codec} q{quality}, which is not evaluated ({qualities})")
+        # a model trained on several qualities (loader.qualities) is one point of its curve at each
+        trained = sorted({int(q) for q in spec.get("qualities") or [spec["quality"]]})
+        points = [q for q in trained if q in qualities]
+        if not points:
+            at = "/".join(f"q{q}" for q in trained)
+            raise ValueError(f"model {model} is for {codec} {at}, which is not evaluated ({qualities})")
         if int(spec["label_nc"]) != label_nc:
             raise ValueError(f"model {model} has label_nc {spec['label_nc']} but the data has {label_nc}")
-        name = f"{codec}-SE (no semantics)" if spec.get("zero_semantics") else f"{codec}-SE"
-        if (name, quality) in taken:
-            name = f"{name} [{path.stem}]"
-        taken.add((name, quality))
-        methods.append(
-            Method(name=name, quality=quality, generator=generator.eval(), spec=spec, origin=model)
-        )
+        if pinned.startswith(REGISTRY_SCHEMES):
+            identity, label = pinned, pinned.split(":/", 1)[1]
+            suffixes[identity] = ([], label)
+        else:
+            folders = [p.name for p in path.resolve().parents]
+            identity, label = f"{model}#{sha[:12]}", f"{folders[0]}/{path.stem}#{sha[:12]}"
+            suffixes[identity] = (folders, sha[:12])
+        seen[sha] = identity
+        methods += [
+            Method(
+                name=f"{codec}-SE (no semantics)" if spec.get("zero_semantics") else f"{codec}-SE",
+                quality=quality,
+                generator=generator.eval(),
+                spec=spec,
+                origin=model,
+                model=identity,
+                label=label,
+                train_frames=train_frames,
+            )
+            for quality in points
+        ]
+    _split_shared_points(methods[1:], suffixes)
     return methods
+
+
+def _split_shared_points(methods: list[Method], suffixes: dict[str, tuple[list[str], str]]) -> None:
+    """Give models that would share a (curve, quality) point curves of their own, suffixed with the nearest
+    folder level whose names differ across them, else with their hashes or registry versions."""
+    points: dict[tuple[str, int | None], list[Method]] = {}
+    for method in methods:
+        points.setdefault((method.name, method.quality), []).append(method)
+    for group in points.values():
+        if len(group) < 2:
+            continue
+        folders = [suffixes[m.model][0] for m in group]
+        names = [suffixes[m.model][1] for m in group]
+        for level in range(min(map(len, folders))):
+            if len({f[level] for f in folders}) == len(group):
+                names = [f[level] for f in folders]
+                break
+        for method, suffix in zip(group, names, strict=True):
+            method.name = f"{method.name} [{suffix}]"
 
 
 def enhance(
@@ -295,9 +378,9 @@ def enhance(
             label_nc=int(spec["label_nc"]),
             use_instance=bool(spec["use_instance"]),
             zero_semantics=bool(spec.get("zero_semantics", False)),
-            visual_input=int(spec.get("phase", 3)) != 1,
+            visual_input=visual_input(spec),
         )
-        out = method.generator(x)[0, :, :height, :width]
+        out = method.generator(x, synthesis=uses_synthesis(spec))[0, :, :height, :width]
     return out.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
@@ -353,19 +436,64 @@ def _ms_ssim_db(value: float) -> float:
     return -10.0 * math.log10(1.0 - value) if value < 1.0 else math.inf
 
 
+def _with_fitted_niqe(columns: list[str]) -> list[str]:
+    at = columns.index("niqe") + 1
+    return [*columns[:at], FITTED_NIQE, *columns[at:]]
+
+
 def _mean_rows(
-    rows: list[dict[str, Any]], methods: list[Method], qualities: list[int]
+    rows: list[dict[str, Any]], methods: list[Method], qualities: list[int], numeric: list[str]
 ) -> list[dict[str, Any]]:
+    """One row per model x quality: the plain means of that model's rows."""
     out = []
     for method in methods:
         for q in qualities if method.quality is None else [method.quality]:
-            group = [r for r in rows if r["method"] == method.name and r["quality"] == q]
+            group = [r for r in rows if r["model"] == method.model and r["quality"] == q]
             if not group:
                 continue
-            mean = {"method": method.name, "codec": group[0]["codec"], "quality": q, "images": len(group)}
-            mean.update({col: float(np.mean([r[col] for r in group])) for col in NUMERIC})
+            mean = {
+                "method": method.name,
+                "model": method.model,
+                "label": method.label,
+                "codec": group[0]["codec"],
+                "quality": q,
+                "images": len(group),
+                "on_training_frames": method.on_training_frames,
+            }
+            mean.update({col: float(np.mean([r[col] for r in group])) for col in numeric})
             out.append(mean)
     return out
+
+
+def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:
+    """Refuse to score a model on frames it was trained on; with ``allow``, warn and flag its results."""
+    evaluated = set(keys)
+    for method in methods:
+        if method.generator is None:
+            continue
+        if method.train_frames is None:
+            print(f"[eval] {method.model} does not record its training frames: could not check them")
+            continue
+        trained = sorted(evaluated.intersection(method.train_frames))
+        if not trained:
+            continue
+        listed = ", ".join(trained[:3]) + (", ..." if len(trained) > 3 else "")
+        message = f"model {method.model} was trained on {len(trained)} of the evaluated frames ({listed})"
+        if not allow:
+            raise ValueError(f"{message}; evaluate another split, or set eval.allow_training_frames=true")
+        method.on_training_frames = True
+        print(f"[eval] WARNING: SCORED ON TRAINING FRAMES: {message} (flagged on_training_frames)")
+
+
+def describe_frames(split: str, keys: list[str]) -> str:
+    """Which frames are scored: split, count and keys (the first and last few of a long list)."""
+    half = SHOWN_KEYS // 2
+    shown = (
+        keys
+        if len(keys) <= SHOWN_KEYS
+        else [*keys[:half], f"... {len(keys) - 2 * half} more ...", *keys[-half:]]
+    )
+    return f"scored {len(keys)} frames of split {split!r}: {', '.join(shown)}"
 
 
 def _bdrate_report(means: list[dict[str, Any]], codec: str, qualities: list[int]) -> dict[str, Any]:
@@ -385,6 +513,8 @@ def _bdrate_report(means: list[dict[str, Any]], codec: str, qualities: list[int]
             "per_quality": [
                 {
                     "quality": p["quality"],
+                    "model": p["model"],
+                    "on_training_frames": p["on_training_frames"],
                     "bpp_codec": p["bpp_codec"],
                     "bpp_total": p["bpp_total"],
                     "label_overhead_pct": 100.0 * (p["bpp_total"] / p["bpp_codec"] - 1.0),
@@ -438,9 +568,12 @@ def _plot(
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name in sorted({m["method"] for m in means}, key=lambda n: (n != codec, n)):
         pts = sorted((m for m in means if m["method"] == name), key=lambda m: m["bpp_codec"])
-        line = ax.plot([p["bpp_total"] for p in pts], [p[metric] for p in pts], marker="o", label=f"{name}")[
-            0
-        ]
+        legend = name  # a model curve lists its models, one per quality
+        for p in pts if name != codec else []:
+            legend += f"\n  q{p['quality']}: {p['label']}" + (
+                " (TRAINING FRAMES)" if p["on_training_frames"] else ""
+            )
+        line = ax.plot([p["bpp_total"] for p in pts], [p[metric] for p in pts], marker="o", label=legend)[0]
         if any(p["bpp_total"] != p["bpp_codec"] for p in pts):
             ax.plot(
                 [p["bpp_codec"] for p in pts],
@@ -455,9 +588,8 @@ def _plot(
     ax.set_xlabel("bits per pixel (solid: codec + label map; dashed: codec only)")
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -469,19 +601,44 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
 
 
 def format_table(means: list[dict[str, Any]]) -> str:
-    """The R-PD mean table for people."""
+    """The R-PD mean table for people: one line per model x quality; ``!`` marks scores on training frames."""
+    fitted = any(FITTED_NIQE in m for m in means)
+    width = max(len("model"), *(len(m["label"]) for m in means))
     head = (
-        f"{'method':<28} {'q':>4} {'n':>4} {'bpp_codec':>9} {'bpp_total':>9} {'PSNR':>7} {'MS-SSIM':>8} "
-        f"{'NIQE':>7} {'LPIPS':>7} {'FID':>7}"
+        f"  {'method':<28} {'model':<{width}} {'q':>4} {'n':>4} {'bpp_codec':>9} {'bpp_total':>9} "
+        f"{'PSNR':>7} {'MS-SSIM':>8} {'NIQE':>7}"
+        + (f" {'NIQE-fit':>8}" if fitted else "")
+        + f" {'LPIPS':>7} {'FID':>7}"
     )
     lines = [head, "-" * len(head)]
     for m in means:
         lines.append(
-            f"{m['method']:<28} {m['quality']:>4} {m['images']:>4} "
-            f"{m['bpp_codec']:>9.4f} {m['bpp_total']:>9.4f} {m['psnr']:>7.3f} {m['ms_ssim']:>8.5f} "
-            f"{m['niqe']:>7.3f} {m['lpips']:>7.4f} {m['fid']:>7.2f}"
+            f"{'!' if m['on_training_frames'] else ' '} {m['method']:<28} {m['label']:<{width}} "
+            f"{m['quality']:>4} {m['images']:>4} {m['bpp_codec']:>9.4f} {m['bpp_total']:>9.4f} "
+            f"{m['psnr']:>7.3f} {m['ms_ssim']:>8.5f} {m['niqe']:>7.3f}"
+            + (f" {m[FITTED_NIQE]:>8.3f}" if fitted else "")
+            + f" {m['lpips']:>7.4f} {m['fid']:>7.2f}"
         )
+    if any(m["on_training_frames"] for m in means):
+        lines.append("! scored on frames the model was trained on (eval.allow_training_frames): not held out")
     return "\n".join(lines)
+
+
+def _fit_niqe(data: ShardInput | SourceInput, size: str) -> tuple[metrics.NIQEModel, float]:
+    """NIQE's pristine model fitted on the split's own originals, and their mean NIQE under it."""
+    patches, features = [], []
+    for image in tqdm(data.originals(), total=data.count, desc="NIQE pristine fit"):
+        feats, sharpness = metrics.niqe_features(image)
+        features.append(feats)
+        patches.append(metrics.select_sharp_patches(feats, sharpness))
+    model = metrics.fit_niqe_model_from_features(patches, f"uncompressed {data.description} ({size})")
+    return model, float(np.mean([metrics.niqe_from_features(f, model) for f in features]))
+
+
+def _metric_prefix(mean: dict[str, Any]) -> str:
+    """``eval.<method>.<model label>.q<quality>``; the codec's label is its method name, not repeated."""
+    parts = dict.fromkeys((mean["method"], mean["label"]))
+    return ".".join(["eval", *map(_slug, parts), f"q{mean['quality']}"])
 
 
 def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) -> Path:
@@ -492,20 +649,17 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
         raise ValueError(f"no images to evaluate ({data.description})")
     codec, qualities = data.codec, data.qualities
     methods = load_methods(models, codec, qualities, data.label_nc, device, cfg.tracking.uri)
+    keys = data.keys()
+    check_training_frames(methods, keys, cfg.eval.allow_training_frames)
     out = Path(cfg.eval.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    niqe_patches, original_feats = [], []
-    for image in tqdm(data.originals(), total=data.count, desc="NIQE pristine fit"):
-        feats, sharpness = metrics.niqe_features(image)
-        original_feats.append(feats)
-        niqe_patches.append(metrics.select_sharp_patches(feats, sharpness))
-    size = f"{cfg.data.width}x{cfg.data.height}"
-    niqe_model = metrics.fit_niqe_model_from_features(
-        niqe_patches, f"uncompressed {data.description} ({size})"
-    )
-    (out / "niqe_model.json").write_text(json.dumps(niqe_model.to_dict()))
-    original_niqe = float(np.mean([metrics.niqe_from_features(f, niqe_model) for f in original_feats]))
+    fitted, original_niqe_fitted = None, math.nan
+    numeric, row_columns, mean_columns = NUMERIC, ROW_COLUMNS, MEAN_COLUMNS
+    if cfg.eval.niqe_fitted:
+        fitted, original_niqe_fitted = _fit_niqe(data, f"{cfg.data.width}x{cfg.data.height}")
+        (out / "niqe_model.json").write_text(json.dumps(fitted.to_dict()))
+        numeric, row_columns, mean_columns = map(_with_fitted_niqe, (NUMERIC, ROW_COLUMNS, MEAN_COLUMNS))
 
     lpips_model = metrics.load_lpips(cfg.eval.lpips_weights, device)
     fid_model = metrics.load_fid_inception(cfg.eval.fid_weights, device)
@@ -514,7 +668,9 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     palette = label_palette(data.source_name)
 
     rows: list[dict[str, Any]] = []
+    original_niqes: list[float] = []
     for index, sample in enumerate(tqdm(data.samples(), total=data.count, desc="R-PD evaluation")):
+        original_niqes.append(metrics.niqe(sample.image))
         if not isinstance(fid_model, metrics.Unavailable):
             fid_real.append(fid_model.features(sample.image))
         for q in qualities:
@@ -532,20 +688,24 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
                 row = {
                     "key": sample.key,
                     "method": method.name,
+                    "model": method.model,
                     "codec": codec,
                     "quality": q,
                     "bpp_codec": sample.bpp[q],
                     "bpp_total": sample.bpp[q] + (sample.label_bpp if method.uses_labels else 0.0),
                     "psnr": metrics.cap_psnr(metrics.psnr(sample.image, result)),
                     "ms_ssim": metrics.ms_ssim(sample.image, result),
-                    "niqe": metrics.niqe(result, niqe_model),
+                    "niqe": metrics.niqe(result),
                     "lpips": math.nan
                     if isinstance(lpips_model, metrics.Unavailable)
                     else lpips_model(sample.image, result),
+                    "on_training_frames": method.on_training_frames,
                 }
+                if fitted is not None:
+                    row[FITTED_NIQE] = metrics.niqe(result, fitted)
                 rows.append(row)
                 if not isinstance(fid_model, metrics.Unavailable):
-                    fid_fake.setdefault((method.name, q), []).append(fid_model.features(result))
+                    fid_fake.setdefault((method.model, q), []).append(fid_model.features(result))
             if index < cfg.eval.crops and (len(outputs) > 1 or len(methods) == 1):
                 panels = [
                     ("original", sample.image),
@@ -553,52 +713,50 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
                     ("label map", palette[sample.label]),
                 ]
                 write_crop(out / "crops" / f"{sample.key}_{codec}_q{q}.png", panels)
+    original_niqe = float(np.mean(original_niqes))
 
-    means = _mean_rows(rows, methods, qualities)
+    means = _mean_rows(rows, methods, qualities, numeric)
     for mean in means:
         mean["lpips_note"] = lpips_model.reason if isinstance(lpips_model, metrics.Unavailable) else ""
         if isinstance(fid_model, metrics.Unavailable):
             mean["fid"], mean["fid_note"] = math.nan, fid_model.reason
         else:
             try:
-                feats = np.stack(fid_fake[(mean["method"], mean["quality"])])
+                feats = np.stack(fid_fake[(mean["model"], mean["quality"])])
                 mean["fid"] = metrics.frechet_distance(np.stack(fid_real), feats)
                 mean["fid_note"] = f"over {len(feats)} images (FID is biased upwards on small sets)"
             except ValueError as err:
                 mean["fid"], mean["fid_note"] = math.nan, str(err)
 
-    _write_csv(out / "rpd.csv", ROW_COLUMNS, rows)
-    _write_csv(out / "rpd_mean.csv", MEAN_COLUMNS, means)
+    _write_csv(out / "rpd.csv", row_columns, rows)
+    _write_csv(out / "rpd_mean.csv", mean_columns, means)
     report = _bdrate_report(means, codec, qualities)
     report["original_niqe"] = original_niqe
+    if fitted is not None:
+        report["original_niqe_fitted"] = original_niqe_fitted
+    report["frames"] = {"split": cfg.eval.split, "count": len(keys), "keys": keys}
     (out / "bdrate.json").write_text(json.dumps(report, indent=2))
     _plot(out / "rpd_psnr.png", means, "psnr", "PSNR (dB)", codec)
     _plot(out / "rpd_msssim.png", means, "ms_ssim", "MS-SSIM", codec)
     _plot(out / "rpd_niqe.png", means, "niqe", "NIQE (lower = more natural)", codec, original_niqe)
 
-    print(f"R-PD evaluation of {data.description}; NIQE of the originals {original_niqe:.3f}")
+    print(f"R-PD evaluation of {data.description}; standard NIQE of the originals {original_niqe:.3f}")
+    print(describe_frames(cfg.eval.split, keys))
     print(format_table(means))
     for name, entry in report["methods"].items():
         print(f"BD-rate {name} vs {codec}: {entry['bd_rate_pct'] if entry['available'] else entry['reason']}")
         for key, error in entry.get("errors", {}).items():
             print(f"  {key}: not computed: {error}")
     if tracker is not None:
-        for name in (
-            "rpd.csv",
-            "rpd_mean.csv",
-            "bdrate.json",
-            "niqe_model.json",
-            "rpd_psnr.png",
-            "rpd_msssim.png",
-            "rpd_niqe.png",
-        ):
+        names = ["rpd.csv", "rpd_mean.csv", "bdrate.json", "rpd_psnr.png", "rpd_msssim.png", "rpd_niqe.png"]
+        for name in names + (["niqe_model.json"] if fitted is not None else []):
             tracker.log_artifact(out / name, "eval")
         if (out / "crops").is_dir():
             tracker.log_artifact(out / "crops", "eval/crops")
         scalars = {
-            f"eval.{_slug(m['method'])}.q{m['quality']}.{col}": float(m[col])
+            f"{_metric_prefix(m)}.{col}": float(m[col])
             for m in means
-            for col in (*NUMERIC, "fid")
+            for col in (*numeric, "fid")
             if math.isfinite(float(m[col]))
         }
         for name, entry in report["methods"].items():

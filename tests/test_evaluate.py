@@ -1,5 +1,6 @@
 """R-PD evaluation end to end on shards of three sample frames (256x128, hevc QP 37/45) with tiny
-untrained generators, plus the on-the-fly source input and the BD-rate report glue."""
+untrained generators, plus the on-the-fly source input, model identities, the training-frames guard and
+the BD-rate report glue."""
 
 from __future__ import annotations
 
@@ -18,9 +19,20 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import JobConfig, ModelConfig, from_dict
-from pipeline.evaluate import MEAN_COLUMNS, Method, _bdrate_report, enhance, evaluate, load_methods
-from pipeline.export import export_generator, make_spec
-from pipeline.models import build_models
+from pipeline.evaluate import (
+    MEAN_COLUMNS,
+    ROW_COLUMNS,
+    Method,
+    ShardInput,
+    _bdrate_report,
+    _slug,
+    describe_frames,
+    enhance,
+    evaluate,
+    load_methods,
+)
+from pipeline.export import export_generator, make_spec, weights_sha256
+from pipeline.models import Generator, build_models
 from pipeline.shards import build_shards
 from pipeline.tracking import Tracker
 
@@ -96,12 +108,35 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path]) -> None:
+def _with_eval(cfg: JobConfig, **values: Any) -> JobConfig:
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **values))
+
+
+def _fitted_columns(columns: list[str]) -> list[str]:
+    """``columns`` with eval.niqe_fitted's extra column right after ``niqe``."""
+    at = columns.index("niqe") + 1
+    return [*columns[:at], "niqe_fitted", *columns[at:]]
+
+
+def _export(path: Path, label_nc: int, seed: int, quality: int = 45, **kwargs: Any) -> Path:
+    """A tiny residual generator whose correction head is not zero (so each seed gives other images)."""
+    torch.manual_seed(seed)
+    generator, _ = build_models(TINY, label_nc, True)
+    assert isinstance(generator, Generator) and generator.correction is not None
+    with torch.no_grad():
+        generator.correction[-1].weight.normal_(0.0, 0.02)
+    spec = make_spec(TINY, label_nc, True, codec="hevc", quality=quality, phase=3)
+    return export_generator(path, generator, spec, **kwargs)
+
+
+def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path], capsys: pytest.CaptureFixture[str]) -> None:
     cfg, _, models = setup
+    cfg = _with_eval(cfg, niqe_fitted=True)
     tracker = RecordingTracker()
     paths = [str(models / f"{n}.safetensors") for n in ("se37", "se45", "nosem45")]
     out = evaluate(cfg, paths, tracker=tracker)
     assert out == Path(cfg.eval.output_dir)
+    printed = capsys.readouterr().out
 
     rows = _read_csv(out / "rpd.csv")
     images = cfg.eval.max_images
@@ -116,6 +151,10 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path]) -> None:
         ("hevc-SE (no semantics)", 45),
     }
     assert len({r["key"] for r in rows}) == images
+    assert list(rows[0]) == _fitted_columns(ROW_COLUMNS)
+    identities = {f"{p}#{weights_sha256(p)[:12]}": p for p in paths}
+    assert {r["model"] for r in rows} == {"hevc", *identities}
+    assert all(r["on_training_frames"] == "False" for r in rows)
 
     # rates: codec bits from the shard metadata, label bits only where the method reads labels
     by = {(r["key"], r["method"], int(r["quality"])): r for r in rows}
@@ -128,16 +167,18 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path]) -> None:
             assert float(row["bpp_total"]) == float(row["bpp_codec"])
         assert 0 < float(row["psnr"]) <= 100 and 0 <= float(row["ms_ssim"]) <= 1
         assert math.isfinite(float(row["niqe"])) and math.isnan(float(row["lpips"]))
+        assert math.isfinite(float(row["niqe_fitted"]))
     assert float(by[(rows[0]["key"], "hevc", 37)]["bpp_codec"]) > float(
         by[(rows[0]["key"], "hevc", 45)]["bpp_codec"]
     )
 
     means = _read_csv(out / "rpd_mean.csv")
-    assert len(means) == len(methods) and list(means[0]) == MEAN_COLUMNS
+    assert len(means) == len(methods) and list(means[0]) == _fitted_columns(MEAN_COLUMNS)
     for mean in means:
-        group = [r for r in rows if r["method"] == mean["method"] and r["quality"] == mean["quality"]]
+        group = [r for r in rows if r["model"] == mean["model"] and r["quality"] == mean["quality"]]
+        assert {r["method"] for r in group} == {mean["method"]}
         assert int(mean["images"]) == len(group) == images
-        for col in ("bpp_codec", "bpp_total", "psnr", "ms_ssim", "niqe"):
+        for col in ("bpp_codec", "bpp_total", "psnr", "ms_ssim", "niqe", "niqe_fitted"):
             assert float(mean[col]) == pytest.approx(np.mean([float(r[col]) for r in group]), rel=1e-12)
         assert math.isnan(float(mean["lpips"])) and "LPIPS" in mean["lpips_note"]
         assert math.isnan(float(mean["fid"])) and "FID" in mean["fid_note"]
@@ -148,6 +189,15 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path]) -> None:
         assert entry["available"] is False and ">= 4 qualities" in entry["reason"]
         assert entry["per_quality"]
     assert len(report["methods"]["hevc-SE"]["per_quality"]) == 2
+    se37 = f"{paths[0]}#{weights_sha256(paths[0])[:12]}"
+    assert report["methods"]["hevc-SE"]["per_quality"][0]["model"] == se37
+    keys = list(dict.fromkeys(r["key"] for r in rows))
+    assert report["frames"] == {"split": "val", "count": images, "keys": keys}
+    assert math.isfinite(report["original_niqe"]) and math.isfinite(report["original_niqe_fitted"])
+    assert f"scored {images} frames of split 'val': {', '.join(keys)}" in printed
+    for mean in means:
+        assert mean["label"] in printed
+    assert printed.count("does not record its training frames") == 3
 
     for plot in ("rpd_psnr.png", "rpd_msssim.png", "rpd_niqe.png"):
         assert (out / plot).read_bytes()[:8] == PNG_SIGNATURE
@@ -159,21 +209,23 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path]) -> None:
 
     assert json.loads((out / "niqe_model.json").read_text())["fitted_on"].startswith("uncompressed")
     assert out / "rpd.csv" in tracker.artifacts and out / "crops" in tracker.artifacts
-    assert tracker.metrics["eval.hevc-SE.q45.psnr"] == pytest.approx(
-        float(next(m["psnr"] for m in means if m["method"] == "hevc-SE" and m["quality"] == "45"))
+    se45 = next(m for m in means if m["method"] == "hevc-SE" and m["quality"] == "45")
+    assert se45["label"] == f"models/se45#{weights_sha256(paths[1])[:12]}"
+    assert tracker.metrics[f"eval.hevc-SE.{_slug(se45['label'])}.q45.psnr"] == pytest.approx(
+        float(se45["psnr"])
     )
+    codec45 = next(m for m in means if m["method"] == "hevc" and m["quality"] == "45")
+    assert tracker.metrics["eval.hevc.q45.niqe_fitted"] == pytest.approx(float(codec45["niqe_fitted"]))
 
 
 def test_evaluate_source_input_without_models(setup: tuple[JobConfig, dict, Path], tmp_path: Path) -> None:
     cfg, manifest, _ = setup
-    cfg = dataclasses.replace(
-        cfg,
-        eval=dataclasses.replace(
-            cfg.eval, input="source", max_images=1, output_dir=str(tmp_path), qualities=[45]
-        ),
-    )
+    cfg = _with_eval(cfg, input="source", max_images=1, output_dir=str(tmp_path), qualities=[45])
     rows = _read_csv(evaluate(cfg, []) / "rpd.csv")
-    assert [(r["method"], r["quality"]) for r in rows] == [("hevc", "45")]
+    assert [(r["method"], r["model"], r["quality"]) for r in rows] == [("hevc", "hevc", "45")]
+    assert list(rows[0]) == ROW_COLUMNS  # no niqe_fitted column, no fitted model, without eval.niqe_fitted
+    assert not (tmp_path / "niqe_model.json").exists()
+    assert json.loads((tmp_path / "bdrate.json").read_text())["frames"]["keys"] == [rows[0]["key"]]
     # the same frame through the shards' codec gives the same rate
     assert float(rows[0]["bpp_codec"]) > 0
     assert (
@@ -185,11 +237,26 @@ def test_evaluate_source_input_without_models(setup: tuple[JobConfig, dict, Path
 
 def test_model_for_another_quality_is_refused(setup: tuple[JobConfig, dict, Path], tmp_path: Path) -> None:
     cfg, _, models = setup
-    cfg = dataclasses.replace(
-        cfg, eval=dataclasses.replace(cfg.eval, qualities=[37], output_dir=str(tmp_path))
-    )
+    cfg = _with_eval(cfg, qualities=[37], output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="not evaluated"):
         evaluate(cfg, [str(models / "se45.safetensors")])
+
+
+def test_a_model_of_several_qualities_is_one_point_at_each(
+    setup: tuple[JobConfig, dict, Path], tmp_path: Path
+) -> None:
+    """A model trained on several qualities (loader.qualities) scores at each of them, as one model."""
+    cfg, manifest, _ = setup
+    torch.manual_seed(1)
+    generator, _ = build_models(TINY, int(manifest["dataset"]["label_nc"]), True)
+    with torch.no_grad():
+        generator.correction[-1].weight.normal_(0.0, 0.02)  # not the identity: its rows differ from HEVC's
+    spec = make_spec(TINY, int(manifest["dataset"]["label_nc"]), True, codec="hevc", quality=45, phase=3)
+    path = export_generator(tmp_path / "both.safetensors", generator, {**spec, "qualities": QUALITIES})
+    out = evaluate(_with_eval(cfg, output_dir=str(tmp_path / "out")), [str(path)])
+    means = [r for r in _read_csv(out / "rpd_mean.csv") if r["method"] == "hevc-SE"]
+    assert sorted(int(r["quality"]) for r in means) == QUALITIES
+    assert len({r["model"] for r in means}) == 1 and all(int(r["images"]) == 2 for r in means)
 
 
 def test_registry_uris_go_through_tracking(
@@ -198,19 +265,25 @@ def test_registry_uris_go_through_tracking(
     _, manifest, models = setup
     asked: list[tuple[str, str]] = []
 
+    def fake_pin(uri: str, *, tracking_uri: str = "") -> str:
+        asked.append((uri, tracking_uri))
+        return "models:/jpdse/7"
+
     def fake_resolve(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | None = None) -> Path:
         asked.append((uri, tracking_uri))
         return models / "nosem45.safetensors"
 
+    monkeypatch.setattr(tracking, "pin_model_uri", fake_pin)
     monkeypatch.setattr(tracking, "resolve_model_uri", fake_resolve)
     label_nc = int(manifest["dataset"]["label_nc"])
     methods = load_methods(
         ["models:/jpdse@champion"], "hevc", QUALITIES, label_nc, torch.device("cpu"), "sqlite:///x"
     )
-    assert asked == [("models:/jpdse@champion", "sqlite:///x")]
-    assert [(m.name, m.quality, m.uses_labels) for m in methods] == [
-        ("hevc", None, False),
-        ("hevc-SE (no semantics)", 45, False),
+    # the alias is pinned once, and the pinned version is what is downloaded and named
+    assert asked == [("models:/jpdse@champion", "sqlite:///x"), ("models:/jpdse/7", "sqlite:///x")]
+    assert [(m.name, m.quality, m.uses_labels, m.model, m.label) for m in methods] == [
+        ("hevc", None, False, "hevc", "hevc"),
+        ("hevc-SE (no semantics)", 45, False, "models:/jpdse/7", "jpdse/7"),
     ]
     with pytest.raises(ValueError, match="label_nc"):
         load_methods(["models:/jpdse@champion"], "hevc", QUALITIES, label_nc + 1, torch.device("cpu"))
@@ -227,6 +300,124 @@ def test_enhance_pads_and_crops_back() -> None:
     label = rng.integers(0, 5, (30, 50), dtype=np.uint8)
     out = enhance(Method("hevc-SE", 45, generator.eval(), spec), decoded, label, None, torch.device("cpu"))
     assert out.shape == (30, 50, 3) and out.dtype == np.uint8
+    # a fresh residual generator outputs the decoded image through its correction head (phases 2-3) ...
+    assert np.array_equal(out, decoded)
+    # ... and a phase-1 export draws from the labels alone with the synthesis head
+    prior = enhance(
+        Method("prior", 45, generator, {**spec, "phase": 1}), decoded, label, None, torch.device("cpu")
+    )
+    other = enhance(
+        Method("prior", 45, generator, {**spec, "phase": 1}), 255 - decoded, label, None, torch.device("cpu")
+    )
+    assert np.array_equal(prior, other) and not np.array_equal(prior, decoded)
+
+
+def test_models_are_never_pooled(
+    setup: tuple[JobConfig, dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three exports of one codec and quality, all named generator.safetensors: three models, three curves;
+    the same file given twice is one model."""
+    cfg, manifest, _ = setup
+    label_nc = int(manifest["dataset"]["label_nc"])
+    paths = [
+        str(_export(tmp_path / run / "generator.safetensors", label_nc, seed))
+        for seed, run in enumerate("abc")
+    ]
+    cfg = _with_eval(cfg, qualities=[45], output_dir=str(tmp_path / "out"))
+    out = evaluate(cfg, [*paths, paths[0]])
+    printed = capsys.readouterr().out
+    assert f"{paths[0]} is the model {paths[0]}#{weights_sha256(paths[0])[:12]} again" in printed
+
+    rows = _read_csv(out / "rpd.csv")
+    images = cfg.eval.max_images
+    assert len(rows) == images * (1 + len(paths))
+    identities = [f"{p}#{weights_sha256(p)[:12]}" for p in paths]
+    by_model = {m: [r for r in rows if r["model"] == m] for m in ["hevc", *identities]}
+    assert all(len(group) == images for group in by_model.values())
+    assert [{r["method"] for r in by_model[m]} for m in identities] == [
+        {"hevc-SE [a]"},
+        {"hevc-SE [b]"},
+        {"hevc-SE [c]"},
+    ]
+
+    means = _read_csv(out / "rpd_mean.csv")
+    assert [(m["method"], m["model"], int(m["images"])) for m in means] == [
+        ("hevc", "hevc", images),
+        *((f"hevc-SE [{run}]", identity, images) for run, identity in zip("abc", identities, strict=True)),
+    ]
+    for mean in means:
+        group = by_model[mean["model"]]
+        assert float(mean["psnr"]) == pytest.approx(np.mean([float(r["psnr"]) for r in group]), rel=1e-12)
+    assert len({m["psnr"] for m in means}) == len(means)  # four different models, four different results
+    labels = [m["label"] for m in means]
+    assert len(set(labels)) == len(labels) and all(label in printed for label in labels)
+    assert labels[1] == f"a/generator#{weights_sha256(paths[0])[:12]}"
+    report = json.loads((out / "bdrate.json").read_text())
+    assert sorted(report["methods"]) == ["hevc-SE [a]", "hevc-SE [b]", "hevc-SE [c]"]
+
+
+def test_same_folder_names_fall_back_to_hashes(setup: tuple[JobConfig, dict, Path], tmp_path: Path) -> None:
+    _, manifest, _ = setup
+    label_nc = int(manifest["dataset"]["label_nc"])
+    paths = [
+        str(_export(tmp_path / run / "phase3" / "generator.safetensors", label_nc, i))
+        for i, run in enumerate("xy")
+    ]
+    paths.append(str(_export(tmp_path / "x" / "phase3" / "other.safetensors", label_nc, 2)))
+    methods = load_methods(paths, "hevc", [45], label_nc, torch.device("cpu"))
+    # "phase3" is shared by all, "x" by two: the hashes tell them apart
+    assert [m.name for m in methods[1:]] == [f"hevc-SE [{weights_sha256(p)[:12]}]" for p in paths]
+    # a lone model keeps the plain curve name
+    assert [m.name for m in load_methods(paths[:1], "hevc", [45], label_nc, torch.device("cpu"))[1:]] == [
+        "hevc-SE"
+    ]
+
+
+def test_scored_frames_are_listed_short() -> None:
+    assert describe_frames("val", ["a", "b"]) == "scored 2 frames of split 'val': a, b"
+    keys = [f"k{i:02d}" for i in range(25)]
+    assert describe_frames("test", keys) == (
+        "scored 25 frames of split 'test': k00, k01, k02, k03, k04, ... 15 more ..., k20, k21, k22, k23, k24"
+    )
+
+
+def test_training_frames_are_never_scored_unless_allowed(
+    setup: tuple[JobConfig, dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, manifest, _ = setup
+    label_nc = int(manifest["dataset"]["label_nc"])
+    cfg = _with_eval(cfg, qualities=[45], output_dir=str(tmp_path / "out"))
+    keys = ShardInput(cfg).keys()
+    assert len(keys) == cfg.eval.max_images
+    trained = str(
+        _export(tmp_path / "trained" / "g.safetensors", label_nc, 0, train_frames=[keys[0], "zz_1"])
+    )
+    clean = str(_export(tmp_path / "clean" / "g.safetensors", label_nc, 1, train_frames=["zz_1", "zz_2"]))
+    trained_id = f"{trained}#{weights_sha256(trained)[:12]}"
+
+    with pytest.raises(
+        ValueError, match=rf"model {trained_id} was trained on 1 of the evaluated frames \({keys[0]}\)"
+    ):
+        evaluate(cfg, [clean, trained])
+    assert not (tmp_path / "out" / "rpd.csv").exists()
+    capsys.readouterr()
+
+    out = evaluate(_with_eval(cfg, allow_training_frames=True), [clean, trained])
+    printed = capsys.readouterr().out
+    assert (
+        f"WARNING: SCORED ON TRAINING FRAMES: model {trained_id} was trained on 1 of the evaluated frames"
+        in printed
+    )
+    assert "does not record" not in printed
+    rows = _read_csv(out / "rpd.csv")
+    flagged = {r["model"] for r in rows if r["on_training_frames"] == "True"}
+    assert flagged == {trained_id} and len(rows) == 3 * cfg.eval.max_images
+    means = _read_csv(out / "rpd_mean.csv")
+    assert [m["on_training_frames"] for m in means] == ["False", "False", "True"]
+    table = [line for line in printed.splitlines() if means[2]["label"] in line]
+    assert len(table) == 1 and table[0].startswith("!")
+    report = json.loads((out / "bdrate.json").read_text())
+    assert report["methods"]["hevc-SE [trained]"]["per_quality"][0]["on_training_frames"] is True
 
 
 def _means(name: str, factor: float, gain: float) -> list[dict[str, Any]]:
@@ -242,6 +433,8 @@ def _means(name: str, factor: float, gain: float) -> list[dict[str, Any]]:
         out.append(
             {
                 "method": "hevc",
+                "model": "hevc",
+                "on_training_frames": False,
                 "quality": q,
                 "bpp_codec": bpp,
                 "bpp_total": bpp,
@@ -253,6 +446,8 @@ def _means(name: str, factor: float, gain: float) -> list[dict[str, Any]]:
         out.append(
             {
                 "method": name,
+                "model": f"{name}.safetensors#0123456789ab",
+                "on_training_frames": False,
                 "quality": q,
                 "bpp_codec": bpp * factor,
                 "bpp_total": bpp * factor * 1.1,
