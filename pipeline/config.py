@@ -30,6 +30,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class HoldoutConfig:
+    """Frames carved out of a dataset split into a split of their own, so that training never sees them.
+
+    A sample goes to split ``name`` when it belongs to ``from_split`` and its city (Cityscapes: the key's
+    prefix, ``lindau`` in ``lindau_000005_000019``) is in ``cities`` or its key is listed in ``list_file``
+    (one key per line, ``#`` comments).
+    """
+
+    name: str = ""
+    from_split: str = "val"
+    cities: list[str] = field(default_factory=list)
+    list_file: str = ""
+
+
+@dataclass
 class DataConfig:
     """Where the images and label maps come from and the working size."""
 
@@ -41,6 +56,8 @@ class DataConfig:
     image_dir: str = "images"  # folder source only
     label_dir: str = "labels"  # folder source only
     label_nc: int = 0  # 0: take it from the source's label table
+    # held-out splits carved out of data.splits (e.g. a validation and a test city of one split)
+    holdout: list[HoldoutConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -75,6 +92,9 @@ class LoaderConfig:
     split: str = "val"
     codec: str = "hevc"
     quality: int = 42
+    # train one model on several qualities: each sample's decoded image is drawn from these (a uniform
+    # pick per sample); empty: loader.quality only. Validation then averages over them.
+    qualities: list[int] = field(default_factory=list)
     crop: list[int] = field(default_factory=lambda: [128, 256])  # [height, width]; [] = none
     flip: bool = True
     batch_size: int = 2
@@ -99,6 +119,9 @@ class ModelConfig:
     # need the instance map too, and its bits are not counted in the rate.
     use_instance: bool = False
     zero_semantics: bool = False
+    # clamp(decoded + correction) with the correction initialised at zero: codec-SE starts at the codec.
+    # False: pix2pixHD's tanh output (the paper's generator).
+    residual: bool = True
 
 
 @dataclass
@@ -146,6 +169,24 @@ class TrainConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """Validation on held-out frames during training: metrics, best-checkpoint selection, early stop.
+
+    The frames of ``split`` must not be trained on, and should not be the ones results are reported on
+    (``eval.split``): selecting a checkpoint on the reported frames is tuning on them.
+    """
+
+    split: str = "val"
+    every: int = 0  # steps between validations (and step 0); 0: no validation, the last step is exported
+    images: int = 0  # frames of the split used; 0: all
+    metric: str = "psnr"  # psnr | ms_ssim | niqe: what "best" means (mean over the frames)
+    # a step replaces the best only when better by more than this (in the metric's units): on a few frames,
+    # smaller differences are noise, and the starting point (the codec itself) should not be traded for it
+    min_delta: float = 0.0
+    patience: int = 0  # stop after this many validations without improvement; 0: never stop early
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking; the default needs no server."""
 
@@ -170,6 +211,10 @@ class EvalConfig:
     crops: int = 4
     fid_weights: str = ""
     lpips_weights: str = ""
+    # also score NIQE against a pristine model fitted on the split's own originals (column niqe_fitted)
+    niqe_fitted: bool = False
+    # scoring a model on frames it was trained on is refused; true: allowed, with a warning in every table
+    allow_training_frames: bool = False
 
 
 @dataclass
@@ -217,6 +262,7 @@ class JobConfig:
         )
     )
     train: TrainConfig = field(default_factory=TrainConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

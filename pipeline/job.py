@@ -1,20 +1,30 @@
 """The main job, end to end: shards -> three phases per quality -> R-PD evaluation, in one tracked run.
 
 The semantic prior (phase 1) does not see the decoded image, so it is trained once and shared;
-phases 2 and 3 are trained per codec quality, one model per codec x quality as in the paper.
+phases 2 and 3 are trained per codec quality, one model per codec x quality as in the paper. Beside each
+codec-SE model the zero-semantics ablation is trained with the same phases 2-3 budget (from the identity
+generator: a prior drawn from zeroed semantics would be a constant), so the semantics' contribution is
+measured, not assumed. Training, checkpoint selection and the reported figures use three disjoint splits
+(``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.splits`).
 """
 
 from __future__ import annotations
 
+import csv
 import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipeline.codecs import LabelCoder
 from pipeline.config import ConfigError, JobConfig
 from pipeline.evaluate import evaluate
 from pipeline.shards import build_shards, format_summary
+from pipeline.sources import open_source
+from pipeline.splits import check_disjoint, plan_splits
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
 from pipeline.trainer import train
 
@@ -31,13 +41,43 @@ def job_qualities(cfg: JobConfig, manifest: dict[str, Any]) -> list[int]:
     return list(wanted)
 
 
-def _for_quality(cfg: JobConfig, quality: int, prior: Path) -> JobConfig:
-    out = Path(cfg.train.output_dir) / f"{cfg.loader.codec}_q{quality}"
+def _for_quality(cfg: JobConfig, quality: int, prior: Path | None, ablation: bool) -> JobConfig:
+    name = f"{cfg.loader.codec}_q{quality}" + ("_nosem" if ablation else "")
     return replace(
         cfg,
         loader=replace(cfg.loader, quality=quality),
-        train=replace(cfg.train, output_dir=str(out), init_from=str(prior)),
+        model=replace(cfg.model, zero_semantics=ablation),
+        train=replace(
+            cfg.train, output_dir=str(Path(cfg.train.output_dir) / name), init_from=str(prior or "")
+        ),
     )
+
+
+def label_costs(cfg: JobConfig, factors: tuple[int, ...] = (1, 2)) -> dict[int, float]:
+    """Mean lossless bpp of the ``eval.split`` label maps per down-sampling factor (shards.label_coder)."""
+    source = open_source(cfg.data)
+    frames = plan_splits(cfg.data, source)[cfg.eval.split]
+    pixels = cfg.data.width * cfg.data.height
+    costs = {}
+    for factor in factors:
+        coder = LabelCoder(cfg.shards.label_coder, factor)
+        bits = [
+            8 * len(coder.encode(source.load(s, cfg.data.width, cfg.data.height)[1])) / pixels for s in frames
+        ]
+        costs[factor] = float(np.mean(bits))
+    return costs
+
+
+def format_label_costs(costs: dict[int, float], codec_bpp: dict[int, float], used: int) -> str:
+    """The label map's cost beside the codec's, per quality, with and without down-sampling."""
+    lines = ["label map cost on the reported frames (lossless; bpp and share of the codec's bits):"]
+    head = f"  {'quality':>7} {'codec bpp':>9} " + " ".join(f"{f'/{f} bpp':>9} {'share':>6}" for f in costs)
+    lines.append(head)
+    for quality, bpp in sorted(codec_bpp.items()):
+        cells = " ".join(f"{c:>9.4f} {100 * c / bpp:>5.0f}%" for c in costs.values())
+        lines.append(f"  {quality:>7} {bpp:>9.4f} {cells}")
+    lines.append(f"  (the shards and bpp_total use down-sampling /{used}: shards.label_downsample)")
+    return "\n".join(lines)
 
 
 def run(cfg: JobConfig) -> Path:
@@ -48,6 +88,8 @@ def run(cfg: JobConfig) -> Path:
     """
     manifest = build_shards(cfg)
     print(format_summary(manifest), flush=True)
+    for warning in check_disjoint(manifest, cfg):
+        print(f"[job] WARNING: {warning}", flush=True)
     qualities = job_qualities(cfg, manifest)
     tracker = make_tracker(cfg)
     with tracker.start_run(cfg.name, params=cfg.flat(), tags={**run_tags(cfg), "job": "main"}):
@@ -58,9 +100,19 @@ def run(cfg: JobConfig) -> Path:
         prior = train(prior_cfg, [1], resume=True, tracker=tracker, run_name="semantic-prior")[1]
         exports = []
         for q in qualities:
-            qcfg = _for_quality(cfg, q, prior)
+            qcfg = _for_quality(cfg, q, prior, ablation=False)
             exports.append(train(qcfg, [2, 3], resume=True, tracker=tracker, run_name=f"train-q{q}")[3])
+            acfg = _for_quality(cfg, q, None, ablation=True)
+            run_name = f"train-q{q}-nosem"
+            exports.append(train(acfg, [2, 3], resume=True, tracker=tracker, run_name=run_name)[3])
         results = evaluate(cfg, models=[str(e) for e in exports], tracker=tracker)
+        with (results / "rpd_mean.csv").open() as f:
+            codec_bpp = {
+                int(row["quality"]): float(row["bpp_codec"])
+                for row in csv.DictReader(f)
+                if row["method"] == cfg.loader.codec
+            }
+        print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample))
     print(f"\nR-PD results: {results.resolve()} (rpd_mean.csv, rpd_*.png, bdrate.json, crops/)")
     print(f"Generators:   {', '.join(str(e) for e in exports)}")
     if cfg.tracking.enabled:

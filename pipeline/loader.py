@@ -4,7 +4,8 @@
 
     shard list (SimpleShardList, or ResampledShards when loader.resampled)
     -> split shards over rank x worker units -> tar samples -> split samples (only with too few shards)
-    -> shuffle (train) -> keep the members needed -> decode PNGs with OpenCV, JSON
+    -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities)
+    -> decode PNGs with OpenCV, JSON
     -> instance edges, crop/flip (train), tensors -> batched
 
 Splitting (finite mode). A *unit* is one DataLoader worker of one rank; there are
@@ -46,7 +47,8 @@ from pipeline.shards import read_manifest
 
 IMAGE, LABEL, INSTANCE, META = "image.png", "label.png", "instance.png", "json"
 # Distinct streams of randomness derived from the same seed.
-_SHARD_ORDER, _SHUFFLE, _AUGMENT, _RESAMPLE = 1, 2, 3, 4
+_SHARD_ORDER, _SHUFFLE, _AUGMENT, _RESAMPLE, _QUALITY = 1, 2, 3, 4, 5
+DECODED = "__decoded__"  # the chosen codec member of a sample, e.g. hevc_q42
 
 
 class LoaderError(ConfigError):
@@ -58,17 +60,27 @@ def codec_member(cfg: JobConfig) -> str:
     return f"{cfg.loader.codec}_q{cfg.loader.quality}"
 
 
+def training_qualities(cfg: JobConfig) -> list[int]:
+    """The qualities a model trains on: ``loader.qualities``, else ``[loader.quality]``."""
+    return sorted(set(cfg.loader.qualities)) or [cfg.loader.quality]
+
+
+def codec_members(cfg: JobConfig) -> list[str]:
+    """The shard members of every training quality, e.g. ``["hevc_q37", "hevc_q42"]``."""
+    return [f"{cfg.loader.codec}_q{q}" for q in training_qualities(cfg)]
+
+
 def _split_entry(cfg: JobConfig, manifest: dict[str, Any], split: str) -> dict[str, Any]:
     splits = manifest.get("splits", {})
     if split not in splits or not splits[split].get("shards"):
         built = sorted(s for s, entry in splits.items() if entry.get("shards"))
         raise LoaderError(f"split {split!r} has no shards in {cfg.shards.output}; built: {built or 'none'}")
-    member = codec_member(cfg)
-    if member not in manifest.get("codecs", {}):
-        raise LoaderError(
-            f"{member} (loader.codec={cfg.loader.codec}, loader.quality={cfg.loader.quality}) was not built "
-            f"in {cfg.shards.output}; built: {sorted(manifest.get('codecs', {})) or 'none'}"
-        )
+    for member in codec_members(cfg):
+        if member not in manifest.get("codecs", {}):
+            raise LoaderError(
+                f"{member} (loader.codec={cfg.loader.codec}, loader.quality/qualities) was not built "
+                f"in {cfg.shards.output}; built: {sorted(manifest.get('codecs', {})) or 'none'}"
+            )
     return splits[split]
 
 
@@ -203,7 +215,21 @@ def _select(sample: dict[str, Any], member: str) -> dict[str, Any]:
             f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {missing}; it has {have}"
         )
     keep = wanted + (INSTANCE, "__key__", "__url__")
-    return {k: v for k, v in sample.items() if k in keep}
+    return {**{k: v for k, v in sample.items() if k in keep}, DECODED: member}
+
+
+class _PickQuality(_Stage):
+    """One of ``members`` per sample, drawn uniformly (one member: no randomness used)."""
+
+    def __init__(self, rank: int, world_size: int, seed: int, members: list[str]):
+        super().__init__(rank, world_size, seed)
+        self.members = members
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = self._next_rng(_QUALITY, per_unit=True)
+        for sample in src:
+            member = self.members[0] if len(self.members) == 1 else rng.choice(self.members)
+            yield _select(sample, member)
 
 
 def _png(key: str, data: bytes) -> np.ndarray | None:
@@ -220,9 +246,9 @@ def _png(key: str, data: bytes) -> np.ndarray | None:
     return array
 
 
-def _arrays(sample: dict[str, Any], member: str) -> dict[str, Any]:
+def _arrays(sample: dict[str, Any]) -> dict[str, Any]:
     """Decoded members -> aligned ``H x W [x C]`` arrays plus metadata; edges from the full instance map."""
-    key = sample["__key__"]
+    key, member = sample["__key__"], sample[DECODED]
     image, decoded, label = sample[IMAGE], sample[f"{member}.png"], sample[LABEL]
     meta = sample[META]
     if decoded.shape != image.shape or label.shape != image.shape[:2]:
@@ -351,7 +377,7 @@ def make_dataset(
     crop = _crop(cfg) if train else None
     urls = shard_urls(cfg, split)
     rank, world_size = resolve_rank(rank, world_size)
-    member = codec_member(cfg)
+    members = codec_members(cfg) if train else [codec_member(cfg)]
     if loader.resampled:
         source = [
             wds.ResampledShards(urls, seed=seed, worker_seed=partial(_unit_seed, rank), deterministic=True)
@@ -367,9 +393,9 @@ def make_dataset(
     if train and loader.shuffle > 1:
         samples.append(_Shuffle(rank, world_size, seed, loader.shuffle))
     samples += [
-        wds.map(partial(_select, member=member)),
+        _PickQuality(rank, world_size, seed, members),
         wds.decode(_png),
-        wds.map(partial(_arrays, member=member)),
+        wds.map(_arrays),
     ]
     if train and (crop is not None or loader.flip):
         samples.append(_Augment(rank, world_size, seed, crop, loader.flip))

@@ -14,6 +14,17 @@ job that does not start at phase 1) and D from the ``discriminator.safetensors``
 when there is one: phase 2 fine-tunes the phase-1 GAN as a whole rather than pitting the phase-1
 generator against an untrained D. Without the file D starts fresh, with a notice. Phase 3 does not
 train D (no engine, no optimizer state); it only runs it, frozen, when its GAN/feature weights are on.
+With the residual generator (``model.residual``, the default) phase 1 trains the trunk and the synthesis
+head; phase 2 takes them over weight for weight and trains the correction head, which starts at zero, so
+phase 2's step 0 is the codec itself. Without a phase-1 export (and no ``train.init_from``) a residual
+phase 2 or 3 starts from that identity generator, with a notice.
+
+Validation (``validate.every`` > 0, phases that see the decoded image): at step 0 and every
+``validate.every`` steps rank 0 scores the generator on the held-out frames of ``validate.split``
+(:mod:`pipeline.validation`); the best by ``validate.metric`` (step 0 included) is kept in
+each checkpoint and is what the phase exports (a later step must beat it by more than
+``validate.min_delta``); ``validate.patience`` stops a phase after that many validations without
+improvement.
 
 Checkpoints: ``<output_dir>/checkpoints/<tag>/`` holds both engines' DeepSpeed checkpoints, each
 rank's RNG state and ``trainer_state.json``; ``checkpoints/latest`` names the newest *complete* one
@@ -47,16 +58,26 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, PhaseConfig, flatten
 from pipeline.engine import DistEnv, Engines, barrier, build_engines, distributed
-from pipeline.export import export_generator, load_generator, make_spec, read_spec
-from pipeline.loader import make_loader
+from pipeline.export import export_generator, load_generator, make_spec, read_spec, read_train_frames
+from pipeline.loader import make_loader, training_qualities
 from pipeline.losses import GeneratorLosses, discriminator_loss
-from pipeline.models import build_models, discriminator_input, generator_input, semantic_channels
+from pipeline.models import (
+    Generator,
+    build_models,
+    discriminator_input,
+    generator_input,
+    semantic_channels,
+    zero_correction,
+)
 from pipeline.shards import read_manifest
+from pipeline.splits import split_keys
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
+from pipeline.validation import Validator, check_metric, improves, load_frames
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best_generator.safetensors"  # in a checkpoint: the best validated generator so far
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 
@@ -93,6 +114,7 @@ StepCallback = Callable[[StepEvent], None]
 class DatasetInfo:
     label_nc: int
     use_instance: bool
+    train_frames: tuple[str, ...] = ()  # keys of loader.split; empty when shards are given by pattern
 
 
 def output_dir(cfg: JobConfig) -> Path:
@@ -193,7 +215,10 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
             "set model.label_nc or shards.output"
         )
     has_instances = bool(dataset["has_instances"]) if dataset else cfg.model.use_instance
-    return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances)
+    frames: tuple[str, ...] = ()
+    if dataset and not cfg.loader.shards:
+        frames = tuple(sorted(split_keys(read_manifest(manifest_dir), cfg.loader.split)))
+    return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames)
 
 
 class Batches:
@@ -250,6 +275,15 @@ class PhaseRunner:
         self.samples = 0  # this rank's
         self.saved_step = -1
         self.last_log = (0.0, 0)  # (time, samples of all ranks) at the last log line or checkpoint
+        self.validating = cfg.validate.every > 0 and self.phase_cfg.visual_input
+        self.validator: Validator | None = None
+        self.best: dict[str, Any] = {}  # rank 0: step, value and scores of the best validation
+        self.best_weights: dict[str, Tensor] | None = None  # rank 0, on the CPU
+        self.bad_validations = 0
+        self.stopped_early = False
+        # what the export records as seen in training: this phase's frames and its starting point's
+        inherited = (read_train_frames(init) or []) if init is not None else []
+        self.train_frames = tuple(sorted(set(data.train_frames) | set(inherited)))
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -264,6 +298,16 @@ class PhaseRunner:
             self.env.device
         )
         self.accumulation = self.engines.generator.gradient_accumulation_steps()
+        if self.validating and self.env.is_main:
+            check_metric(cfg.validate.metric)
+            frames = load_frames(cfg, cfg.validate.split, cfg.validate.images)
+            self.validator = Validator(cfg, data.label_nc, data.use_instance, frames)
+            overlap = sorted(set(self.validator.keys) & set(self.train_frames))
+            if overlap:
+                raise ConfigError(
+                    f"validate.split={cfg.validate.split!r} holds {len(overlap)} training frame(s) of "
+                    f"loader.split={cfg.loader.split!r} (e.g. {overlap[:3]}); carve it out with data.holdout"
+                )
 
     def _load_init(self, generator: nn.Module, discriminator: nn.Module) -> None:
         previous, spec = load_generator(self.init)
@@ -273,6 +317,8 @@ class PhaseRunner:
                 f"use_instance={spec.get('use_instance')}) but phase {self.phase} builds {generator.hparams}"
             )
         generator.load_state_dict(previous.state_dict())
+        if isinstance(generator, Generator) and generator.residual and int(spec.get("phase", 0)) == 1:
+            zero_correction(generator)  # phase 1 never trains it; phase 2 starts at the codec regardless
         d_file = self.init.parent / DISCRIMINATOR_FILE
         if d_file.is_file():
             try:
@@ -344,9 +390,15 @@ class PhaseRunner:
                     self.env,
                     f"WARNING: generator replicas differ across ranks at step {self.step}: {digests}",
                 )
+            if self.best_weights is not None:
+                _save_tensors_atomic(path / BEST_FILE, self.best_weights)
             state = {
                 "phase": self.phase,
                 "step": self.step,
+                "stopped_early": self.stopped_early,
+                "validation": {**self.best, "bad_validations": self.bad_validations}
+                if self.validating
+                else None,
                 "epoch": self.batches.epoch,
                 "batches_in_epoch": self.batches.in_epoch,
                 "samples_seen": samples,
@@ -385,6 +437,11 @@ class PhaseRunner:
         if self.engines.discriminator is not None:
             self.engines.discriminator.load_checkpoint(str(ckpt.path), tag="discriminator")
         self.step = self.saved_step = int(state["step"])
+        validation = state.get("validation") or {}
+        if self.validating and self.env.is_main and validation.get("step") is not None:
+            self.bad_validations = int(validation.pop("bad_validations", 0))
+            self.best = validation
+            self.best_weights = load_file(str(ckpt.path / BEST_FILE))
         rng_file = ckpt.path / f"rng_rank{self.env.rank}.pt"
         if state["world_size"] == self.env.world_size and rng_file.is_file():
             rank_state = torch.load(rng_file, weights_only=True)
@@ -441,6 +498,43 @@ class PhaseRunner:
                 )
         self.last_log = (time.perf_counter(), samples)
 
+    def _validate(self) -> None:
+        """Score the generator on the held-out frames (rank 0), keep the best, agree on an early stop."""
+        stop = False
+        if self.env.is_main:
+            assert self.validator is not None
+            metric = self.cfg.validate.metric
+            scores = self.validator(self.engines.generator.module)
+            if improves(scores[metric], self.best.get("value"), metric, self.cfg.validate.min_delta):
+                self.best = {"step": self.step, "metric": metric, "value": scores[metric], "scores": scores}
+                self.best_weights = {
+                    k: v.detach().float().cpu().clone()
+                    for k, v in self.engines.generator.module.state_dict().items()
+                }
+                self.bad_validations = 0
+            else:
+                self.bad_validations += 1
+            patience = self.cfg.validate.patience
+            stop = patience > 0 and self.bad_validations >= patience
+            self.tracker.log_metrics(
+                {**{f"val_{k}": v for k, v in scores.items()}, "val_best_step": float(self.best["step"])},
+                step=self.step,
+            )
+            self.bar.set_postfix(
+                {"val_dPSNR": f"{scores['delta_psnr']:+.3f}", "best_step": self.best["step"]}, refresh=False
+            )
+            _say(
+                self.env,
+                f"phase {self.phase} step {self.step} validation on {len(self.validator.keys)} "
+                f"{self.cfg.validate.split} frames: PSNR {scores['psnr']:.3f} dB "
+                f"({scores['delta_psnr']:+.3f} vs codec), MS-SSIM {scores['ms_ssim']:.5f}, "
+                f"NIQE {scores['niqe']:.3f}; best {metric} at step {self.best['step']}"
+                + (f"; no improvement in {patience} validations, stopping" if stop else ""),
+            )
+        decision = [stop]
+        dist.broadcast_object_list(decision, src=0)
+        self.stopped_early = bool(decision[0])
+
     def run(self, resume_from: Checkpoint | None = None) -> Path:
         """Train the phase to ``phase.steps`` and return the exported generator file."""
         self._build()
@@ -460,25 +554,43 @@ class PhaseRunner:
             file=sys.stderr,
         )
         self.last_log = (time.perf_counter(), self._all_samples())
-        while self.step < steps:
+        if self.validating and self.step == 0:
+            self._validate()  # the starting point (the codec itself, for a fresh residual G) is a candidate
+        while self.step < steps and not self.stopped_early:
             metrics = self._train_step()
             self.step += 1
             self.bar.update(1)
             if self._due(self.cfg.train.log_every) or self._due(self.cfg.tracking.log_every):
                 self._log(metrics)
-            if self._due(self.cfg.train.checkpoint_every) and self.step < steps:
+            if self.validating and self._due(self.cfg.validate.every):
+                self._validate()
+            if self._due(self.cfg.train.checkpoint_every) and self.step < steps and not self.stopped_early:
                 self._save_checkpoint()
             if self.on_step is not None:
                 self.on_step(StepEvent(self.phase, self.step, steps, self.engines.generator.module, metrics))
         self.bar.close()
-        if self.saved_step != self.step:
-            self._save_checkpoint()
+        self._save_checkpoint()
         return self._export()
 
     def _export(self) -> Path:
+        """Export the best validated generator (the last one without validation) and D beside it."""
         folder = phase_dir(self.out, self.phase)
         path = folder / GENERATOR_FILE
         if self.env.is_main:
+            extra: dict[str, Any] = {}
+            if self.cfg.loader.qualities and self.phase_cfg.visual_input:
+                extra["qualities"] = training_qualities(self.cfg)
+            generator: nn.Module = self.engines.generator
+            if self.best_weights is not None:
+                generator = Generator(**self.engines.generator.module.hparams)
+                generator.load_state_dict(self.best_weights)
+                extra["selected"] = {**self.best, "split": self.cfg.validate.split}
+                _say(
+                    self.env,
+                    f"phase {self.phase}: exporting step {self.best['step']} of {self.step}, the best "
+                    f"{self.best['metric']} on {self.cfg.validate.split} "
+                    f"({self.best['scores']['delta_psnr']:+.3f} dB PSNR vs the codec)",
+                )
             spec = make_spec(
                 self.cfg.model,
                 self.data.label_nc,
@@ -487,13 +599,15 @@ class PhaseRunner:
                 quality=self.cfg.loader.quality,
                 phase=self.phase,
                 steps=self.step,
+                train_split=self.cfg.loader.split,
+                **extra,
             )
             d_state = {
                 k: v.detach().float().cpu().contiguous()
                 for k, v in self.engines.discriminator_net.state_dict().items()
             }
             _save_tensors_atomic(folder / DISCRIMINATOR_FILE, d_state)
-            export_generator(path, self.engines.generator, spec)
+            export_generator(path, generator, spec, train_frames=self.train_frames)
             _say(self.env, f"phase {self.phase} done: {path}")
         barrier()
         return path
@@ -513,6 +627,7 @@ class StepInputs:
     g_in: Tensor
     semantics: Tensor
     real: Tensor
+    synthesis: bool = False  # phase 1: the generator's synthesis head (see pipeline.models.Generator)
 
     @property
     def real_d(self) -> Tensor:
@@ -537,7 +652,9 @@ def step_inputs(
         visual_input=phase_cfg.visual_input,
     ).to(dtype)
     semantic_nc = semantic_channels(data.label_nc, data.use_instance)
-    return StepInputs(g_in, g_in[:, :semantic_nc], batch["image"].to(device))
+    return StepInputs(
+        g_in, g_in[:, :semantic_nc], batch["image"].to(device), synthesis=not phase_cfg.visual_input
+    )
 
 
 def generator_terms(
@@ -549,7 +666,7 @@ def generator_terms(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The fake image and the generator's loss terms, through the discriminator with its gradients off
     (``frozen_d`` calls ``d_net``; DeepSpeed refuses a backward through the D engine inside G's loss)."""
-    fake = generator(x.g_in)
+    fake = generator(x.g_in, synthesis=x.synthesis)
     d_net.requires_grad_(False)
     fake_out = frozen_d(discriminator_input(x.semantics, fake)) if losses.needs_fake_outputs else None
     real_out = None
@@ -569,7 +686,7 @@ def discriminator_terms(
     return discriminator_loss(_as_float(d_fake), _as_float(d_real), gan_mode)
 
 
-def _init_source(cfg: JobConfig, phase: int, phases: list[int], out: Path) -> Path | None:
+def _init_source(cfg: JobConfig, phase: int, phases: list[int], out: Path, env: DistEnv) -> Path | None:
     """Where phase ``phase`` starts from: nothing (phase 1), ``train.init_from`` for the first phase of
     a job that does not start at 1, else the previous phase's export."""
     if phase == 1:
@@ -580,6 +697,13 @@ def _init_source(cfg: JobConfig, phase: int, phases: list[int], out: Path) -> Pa
             raise ConfigError(f"train.init_from: no such file {source}")
         return source
     source = phase_dir(out, phase - 1) / GENERATOR_FILE
+    if not source.is_file() and cfg.model.residual and phase == phases[0]:
+        _say(
+            env,
+            f"phase {phase}: no phase-{phase - 1} export at {source} and no train.init_from; "
+            "starting from the identity generator (the residual generator returns the codec's image)",
+        )
+        return None
     if not source.is_file():
         raise ConfigError(
             f"phase {phase} starts from phase {phase - 1}'s generator, but {source} does not exist; "
@@ -647,7 +771,11 @@ def _train_phases(
     for phase in phases:
         export = phase_dir(out, phase) / GENERATOR_FILE
         done = latest is not None and (
-            phase < latest.phase or (phase == latest.phase and latest.step >= cfg.phase(phase).steps)
+            phase < latest.phase
+            or (
+                phase == latest.phase
+                and (latest.state.get("stopped_early", False) or latest.step >= cfg.phase(phase).steps)
+            )
         )
         if done and export.is_file():
             _say(env, f"phase {phase} already complete: {export}")
@@ -656,7 +784,9 @@ def _train_phases(
         if latest is not None and phase < latest.phase:
             raise RuntimeError(f"resuming at phase {latest.phase}, but phase {phase}'s {export} is missing")
         start = latest if latest is not None and latest.phase == phase else None
-        runner = PhaseRunner(cfg, phase, env, tracker, data, _init_source(cfg, phase, phases, out), on_step)
+        runner = PhaseRunner(
+            cfg, phase, env, tracker, data, _init_source(cfg, phase, phases, out, env), on_step
+        )
         with tracker.start_run(f"phase{phase}", params=_phase_params(cfg, phase), tags=run_tags(cfg, phase)):
             exports[phase] = runner.run(resume_from=start)
             if env.is_main:

@@ -1,15 +1,16 @@
 """Ray Tune search of the phase-2 loss weights: JPD-SE's perception-distortion trade-off.
 
-Every trial fine-tunes phase 2 from the same phase-1 export (``train.init_from``, required: the sweep
-compares weightings on one shared semantic prior, not different priors) for ``tune.max_steps`` steps with
+Every trial fine-tunes phase 2 from the same starting point (``train.init_from``, a phase-1 export: the
+sweep compares weightings on one shared semantic prior; without it a residual generator starts every trial
+at the codec itself) for ``tune.max_steps`` steps with
 its own values of the searched keys (``tune.search_space``, dotted config keys, e.g.
 ``phase2.loss.dist: {loguniform: [1, 100]}``; also ``uniform``, ``randint`` and ``choice``). Every
 ``tune.report_every`` steps, and once more on the exported generator at the end, it evaluates the first
-``tune.eval_images`` images of ``eval.split`` of the shards: mean PSNR (distortion), mean NIQE
-(perception; its pristine model is fitted once, on all original images of that split, and needs no
-weights) and ``val_score = val_psnr - tune.niqe_weight * val_niqe``. ``tune.metric`` picks one of the
-three as the objective; ASHA (``time_attr="step"``) stops the weak trials at those reports. The best trial
-is the best *completed* one (early-stopped trials have no exported generator).
+``tune.eval_images`` frames of ``validate.split`` of the shards (held-out frames, never the training split,
+and best not the reported ``eval.split``): mean PSNR (distortion), mean standard NIQE (perception,
+published pristine model) and ``val_score = val_psnr - tune.niqe_weight * val_niqe``. ``tune.metric``
+picks one of the three as the objective; ASHA (``time_attr="step"``) stops the weak trials at those
+reports. The best trial is the best *completed* one (early-stopped trials have no exported generator).
 
 Layout: ``<tune.output_dir>/<tune.name>/`` is Ray's experiment folder (``Tuner.restore`` resumes it); each
 trial folder ``trial_<id>/`` holds Ray's results and ``train/``, the trial's own ``train.output_dir``
@@ -34,9 +35,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
 from pipeline.config import ConfigError, JobConfig, TuneConfig, from_dict, with_overrides
 from pipeline.tracking import Tracker, default_tracking_uri, make_tracker, run_tags
 
@@ -46,7 +44,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.evaluate import EvalSample
-    from pipeline.metrics import NIQEModel
     from pipeline.trainer import StepEvent
 
 METRICS = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
@@ -111,7 +108,6 @@ class _Setup:
     experiment: str
     parent_run_id: str | None
     samples: list[EvalSample] = field(default_factory=list)
-    niqe: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -190,19 +186,20 @@ def _absolute(path: str) -> str:
 
 def trial_base(cfg: JobConfig) -> JobConfig:
     """The config every trial starts from: local paths made absolute (Ray runs trials in folders of its
-    own), the tracking URI resolved, ``phase2.steps = tune.max_steps``, no phase-2 registration."""
+    own), the tracking URI resolved, ``phase2.steps = tune.max_steps``, no phase-2 registration and no
+    validation inside the trainer (the sweep's own reports rank the trials)."""
     from pipeline.engine import resolve_path
     from pipeline.export import read_spec
 
-    if not cfg.train.init_from:
+    if not cfg.train.init_from and not cfg.model.residual:
         raise ConfigError(
             "tune needs train.init_from=<phase-1 exported generator>: every trial fine-tunes phase 2 from "
             "the same semantic prior (train one with `python -m pipeline train --phases 1`)"
         )
-    init = Path(cfg.train.init_from).expanduser().resolve()
-    if not init.is_file():
+    init = Path(cfg.train.init_from).expanduser().resolve() if cfg.train.init_from else None
+    if init is not None and not init.is_file():
         raise ConfigError(f"train.init_from: no such file {init}")
-    phase = read_spec(init).get("phase")
+    phase = read_spec(init).get("phase") if init is not None else 1
     if phase != 1:
         warnings.warn(f"train.init_from {init} is a phase-{phase} export, not phase 1's", stacklevel=2)
     values: dict[str, Any] = {
@@ -210,10 +207,12 @@ def trial_base(cfg: JobConfig) -> JobConfig:
         "shards.output": _absolute(cfg.shards.output),
         "loader.shards": _absolute(cfg.loader.shards),
         "loss.vgg_weights": _absolute(cfg.loss.vgg_weights),
-        "train.init_from": str(init),
+        "train.init_from": str(init) if init is not None else "",
         "train.deepspeed_config": str(resolve_path(cfg.train.deepspeed_config).resolve()),
         "phase2.steps": cfg.tune.max_steps,
         "tracking.register_phase2": False,
+        # the sweep scores its trials itself (every tune.report_every steps); a trial exports its last step
+        "validate.every": 0,
     }
     if cfg.tracking.enabled:
         values["tracking.uri"] = default_tracking_uri(cfg.tracking.uri)
@@ -223,82 +222,52 @@ def trial_base(cfg: JobConfig) -> JobConfig:
 # -------------------------------------------------------------------------------------- evaluation
 
 
-def eval_set(cfg: JobConfig) -> tuple[list[EvalSample], NIQEModel]:
-    """The held-out samples (``tune.eval_images`` of ``eval.split``, at ``loader.quality``) and the NIQE
-    model fitted on all originals of that split."""
-    from pipeline import metrics
-    from pipeline.evaluate import ShardInput
+def eval_set(cfg: JobConfig) -> list[EvalSample]:
+    """The held-out frames trials are scored on: ``tune.eval_images`` of ``validate.split`` at
+    ``loader.quality``, refused when they overlap the training split."""
+    from pipeline.shards import read_manifest
+    from pipeline.splits import split_keys
+    from pipeline.validation import load_frames
 
-    if not (Path(cfg.shards.output) / "manifest.json").is_file():
-        raise ConfigError(f"tune evaluates on built shards, but there is no manifest in {cfg.shards.output}")
-    quality = cfg.loader.quality
-    every = ShardInput(with_overrides(cfg, {"eval.max_images": 0, "eval.qualities": [quality]}))
-    niqe_model = metrics.fit_niqe_model(
-        every.originals(), f"uncompressed {every.description} ({cfg.data.width}x{cfg.data.height})"
-    )
-    subset = ShardInput(
-        with_overrides(cfg, {"eval.max_images": cfg.tune.eval_images, "eval.qualities": [quality]})
-    )
-    samples = list(subset.samples())
-    if niqe_model.n_patches < 4 * metrics.NIQE_FEATURES:
-        warnings.warn(
-            f"NIQE's pristine model is fitted on only {niqe_model.n_patches} patches of "
-            f"{metrics.NIQE_PATCH} px ({metrics.NIQE_FEATURES} features): its scores are unreliable; "
-            "use larger images or more of them",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    if not samples:
-        raise ConfigError(f"no held-out images: {subset.description}")
-    return samples, niqe_model
+    samples = load_frames(cfg, cfg.validate.split, cfg.tune.eval_images)
+    if not cfg.loader.shards:
+        train = set(split_keys(read_manifest(cfg.shards.output), cfg.loader.split))
+        overlap = sorted(train & {s.key for s in samples})
+        if overlap:
+            raise ConfigError(
+                f"validate.split={cfg.validate.split!r} shares {len(overlap)} frame(s) with the training "
+                f"split {cfg.loader.split!r} (e.g. {overlap[:3]}): trials would be scored on frames they "
+                "train on; carve a held-out split with data.holdout"
+            )
+    return samples
 
 
-def summarize(psnrs: list[float], niqes: list[float], niqe_weight: float) -> dict[str, float]:
-    """Mean PSNR, mean NIQE (over images with a usable NIQE) and the combined score."""
-    finite = [v for v in niqes if math.isfinite(v)]
-    val_psnr = float(np.mean(psnrs))
-    val_niqe = float(np.mean(finite)) if finite else math.nan
-    return {"val_psnr": val_psnr, "val_niqe": val_niqe, "val_score": val_psnr - niqe_weight * val_niqe}
-
-
-def codec_baseline(
-    samples: list[EvalSample], quality: int, niqe_model: NIQEModel, niqe_weight: float
-) -> dict[str, float]:
-    from pipeline import metrics
-
-    psnrs = [metrics.cap_psnr(metrics.psnr(s.image, s.decoded[quality])) for s in samples]
-    return summarize(psnrs, [metrics.niqe(s.decoded[quality], niqe_model) for s in samples], niqe_weight)
+def summarize(psnr: float, niqe: float, niqe_weight: float) -> dict[str, float]:
+    """Mean PSNR, mean NIQE and the combined score, under the names Tune reports."""
+    return {"val_psnr": psnr, "val_niqe": niqe, "val_score": psnr - niqe_weight * niqe}
 
 
 class Evaluator:
-    """Scores a generator on the held-out samples (through a float32 eval-mode copy of it)."""
+    """Scores a generator on the held-out frames (see :class:`pipeline.validation.Validator`)."""
 
-    def __init__(self, cfg: JobConfig, samples: list[EvalSample], niqe_model: NIQEModel) -> None:
-        from pipeline.export import make_spec
+    def __init__(self, cfg: JobConfig, samples: list[EvalSample]) -> None:
         from pipeline.trainer import dataset_info
+        from pipeline.validation import Validator
 
         data = dataset_info(cfg)
-        self.quality = cfg.loader.quality
-        self.spec = make_spec(
-            cfg.model, data.label_nc, data.use_instance, codec=cfg.loader.codec, quality=self.quality, phase=2
-        )
-        self.samples, self.niqe_model, self.niqe_weight = samples, niqe_model, cfg.tune.niqe_weight
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.validator = Validator(cfg, data.label_nc, data.use_instance, samples)
+        self.device = self.validator.device
+        self.niqe_weight = cfg.tune.niqe_weight
+
+    @property
+    def baseline(self) -> dict[str, float]:
+        """The codec's own scores on the frames."""
+        codec = self.validator.codec
+        return summarize(codec.psnr, codec.niqe, self.niqe_weight)
 
     def __call__(self, generator: nn.Module) -> dict[str, float]:
-        from pipeline import metrics
-        from pipeline.evaluate import Method, enhance
-        from pipeline.models import Generator
-
-        net = Generator(**generator.hparams)
-        net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
-        method = Method("trial", self.quality, net.to(self.device).eval(), self.spec)
-        psnrs, niqes = [], []
-        for sample in self.samples:
-            out = enhance(method, sample.decoded[self.quality], sample.label, sample.instance, self.device)
-            psnrs.append(metrics.cap_psnr(metrics.psnr(sample.image, out)))
-            niqes.append(metrics.niqe(out, self.niqe_model))
-        return summarize(psnrs, niqes, self.niqe_weight)
+        scores = self.validator(generator)
+        return summarize(scores["psnr"], scores["niqe"], self.niqe_weight)
 
 
 # ------------------------------------------------------------------------------------------ a trial
@@ -309,14 +278,13 @@ def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     from ray import tune as ray_tune
 
     from pipeline.export import load_generator
-    from pipeline.metrics import NIQEModel
     from pipeline.trainer import read_latest, train
 
     context = ray_tune.get_context()
     trial_id = context.get_trial_id()
     out = Path(setup.experiment) / Path(context.get_trial_dir()).name / TRAIN_DIR
     cfg = with_overrides(from_dict(setup.base), {**config, "train.output_dir": str(out)})
-    evaluate = Evaluator(cfg, setup.samples, NIQEModel.from_dict(setup.niqe))
+    evaluate = Evaluator(cfg, setup.samples)
     tracker = make_tracker(cfg)
     tags = {**run_tags(cfg, 2), "sweep": Path(setup.experiment).name, "trial_id": trial_id}
     if setup.parent_run_id:
@@ -479,13 +447,13 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
         raise ConfigError(
             f"{experiment} already holds a sweep: resume it (--resume) or set another tune.name"
         )
-    if cfg.eval.split == cfg.loader.split:
+    if cfg.validate.split == cfg.eval.split:
         print(
-            f"[tune] note: eval.split = loader.split = {cfg.eval.split!r}: "
-            "the trials are scored on images they train on"
+            f"[tune] WARNING: validate.split = eval.split = {cfg.eval.split!r}: the sweep is tuned on the "
+            "frames results are reported on"
         )
-    samples, niqe_model = eval_set(base)
-    baseline = codec_baseline(samples, base.loader.quality, niqe_model, settings.niqe_weight)
+    samples = eval_set(base)
+    baseline = Evaluator(base, samples).baseline
 
     tracker = make_tracker(base)
     started_ray = not ray.is_initialized()
@@ -495,9 +463,7 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
         params = {k: json.dumps(v) for k, v in (settings.search_space or DEFAULT_SPACE).items()}
         tags = {**run_tags(base, 2), "sweep": experiment.name}
         with tracker.start_run(experiment.name, params={**base.flat(), **params}, tags=tags):
-            setup = _Setup(
-                base.to_dict(), str(experiment), tracker.active_run_id, samples, niqe_model.to_dict()
-            )
+            setup = _Setup(base.to_dict(), str(experiment), tracker.active_run_id, samples)
             trainable = ray_tune.with_resources(
                 ray_tune.with_parameters(run_trial, setup=setup),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},

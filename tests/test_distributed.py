@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Launcher variables of this (pytest) process must not leak into the launched job.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PHASE1_STEPS = 40
-# Past the end of every rank's first epoch (22 samples, 2 ranks, batch 1): the ranks then sit at
+# Past the end of every rank's first epoch (10 training samples, 2 ranks, batch 1): the ranks then sit at
 # different data positions, which a resume must restore rank by rank.
 KILL_AFTER = 14
 
@@ -51,6 +51,7 @@ def torchrun(shards: Path, out: Path, *extra: str) -> list[str]:
         "train.checkpoint_every=2",
         "train.log_every=1",
         "tracking.enabled=false",
+        "validate.every=0",  # exports are the last step: comparable with the checkpoints' digests
         *extra,
     ]  # fmt: skip
 
@@ -164,3 +165,22 @@ def test_resumed_job_matches_an_uninterrupted_one(
         resumed, _ = load_generator(interrupted_job["out"] / f"phase{phase}" / "generator.safetensors")
         reference, _ = load_generator(uninterrupted_job / f"phase{phase}" / "generator.safetensors")
         assert params_digest(resumed) == params_digest(reference), f"phase {phase}"
+
+
+def test_validation_on_two_ranks(shards: Path, tmp_path: Path) -> None:
+    """Rank 0 validates, every rank follows its early-stop decision, the best step is exported once."""
+    command = torchrun(shards, tmp_path / "run", "validate.every=1", "validate.patience=1", "phase2.steps=6")
+    command[command.index("1,2,3")] = "2"
+    done = subprocess.run(command, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout
+    assert log.count("phase 2 step 0 validation on 2 valid frames") == 1  # rank 0 only
+    assert "starting from the identity generator" in log
+    _, spec = load_generator(tmp_path / "run" / "phase2" / "generator.safetensors")
+    assert spec["selected"]["split"] == "valid" and spec["selected"]["step"] in range(7)
+    state = json.loads(
+        (
+            tmp_path / "run" / "checkpoints" / latest(tmp_path / "run")["tag"] / "trainer_state.json"
+        ).read_text()
+    )
+    assert state["world_size"] == 2 and state["validation"]["step"] == spec["selected"]["step"]

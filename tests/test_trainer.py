@@ -84,6 +84,7 @@ def make_cfg(shards: Path, vgg_file: Path, out: Path, *extra: str) -> JobConfig:
             "train.checkpoint_every=0",
             "train.log_every=1",
             "tracking.log_every=1",
+            "validate.every=0",  # the validation tests switch it on
             *extra,
         ],
     )
@@ -189,10 +190,132 @@ def test_init_from_starts_a_later_phase(
     assert tracker.runs == [("refine", 0), ("phase3", 1)]
 
 
-def test_a_later_phase_without_a_source_is_refused(shards: Path, vgg_file: Path, tmp_path: Path) -> None:
+def test_a_plain_later_phase_without_a_source_is_refused(
+    shards: Path, vgg_file: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="init_from"):
-        trainer.train(make_cfg(shards, vgg_file, tmp_path), [2], tracker=Tracker())
+        trainer.train(make_cfg(shards, vgg_file, tmp_path, "model.residual=false"), [2], tracker=Tracker())
     assert not torch.distributed.is_initialized()  # the world of one is torn down, also on errors
+
+
+def first_batch(cfg: JobConfig) -> dict[str, torch.Tensor]:
+    from pipeline.loader import make_loader
+
+    return next(iter(make_loader(cfg, rank=0, world_size=1, train=True, seed=0)))
+
+
+def test_residual_phases_2_3_without_a_prior_start_at_the_codec(
+    shards: Path, vgg_file: Path, tmp_path: Path, initial_generators: list, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = make_cfg(shards, vgg_file, tmp_path)
+    exports = trainer.train(cfg, [2, 3], tracker=Tracker())
+    assert "starting from the identity generator" in capsys.readouterr().out
+    assert exports[3].is_file()
+    generator, _ = load_generator(exports[3])
+    net = type(generator)(**generator.hparams)
+    net.load_state_dict(initial_generators[0])
+    batch = first_batch(cfg)
+    x = trainer.step_inputs(
+        cfg, cfg.phase2, trainer.dataset_info(cfg), batch, torch.device("cpu"), torch.float32
+    )
+    with torch.no_grad():
+        assert torch.equal(net(x.g_in), batch["decoded"])  # step 0: codec-SE is the codec, exactly
+        assert not torch.equal(generator(x.g_in), batch["decoded"])  # and training moved it
+
+
+def test_phase1_trains_the_synthesis_head_and_hands_over_a_zero_correction(chain: dict[str, Any]) -> None:
+    prior = weights(chain["exports"][1])
+    assert prior["correction.1.weight"].abs().sum() == 0 and prior["correction.1.bias"].abs().sum() == 0
+    assert not same(
+        {k: v for k, v in chain["initial"][0].items() if k.startswith("model.")},
+        {k: v for k, v in prior.items() if k.startswith("model.")},
+    )
+    assert weights(chain["exports"][2])["correction.1.weight"].abs().sum() > 0  # phase 2 trains it
+
+
+class ScriptedValidator:
+    """Stands in for :class:`pipeline.validation.Validator`: PSNRs from a script, one per call."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values, self.calls, self.keys = list(values), 0, ["frame"]
+
+    def __call__(self, generator: torch.nn.Module) -> dict[str, float]:
+        value = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        scores = {"psnr": value, "ms_ssim": 0.9, "niqe": 5.0}
+        return {**scores, **{f"codec_{k}": v for k, v in scores.items()}, "delta_psnr": value - 30.0,
+                "delta_ms_ssim": 0.0, "delta_niqe": 0.0}  # fmt: skip
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> list[ScriptedValidator]:
+    made: list[ScriptedValidator] = []
+
+    def build(*args: Any, **kwargs: Any) -> ScriptedValidator:
+        made.append(ScriptedValidator(values))
+        return made[-1]
+
+    monkeypatch.setattr(trainer, "Validator", build)
+    return made
+
+
+def test_the_best_validated_step_is_exported(
+    shards: Path, vgg_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, initial_generators: list
+) -> None:
+    """Validation at steps 0, 2, 4, 6 with a metric that peaks at step 2: the export is step 2's weights."""
+    made = scripted(monkeypatch, [30.0, 31.0, 30.5, 29.0])
+    steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(event: trainer.StepEvent) -> None:
+        steps[event.step] = {k: v.detach().clone() for k, v in event.generator.state_dict().items()}
+
+    cfg = make_cfg(shards, vgg_file, tmp_path, "phase2.steps=6", "validate.every=2")
+    tracker = RecordingTracker()
+    exports = trainer.train(cfg, [2], tracker=tracker, on_step=keep)
+    assert made[0].calls == 4
+    assert same(weights(exports[2]), steps[2]) and not same(weights(exports[2]), steps[6])
+    _, spec = load_generator(exports[2])
+    assert spec["selected"]["step"] == 2 and spec["selected"]["split"] == "valid" and spec["steps"] == 6
+    logged = [m for run, _, m in tracker.metrics if "val_psnr" in m]
+    assert [m["val_psnr"] for m in logged] == [30.0, 31.0, 30.5, 29.0]
+
+
+def test_the_starting_point_wins_when_training_only_worsens(
+    shards: Path, vgg_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, initial_generators: list
+) -> None:
+    """Step 0 (the codec itself) is a candidate; with patience 2 the phase stops early, and a rerun with
+    --resume finds it complete."""
+    made = scripted(monkeypatch, [30.0, 29.0, 28.0, 27.0])
+    cfg = make_cfg(shards, vgg_file, tmp_path, "phase2.steps=20", "validate.every=2", "validate.patience=2")
+    exports = trainer.train(cfg, [2], tracker=Tracker())
+    assert made[0].calls == 3  # steps 0, 2, 4: two validations without improvement
+    assert same(weights(exports[2]), initial_generators[0])
+    latest = trainer.read_latest(tmp_path)
+    assert latest is not None and latest.step == 4 and latest.state["stopped_early"]
+    again = trainer.train(cfg, [2], resume=True, tracker=Tracker())
+    assert same(weights(again[2]), initial_generators[0]) and len(made) == 1
+
+
+def test_validation_resumes_with_its_best(
+    shards: Path, vgg_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed phase keeps the best of before the interruption: same export as an uninterrupted run."""
+    values = [30.0, 32.0, 31.0, 30.0, 29.0]
+    scripted(monkeypatch, values)
+    full = make_cfg(shards, vgg_file, tmp_path / "full", "phase2.steps=8", "validate.every=2",
+                    "train.checkpoint_every=2")  # fmt: skip
+    reference = trainer.train(full, [2], tracker=Tracker())[2]
+    scripted(monkeypatch, values[:3])
+    part = make_cfg(shards, vgg_file, tmp_path / "part", "phase2.steps=4", "validate.every=2",
+                    "train.checkpoint_every=2")  # fmt: skip
+    trainer.train(part, [2], tracker=Tracker())
+    scripted(monkeypatch, values[3:])
+    rest = make_cfg(shards, vgg_file, tmp_path / "part", "phase2.steps=8", "validate.every=2",
+                    "train.checkpoint_every=2")  # fmt: skip
+    latest = trainer.read_latest(tmp_path / "part")
+    assert latest is not None and latest.state["validation"]["step"] == 2
+    resumed = trainer.train(rest, [2], resume=True, tracker=Tracker())[2]
+    assert same(weights(resumed), weights(reference))
+    assert load_generator(resumed)[1]["selected"]["step"] == 2
 
 
 def test_resume_refuses_checkpoints_of_other_training_settings(

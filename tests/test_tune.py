@@ -237,9 +237,11 @@ def test_a_second_sweep_into_the_same_folder_needs_resume(sweep: dict[str, Any])
         tune(sweep["cfg"])
 
 
-def test_a_sweep_needs_a_phase1_export(shards: Path, tmp_path: Path) -> None:
+def test_a_plain_sweep_needs_a_phase1_export(shards: Path, tmp_path: Path) -> None:
+    """A plain generator cannot start phase 2 from nothing; a residual one starts every trial at the codec."""
     with pytest.raises(ConfigError, match="train.init_from"):
-        trial_base(base_cfg(shards, tmp_path))
+        trial_base(base_cfg(shards, tmp_path, "model.residual=false"))
+    assert trial_base(base_cfg(shards, tmp_path)).train.init_from == ""
     with pytest.raises(ConfigError, match="no such file"):
         trial_base(base_cfg(shards, tmp_path, f"train.init_from={tmp_path / 'missing.safetensors'}"))
 

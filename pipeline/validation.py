@@ -1,0 +1,112 @@
+"""Validation on held-out frames: what training selects its checkpoints by and what a sweep ranks trials by.
+
+The frames are the full images of ``validate.split`` in the shards, decoded at ``loader.codec`` x each
+training quality (``loader.qualities``, else ``loader.quality``). A :class:`Validator` scores the codec
+once and then any generator: mean PSNR, MS-SSIM and (standard, published-model) NIQE over frames x
+qualities, and the codec-SE minus codec differences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import metrics
+from pipeline.config import ConfigError, JobConfig, with_overrides
+from pipeline.evaluate import EvalSample, Method, ShardInput, enhance
+from pipeline.export import make_spec
+from pipeline.loader import training_qualities
+from pipeline.models import Generator
+
+# what "better" means for each selectable metric
+DIRECTIONS = {"psnr": "max", "ms_ssim": "max", "niqe": "min"}
+
+
+def check_metric(name: str) -> str:
+    """The direction (``max``/``min``) of a selectable metric; a clear error for an unknown one."""
+    if name not in DIRECTIONS:
+        raise ConfigError(f"validate.metric must be one of {sorted(DIRECTIONS)}, got {name!r}")
+    return DIRECTIONS[name]
+
+
+def improves(value: float, best: float | None, metric: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` (``None``: nothing yet) on ``metric`` by more than ``min_delta``;
+    NaN never improves."""
+    if not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return value > best + min_delta if DIRECTIONS[metric] == "max" else value < best - min_delta
+
+
+def load_frames(cfg: JobConfig, split: str, images: int) -> list[EvalSample]:
+    """The first ``images`` (0: all) frames of ``split`` of the built shards at the training qualities."""
+    if not (Path(cfg.shards.output) / "manifest.json").is_file():
+        raise ConfigError(f"validation reads built shards, but there is no manifest in {cfg.shards.output}")
+    data = ShardInput(
+        with_overrides(
+            cfg, {"eval.split": split, "eval.max_images": images, "eval.qualities": training_qualities(cfg)}
+        )
+    )
+    samples = list(data.samples())
+    if not samples:
+        raise ConfigError(f"no validation frames: {data.description}")
+    return samples
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Mean scores over the validation frames."""
+
+    psnr: float
+    ms_ssim: float
+    niqe: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}psnr": self.psnr, f"{prefix}ms_ssim": self.ms_ssim, f"{prefix}niqe": self.niqe}
+
+
+def score(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
+    """Means over ``(original, reconstruction)`` pairs; NIQE over the images where it is defined."""
+    niqes = [v for _, out in pairs if math.isfinite(v := metrics.niqe(out))]
+    return Scores(
+        psnr=float(np.mean([metrics.cap_psnr(metrics.psnr(a, b)) for a, b in pairs])),
+        ms_ssim=float(np.mean([metrics.ms_ssim(a, b) for a, b in pairs])),
+        niqe=float(np.mean(niqes)) if niqes else math.nan,
+    )
+
+
+class Validator:
+    """Scores generators on held-out frames, through a float32 eval-mode copy (any engine dtype)."""
+
+    def __init__(self, cfg: JobConfig, label_nc: int, use_instance: bool, samples: list[EvalSample]) -> None:
+        self.qualities = training_qualities(cfg)
+        self.spec = make_spec(
+            cfg.model, label_nc, use_instance, codec=cfg.loader.codec, quality=cfg.loader.quality, phase=2
+        )
+        self.samples = samples
+        self.keys = [s.key for s in samples]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.codec = score([(s.image, s.decoded[q]) for s in samples for q in self.qualities])
+
+    def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(original, codec-SE)`` for every frame x quality."""
+        net = Generator(**generator.hparams)
+        net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
+        method = Method("validation", None, net.to(self.device).eval(), self.spec)
+        return [
+            (s.image, enhance(method, s.decoded[q], s.label, s.instance, self.device))
+            for s in self.samples
+            for q in self.qualities
+        ]
+
+    def __call__(self, generator: nn.Module) -> dict[str, float]:
+        """``psnr``, ``ms_ssim``, ``niqe`` of codec-SE, the codec's as ``codec_*``, and ``delta_*``."""
+        se = score(self.enhanced(generator))
+        deltas = {f"delta_{k}": v - getattr(self.codec, k) for k, v in se.as_dict().items()}
+        return {**se.as_dict(), **self.codec.as_dict("codec_"), **deltas}
