@@ -143,6 +143,9 @@ class PhaseConfig:
     train_discriminator: bool = True  # False: D is not stepped (phase 3)
     loss: LossWeights = field(default_factory=LossWeights)
     lr: float = 2e-4
+    # constant | cosine: a short linear warm-up (5 % of the steps), then cosine decay to zero at the
+    # phase's last step (DeepSpeed's WarmupCosineLR; its state is part of the checkpoint)
+    lr_schedule: str = "constant"
 
 
 @dataclass

@@ -162,6 +162,21 @@ def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.devic
         params.setdefault("adam_w_mode", False)
     if device.type == "cpu":
         params["torch_adam"] = True
+    if phase_cfg.lr_schedule == "cosine":
+        if "scheduler" in ds:
+            raise ConfigError(f"{path} has a scheduler of its own; drop it or set lr_schedule: constant")
+        ds["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(phase_cfg.steps, 2),
+                "warmup_num_steps": max(2, phase_cfg.steps // 20),
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": 0.0,
+            },
+        }
+    elif phase_cfg.lr_schedule != "constant":
+        raise ConfigError(f"lr_schedule must be constant or cosine, got {phase_cfg.lr_schedule!r}")
     return ds
 
 

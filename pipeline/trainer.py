@@ -483,6 +483,7 @@ class PhaseRunner:
         elapsed = max(time.perf_counter() - self.last_log[0], 1e-9)
         logged = {n: float(v) for n, v in zip(names, values, strict=True)}
         logged["samples_per_s"] = (samples - self.last_log[1]) / elapsed
+        logged["lr"] = float(self.engines.generator.get_lr()[0])
         bad = [n for n, v in logged.items() if not np.isfinite(v)]
         if bad:
             raise FloatingPointError(f"phase {self.phase} step {self.step}: non-finite {bad}: {logged}")

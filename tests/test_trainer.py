@@ -165,7 +165,7 @@ def test_losses_are_finite_and_follow_the_phase_weights(chain: dict[str, Any]) -
     assert by_phase["phase1"] >= {"g_gan", "g_feat", "g_vgg", "g_total"} | d_terms
     assert "g_dist" not in by_phase["phase1"]
     assert by_phase["phase2"] >= {"g_gan", "g_feat", "g_dist", "g_total"} | d_terms
-    assert by_phase["phase3"] == {"g_gan", "g_dist", "g_total", "samples_per_s"}
+    assert by_phase["phase3"] == {"g_gan", "g_dist", "g_total", "samples_per_s", "lr"}
 
 
 def test_phase1_ignores_the_decoded_image(
@@ -351,6 +351,24 @@ def test_deepspeed_configs_get_the_phase_settings(path: Path) -> None:
     params = ds["optimizer"]["params"]
     assert (params["lr"], params["betas"], params["weight_decay"]) == (cfg.phase3.lr, [0.4, 0.9], 0.0)
     assert params["adam_w_mode"] is False
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(
+    shards: Path, vgg_file: Path, tmp_path: Path
+) -> None:
+    cfg = make_cfg(
+        shards, vgg_file, tmp_path, "phase3.steps=8", "phase3.lr=1e-3", "phase3.lr_schedule=cosine"
+    )
+    ds = engine.deepspeed_config(cfg, cfg.phase3, torch.device("cpu"))
+    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == 8
+    tracker = RecordingTracker()
+    trainer.train(cfg, [3], tracker=tracker)
+    lrs = [m["lr"] for run, _, m in tracker.metrics if run == "phase3"]
+    assert len(lrs) == 8 and 0.9e-3 < max(lrs) <= 1e-3 and lrs[-1] < 1e-4 and lrs[0] < max(lrs)
+    assert lrs.index(max(lrs)) < 4  # warm-up, then decay
+    bad = load_config(None, ["phase3.lr_schedule=step"])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        engine.deepspeed_config(bad, bad.phase3, torch.device("cpu"))
 
 
 def test_zero3_is_refused(tmp_path: Path) -> None:
