@@ -109,13 +109,19 @@ def test_shapes_and_discriminator_features(batch: dict[str, torch.Tensor]) -> No
     assert outputs[1][-1].shape[-1] < outputs[0][-1].shape[-1]
 
 
-@pytest.mark.parametrize("model_cfg", [PLAIN, TINY], ids=["plain", "residual"])
-def test_blind_generator_ignores_the_decoded_image(
-    batch: dict[str, torch.Tensor], model_cfg: ModelConfig
-) -> None:
+@pytest.fixture(params=[PLAIN, TINY], ids=["plain", "residual"])
+def trained_looking(request: pytest.FixtureRequest) -> Generator:
+    """A plain and a residual generator whose outputs depend on every input channel."""
     torch.manual_seed(0)
-    generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)
+    generator, _ = build_models(request.param, LABEL_NC, use_instance=True)
     perturb_correction(generator)
+    return generator
+
+
+def test_blind_generator_ignores_the_decoded_image(
+    batch: dict[str, torch.Tensor], trained_looking: Generator
+) -> None:
+    generator = trained_looking
     other = dict(batch, decoded=-batch["decoded"])
     with torch.no_grad():
         a = generator(assemble(batch, visual_input=False))
@@ -160,13 +166,10 @@ def test_residual_and_plain_generators_share_the_trunk_layout() -> None:
         zero_correction(plain)
 
 
-@pytest.mark.parametrize("model_cfg", [PLAIN, TINY], ids=["plain", "residual"])
 def test_zero_semantics_generator_ignores_labels(
-    batch: dict[str, torch.Tensor], model_cfg: ModelConfig
+    batch: dict[str, torch.Tensor], trained_looking: Generator
 ) -> None:
-    torch.manual_seed(0)
-    generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)
-    perturb_correction(generator)
+    generator = trained_looking
     other = dict(batch, label=(batch["label"] + 5) % LABEL_NC, edge=1 - batch["edge"])
     with torch.no_grad():
         assert torch.equal(
