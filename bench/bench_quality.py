@@ -1,0 +1,187 @@
+"""Quality benchmark: does codec-SE beat its codec on frames training never saw, and do semantics help?
+
+From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs:
+
+1. shards with three disjoint splits (``configs/default.yaml``): frankfurt (10 frames) trains, munster (2)
+   validates, lindau (10) is reported;
+2. the codec-SE generator and its zero-semantics ablation are trained side by side, one process and one
+   CPU thread each, with the same recipe and step budget (``RECIPE`` below; ``--steps`` to change it);
+   each validates on munster and exports its best step (the codec itself, step 0, included);
+3. both are evaluated with ``python -m pipeline evaluate``'s code on the lindau frames (the figure) and on
+   the training frames (to show over-fitting, ``eval.allow_training_frames``).
+
+It prints, per QP: bpp (codec bits, and total with the lossless label map), PSNR, MS-SSIM and NIQE of the
+codec, codec-SE and the ablation; the PSNR gains on held-out and on training frames side by side; and the
+BD-rates against HEVC on codec bits and on total bits. The elapsed wall time of every stage is printed too;
+the budget (``--budget-min``, default 15) is what the whole script must fit in on 2 cores.
+
+Usage:  python bench/bench_quality.py [--steps N] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides
+from pipeline.evaluate import evaluate
+from pipeline.export import read_spec
+from pipeline.shards import build_shards
+
+QUALITIES = [32, 37, 42, 47]
+# The CPU recipe: a small residual generator (one down-sampling, no normalisation), trained on all four
+# QPs at once (one QP drawn per sample), distortion only (phase 3, MSE, Adam 1e-3 with a cosine decay),
+# from the identity.
+RECIPE = [
+    "model.ngf=16",
+    "model.n_downsample=1",
+    "model.n_blocks=4",
+    "model.norm=none",
+    f"loader.qualities={QUALITIES}",
+    "loader.crop=[128, 256]",
+    "loader.batch_size=2",
+    "loss.distortion=mse",
+    "phase3.lr=1e-3",
+    "phase3.lr_schedule=cosine",
+    "train.betas=[0.9, 0.999]",
+    "validate.every=200",
+]
+
+
+def overrides(work: Path, steps: int) -> list[str]:
+    return [
+        f"shards.output={work / 'shards'}",
+        f"shards.codecs=[{{name: hevc, qualities: {QUALITIES}}}]",
+        *RECIPE,
+        f"phase3.steps={steps}",
+        f"train.checkpoint_every={steps}",
+        "train.log_every=100",
+        "tracking.enabled=false",
+    ]
+
+
+def train_both(cfg_args: list[str], work: Path) -> dict[str, Path]:
+    """codec-SE and the ablation in two processes, one thread each: both cores, same budget."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs, logs = {}, {}
+    for name, extra in (("codec-SE", []), ("ablation", ["model.zero_semantics=true"])):
+        out = work / "train" / name
+        logs[name] = (work / f"train-{name}.log").open("w")
+        command = [sys.executable, "-m", "pipeline", "train", "--phases", "3", *cfg_args,
+                   f"train.output_dir={out}", *extra]  # fmt: skip
+        procs[name] = (subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=logs[name],
+                                        stderr=subprocess.STDOUT), out)  # fmt: skip
+    exports = {}
+    for name, (proc, out) in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"training {name} failed; see {logs[name].name}")
+        logs[name].close()
+        exports[name] = out / "phase3" / "generator.safetensors"
+    return exports
+
+
+def means(folder: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    with (folder / "rpd_mean.csv").open() as f:
+        return {(r["method"], int(r["quality"])): r for r in csv.DictReader(f)}
+
+
+def table(held: dict, train: dict, report: dict) -> str:
+    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    lines = [
+        f"{'QP':>3} {'bpp':>6} {'bpp+map':>7} | {'PSNR hevc':>9} {'SE':>7} {'abl':>7} | "
+        f"{'dPSNR SE':>8} {'abl':>7} {'train SE':>8} {'abl':>7} | "
+        f"{'MS-SSIM hevc':>12} {'SE':>7} {'abl':>7} | {'NIQE hevc':>9} {'SE':>6} {'abl':>6}"
+    ]
+    for q in QUALITIES:
+        h, s, a = held[("hevc", q)], held[(se, q)], held[(ab, q)]
+        th, ts, ta = train[("hevc", q)], train[(se, q)], train[(ab, q)]
+
+        def f(row: dict, key: str) -> float:
+            return float(row[key])
+
+        lines.append(
+            f"{q:>3} {f(h, 'bpp_codec'):>6.4f} {f(s, 'bpp_total'):>7.4f} | {f(h, 'psnr'):>9.3f} "
+            f"{f(s, 'psnr'):>7.3f} {f(a, 'psnr'):>7.3f} | {f(s, 'psnr') - f(h, 'psnr'):>+8.3f} "
+            f"{f(a, 'psnr') - f(h, 'psnr'):>+7.3f} {f(ts, 'psnr') - f(th, 'psnr'):>+8.3f} "
+            f"{f(ta, 'psnr') - f(th, 'psnr'):>+7.3f} | {f(h, 'ms_ssim'):>12.5f} {f(s, 'ms_ssim'):>7.5f} "
+            f"{f(a, 'ms_ssim'):>7.5f} | {f(h, 'niqe'):>9.3f} {f(s, 'niqe'):>6.3f} {f(a, 'niqe'):>6.3f}"
+        )
+    lines.append("BD-rate vs HEVC (negative = fewer bits at equal quality), held-out frames:")
+    for name in (se, ab):
+        entry = report["methods"][name]
+        if not entry["available"]:
+            lines.append(f"  {name}: {entry['reason']}")
+            continue
+        rates = entry["bd_rate_pct"]
+        lines.append(
+            f"  {name:<24} PSNR, codec bits {rates['psnr/bpp_codec']:+7.2f} %   total bits "
+            f"{rates['psnr/bpp_total']:+7.2f} %   MS-SSIM, codec bits {rates['ms_ssim/bpp_codec']:+7.2f} %"
+            f"   total bits {rates['ms_ssim/bpp_total']:+7.2f} %"
+        )
+    return "\n".join(lines)
+
+
+def scored(cfg: JobConfig, models: list[Path], split: str, out: Path, on_training: bool) -> Path:
+    args = {"eval.split": split, "eval.output_dir": str(out), "eval.crops": 0}
+    run = with_overrides(cfg, {**args, "eval.allow_training_frames": on_training})
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the table below says it all
+        return evaluate(run, [str(m) for m in models])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=2800, help="phase-3 steps of each model")
+    parser.add_argument("--budget-min", type=float, default=15.0)
+    parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    args = parser.parse_args()
+    os.environ["TQDM_DISABLE"] = "1"  # the figures below, not progress bars
+    start = time.perf_counter()
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+        f"torch {version('torch')}, deepspeed {version('deepspeed')}, python {platform.python_version()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="jpdse-bench-quality-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        cfg_args = overrides(work, args.steps)
+        cfg = load_config(None, cfg_args)
+        manifest = build_shards(cfg)
+        sizes = {s: e["samples"] for s, e in manifest["splits"].items()}
+        print(f"shards: {cfg.data.width}x{cfg.data.height}, HEVC QP {QUALITIES}, frames per split {sizes}")
+        print(f"  built in {time.perf_counter() - start:.0f} s")
+        print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (2 processes x 1 thread)")
+        t = time.perf_counter()
+        exports = train_both(cfg_args, work)
+        print(f"  trained in {time.perf_counter() - t:.0f} s")
+        for name, path in exports.items():
+            spec = read_spec(path)
+            chosen = spec.get("selected", {})
+            print(f"  {name}: exported step {chosen.get('step', spec['steps'])} of {spec['steps']} "
+                  f"(best validation PSNR on munster)")  # fmt: skip
+        t = time.perf_counter()
+        models = list(exports.values())
+        held = scored(cfg, models, "test", work / "eval-test", on_training=False)
+        train = scored(cfg, models, "val", work / "eval-train", on_training=True)
+        print(f"  evaluated in {time.perf_counter() - t:.0f} s")
+        report = json.loads((held / "bdrate.json").read_text())
+        print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames (lindau); "
+              "train: the 10 frankfurt training frames")  # fmt: skip
+        print(table(means(held), means(train), report))
+        total = (time.perf_counter() - start) / 60
+        verdict = "within" if total <= args.budget_min else "OVER"
+        print(f"total {total:.1f} min ({verdict} the {args.budget_min:g}-minute budget)")
+
+
+if __name__ == "__main__":
+    main()
