@@ -96,6 +96,10 @@ def means(folder: Path) -> dict[tuple[str, int], dict[str, Any]]:
         return {(r["method"], int(r["quality"])): r for r in csv.DictReader(f)}
 
 
+def f(row: dict[str, Any], key: str) -> float:
+    return float(row[key])
+
+
 def table(held: dict, train: dict, report: dict) -> str:
     se, ab = "hevc-SE", "hevc-SE (no semantics)"
     lines = [
@@ -106,10 +110,6 @@ def table(held: dict, train: dict, report: dict) -> str:
     for q in QUALITIES:
         h, s, a = held[("hevc", q)], held[(se, q)], held[(ab, q)]
         th, ts, ta = train[("hevc", q)], train[(se, q)], train[(ab, q)]
-
-        def f(row: dict, key: str) -> float:
-            return float(row[key])
-
         lines.append(
             f"{q:>3} {f(h, 'bpp_codec'):>6.4f} {f(s, 'bpp_total'):>7.4f} | {f(h, 'psnr'):>9.3f} "
             f"{f(s, 'psnr'):>7.3f} {f(a, 'psnr'):>7.3f} | {f(s, 'psnr') - f(h, 'psnr'):>+8.3f} "

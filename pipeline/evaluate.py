@@ -152,6 +152,8 @@ class ShardInput:
         total = int(manifest["splits"][split]["samples"])
         self.count = min(total, cfg.eval.max_images) if cfg.eval.max_images > 0 else total
         self.description = f"{self.count} {split} images of the shards at {self.root}"
+        # the manifest lists a split's keys in shard order, the order the samples are read in
+        self._keys = list(manifest["splits"][split]["keys"][: self.count])
 
     def _raw(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
@@ -164,8 +166,8 @@ class ShardInput:
             yield sample
 
     def keys(self) -> list[str]:
-        """The keys of the evaluated samples, in order (nothing is decoded)."""
-        return [raw["__key__"] for raw in self._raw()]
+        """The keys of the evaluated samples, in order (from the manifest: no shard is read)."""
+        return self._keys
 
     def originals(self) -> Iterator[np.ndarray]:
         for raw in self._raw():
@@ -466,22 +468,29 @@ def _mean_rows(
 
 
 def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:
-    """Refuse to score a model on frames it was trained on; with ``allow``, warn and flag its results."""
+    """Refuse to score a model on frames it was trained on; with ``allow``, warn and flag its results.
+
+    A model trained on several qualities is several methods: it is checked, and flagged, as one.
+    """
     evaluated = set(keys)
+    by_model: dict[str, list[Method]] = {}
     for method in methods:
-        if method.generator is None:
+        if method.generator is not None:
+            by_model.setdefault(method.model, []).append(method)
+    for model, group in by_model.items():
+        frames = group[0].train_frames
+        if frames is None:
+            print(f"[eval] {model} does not record its training frames: could not check them")
             continue
-        if method.train_frames is None:
-            print(f"[eval] {method.model} does not record its training frames: could not check them")
-            continue
-        trained = sorted(evaluated.intersection(method.train_frames))
+        trained = sorted(evaluated.intersection(frames))
         if not trained:
             continue
         listed = ", ".join(trained[:3]) + (", ..." if len(trained) > 3 else "")
-        message = f"model {method.model} was trained on {len(trained)} of the evaluated frames ({listed})"
+        message = f"model {model} was trained on {len(trained)} of the evaluated frames ({listed})"
         if not allow:
             raise ValueError(f"{message}; evaluate another split, or set eval.allow_training_frames=true")
-        method.on_training_frames = True
+        for method in group:
+            method.on_training_frames = True
         print(f"[eval] WARNING: SCORED ON TRAINING FRAMES: {message} (flagged on_training_frames)")
 
 

@@ -16,6 +16,7 @@ The discriminator is conditioned like pix2pixHD's: it sees the semantic channels
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from pipeline.config import ModelConfig
 
 IMAGE_CHANNELS = 3
+SYNTHESIS_HEAD_LAYERS = 3  # ReflectionPad2d, Conv2d, Tanh at the end of Generator.model
 NORMS = ("instance", "batch", "none")
 
 
@@ -240,12 +242,10 @@ class Generator(nn.Module):
             raise ValueError(f"generator input size {tuple(x.shape[2:])} must be a multiple of {factor}")
         if self.correction is None or synthesis:
             return self.model(x)
-        features = self.model[:-SYNTHESIS_HEAD_LAYERS](x)
         decoded = x[:, -IMAGE_CHANNELS:]
-        return (decoded + self.correction(features).to(decoded.dtype)).clamp(-1.0, 1.0)
-
-
-SYNTHESIS_HEAD_LAYERS = 3  # ReflectionPad2d, Conv2d, Tanh at the end of Generator.model
+        for layer in itertools.islice(self.model, len(self.model) - SYNTHESIS_HEAD_LAYERS):  # the trunk
+            x = layer(x)
+        return (decoded + self.correction(x).to(decoded.dtype)).clamp(-1.0, 1.0)
 
 
 def zero_correction(generator: Generator) -> None:

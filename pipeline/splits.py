@@ -18,6 +18,7 @@ The shards then hold three disjoint splits, ``val`` (what is left: the training 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.config import ConfigError, DataConfig, HoldoutConfig, JobConfig
@@ -115,6 +116,17 @@ def plan_splits(data: DataConfig, source: Source) -> dict[str, list[Sample]]:
     return plan
 
 
+def refuse_overlap(what: str, scored: Iterable[str], trained: Iterable[str], train_split: str) -> None:
+    """Raise when frames that ``what`` scores were trained on (``train_split``'s, or a starting point's)."""
+    overlap = sorted(set(scored) & set(trained))
+    if overlap:
+        raise SplitError(
+            f"{what} shares {len(overlap)} frame(s) with the training split loader.split={train_split!r} "
+            f"(e.g. {overlap[:3]}); scores there would be on training frames. Carve held-out splits with "
+            "data.holdout"
+        )
+
+
 def split_keys(manifest: dict, split: str) -> list[str]:
     """The sample keys of a built split, as the manifest lists them."""
     splits = manifest.get("splits", {})
@@ -135,13 +147,7 @@ def check_disjoint(manifest: dict, cfg: JobConfig) -> list[str]:
     if cfg.validate.every > 0:
         scored["validate.split"] = cfg.validate.split
     for what, split in scored.items():
-        overlap = sorted(train & set(split_keys(manifest, split)))
-        if overlap:
-            raise SplitError(
-                f"{what}={split!r} shares {len(overlap)} frame(s) with the training split "
-                f"loader.split={cfg.loader.split!r} (e.g. {overlap[:3]}); scores there would be on training "
-                "frames. Carve held-out splits with data.holdout"
-            )
+        refuse_overlap(f"{what}={split!r}", split_keys(manifest, split), train, cfg.loader.split)
     warnings = []
     if cfg.validate.every > 0 and cfg.validate.split == cfg.eval.split:
         warnings.append(

@@ -70,7 +70,7 @@ from pipeline.models import (
     zero_correction,
 )
 from pipeline.shards import read_manifest
-from pipeline.splits import split_keys
+from pipeline.splits import refuse_overlap, split_keys
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
 from pipeline.validation import Validator, check_metric, improves, load_frames
 
@@ -207,7 +207,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def dataset_info(cfg: JobConfig) -> DatasetInfo:
     """``label_nc`` (config, else manifest) and whether the generator gets instance edges."""
     manifest_dir = Path(cfg.shards.output)
-    dataset = read_manifest(manifest_dir)["dataset"] if (manifest_dir / "manifest.json").is_file() else None
+    manifest = read_manifest(manifest_dir) if (manifest_dir / "manifest.json").is_file() else None
+    dataset = manifest["dataset"] if manifest else None
     label_nc = cfg.model.label_nc or (dataset["label_nc"] if dataset else 0)
     if label_nc <= 0:
         raise ConfigError(
@@ -216,8 +217,8 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
         )
     has_instances = bool(dataset["has_instances"]) if dataset else cfg.model.use_instance
     frames: tuple[str, ...] = ()
-    if dataset and not cfg.loader.shards:
-        frames = tuple(sorted(split_keys(read_manifest(manifest_dir), cfg.loader.split)))
+    if manifest and not cfg.loader.shards:
+        frames = tuple(sorted(split_keys(manifest, cfg.loader.split)))
     return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames)
 
 
@@ -298,18 +299,15 @@ class PhaseRunner:
             self.env.device
         )
         self.accumulation = self.engines.generator.gradient_accumulation_steps()
+        if self.validating:
+            check_metric(cfg.validate.metric)  # on every rank: a bad setting stops them all alike
         if self.validating and self.env.is_main:
-            check_metric(cfg.validate.metric)
             frames = load_frames(cfg, cfg.validate.split, cfg.validate.images)
+            what = f"validate.split={cfg.validate.split!r}"
+            refuse_overlap(what, (f.key for f in frames), self.train_frames, cfg.loader.split)
             self.validator = Validator(cfg, data.label_nc, data.use_instance, frames)
-            overlap = sorted(set(self.validator.keys) & set(self.train_frames))
-            if overlap:
-                raise ConfigError(
-                    f"validate.split={cfg.validate.split!r} holds {len(overlap)} training frame(s) of "
-                    f"loader.split={cfg.loader.split!r} (e.g. {overlap[:3]}); carve it out with data.holdout"
-                )
 
-    def _load_init(self, generator: nn.Module, discriminator: nn.Module) -> None:
+    def _load_init(self, generator: Generator, discriminator: nn.Module) -> None:
         previous, spec = load_generator(self.init)
         if previous.hparams != generator.hparams:
             raise ConfigError(
@@ -317,7 +315,7 @@ class PhaseRunner:
                 f"use_instance={spec.get('use_instance')}) but phase {self.phase} builds {generator.hparams}"
             )
         generator.load_state_dict(previous.state_dict())
-        if isinstance(generator, Generator) and generator.residual and int(spec.get("phase", 0)) == 1:
+        if generator.residual and int(spec.get("phase", 0)) == 1:
             zero_correction(generator)  # phase 1 never trains it; phase 2 starts at the codec regardless
         d_file = self.init.parent / DISCRIMINATOR_FILE
         if d_file.is_file():
@@ -570,7 +568,8 @@ class PhaseRunner:
             if self.on_step is not None:
                 self.on_step(StepEvent(self.phase, self.step, steps, self.engines.generator.module, metrics))
         self.bar.close()
-        self._save_checkpoint()
+        if self.saved_step != self.step:  # the last step (or the early stop) is not checkpointed in the loop
+            self._save_checkpoint()
         return self._export()
 
     def _export(self) -> Path:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from pipeline.evaluate import EvalSample
     from pipeline.trainer import StepEvent
+    from pipeline.validation import Scores
 
 METRICS = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
 SPEC_KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -108,6 +109,7 @@ class _Setup:
     experiment: str
     parent_run_id: str | None
     samples: list[EvalSample] = field(default_factory=list)
+    codec: Scores | None = None  # the codec's own scores on the samples, computed once in the driver
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -226,19 +228,14 @@ def eval_set(cfg: JobConfig) -> list[EvalSample]:
     """The held-out frames trials are scored on: ``tune.eval_images`` of ``validate.split`` at
     ``loader.quality``, refused when they overlap the training split."""
     from pipeline.shards import read_manifest
-    from pipeline.splits import split_keys
+    from pipeline.splits import refuse_overlap, split_keys
     from pipeline.validation import load_frames
 
     samples = load_frames(cfg, cfg.validate.split, cfg.tune.eval_images)
     if not cfg.loader.shards:
-        train = set(split_keys(read_manifest(cfg.shards.output), cfg.loader.split))
-        overlap = sorted(train & {s.key for s in samples})
-        if overlap:
-            raise ConfigError(
-                f"validate.split={cfg.validate.split!r} shares {len(overlap)} frame(s) with the training "
-                f"split {cfg.loader.split!r} (e.g. {overlap[:3]}): trials would be scored on frames they "
-                "train on; carve a held-out split with data.holdout"
-            )
+        train = split_keys(read_manifest(cfg.shards.output), cfg.loader.split)
+        what = f"validate.split={cfg.validate.split!r} (the frames trials are scored on)"
+        refuse_overlap(what, (s.key for s in samples), train, cfg.loader.split)
     return samples
 
 
@@ -250,12 +247,12 @@ def summarize(psnr: float, niqe: float, niqe_weight: float) -> dict[str, float]:
 class Evaluator:
     """Scores a generator on the held-out frames (see :class:`pipeline.validation.Validator`)."""
 
-    def __init__(self, cfg: JobConfig, samples: list[EvalSample]) -> None:
+    def __init__(self, cfg: JobConfig, samples: list[EvalSample], codec: Scores | None = None) -> None:
         from pipeline.trainer import dataset_info
         from pipeline.validation import Validator
 
         data = dataset_info(cfg)
-        self.validator = Validator(cfg, data.label_nc, data.use_instance, samples)
+        self.validator = Validator(cfg, data.label_nc, data.use_instance, samples, codec)
         self.device = self.validator.device
         self.niqe_weight = cfg.tune.niqe_weight
 
@@ -284,7 +281,7 @@ def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     trial_id = context.get_trial_id()
     out = Path(setup.experiment) / Path(context.get_trial_dir()).name / TRAIN_DIR
     cfg = with_overrides(from_dict(setup.base), {**config, "train.output_dir": str(out)})
-    evaluate = Evaluator(cfg, setup.samples)
+    evaluate = Evaluator(cfg, setup.samples, setup.codec)
     tracker = make_tracker(cfg)
     tags = {**run_tags(cfg, 2), "sweep": Path(setup.experiment).name, "trial_id": trial_id}
     if setup.parent_run_id:
@@ -453,7 +450,8 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
             "frames results are reported on"
         )
     samples = eval_set(base)
-    baseline = Evaluator(base, samples).baseline
+    driver = Evaluator(base, samples)
+    baseline = driver.baseline
 
     tracker = make_tracker(base)
     started_ray = not ray.is_initialized()
@@ -463,7 +461,9 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
         params = {k: json.dumps(v) for k, v in (settings.search_space or DEFAULT_SPACE).items()}
         tags = {**run_tags(base, 2), "sweep": experiment.name}
         with tracker.start_run(experiment.name, params={**base.flat(), **params}, tags=tags):
-            setup = _Setup(base.to_dict(), str(experiment), tracker.active_run_id, samples)
+            setup = _Setup(
+                base.to_dict(), str(experiment), tracker.active_run_id, samples, driver.validator.codec
+            )
             trainable = ray_tune.with_resources(
                 ray_tune.with_parameters(run_trial, setup=setup),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},

@@ -84,7 +84,15 @@ def score(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
 class Validator:
     """Scores generators on held-out frames, through a float32 eval-mode copy (any engine dtype)."""
 
-    def __init__(self, cfg: JobConfig, label_nc: int, use_instance: bool, samples: list[EvalSample]) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        label_nc: int,
+        use_instance: bool,
+        samples: list[EvalSample],
+        codec: Scores | None = None,
+    ) -> None:
+        """``codec``: the codec's scores on ``samples`` when already known (a sweep scores them once)."""
         self.qualities = training_qualities(cfg)
         self.spec = make_spec(
             cfg.model, label_nc, use_instance, codec=cfg.loader.codec, quality=cfg.loader.quality, phase=2
@@ -92,7 +100,7 @@ class Validator:
         self.samples = samples
         self.keys = [s.key for s in samples]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.codec = score([(s.image, s.decoded[q]) for s in samples for q in self.qualities])
+        self.codec = codec or score([(s.image, s.decoded[q]) for s in samples for q in self.qualities])
 
     def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(original, codec-SE)`` for every frame x quality."""
