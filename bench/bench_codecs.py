@@ -16,9 +16,9 @@ import statistics
 
 import pillow_heif
 
-from pipeline.codecs import LabelCoder, get_codec
 from pipeline.config import DataConfig, JobConfig
-from pipeline.sources import open_source
+from pipeline.data.codecs import LabelCoder, get_codec
+from pipeline.data.sources import open_source
 
 
 def main() -> None:

@@ -28,12 +28,12 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.codecs import get_codec
 from pipeline.config import JobConfig, from_dict
-from pipeline.loader import augment, collate, make_dataset, make_loader, to_tensors
-from pipeline.models import edge_map
-from pipeline.shards import read_manifest
-from pipeline.sources import open_source
+from pipeline.data.codecs import get_codec
+from pipeline.data.loader import augment, collate, make_dataset, make_loader, to_tensors
+from pipeline.data.shards import read_manifest
+from pipeline.data.sources import open_source
+from pipeline.model.networks import edge_map
 
 
 def _config(root: str, out: Path, quality: int, workers: int) -> JobConfig:

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides
-from pipeline.evaluate import evaluate
-from pipeline.export import read_spec
-from pipeline.shards import build_shards
+from pipeline.data.shards import build_shards
+from pipeline.eval.evaluate import evaluate
+from pipeline.model.export import read_spec
 
 QUALITIES = [32, 37, 42, 47]
 # The CPU recipe: a small residual generator (one down-sampling, no normalisation), trained on all four

@@ -6,7 +6,7 @@ weights are at hand, then the D update) two ways, in one process, on the same mo
   plain      torch.optim.Adam per network with the DeepSpeed config's lr, betas, weight decay and
              gradient clipping; zero_grad / backward / clip / step;
   DeepSpeed  the trainer's own step, ``PhaseRunner._train_step`` over the engines of
-             ``pipeline.engine.build_engines`` (engine.backward / engine.step): the number is the
+             ``pipeline.train.engine.build_engines`` (engine.backward / engine.step): the number is the
              real trainer's, with checkpointing, logging and the data loader left out.
 
 Shards are built once into a temporary folder (or ``--shards DIR`` reuses a built folder); a fixed
@@ -43,13 +43,13 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import REPO_ROOT, JobConfig, load_config
-from pipeline.engine import deepspeed_config, distributed
-from pipeline.loader import make_dataset
-from pipeline.losses import GeneratorLosses, default_vgg19_path
-from pipeline.models import build_models
-from pipeline.shards import build_shards
+from pipeline.data.loader import make_dataset
+from pipeline.data.shards import build_shards
+from pipeline.model.losses import GeneratorLosses, default_vgg19_path
+from pipeline.model.networks import build_models
 from pipeline.tracking import Tracker
-from pipeline.trainer import (
+from pipeline.train.engine import deepspeed_config, distributed
+from pipeline.train.trainer import (
     DatasetInfo,
     PhaseRunner,
     dataset_info,

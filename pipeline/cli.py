@@ -47,18 +47,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
     if args.command == "shards":
-        from pipeline.shards import build_shards, format_summary
+        from pipeline.data.shards import build_shards, format_summary
 
         manifest = build_shards(cfg)
         print(format_summary(manifest))
         return 1 if (args.strict or cfg.shards.strict) and manifest["rejects"] else 0
     if args.command == "train":
-        from pipeline.trainer import train
+        from pipeline.train.trainer import train
 
         train(cfg, phases=args.phases, resume=args.resume)
         return 0
     if args.command == "evaluate":
-        from pipeline.evaluate import evaluate
+        from pipeline.eval.evaluate import evaluate
         from pipeline.tracking import make_tracker, run_tags
 
         tracker = make_tracker(cfg)
@@ -66,7 +66,7 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
             evaluate(cfg, models=args.model, tracker=tracker)
         return 0
     if args.command == "tune":
-        from pipeline.tune import tune
+        from pipeline.train.tune import tune
 
         try:
             tune(cfg, resume=args.resume)

@@ -29,6 +29,14 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
 
 
+def resolve_path(path: str) -> Path:
+    """A config path: absolute, relative to the working directory, or else to the repository."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return REPO_ROOT / candidate
+
+
 @dataclass
 class HoldoutConfig:
     """Frames carved out of a dataset split into a split of their own, so that training never sees them.

@@ -5,7 +5,7 @@ phases 2 and 3 are trained per codec quality, one model per codec x quality as i
 codec-SE model the zero-semantics ablation is trained with the same phases 2-3 budget (from the identity
 generator: a prior drawn from zeroed semantics would be a constant), so the semantics' contribution is
 measured, not assumed. Training, checkpoint selection and the reported figures use three disjoint splits
-(``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.splits`).
+(``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.data.splits`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codecs import LabelCoder
 from pipeline.config import ConfigError, JobConfig
-from pipeline.evaluate import evaluate
-from pipeline.shards import build_shards, format_summary
-from pipeline.sources import open_source
-from pipeline.splits import check_disjoint, plan_splits
+from pipeline.data.codecs import LabelCoder
+from pipeline.data.shards import build_shards, format_summary
+from pipeline.data.sources import open_source
+from pipeline.data.splits import check_disjoint, plan_splits
+from pipeline.eval.evaluate import evaluate
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
-from pipeline.trainer import train
+from pipeline.train.trainer import train
 
 
 def job_qualities(cfg: JobConfig, manifest: dict[str, Any]) -> list[int]:

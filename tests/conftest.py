@@ -44,7 +44,7 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path
     """Shards of the whole sample (:data:`SMALL_SHARDS`, split as :data:`HOLDOUT`), built once per session;
     tests only read them."""
     from pipeline.config import from_dict
-    from pipeline.shards import build_shards
+    from pipeline.data.shards import build_shards
 
     out = tmp_path_factory.mktemp("small-shards")
     cfg = from_dict(

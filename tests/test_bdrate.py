@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.bdrate import MODES, bd_psnr, bd_rate
+from pipeline.eval.bdrate import MODES, bd_psnr, bd_rate
 
 RATES = [0.10, 0.18, 0.33, 0.61]
 PSNRS = [30.1, 32.4, 34.9, 37.2]

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import codecs
-from pipeline.codecs import (
+from pipeline.data import codecs
+from pipeline.data.codecs import (
     Codec,
     CodecError,
     CodecUnavailable,

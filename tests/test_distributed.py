@@ -15,8 +15,8 @@ from typing import Any
 import psutil  # a DeepSpeed dependency
 import pytest
 
-from pipeline.export import load_generator
-from pipeline.trainer import params_digest
+from pipeline.model.export import load_generator
+from pipeline.train.trainer import params_digest
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import JobConfig, ModelConfig, from_dict
-from pipeline.evaluate import (
+from pipeline.data.shards import build_shards
+from pipeline.eval.evaluate import (
     MEAN_COLUMNS,
     ROW_COLUMNS,
     Method,
@@ -31,9 +32,8 @@ from pipeline.evaluate import (
     evaluate,
     load_methods,
 )
-from pipeline.export import export_generator, make_spec, weights_sha256
-from pipeline.models import Generator, build_models
-from pipeline.shards import build_shards
+from pipeline.model.export import export_generator, make_spec, weights_sha256
+from pipeline.model.networks import Generator, build_models
 from pipeline.tracking import Tracker
 
 WIDTH, HEIGHT = 256, 128

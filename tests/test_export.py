@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig
-from pipeline.export import (
+from pipeline.model.export import (
     FORMAT,
     FORMAT_VERSION,
     export_generator,
@@ -26,7 +26,7 @@ from pipeline.export import (
     visual_input,
     weights_sha256,
 )
-from pipeline.models import Generator, build_models, input_channels
+from pipeline.model.networks import Generator, build_models, input_channels
 
 LABEL_NC = 34
 V2 = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from pipeline.config import JobConfig, from_dict
-from pipeline.loader import LoaderError, make_dataset, make_loader, shard_urls
-from pipeline.models import edge_map
-from pipeline.shards import read_manifest
+from pipeline.data.loader import LoaderError, make_dataset, make_loader, shard_urls
+from pipeline.data.shards import read_manifest
+from pipeline.model.networks import edge_map
 
 WIDTH, HEIGHT = 256, 128
 MEMBER = "hevc_q42"

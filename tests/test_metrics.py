@@ -13,9 +13,9 @@ import pytest
 import torch
 from pytorch_msssim import ms_ssim as library_ms_ssim
 
-from pipeline import metrics
-from pipeline.codecs import get_codec
-from pipeline.metrics import (
+from pipeline.data.codecs import get_codec
+from pipeline.eval import metrics
+from pipeline.eval.metrics import (
     LPIPS_BACKBONES,
     PSNR_CAP_DB,
     FIDInception,
@@ -203,7 +203,7 @@ def test_niqe_default_is_the_published_model(sample_image: np.ndarray) -> None:
 
 
 def test_published_model_file_and_notice() -> None:
-    data = importlib.resources.files("pipeline").joinpath("data")
+    data = importlib.resources.files("pipeline.eval").joinpath("assets")
     digest = hashlib.sha256(data.joinpath("niqe_pristine.mat").read_bytes()).hexdigest()
     notice = data.joinpath("NIQE_NOTICE.txt").read_text()
     assert digest in notice and "modelparameters.mat" in notice

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.models import (
+from pipeline.model.networks import (
     Generator,
     MultiscaleDiscriminator,
     build_models,

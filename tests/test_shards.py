@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.codecs import LabelCoder, get_codec
 from pipeline.config import REPO_ROOT, from_dict
-from pipeline.shards import ShardError, build_shards, format_summary, read_manifest
-from pipeline.sources import open_source
+from pipeline.data.codecs import LabelCoder, get_codec
+from pipeline.data.shards import ShardError, build_shards, format_summary, read_manifest
+from pipeline.data.sources import open_source
 
 QUALITIES = [37, 45]
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.sources import (
+from pipeline.data.sources import (
     ADE20KSource,
     BadSample,
     CityscapesSource,

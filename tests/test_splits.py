@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig, HoldoutConfig, from_dict
-from pipeline.sources import open_source
-from pipeline.splits import SplitError, check_disjoint, plan_splits, read_key_list
+from pipeline.data.sources import open_source
+from pipeline.data.splits import SplitError, check_disjoint, plan_splits, read_key_list
 
 HOLDOUT = [
     HoldoutConfig(name="valid", from_split="val", cities=["munster"]),
@@ -79,7 +79,7 @@ def test_a_missing_listed_key_is_refused(cityscapes_root: Path, tmp_path: Path) 
 
 
 def test_training_on_scored_frames_is_refused(small_shards: Path) -> None:
-    from pipeline.shards import read_manifest
+    from pipeline.data.shards import read_manifest
 
     manifest = read_manifest(small_shards)
     assert manifest["version"] == 2 and len(manifest["splits"]["test"]["keys"]) == 10

@@ -18,8 +18,8 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import JobConfig, ModelConfig
-from pipeline.export import export_generator, load_generator, make_spec
-from pipeline.models import build_models, generator_input
+from pipeline.model.export import export_generator, load_generator, make_spec
+from pipeline.model.networks import build_models, generator_input
 from pipeline.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     TRUNCATED,
@@ -74,7 +74,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def exported(workdir: Path) -> tuple[Path, torch.nn.Module, dict[str, Any]]:
-    """A tiny trained-looking generator exported with pipeline.export."""
+    """A tiny trained-looking generator exported with pipeline.model.export."""
     torch.manual_seed(0)
     model_cfg = ModelConfig(ngf=4, n_downsample=2, n_blocks=1)
     generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.engine as engine
-import pipeline.trainer as trainer
+import pipeline.train.engine as engine
+import pipeline.train.trainer as trainer
 from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.export import load_generator
-from pipeline.losses import VGG19
+from pipeline.model.export import load_generator
+from pipeline.model.losses import VGG19
 from pipeline.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def test_a_plain_later_phase_without_a_source_is_refused(
 
 
 def first_batch(cfg: JobConfig) -> dict[str, torch.Tensor]:
-    from pipeline.loader import make_loader
+    from pipeline.data.loader import make_loader
 
     return next(iter(make_loader(cfg, rank=0, world_size=1, train=True, seed=0)))
 
@@ -234,7 +234,7 @@ def test_phase1_trains_the_synthesis_head_and_hands_over_a_zero_correction(chain
 
 
 class ScriptedValidator:
-    """Stands in for :class:`pipeline.validation.Validator`: PSNRs from a script, one per call."""
+    """Stands in for :class:`pipeline.train.validation.Validator`: PSNRs from a script, one per call."""
 
     def __init__(self, values: list[float]) -> None:
         self.values, self.calls, self.keys = list(values), 0, ["frame"]

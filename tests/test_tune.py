@@ -13,10 +13,10 @@ import pytest
 import ray
 
 from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.export import read_spec
+from pipeline.model.export import read_spec
 from pipeline.tracking import MLflowTracker, Tracker
-from pipeline.trainer import train
-from pipeline.tune import (
+from pipeline.train.trainer import train
+from pipeline.train.tune import (
     BEST_FILE,
     TrialSummary,
     _close_stopped_runs,

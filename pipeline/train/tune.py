@@ -43,9 +43,9 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
     from torch import nn
 
-    from pipeline.evaluate import EvalSample
-    from pipeline.trainer import StepEvent
-    from pipeline.validation import Scores
+    from pipeline.eval.evaluate import EvalSample
+    from pipeline.train.trainer import StepEvent
+    from pipeline.train.validation import Scores
 
 METRICS = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
 SPEC_KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -190,8 +190,8 @@ def trial_base(cfg: JobConfig) -> JobConfig:
     """The config every trial starts from: local paths made absolute (Ray runs trials in folders of its
     own), the tracking URI resolved, ``phase2.steps = tune.max_steps``, no phase-2 registration and no
     validation inside the trainer (the sweep's own reports rank the trials)."""
-    from pipeline.engine import resolve_path
-    from pipeline.export import read_spec
+    from pipeline.config import resolve_path
+    from pipeline.model.export import read_spec
 
     if not cfg.train.init_from and not cfg.model.residual:
         raise ConfigError(
@@ -227,9 +227,9 @@ def trial_base(cfg: JobConfig) -> JobConfig:
 def eval_set(cfg: JobConfig) -> list[EvalSample]:
     """The held-out frames trials are scored on: ``tune.eval_images`` of ``validate.split`` at
     ``loader.quality``, refused when they overlap the training split."""
-    from pipeline.shards import read_manifest
-    from pipeline.splits import refuse_overlap, split_keys
-    from pipeline.validation import load_frames
+    from pipeline.data.shards import read_manifest
+    from pipeline.data.splits import refuse_overlap, split_keys
+    from pipeline.train.validation import load_frames
 
     samples = load_frames(cfg, cfg.validate.split, cfg.tune.eval_images)
     if not cfg.loader.shards:
@@ -245,11 +245,11 @@ def summarize(psnr: float, niqe: float, niqe_weight: float) -> dict[str, float]:
 
 
 class Evaluator:
-    """Scores a generator on the held-out frames (see :class:`pipeline.validation.Validator`)."""
+    """Scores a generator on the held-out frames (see :class:`pipeline.train.validation.Validator`)."""
 
     def __init__(self, cfg: JobConfig, samples: list[EvalSample], codec: Scores | None = None) -> None:
-        from pipeline.trainer import dataset_info
-        from pipeline.validation import Validator
+        from pipeline.train.trainer import dataset_info
+        from pipeline.train.validation import Validator
 
         data = dataset_info(cfg)
         self.validator = Validator(cfg, data.label_nc, data.use_instance, samples, codec)
@@ -274,8 +274,8 @@ def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune."""
     from ray import tune as ray_tune
 
-    from pipeline.export import load_generator
-    from pipeline.trainer import read_latest, train
+    from pipeline.model.export import load_generator
+    from pipeline.train.trainer import read_latest, train
 
     context = ray_tune.get_context()
     trial_id = context.get_trial_id()

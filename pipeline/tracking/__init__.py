@@ -391,7 +391,9 @@ class MLflowTracker(Tracker):
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         try:
-            client.create_registered_model(name, description="JPD-SE generator (pipeline.export safetensors)")
+            client.create_registered_model(
+                name, description="JPD-SE generator (pipeline.model.export safetensors)"
+            )
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -563,7 +565,7 @@ class MLflowTracker(Tracker):
 def _check_registration(
     generator_file: str | Path, name: str, alias: str | None, spec: Mapping[str, Any] | None
 ) -> tuple[Path, dict[str, Any]]:
-    from pipeline.export import read_spec
+    from pipeline.model.export import read_spec
 
     path = Path(generator_file).resolve()
     if not path.is_file():
@@ -696,8 +698,8 @@ def predict(generator: nn.Module, spec: Mapping[str, Any], inputs: Mapping[str, 
     enhanced image, float32 ``B x 3 x H x W`` in [-1, 1]."""
     import torch
 
-    from pipeline.export import uses_synthesis, visual_input
-    from pipeline.models import generator_input
+    from pipeline.model.export import uses_synthesis, visual_input
+    from pipeline.model.networks import generator_input
 
     needed = ("label", "decoded", "edge") if spec["use_instance"] else ("label", "decoded")
     missing = [k for k in needed if k not in inputs]
@@ -722,7 +724,7 @@ def generator_signature(generator_file: Path) -> ModelSignature:
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import Schema, TensorSpec
 
-    from pipeline.export import load_generator
+    from pipeline.model.export import load_generator
 
     generator, spec = load_generator(generator_file)
     inputs = example_input(spec)
@@ -738,7 +740,7 @@ class GeneratorPyfunc:
     """What ``mlflow.pyfunc.load_model`` wraps for a registered generator."""
 
     def __init__(self, generator_file: str | Path) -> None:
-        from pipeline.export import load_generator
+        from pipeline.model.export import load_generator
 
         self.generator_file = Path(generator_file)
         self.generator, self.spec = load_generator(generator_file)

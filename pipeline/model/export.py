@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
-from pipeline.models import IMAGE_CHANNELS, Generator, input_channels
+from pipeline.model.networks import IMAGE_CHANNELS, Generator, input_channels
 
 SPEC_KEY = "spec"
 FORMAT_KEY = "format"
@@ -122,7 +122,7 @@ def export_generator(
     """
     net = generator if isinstance(generator, Generator) else getattr(generator, "module", None)
     if not isinstance(net, Generator):
-        raise TypeError(f"expected a pipeline.models.Generator, got {type(generator).__name__}")
+        raise TypeError(f"expected a pipeline.model.networks.Generator, got {type(generator).__name__}")
     kwargs = _generator_kwargs(spec)
     if kwargs != net.hparams:
         raise ValueError(f"spec describes generator {kwargs} but the generator is {net.hparams}")

@@ -1,6 +1,6 @@
 """JPD-SE training losses: LSGAN/hinge, pix2pixHD feature matching, VGG19 perceptual, distortion.
 
-Discriminator outputs are :class:`pipeline.models.MultiscaleDiscriminator`'s: one list per scale of
+Discriminator outputs are :class:`pipeline.model.networks.MultiscaleDiscriminator`'s: one list per scale of
 feature maps whose last entry is the prediction. :class:`GeneratorLosses` and
 :func:`discriminator_loss` combine the terms the way the trainer needs them.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import LossConfig, LossWeights, ModelConfig
-from pipeline.export import read_state_dict
+from pipeline.model.export import read_state_dict
 
 GAN_MODES = ("lsgan", "hinge")
 DISTORTIONS = ("l1", "mse")

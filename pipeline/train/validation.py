@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import metrics
 from pipeline.config import ConfigError, JobConfig, with_overrides
-from pipeline.evaluate import EvalSample, Method, ShardInput, enhance
-from pipeline.export import make_spec
-from pipeline.loader import training_qualities
-from pipeline.models import Generator
+from pipeline.data.loader import training_qualities
+from pipeline.eval import metrics
+from pipeline.eval.evaluate import EvalSample, Method, ShardInput, enhance
+from pipeline.model.export import make_spec
+from pipeline.model.networks import Generator
 
 # what "better" means for each selectable metric
 DIRECTIONS = {"psnr": "max", "ms_ssim": "max", "niqe": "min"}

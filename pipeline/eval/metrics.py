@@ -12,7 +12,7 @@ Images are RGB ``uint8`` ``H x W x 3`` (numpy arrays or tensors; ``3 x H x W`` t
 * **NIQE** (Mittal, Soundararajan, Bovik 2013) is the standard one: a port of the release's MATLAB
   ``computequality.m`` (rounded ``rgb2gray``, 96x96 patches, half scale by MATLAB's antialiased bicubic
   ``imresize``, 18 AGGD features per scale) scored against the release's published pristine model, shipped
-  as ``pipeline/data/niqe_pristine.mat`` with its notice in ``pipeline/data/NIQE_NOTICE.txt``
+  as ``pipeline/eval/assets/niqe_pristine.mat`` with its notice in ``pipeline/eval/assets/NIQE_NOTICE.txt``
   (:func:`published_niqe_model`, the default of :func:`niqe`). It reproduces the release's MATLAB scores of
   its test images to the printed four decimals. Optionally, a *dataset-fitted* pristine model can be fitted on
   a dataset's own uncompressed images (:func:`fit_niqe_model`); its scores are not standard NIQE and are
@@ -44,7 +44,7 @@ from scipy.io import loadmat
 from scipy.special import gamma as gamma_fn
 from torch import Tensor, nn
 
-from pipeline.export import read_state_dict
+from pipeline.model.export import read_state_dict
 
 PSNR_CAP_DB = 100.0
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -199,9 +199,9 @@ class NIQEModel:
 
 @functools.cache
 def published_niqe_model() -> NIQEModel:
-    """The NIQE release's pristine model (``pipeline/data/niqe_pristine.mat``, a copy of its
-    ``modelparameters.mat``; licence and provenance in ``pipeline/data/NIQE_NOTICE.txt``)."""
-    with importlib.resources.files("pipeline").joinpath("data/niqe_pristine.mat").open("rb") as handle:
+    """The NIQE release's pristine model (``pipeline/eval/assets/niqe_pristine.mat``, a copy of its
+    ``modelparameters.mat``; licence and provenance in ``pipeline/eval/assets/NIQE_NOTICE.txt``)."""
+    with importlib.resources.files("pipeline").joinpath("eval/assets/niqe_pristine.mat").open("rb") as handle:
         params = loadmat(handle)
     return NIQEModel(
         mu=np.asarray(params["mu_prisparam"], dtype=np.float64).reshape(NIQE_FEATURES),

@@ -15,7 +15,7 @@ share a curve point get curves of their own (suffixed with the folder that tells
 hash or registry version), so a (method, quality) pair is always one model. A file given twice (same
 sha256) is evaluated once.
 
-Frames: a model that records its training frames (:func:`pipeline.export.read_train_frames`) is never
+Frames: a model that records its training frames (:func:`pipeline.model.export.read_train_frames`) is never
 scored on them unless ``eval.allow_training_frames`` (then its results are flagged ``on_training_frames``).
 
 Rates, both in every row: ``bpp_codec`` (the codec bitstream alone) and ``bpp_total`` (what the decoder
@@ -26,7 +26,7 @@ Outputs in ``eval.output_dir``: ``rpd.csv`` (one row per image x method x qualit
 row per model x quality: plain means of the rows, plus set-level FID), ``bdrate.json`` (with the scored
 frames), ``niqe_model.json`` (``eval.niqe_fitted`` only),
 ``rpd_psnr.png`` / ``rpd_msssim.png`` / ``rpd_niqe.png`` and ``crops/``. PSNRs are capped at 100 dB
-(:func:`pipeline.metrics.cap_psnr`). MS-SSIM BD-rates use MS-SSIM in dB, ``-10 log10(1 - MS-SSIM)``.
+(:func:`pipeline.eval.metrics.cap_psnr`). MS-SSIM BD-rates use MS-SSIM in dB, ``-10 log10(1 - MS-SSIM)``.
 
 NIQE (column ``niqe``) is the standard one, against the published pristine model. With ``eval.niqe_fitted``
 a pristine model is also fitted on the split's own originals (``niqe_model.json``) and scored as the extra
@@ -50,10 +50,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import metrics
-from pipeline.bdrate import MIN_POINTS, bd_psnr, bd_rate
 from pipeline.config import JobConfig
-from pipeline.export import load_generator, read_train_frames, uses_synthesis, visual_input, weights_sha256
+from pipeline.eval import metrics
+from pipeline.eval.bdrate import MIN_POINTS, bd_psnr, bd_rate
+from pipeline.model.export import (
+    load_generator,
+    read_train_frames,
+    uses_synthesis,
+    visual_input,
+    weights_sha256,
+)
 from pipeline.tracking import Tracker
 
 NUMERIC = ["bpp_codec", "bpp_total", "psnr", "ms_ssim", "niqe", "lpips"]
@@ -124,7 +130,7 @@ class ShardInput:
     """Full-size samples of one split of built shards."""
 
     def __init__(self, cfg: JobConfig) -> None:
-        from pipeline.shards import read_manifest
+        from pipeline.data.shards import read_manifest
 
         self.root = Path(cfg.shards.output)
         manifest = read_manifest(self.root)
@@ -206,8 +212,8 @@ class SourceInput:
     """Samples of ``data.*`` encoded on the fly with ``loader.codec`` and the ``shards.*`` label coder."""
 
     def __init__(self, cfg: JobConfig) -> None:
-        from pipeline.codecs import LabelCoder, get_codec
-        from pipeline.sources import open_source
+        from pipeline.data.codecs import LabelCoder, get_codec
+        from pipeline.data.sources import open_source
 
         self.source = open_source(cfg.data)
         self.width, self.height = cfg.data.width, cfg.data.height
@@ -354,7 +360,7 @@ def enhance(
     method: Method, decoded: np.ndarray, label: np.ndarray, instance: np.ndarray | None, device: torch.device
 ) -> np.ndarray:
     """Run ``method``'s generator on a full image (padded to its stride, cropped back); uint8 RGB out."""
-    from pipeline.models import edge_map, generator_input
+    from pipeline.model.networks import edge_map, generator_input
 
     if method.generator is None:
         raise ValueError(f"{method.name} has no generator to run")

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.config import ConfigError, DataConfig, HoldoutConfig, JobConfig
-from pipeline.sources import Sample, Source
+from pipeline.data.sources import Sample, Source
 
 
 class SplitError(ConfigError):

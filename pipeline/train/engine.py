@@ -19,14 +19,13 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import REPO_ROOT, ConfigError, JobConfig, PhaseConfig
+from pipeline.config import ConfigError, JobConfig, PhaseConfig, resolve_path
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -116,14 +115,6 @@ def distributed() -> Iterator[DistEnv]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def resolve_path(path: str) -> Path:
-    """A config path: absolute, relative to the working directory, or else to the repository."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    return REPO_ROOT / candidate
 
 
 def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.device) -> dict[str, Any]:

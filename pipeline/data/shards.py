@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.codecs import LabelCoder, get_codec
 from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig
-from pipeline.sources import BadSample, Sample, fit, open_source
-from pipeline.splits import plan_splits
+from pipeline.data.codecs import LabelCoder, get_codec
+from pipeline.data.sources import BadSample, Sample, fit, open_source
+from pipeline.data.splits import plan_splits
 
 MANIFEST = "manifest.json"
 VERSION = 2  # 2: every split lists its keys, held-out splits (data.holdout); 1 still reads

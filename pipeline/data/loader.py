@@ -42,8 +42,8 @@ import webdataset as wds
 from torch import Tensor
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.models import edge_map
-from pipeline.shards import read_manifest
+from pipeline.data.shards import read_manifest
+from pipeline.model.networks import edge_map
 
 IMAGE, LABEL, INSTANCE, META = "image.png", "label.png", "instance.png", "json"
 # Distinct streams of randomness derived from the same seed.

@@ -3,7 +3,7 @@
 One phase, as :class:`PhaseRunner` runs it:
 
 1. build G and D (``label_nc`` from the config or the shard manifest), initialise them from the
-   previous phase's files, wrap them in DeepSpeed engines (:mod:`pipeline.engine`);
+   previous phase's files, wrap them in DeepSpeed engines (:mod:`pipeline.train.engine`);
 2. ``phase.steps`` optimizer steps; each step runs ``gradient_accumulation_steps`` micro-batches of
    a generator update (through the frozen D) followed, when the phase trains D, by a D update;
 3. checkpoints every ``train.checkpoint_every`` steps and at the end; then the generator alone is
@@ -21,7 +21,7 @@ phase 2 or 3 starts from that identity generator, with a notice.
 
 Validation (``validate.every`` > 0, phases that see the decoded image): at step 0 and every
 ``validate.every`` steps rank 0 scores the generator on the held-out frames of ``validate.split``
-(:mod:`pipeline.validation`); the best by ``validate.metric`` (step 0 included) is kept in
+(:mod:`pipeline.train.validation`); the best by ``validate.metric`` (step 0 included) is kept in
 each checkpoint and is what the phase exports (a later step must beat it by more than
 ``validate.min_delta``); ``validate.patience`` stops a phase after that many validations without
 improvement.
@@ -57,11 +57,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, PhaseConfig, flatten
-from pipeline.engine import DistEnv, Engines, barrier, build_engines, distributed
-from pipeline.export import export_generator, load_generator, make_spec, read_spec, read_train_frames
-from pipeline.loader import make_loader, training_qualities
-from pipeline.losses import GeneratorLosses, discriminator_loss
-from pipeline.models import (
+from pipeline.data.loader import make_loader, training_qualities
+from pipeline.data.shards import read_manifest
+from pipeline.data.splits import refuse_overlap, split_keys
+from pipeline.model.export import export_generator, load_generator, make_spec, read_spec, read_train_frames
+from pipeline.model.losses import GeneratorLosses, discriminator_loss
+from pipeline.model.networks import (
     Generator,
     build_models,
     discriminator_input,
@@ -69,10 +70,9 @@ from pipeline.models import (
     semantic_channels,
     zero_correction,
 )
-from pipeline.shards import read_manifest
-from pipeline.splits import refuse_overlap, split_keys
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
-from pipeline.validation import Validator, check_metric, improves, load_frames
+from pipeline.train.engine import DistEnv, Engines, barrier, build_engines, distributed
+from pipeline.train.validation import Validator, check_metric, improves, load_frames
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -627,7 +627,7 @@ class StepInputs:
     g_in: Tensor
     semantics: Tensor
     real: Tensor
-    synthesis: bool = False  # phase 1: the generator's synthesis head (see pipeline.models.Generator)
+    synthesis: bool = False  # phase 1: the generator's synthesis head (see pipeline.model.networks.Generator)
 
     @property
     def real_d(self) -> Tensor:
