@@ -31,9 +31,9 @@ import torch
 from pipeline.config import JobConfig, from_dict
 from pipeline.data.codecs import get_codec
 from pipeline.data.loader import augment, collate, make_dataset, make_loader, to_tensors
-from pipeline.data.shards import read_manifest
+from pipeline.data.manifest import Manifest
 from pipeline.data.sources import open_source
-from pipeline.model.networks import edge_map
+from pipeline.model.inputs import edge_map
 
 
 def _config(root: str, out: Path, quality: int, workers: int) -> JobConfig:
@@ -64,8 +64,8 @@ def _build_rate(cfg: JobConfig) -> tuple[float, int]:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "shards", *overrides], check=True, capture_output=True)
     elapsed = time.perf_counter() - start
-    manifest = read_manifest(cfg.shards.output)
-    count = sum(s["samples"] for s in manifest["splits"].values())
+    manifest = Manifest.read(cfg.shards.output)
+    count = sum(s.samples for s in manifest.splits.values())
     return count / elapsed, count
 
 

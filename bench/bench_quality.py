@@ -157,7 +157,7 @@ def main() -> None:
         cfg_args = overrides(work, args.steps)
         cfg = load_config(None, cfg_args)
         manifest = build_shards(cfg)
-        sizes = {s: e["samples"] for s, e in manifest["splits"].items()}
+        sizes = {s: e.samples for s, e in manifest.splits.items()}
         print(f"shards: {cfg.data.width}x{cfg.data.height}, HEVC QP {QUALITIES}, frames per split {sizes}")
         print(f"  built in {time.perf_counter() - start:.0f} s")
         print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (2 processes x 1 thread)")
@@ -166,8 +166,8 @@ def main() -> None:
         print(f"  trained in {time.perf_counter() - t:.0f} s")
         for name, path in exports.items():
             spec = read_spec(path)
-            chosen = spec.get("selected", {})
-            print(f"  {name}: exported step {chosen.get('step', spec['steps'])} of {spec['steps']} "
+            chosen = spec.selected or {}
+            print(f"  {name}: exported step {chosen.get('step', spec.steps)} of {spec.steps} "
                   f"(best validation PSNR on munster)")  # fmt: skip
         t = time.perf_counter()
         models = list(exports.values())

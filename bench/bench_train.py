@@ -44,20 +44,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import REPO_ROOT, JobConfig, load_config
 from pipeline.data.loader import make_dataset
+from pipeline.data.manifest import DatasetInfo, dataset_info
 from pipeline.data.shards import build_shards
 from pipeline.model.losses import GeneratorLosses, default_vgg19_path
 from pipeline.model.networks import build_models
 from pipeline.tracking import Tracker
+from pipeline.train.checkpoint import seed_everything
 from pipeline.train.engine import deepspeed_config, distributed
-from pipeline.train.trainer import (
-    DatasetInfo,
-    PhaseRunner,
-    dataset_info,
-    discriminator_terms,
-    generator_terms,
-    seed_everything,
-    step_inputs,
-)
+from pipeline.train.gan_step import discriminator_terms, generator_terms, step_inputs
+from pipeline.train.trainer import PhaseRunner
 
 PHASE = 2
 FULL_CONFIG = REPO_ROOT / "configs" / "cityscapes_full.yaml"
@@ -152,10 +147,10 @@ class PlainLoop:
             nn.utils.clip_grad_norm_(module.parameters(), self.clip)
         optimizer.step()
 
-    def _autocast_call(self, module: nn.Module) -> Callable[[Tensor], Any]:
-        def call(x: Tensor) -> Any:
+    def _autocast_call(self, module: nn.Module) -> Callable[..., Any]:
+        def call(x: Tensor, **kwargs: Any) -> Any:
             with self._autocast():
-                return module(x)
+                return module(x, **kwargs)
 
         return call
 

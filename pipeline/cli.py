@@ -51,7 +51,7 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
 
         manifest = build_shards(cfg)
         print(format_summary(manifest))
-        return 1 if (args.strict or cfg.shards.strict) and manifest["rejects"] else 0
+        return 1 if (args.strict or cfg.shards.strict) and manifest.rejects else 0
     if args.command == "train":
         from pipeline.train.trainer import train
 

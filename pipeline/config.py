@@ -1,8 +1,11 @@
 """One typed job configuration, loaded from YAML with ``key.sub=value`` overrides.
 
-A YAML file may list other files under ``defaults:`` (paths relative to it); they are
-merged first, in order, and the file's own keys win. Every command reads the same
-:class:`JobConfig`, so a sweep or a registry entry can always record the whole of it.
+The dataclasses below are the one source of defaults: a YAML file holds only what its job or preset
+changes. A YAML file may list other files under ``defaults:`` (paths relative to it); they are merged
+first, in order, and the file's own keys win; whatever no file sets keeps its dataclass default. Values
+are checked on the way in: types and enumerations (``Literal``) by the loader, ranges by each section's
+``__post_init__``. Every command reads the same :class:`JobConfig`, so a sweep or a registry entry can
+always record the whole of it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -23,6 +26,27 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
 PHASES = ("phase1", "phase2", "phase3")
+
+Source = Literal["cityscapes", "ade20k", "folder"]
+LabelCoderMethod = Literal["auto", "jxl", "webp", "png"]
+Norm = Literal["instance", "batch", "none"]
+GanMode = Literal["lsgan", "hinge"]
+Distortion = Literal["l1", "mse"]
+LrSchedule = Literal["constant", "cosine"]
+ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
+EvalInput = Literal["auto", "shards", "source"]
+TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
+Mode = Literal["max", "min"]
+
+# the direction of each sweep objective: PSNR and the score are higher-better, NIQE lower-better
+TUNE_MODES: dict[str, Mode] = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
+
+# Field metadata: trained weights do not depend on this value, so JobConfig.training_digest leaves it
+# out (a checkpoint resumes under another value). Unmarked fields count.
+NOT_WEIGHTS = types.MappingProxyType({"weights": False})
+
+# Keys that moved, for a clearer error than "unknown key" on a config written for the previous version.
+MOVED = {"model.label_nc": "data.label_nc"}
 
 
 class ConfigError(ValueError):
@@ -35,6 +59,15 @@ def resolve_path(path: str) -> Path:
     if candidate.is_absolute() or candidate.exists():
         return candidate
     return REPO_ROOT / candidate
+
+
+def _at_least(section: Any, low: float, *names: str, note: str = "") -> None:
+    """Refuse a field of ``section`` below ``low``. Messages name the field within its section; the
+    loader puts the section's place in front (``loader.batch_size``)."""
+    for name in names:
+        value = getattr(section, name)
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}{note}, got {value}")
 
 
 @dataclass
@@ -56,16 +89,24 @@ class HoldoutConfig:
 class DataConfig:
     """Where the images and label maps come from and the working size."""
 
-    source: str = "cityscapes"  # cityscapes | ade20k | folder
+    source: Source = "cityscapes"
     root: str = str(REPO_ROOT.parent / "shared" / "data" / "cityscapes_sample")
     splits: list[str] = field(default_factory=lambda: ["val"])
     width: int = 512
     height: int = 256
     image_dir: str = "images"  # folder source only
     label_dir: str = "labels"  # folder source only
-    label_nc: int = 0  # 0: take it from the source's label table
+    # label ids 0..label_nc-1; 0: the source's label table (the folder source needs it set). The model's
+    # input width follows it (through the shard manifest).
+    label_nc: int = 0
     # held-out splits carved out of data.splits (e.g. a validation and a test city of one split)
     holdout: list[HoldoutConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "width", "height")
+        _at_least(self, 0, "label_nc", note=" (0: the source's label table)")
+        if not self.splits:
+            raise ConfigError("splits is empty")
 
 
 @dataclass
@@ -79,24 +120,36 @@ class CodecSpec:
 
 @dataclass
 class ShardConfig:
-    """How ``python -m pipeline shards`` writes WebDataset shards."""
+    """How ``python -m pipeline shards`` writes WebDataset shards.
 
-    output: str = "shards/cityscapes"
-    codecs: list[CodecSpec] = field(default_factory=lambda: [CodecSpec()])
-    samples_per_shard: int = 32
-    workers: int = 0  # 0: every core
-    label_coder: str = "auto"  # auto | jxl | webp | png
+    The qualities are checked against each codec's scale when the shards are built (the codec knows it).
+    """
+
+    output: str = field(default="shards/cityscapes", metadata=NOT_WEIGHTS)
+    codecs: list[CodecSpec] = field(default_factory=lambda: [CodecSpec()], metadata=NOT_WEIGHTS)
+    samples_per_shard: int = field(default=32, metadata=NOT_WEIGHTS)
+    workers: int = field(default=0, metadata=NOT_WEIGHTS)  # 0: every core
+    label_coder: LabelCoderMethod = field(default="auto", metadata=NOT_WEIGHTS)  # auto: the best available
     label_downsample: int = 1
-    store_bitstreams: bool = False
-    strict: bool = False
-    use_ray: bool = False
+    store_bitstreams: bool = field(default=False, metadata=NOT_WEIGHTS)
+    strict: bool = field(default=False, metadata=NOT_WEIGHTS)
+    use_ray: bool = field(default=False, metadata=NOT_WEIGHTS)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "samples_per_shard", "label_downsample")
+        _at_least(self, 0, "workers", note=" (0: every core)")
+        if not self.codecs or any(not spec.qualities for spec in self.codecs):
+            raise ConfigError("codecs needs at least one codec, each with at least one quality")
+        tags = [f"{spec.name}_q{q}" for spec in self.codecs for q in spec.qualities]
+        if len(set(tags)) != len(tags):
+            raise ConfigError(f"codecs names the same codec and quality twice: {sorted(tags)}")
 
 
 @dataclass
 class LoaderConfig:
     """How training and evaluation read shards back as tensors."""
 
-    shards: str = ""  # empty: <shards.output>/<split>-*.tar via the manifest
+    shards: str = field(default="", metadata=NOT_WEIGHTS)  # empty: <shards.output>/<split>-*.tar (manifest)
     split: str = "val"
     codec: str = "hevc"
     quality: int = 42
@@ -106,23 +159,28 @@ class LoaderConfig:
     crop: list[int] = field(default_factory=lambda: [128, 256])  # [height, width]; [] = none
     flip: bool = True
     batch_size: int = 2
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=NOT_WEIGHTS)
     shuffle: int = 64
     resampled: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "num_workers", "shuffle")
+        if self.crop and (len(self.crop) != 2 or min(self.crop) < 1):
+            raise ConfigError(f"crop must be [] or [height, width] of positive sizes, got {self.crop}")
 
 
 @dataclass
 class ModelConfig:
-    """pix2pixHD-style generator and multi-scale discriminator."""
+    """pix2pixHD-style generator and multi-scale discriminator (``label_nc`` comes from the data)."""
 
     ngf: int = 64
     n_downsample: int = 4
     n_blocks: int = 9
-    norm: str = "instance"  # instance | batch | none
+    norm: Norm = "instance"
     ndf: int = 64
     n_layers_d: int = 3
     num_d: int = 2
-    label_nc: int = 0  # 0: from the data (manifest / source)
     # pix2pixHD's instance edges as an extra input; off by default because the decoder would
     # need the instance map too, and its bits are not counted in the rate.
     use_instance: bool = False
@@ -130,6 +188,10 @@ class ModelConfig:
     # clamp(decoded + correction) with the correction initialised at zero: codec-SE starts at the codec.
     # False: pix2pixHD's tanh output (the paper's generator).
     residual: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "ngf", "ndf", "n_layers_d", "num_d")
+        _at_least(self, 0, "n_downsample", "n_blocks")
 
 
 @dataclass
@@ -141,27 +203,35 @@ class LossWeights:
     vgg: float = 10.0
     dist: float = 0.0
 
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "gan", "feat", "vgg", "dist")
+
 
 @dataclass
 class PhaseConfig:
     """One of the three JPD-SE training phases."""
 
-    steps: int = 100
+    steps: int = field(default=100, metadata=NOT_WEIGHTS)
     visual_input: bool = True  # False: the decoded image is zeroed (phase 1)
     train_discriminator: bool = True  # False: D is not stepped (phase 3)
     loss: LossWeights = field(default_factory=LossWeights)
     lr: float = 2e-4
     # constant | cosine: a short linear warm-up (5 % of the steps), then cosine decay to zero at the
     # phase's last step (DeepSpeed's WarmupCosineLR; its state is part of the checkpoint)
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "steps")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
 @dataclass
 class LossConfig:
     """Loss definitions shared by every phase (the weights live in each phase)."""
 
-    gan_mode: str = "lsgan"  # lsgan | hinge
-    distortion: str = "l1"  # l1 | mse
+    gan_mode: GanMode = "lsgan"
+    distortion: Distortion = "l1"
     vgg_weights: str = ""  # empty: the torch hub cache (vgg19-dcbb9e9d.pth)
 
 
@@ -169,14 +239,20 @@ class LossConfig:
 class TrainConfig:
     """Distributed training with two DeepSpeed engines."""
 
-    output_dir: str = "runs/train"
+    output_dir: str = field(default="runs/train", metadata=NOT_WEIGHTS)
     deepspeed_config: str = "configs/deepspeed/zero0_fp32.json"
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    checkpoint_every: int = 50
-    log_every: int = 10
+    checkpoint_every: int = field(default=50, metadata=NOT_WEIGHTS)  # 0: at the end only
+    log_every: int = field(default=10, metadata=NOT_WEIGHTS)  # 0: at the end only
     seed: int = 0
-    init_from: str = ""  # exported generator of the previous phase, for --phases 2 or 3
-    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0: keep all
+    # exported generator of the previous phase, for --phases 2 or 3
+    init_from: str = field(default="", metadata=NOT_WEIGHTS)
+    keep_checkpoints: int = field(default=2, metadata=NOT_WEIGHTS)  # newest complete ones kept; 0: all
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "checkpoint_every", "log_every", "keep_checkpoints")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -190,11 +266,14 @@ class ValidateConfig:
     split: str = "val"
     every: int = 0  # steps between validations (and step 0); 0: no validation, the last step is exported
     images: int = 0  # frames of the split used; 0: all
-    metric: str = "psnr"  # psnr | ms_ssim | niqe: what "best" means (mean over the frames)
+    metric: ValidateMetric = "psnr"  # what "best" means (mean over the frames)
     # a step replaces the best only when better by more than this (in the metric's units): on a few frames,
     # smaller differences are noise, and the starting point (the codec itself) should not be traded for it
     min_delta: float = 0.0
     patience: int = 0  # stop after this many validations without improvement; 0: never stop early
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "every", "images", "min_delta", "patience")
 
 
 @dataclass
@@ -204,10 +283,13 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
     experiment: str = "jpd-se"
-    log_every: int = 10
+    log_every: int = 10  # 0: at the end only
     register: bool = True
     register_phase2: bool = False
     alias: str = "champion"
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "log_every")
 
 
 @dataclass
@@ -215,7 +297,8 @@ class EvalConfig:
     """R-PD evaluation."""
 
     output_dir: str = "runs/eval"
-    input: str = "auto"  # shards | source (encode data.* on the fly) | auto: shards when built, else source
+    # shards | source (encode data.* on the fly) | auto: shards when built, else source
+    input: EvalInput = "auto"
     split: str = "val"
     qualities: list[int] = field(default_factory=list)  # empty: every built quality
     max_images: int = 0  # 0: all
@@ -227,6 +310,9 @@ class EvalConfig:
     # scoring a model on frames it was trained on is refused; true: allowed, with a warning in every table
     allow_training_frames: bool = False
 
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "max_images", "crops")
+
 
 @dataclass
 class TuneConfig:
@@ -234,13 +320,15 @@ class TuneConfig:
 
     num_samples: int = 8
     max_steps: int = 200
-    metric: str = "val_psnr"
-    mode: str = "max"
+    metric: TuneMetric = "val_psnr"
+    mode: Mode = "max"  # must be the metric's direction (TUNE_MODES)
     output_dir: str = "runs/tune"
+    # dotted config keys -> {loguniform|uniform|randint: [lo, hi]} or {choice: [...]}; empty:
+    # pipeline.train.tune.DEFAULT_SPACE
     search_space: dict[str, Any] = field(default_factory=dict)
     name: str = ""  # experiment folder under output_dir; empty: <name>-tune
     report_every: int = 50  # steps between intermediate results (ASHA's rungs)
-    eval_images: int = 8  # held-out images (eval.split) evaluated per result; 0: all
+    eval_images: int = 8  # held-out images (validate.split) evaluated per result; 0: all
     niqe_weight: float = 1.0  # val_score = val_psnr - niqe_weight * val_niqe
     grace_period: int = 0  # ASHA: steps before a trial can be stopped; 0: report_every
     reduction_factor: float = 2.0  # ASHA
@@ -248,12 +336,39 @@ class TuneConfig:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 1
 
+    def __post_init__(self) -> None:
+        mode = TUNE_MODES.get(self.metric)
+        if mode is None:
+            raise ConfigError(f"metric must be one of {sorted(TUNE_MODES)}, got {self.metric!r}")
+        if self.mode != mode:
+            raise ConfigError(
+                f"mode must be {mode!r} for {self.metric} (PSNR and the score are "
+                f"higher-better, NIQE lower-better), got {self.mode!r}"
+            )
+        _at_least(self, 1, "num_samples", "max_steps", "report_every", "max_concurrent_trials")
+        _at_least(self, 0, "eval_images", note=" (0: all)")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError(
+                f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, "
+                f"got {self.cpus_per_trial} and {self.gpus_per_trial}"
+            )
+        if not 0 <= self.grace_period <= self.max_steps:
+            raise ConfigError(f"grace_period must lie in [0, max_steps], got {self.grace_period}")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+
 
 @dataclass
 class JobConfig:
-    """Everything one job needs; every command reads this."""
+    """Everything one job needs; every command reads this.
 
-    name: str = "cityscapes-hevc"
+    The three JPD-SE phases: phase 1, the semantic prior (the decoded image is zeroed; GAN + feature
+    matching + VGG); phase 2, joint perception-distortion (decoded image in; GAN + FM + VGG + distortion:
+    the weights Ray Tune searches); phase 3, distortion refinement (GAN, FM and VGG off, the
+    discriminator not stepped, half the learning rate).
+    """
+
+    name: str = field(default="cityscapes-hevc", metadata=NOT_WEIGHTS)
     data: DataConfig = field(default_factory=DataConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -269,14 +384,14 @@ class JobConfig:
     )
     phase3: PhaseConfig = field(
         default_factory=lambda: PhaseConfig(
-            train_discriminator=False, loss=LossWeights(gan=0.0, feat=0.0, vgg=0.0, dist=1.0)
+            train_discriminator=False, loss=LossWeights(gan=0.0, feat=0.0, vgg=0.0, dist=1.0), lr=1e-4
         )
     )
     train: TrainConfig = field(default_factory=TrainConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig, metadata=NOT_WEIGHTS)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=NOT_WEIGHTS)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=NOT_WEIGHTS)
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata=NOT_WEIGHTS)
 
     def phase(self, number: int) -> PhaseConfig:
         if number not in (1, 2, 3):
@@ -292,29 +407,52 @@ class JobConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def training_digest(self) -> str:
-        """A hash of what trained weights depend on: data, labels, loader, model, losses, phase
-        settings and optimiser; not step counts, paths, logging, tracking or evaluation."""
-        tree = self.to_dict()
-        loader = {k: v for k, v in tree["loader"].items() if k not in ("num_workers", "shards")}
-        phases = {
-            n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")
-        }
-        train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
+        """A hash of what trained weights depend on: every field not marked :data:`NOT_WEIGHTS` (data,
+        labels, loader, model, losses, phase settings and optimiser; not step counts, paths, logging,
+        tracking, validation or evaluation). A checkpoint resumes only under the same digest."""
+        tree = _weights_tree(self)
+        # Hashed in the previous version's layout, so that its checkpoints keep resuming: shards' one
+        # field bare, the phases in one mapping, model.label_nc (now data.label_nc) at its only default 0.
+        shards = tree.pop("shards")
         parts = [
-            tree["data"],
-            tree["shards"]["label_downsample"],
-            loader,
-            tree["model"],
-            tree["loss"],
-            phases,
-            train,
+            tree.pop("data"),
+            shards.pop("label_downsample"),
+            tree.pop("loader"),
+            {**tree.pop("model"), "label_nc": 0},
+            tree.pop("loss"),
+            {name: tree.pop(name) for name in PHASES},
+            tree.pop("train"),
         ]
+        rest = {**tree, "shards": shards} if shards else tree  # fields added since, if weights depend on them
+        if rest:
+            parts.append(rest)
         text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
         """``{"phase2.loss.dist": 10.0, ...}``, e.g. for MLflow params."""
         return flatten(self.to_dict())
+
+
+def _weights_tree(section: Any) -> dict[str, Any]:
+    """``section`` as a nested dict of the fields trained weights depend on (no :data:`NOT_WEIGHTS`)."""
+    tree: dict[str, Any] = {}
+    for item in dataclasses.fields(section):
+        if not item.metadata.get("weights", True):
+            continue
+        value = getattr(section, item.name)
+        is_section = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        tree[item.name] = _weights_tree(value) if is_section else _plain(value)
+    return tree
+
+
+def _plain(value: Any) -> Any:
+    """A field value as :func:`dataclasses.asdict` writes it (sections in lists become dicts)."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -339,6 +477,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The tree of a YAML config file with its ``defaults:`` merged in (not yet typed or checked)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config defaults form a cycle through {path}")
@@ -391,12 +530,19 @@ def _build(cls: type, tree: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - names)
+    for key in unknown:
+        dotted = f"{where}.{key}" if where else key
+        if dotted in MOVED:
+            raise ConfigError(f"{dotted} moved to {MOVED[dotted]}")
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs: dict[str, Any] = {}
     for key, value in tree.items():
         kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a range check of the section's __post_init__: name the key in full
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -407,6 +553,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
         default = hint()
         return _build(hint, _merge(dataclasses.asdict(default), value or {}), where)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         if value is None:
@@ -436,7 +587,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Read ``path`` (default ``configs/default.yaml``), apply overrides, validate types."""
+    """Read ``path`` (default ``configs/default.yaml``), apply overrides, validate types and ranges."""
     tree = _read_yaml(Path(path) if path else DEFAULT_CONFIG)
     tree = _merge(tree, parse_overrides(overrides or []))
     return from_dict(tree)

@@ -15,12 +15,12 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import JobConfig
 from pipeline.data.codecs import LabelCoder
+from pipeline.data.manifest import Manifest
 from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
@@ -29,16 +29,9 @@ from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
 from pipeline.train.trainer import train
 
 
-def job_qualities(cfg: JobConfig, manifest: dict[str, Any]) -> list[int]:
+def job_qualities(cfg: JobConfig, manifest: Manifest) -> list[int]:
     """``eval.qualities``, else every quality built for ``loader.codec``."""
-    built = sorted(c["quality"] for c in manifest["codecs"].values() if c["codec"] == cfg.loader.codec)
-    if not built:
-        raise ConfigError(f"loader.codec={cfg.loader.codec!r} was not built; shards.codecs has none of it")
-    wanted = sorted(set(cfg.eval.qualities)) or built
-    missing = sorted(set(wanted) - set(built))
-    if missing:
-        raise ConfigError(f"eval.qualities {missing} were not built for {cfg.loader.codec} (built: {built})")
-    return list(wanted)
+    return manifest.qualities(cfg.loader.codec, cfg.eval.qualities, setting="eval.qualities")
 
 
 def _for_quality(cfg: JobConfig, quality: int, prior: Path | None, ablation: bool) -> JobConfig:

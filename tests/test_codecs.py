@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.data import codecs
 from pipeline.data.codecs import (
     Codec,
     CodecError,
@@ -21,6 +20,8 @@ from pipeline.data.codecs import (
     get_codec,
     register_codec,
 )
+from pipeline.data.codecs import base as codec_base
+from pipeline.data.codecs import label as label_coding
 
 # A quality giving good fidelity, then qualities from worst to best, on each codec's own scale.
 GOOD_QUALITY = {"jpeg": 90, "webp": 90, "jpeg2000": 200, "hevc": 27, "bpg": 27}
@@ -199,7 +200,7 @@ def test_bad_names_options_and_sizes(sample_image: np.ndarray) -> None:
 
 
 def test_a_new_codec_is_one_small_class(monkeypatch: pytest.MonkeyPatch, sample_image: np.ndarray) -> None:
-    monkeypatch.setattr(codecs, "_REGISTRY", dict(codecs._REGISTRY))
+    monkeypatch.setattr(codec_base, "_REGISTRY", dict(codec_base._REGISTRY))
 
     @register_codec
     class PNGCodec(Codec):
@@ -264,8 +265,8 @@ def test_label_coder_downsample_is_nearest_neighbour(label_map: np.ndarray) -> N
 def test_label_coder_auto_falls_back_without_jxl(
     monkeypatch: pytest.MonkeyPatch, label_map: np.ndarray
 ) -> None:
-    _, encode, decode = codecs._LABEL_METHODS["jxl"]
-    monkeypatch.setitem(codecs._LABEL_METHODS, "jxl", (lambda: False, encode, decode))
+    _, encode, decode = label_coding._LABEL_METHODS["jxl"]
+    monkeypatch.setitem(label_coding._LABEL_METHODS, "jxl", (lambda: False, encode, decode))
     coder = LabelCoder("auto")
     assert coder.method in ("webp", "png")
     assert np.array_equal(coder.decode(coder.encode(label_map)), label_map)

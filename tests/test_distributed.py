@@ -16,7 +16,7 @@ import psutil  # a DeepSpeed dependency
 import pytest
 
 from pipeline.model.export import load_generator
-from pipeline.train.trainer import params_digest
+from pipeline.train.checkpoint import params_digest
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,7 @@ def test_resume_continues_from_the_last_checkpoint(interrupted_job: dict[str, An
     assert (final["phase"], final["step"]) == (3, 3)
     for phase in (1, 2, 3):
         _, spec = load_generator(out / f"phase{phase}" / "generator.safetensors")
-        assert spec["phase"] == phase
+        assert spec.phase == phase
 
 
 def test_ranks_hold_identical_generators(interrupted_job: dict[str, Any]) -> None:
@@ -177,10 +177,10 @@ def test_validation_on_two_ranks(shards: Path, tmp_path: Path) -> None:
     assert log.count("phase 2 step 0 validation on 2 valid frames") == 1  # rank 0 only
     assert "starting from the identity generator" in log
     _, spec = load_generator(tmp_path / "run" / "phase2" / "generator.safetensors")
-    assert spec["selected"]["split"] == "valid" and spec["selected"]["step"] in range(7)
+    assert spec.selected["split"] == "valid" and spec.selected["step"] in range(7)
     state = json.loads(
         (
             tmp_path / "run" / "checkpoints" / latest(tmp_path / "run")["tag"] / "trainer_state.json"
         ).read_text()
     )
-    assert state["world_size"] == 2 and state["validation"]["step"] == spec["selected"]["step"]
+    assert state["world_size"] == 2 and state["validation"]["step"] == spec.selected["step"]

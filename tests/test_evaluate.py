@@ -20,20 +20,14 @@ import torch
 from pipeline import tracking
 from pipeline.config import JobConfig, ModelConfig, from_dict
 from pipeline.data.shards import build_shards
-from pipeline.eval.evaluate import (
-    MEAN_COLUMNS,
-    ROW_COLUMNS,
-    Method,
-    ShardInput,
-    _bdrate_report,
-    _slug,
-    describe_frames,
-    enhance,
-    evaluate,
-    load_methods,
-)
-from pipeline.model.export import export_generator, make_spec, weights_sha256
+from pipeline.eval.evaluate import evaluate
+from pipeline.eval.inputs import EvalSample, ShardInput
+from pipeline.eval.methods import Method, load_methods, reconstruct
+from pipeline.eval.report import bdrate_report, describe_frames, slug
+from pipeline.eval.rows import MEAN_COLUMNS, ROW_COLUMNS, MeanRow, Measures
+from pipeline.model.export import export_generator, weights_sha256
 from pipeline.model.networks import Generator, build_models
+from pipeline.model.spec import GeneratorSpec
 from pipeline.tracking import Tracker
 
 WIDTH, HEIGHT = 256, 128
@@ -86,12 +80,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> tu
         }
     )
     manifest = build_shards(cfg)
-    label_nc = int(manifest["dataset"]["label_nc"])
+    label_nc = int(manifest.dataset.label_nc)
     torch.manual_seed(0)
     models = base / "models"
     for name, quality, zero in (("se37", 37, False), ("se45", 45, False), ("nosem45", 45, True)):
         generator, _ = build_models(dataclasses.replace(TINY, zero_semantics=zero), label_nc, True)
-        spec = make_spec(
+        spec = GeneratorSpec.from_config(
             dataclasses.replace(TINY, zero_semantics=zero),
             label_nc,
             True,
@@ -125,10 +119,11 @@ def _export(path: Path, label_nc: int, seed: int, quality: int = 45, **kwargs: A
     assert isinstance(generator, Generator) and generator.correction is not None
     with torch.no_grad():
         generator.correction[-1].weight.normal_(0.0, 0.02)
-    spec = make_spec(TINY, label_nc, True, codec="hevc", quality=quality, phase=3)
+    spec = GeneratorSpec.from_config(TINY, label_nc, True, codec="hevc", quality=quality, phase=3)
     return export_generator(path, generator, spec, **kwargs)
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path], capsys: pytest.CaptureFixture[str]) -> None:
     cfg, _, models = setup
     cfg = _with_eval(cfg, niqe_fitted=True)
@@ -211,7 +206,7 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path], capsys: pytest
     assert out / "rpd.csv" in tracker.artifacts and out / "crops" in tracker.artifacts
     se45 = next(m for m in means if m["method"] == "hevc-SE" and m["quality"] == "45")
     assert se45["label"] == f"models/se45#{weights_sha256(paths[1])[:12]}"
-    assert tracker.metrics[f"eval.hevc-SE.{_slug(se45['label'])}.q45.psnr"] == pytest.approx(
+    assert tracker.metrics[f"eval.hevc-SE.{slug(se45['label'])}.q45.psnr"] == pytest.approx(
         float(se45["psnr"])
     )
     codec45 = next(m for m in means if m["method"] == "hevc" and m["quality"] == "45")
@@ -229,9 +224,9 @@ def test_evaluate_source_input_without_models(setup: tuple[JobConfig, dict, Path
     # the same frame through the shards' codec gives the same rate
     assert float(rows[0]["bpp_codec"]) > 0
     assert (
-        manifest["codecs"]["hevc_q45"]["bpp_min"]
+        manifest.codecs["hevc_q45"].bpp_min
         <= float(rows[0]["bpp_codec"])
-        <= manifest["codecs"]["hevc_q45"]["bpp_max"]
+        <= manifest.codecs["hevc_q45"].bpp_max
     )
 
 
@@ -248,11 +243,13 @@ def test_a_model_of_several_qualities_is_one_point_at_each(
     """A model trained on several qualities (loader.qualities) scores at each of them, as one model."""
     cfg, manifest, _ = setup
     torch.manual_seed(1)
-    generator, _ = build_models(TINY, int(manifest["dataset"]["label_nc"]), True)
+    generator, _ = build_models(TINY, int(manifest.dataset.label_nc), True)
     with torch.no_grad():
         generator.correction[-1].weight.normal_(0.0, 0.02)  # not the identity: its rows differ from HEVC's
-    spec = make_spec(TINY, int(manifest["dataset"]["label_nc"]), True, codec="hevc", quality=45, phase=3)
-    path = export_generator(tmp_path / "both.safetensors", generator, {**spec, "qualities": QUALITIES})
+    spec = GeneratorSpec.from_config(
+        TINY, int(manifest.dataset.label_nc), True, codec="hevc", quality=45, phase=3, qualities=QUALITIES
+    )
+    path = export_generator(tmp_path / "both.safetensors", generator, spec)
     out = evaluate(_with_eval(cfg, output_dir=str(tmp_path / "out")), [str(path)])
     means = [r for r in _read_csv(out / "rpd_mean.csv") if r["method"] == "hevc-SE"]
     assert sorted(int(r["quality"]) for r in means) == QUALITIES
@@ -275,7 +272,7 @@ def test_registry_uris_go_through_tracking(
 
     monkeypatch.setattr(tracking, "pin_model_uri", fake_pin)
     monkeypatch.setattr(tracking, "resolve_model_uri", fake_resolve)
-    label_nc = int(manifest["dataset"]["label_nc"])
+    label_nc = int(manifest.dataset.label_nc)
     methods = load_methods(
         ["models:/jpdse@champion"], "hevc", QUALITIES, label_nc, torch.device("cpu"), "sqlite:///x"
     )
@@ -294,22 +291,26 @@ def test_registry_uris_go_through_tracking(
 def test_enhance_pads_and_crops_back() -> None:
     torch.manual_seed(0)
     generator, _ = build_models(TINY, 5, True)
-    spec = make_spec(TINY, 5, True, codec="hevc", quality=45, phase=3)
+    spec = GeneratorSpec.from_config(TINY, 5, True, codec="hevc", quality=45, phase=3)
     rng = np.random.default_rng(0)
     decoded = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
     label = rng.integers(0, 5, (30, 50), dtype=np.uint8)
-    out = enhance(Method("hevc-SE", 45, generator.eval(), spec), decoded, label, None, torch.device("cpu"))
+
+    def enhance(method: Method, decoded: np.ndarray) -> np.ndarray:
+        sample = EvalSample("k", decoded, label, None, decoded={45: decoded})
+        return reconstruct(method, sample, 45)
+
+    out = enhance(Method("hevc-SE", 45, generator.eval(), spec), decoded)
     assert out.shape == (30, 50, 3) and out.dtype == np.uint8
     # a fresh residual generator outputs the decoded image through its correction head (phases 2-3) ...
     assert np.array_equal(out, decoded)
     # ... and a phase-1 export draws from the labels alone with the synthesis head
-    prior = enhance(
-        Method("prior", 45, generator, {**spec, "phase": 1}), decoded, label, None, torch.device("cpu")
-    )
-    other = enhance(
-        Method("prior", 45, generator, {**spec, "phase": 1}), 255 - decoded, label, None, torch.device("cpu")
-    )
+    phase1 = dataclasses.replace(spec, phase=1)
+    prior = enhance(Method("prior", 45, generator, phase1), decoded)
+    other = enhance(Method("prior", 45, generator, phase1), 255 - decoded)
     assert np.array_equal(prior, other) and not np.array_equal(prior, decoded)
+    # the codec's method is its decoded image
+    assert enhance(Method("hevc", None), decoded) is decoded
 
 
 def test_models_are_never_pooled(
@@ -318,7 +319,7 @@ def test_models_are_never_pooled(
     """Three exports of one codec and quality, all named generator.safetensors: three models, three curves;
     the same file given twice is one model."""
     cfg, manifest, _ = setup
-    label_nc = int(manifest["dataset"]["label_nc"])
+    label_nc = int(manifest.dataset.label_nc)
     paths = [
         str(_export(tmp_path / run / "generator.safetensors", label_nc, seed))
         for seed, run in enumerate("abc")
@@ -358,7 +359,7 @@ def test_models_are_never_pooled(
 
 def test_same_folder_names_fall_back_to_hashes(setup: tuple[JobConfig, dict, Path], tmp_path: Path) -> None:
     _, manifest, _ = setup
-    label_nc = int(manifest["dataset"]["label_nc"])
+    label_nc = int(manifest.dataset.label_nc)
     paths = [
         str(_export(tmp_path / run / "phase3" / "generator.safetensors", label_nc, i))
         for i, run in enumerate("xy")
@@ -385,7 +386,7 @@ def test_training_frames_are_never_scored_unless_allowed(
     setup: tuple[JobConfig, dict, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg, manifest, _ = setup
-    label_nc = int(manifest["dataset"]["label_nc"])
+    label_nc = int(manifest.dataset.label_nc)
     cfg = _with_eval(cfg, qualities=[45], output_dir=str(tmp_path / "out"))
     keys = ShardInput(cfg).keys()
     assert len(keys) == cfg.eval.max_images
@@ -420,7 +421,23 @@ def test_training_frames_are_never_scored_unless_allowed(
     assert report["methods"]["hevc-SE [trained]"]["per_quality"][0]["on_training_frames"] is True
 
 
-def _means(name: str, factor: float, gain: float) -> list[dict[str, Any]]:
+def _mean(method: str, model: str, quality: int, **measures: float) -> MeanRow:
+    return MeanRow(
+        method=method,
+        model=model,
+        label=model,
+        codec="hevc",
+        quality=quality,
+        images=1,
+        measures=Measures(lpips=math.nan, **measures),
+        fid=math.nan,
+        lpips_note="",
+        fid_note="",
+        on_training_frames=False,
+    )
+
+
+def _means(name: str, factor: float, gain: float) -> list[MeanRow]:
     base = [
         (0.05, 30.0, 0.90),
         (0.09, 32.0, 0.93),
@@ -430,37 +447,24 @@ def _means(name: str, factor: float, gain: float) -> list[dict[str, Any]]:
     ]
     out = []
     for q, (bpp, p, m) in zip((47, 42, 37, 32, 27), base, strict=True):
+        out.append(_mean("hevc", "hevc", q, bpp_codec=bpp, bpp_total=bpp, psnr=p, ms_ssim=m, niqe=5.0))
         out.append(
-            {
-                "method": "hevc",
-                "model": "hevc",
-                "on_training_frames": False,
-                "quality": q,
-                "bpp_codec": bpp,
-                "bpp_total": bpp,
-                "psnr": p,
-                "ms_ssim": m,
-                "niqe": 5.0,
-            }
-        )
-        out.append(
-            {
-                "method": name,
-                "model": f"{name}.safetensors#0123456789ab",
-                "on_training_frames": False,
-                "quality": q,
-                "bpp_codec": bpp * factor,
-                "bpp_total": bpp * factor * 1.1,
-                "psnr": p + gain,
-                "ms_ssim": m,
-                "niqe": 4.0,
-            }
+            _mean(
+                name,
+                f"{name}.safetensors#0123456789ab",
+                q,
+                bpp_codec=bpp * factor,
+                bpp_total=bpp * factor * 1.1,
+                psnr=p + gain,
+                ms_ssim=m,
+                niqe=4.0,
+            )
         )
     return out
 
 
 def test_bdrate_report_with_enough_qualities() -> None:
-    report = _bdrate_report(_means("hevc-SE", 0.9, 0.0), "hevc", [27, 32, 37, 42, 47])
+    report = bdrate_report(_means("hevc-SE", 0.9, 0.0), "hevc", [27, 32, 37, 42, 47])
     entry = report["methods"]["hevc-SE"]
     assert entry["available"] is True
     assert entry["bd_rate_pct"]["psnr/bpp_codec"] == pytest.approx(-10.0, abs=1e-9)

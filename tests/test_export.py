@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from pipeline.config import ModelConfig
 from pipeline.model.export import (
@@ -19,14 +19,13 @@ from pipeline.model.export import (
     FORMAT_VERSION,
     export_generator,
     load_generator,
-    make_spec,
     read_spec,
     read_train_frames,
-    uses_synthesis,
-    visual_input,
     weights_sha256,
 )
-from pipeline.model.networks import Generator, build_models, input_channels
+from pipeline.model.inputs import input_channels
+from pipeline.model.networks import Generator, build_models
+from pipeline.model.spec import REQUIRED_SPEC_KEYS, SPEC_KEYS, GeneratorSpec
 
 LABEL_NC = 34
 V2 = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
@@ -39,14 +38,14 @@ def write_raw(path: Path, generator: Generator, spec: dict[str, Any], **metadata
     return path
 
 
-def trained_like(norm: str) -> tuple[Generator, dict]:
+def trained_like(norm: str) -> tuple[Generator, GeneratorSpec]:
     """A tiny generator whose weights and (batch norm) running statistics differ from a fresh one's."""
     torch.manual_seed(0)
     cfg = ModelConfig(ngf=8, n_downsample=2, n_blocks=2, norm=norm)
     generator, _ = build_models(cfg, LABEL_NC, use_instance=True)
     with torch.no_grad():
         generator(torch.randn(2, input_channels(LABEL_NC, True), 64, 128))  # updates BN running stats
-    spec = make_spec(cfg, LABEL_NC, True, codec="hevc", quality=42, phase=2)
+    spec = GeneratorSpec.from_config(cfg, LABEL_NC, True, codec="hevc", quality=42, phase=2)
     return generator.eval(), spec
 
 
@@ -62,7 +61,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path, norm: str) -> None:
 
     loaded, loaded_spec = load_generator(path)
     assert loaded_spec == spec
-    assert loaded_spec["label_nc"] == LABEL_NC and loaded_spec["phase"] == 2 and loaded_spec["ngf"] == 8
+    assert loaded_spec.label_nc == LABEL_NC and loaded_spec.phase == 2 and loaded_spec.ngf == 8
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
@@ -73,21 +72,23 @@ def test_round_trip_is_bit_exact(tmp_path: Path, norm: str) -> None:
 def test_export_overwrites_and_unwraps(tmp_path: Path) -> None:
     generator, spec = trained_like("instance")
     path = tmp_path / "g.safetensors"
-    export_generator(path, generator, {**spec, "phase": 1})
+    export_generator(path, generator, dataclasses.replace(spec, phase=1))
     wrapper = torch.nn.Module()
     wrapper.module = generator  # like a DeepSpeed engine or DDP
-    export_generator(path, wrapper, {**spec, "phase": 3})
-    assert read_spec(path)["phase"] == 3
+    export_generator(path, wrapper, dataclasses.replace(spec, phase=3))
+    assert read_spec(path).phase == 3
 
 
 def test_export_refuses_inconsistent_input(tmp_path: Path) -> None:
     generator, spec = trained_like("instance")
     with pytest.raises(ValueError, match="spec describes"):
-        export_generator(tmp_path / "g.safetensors", generator, {**spec, "n_blocks": 3})
+        export_generator(tmp_path / "g.safetensors", generator, dataclasses.replace(spec, n_blocks=3))
     with pytest.raises(ValueError, match="lacks"):
-        export_generator(tmp_path / "g.safetensors", generator, {"ngf": 8})
+        GeneratorSpec.from_json({"ngf": 8}, FORMAT_VERSION)
     with pytest.raises(ValueError, match="JSON"):
-        export_generator(tmp_path / "g.safetensors", generator, {**spec, "extra": object()})
+        export_generator(
+            tmp_path / "g.safetensors", generator, dataclasses.replace(spec, selected={"extra": object()})
+        )
     with pytest.raises(TypeError, match="Generator"):
         export_generator(tmp_path / "g.safetensors", torch.nn.Linear(2, 2), spec)
     assert list(tmp_path.iterdir()) == []
@@ -110,7 +111,7 @@ def test_load_refuses_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not an exported generator"):
         load_generator(tmp_path / "plain.safetensors")
 
-    write_raw(tmp_path / "wrong.safetensors", generator, {**spec, "ngf": 16}, **V2)
+    write_raw(tmp_path / "wrong.safetensors", generator, {**spec.to_json(), "ngf": 16}, **V2)
     with pytest.raises(ValueError, match="do not match the spec"):
         load_generator(tmp_path / "wrong.safetensors")
 
@@ -137,14 +138,18 @@ def test_metadata_holds_format_version_and_training_frames(tmp_path: Path) -> No
     export_generator(path, generator, spec)
     assert read_train_frames(path) is None  # the file does not say
     with pytest.raises(ValueError, match="not a JSON list of strings"):
-        read_train_frames(write_raw(tmp_path / "bad.safetensors", generator, spec, **V2, train_frames='"a"'))
+        read_train_frames(
+            write_raw(tmp_path / "bad.safetensors", generator, spec.to_json(), **V2, train_frames='"a"')
+        )
 
 
 def test_unknown_spec_keys_and_newer_versions_are_refused(tmp_path: Path) -> None:
-    generator, spec = trained_like("instance")
-    with pytest.raises(ValueError, match=r"\['attention'\] are not part of format version 2"):
-        export_generator(tmp_path / "g.safetensors", generator, {**spec, "attention": True})
-    assert not (tmp_path / "g.safetensors").exists()
+    generator, typed = trained_like("instance")
+    spec = typed.to_json()
+    with pytest.raises(ValueError, match=r"\['attention'\] are unknown to generator format version 2"):
+        GeneratorSpec.from_json({**spec, "attention": True}, FORMAT_VERSION)
+    with pytest.raises(TypeError, match="attention"):
+        GeneratorSpec(**{**spec, "attention": True})
 
     unknown = write_raw(tmp_path / "unknown.safetensors", generator, {**spec, "attention": 1}, **V2)
     with pytest.raises(
@@ -175,12 +180,14 @@ def test_unversioned_files_load_as_version_1(tmp_path: Path) -> None:
     torch.manual_seed(0)
     plain_cfg = ModelConfig(ngf=8, n_downsample=2, n_blocks=2, residual=False)
     generator, _ = build_models(plain_cfg, LABEL_NC, use_instance=True)
-    spec = make_spec(plain_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=3, steps=10)
-    del spec["residual"]
+    spec = GeneratorSpec.from_config(plain_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=3, steps=10)
+    spec = {k: v for k, v in spec.to_json().items() if k != "residual"}
+    assert set(spec) == SPEC_KEYS[1]
     path = write_raw(tmp_path / "v1.safetensors", generator, spec)
 
     loaded, loaded_spec = load_generator(path)
-    assert loaded_spec == spec and not loaded.residual
+    assert loaded_spec == GeneratorSpec.from_json(spec, 1) and not loaded.residual
+    assert loaded_spec.to_json() == {**spec, "residual": False}
     x = torch.randn(1, input_channels(LABEL_NC, True), 64, 128)
     with torch.no_grad():
         assert torch.equal(loaded(x), generator.eval()(x))
@@ -194,15 +201,129 @@ def test_unversioned_files_load_as_version_1(tmp_path: Path) -> None:
 
 def test_version_2_spec_keys_follow_model_config(tmp_path: Path) -> None:
     generator, spec = trained_like("instance")
-    assert set(f.name for f in dataclasses.fields(ModelConfig)) <= set(spec)
+    assert set(f.name for f in dataclasses.fields(ModelConfig)) <= set(spec.to_json())
     selected = {"step": 40, "metric": "psnr", "value": 31.2}
     path = export_generator(
-        tmp_path / "g.safetensors", generator, {**spec, "train_split": "train", "selected": selected}
+        tmp_path / "g.safetensors",
+        generator,
+        dataclasses.replace(spec, train_split="train", selected=selected),
     )
-    assert read_spec(path)["selected"] == selected
+    assert read_spec(path).selected == selected
 
 
 @pytest.mark.parametrize(("phase", "synthesis"), [(1, True), (2, False), (3, False)])
 def test_which_head_follows_the_phase(phase: int, synthesis: bool) -> None:
-    spec = {"phase": phase}
-    assert uses_synthesis(spec) is synthesis and visual_input(spec) is not synthesis
+    spec = dataclasses.replace(trained_like("instance")[1], phase=phase)
+    assert spec.uses_synthesis is synthesis and spec.visual_input is not synthesis
+
+
+# The spec of an export as the previous version wrote it (a dict, json.dumps(sort_keys=True)).
+PREVIOUS_SPEC = {
+    "ngf": 8,
+    "n_downsample": 2,
+    "n_blocks": 2,
+    "norm": "instance",
+    "ndf": 64,
+    "n_layers_d": 3,
+    "num_d": 2,
+    "label_nc": LABEL_NC,
+    "use_instance": True,
+    "zero_semantics": False,
+    "residual": True,
+    "codec": "hevc",
+    "quality": 42,
+    "qualities": [37, 42],
+    "phase": 2,
+    "steps": 10,
+    "train_split": "train",
+    "selected": {"step": 6, "metric": "psnr", "value": 31.2, "split": "valid"},
+}
+
+
+def write_previous_version(path: Path, generator: Generator, spec: dict[str, Any]) -> Path:
+    """An export written the previous version's way: float32 safetensors whose header metadata
+    (``format``, ``format_version`` "2", ``spec``, ``train_frames``) is sorted."""
+    tensors = {k: v.float().contiguous() for k, v in generator.state_dict().items()}
+    metadata = {**V2, "spec": json.dumps(spec, sort_keys=True), "train_frames": json.dumps(["a_01", "b_02"])}
+    blob = save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + size :])
+    return path
+
+
+def test_exports_of_the_previous_version_load_and_keep_their_identity(tmp_path: Path) -> None:
+    generator, _ = trained_like("instance")
+    old = write_previous_version(tmp_path / "old.safetensors", generator, PREVIOUS_SPEC)
+    loaded, spec = load_generator(old)
+    assert spec == GeneratorSpec.from_config(
+        ModelConfig(ngf=8, n_downsample=2, n_blocks=2),
+        LABEL_NC,
+        True,
+        codec="hevc",
+        quality=42,
+        qualities=[37, 42],
+        phase=2,
+        steps=10,
+        train_split="train",
+        selected=PREVIOUS_SPEC["selected"],
+    )
+    assert spec.to_json() == PREVIOUS_SPEC and spec.qualities == (37, 42)
+    x = torch.randn(1, input_channels(LABEL_NC, True), 64, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), generator(x))
+    # the same content exported now is the same file, byte for byte: a model's identity survives
+    again = export_generator(tmp_path / "new.safetensors", loaded, spec, train_frames=read_train_frames(old))
+    assert again.read_bytes() == old.read_bytes()
+
+
+def test_spec_json_round_trip() -> None:
+    spec = GeneratorSpec.from_json(PREVIOUS_SPEC, FORMAT_VERSION)
+    assert GeneratorSpec.from_json(json.loads(json.dumps(spec.to_json())), FORMAT_VERSION) == spec
+    # optional keys the file does not hold are None, and stay out of the JSON
+    bare = {k: v for k, v in PREVIOUS_SPEC.items() if k not in ("qualities", "train_split", "selected")}
+    minimal = GeneratorSpec.from_json(bare, FORMAT_VERSION)
+    assert (minimal.qualities, minimal.train_split, minimal.selected) == (None, None, None)
+    assert minimal.to_json() == bare
+    assert GeneratorSpec.from_json({**bare, "selected": None}, FORMAT_VERSION) == minimal
+    assert SPEC_KEYS[FORMAT_VERSION] == set(PREVIOUS_SPEC)  # changing the keys is a new format version
+    required = {k: PREVIOUS_SPEC[k] for k in REQUIRED_SPEC_KEYS}
+    assert GeneratorSpec.from_json(required, 1).to_json() == {
+        **required,
+        "zero_semantics": False,
+        "residual": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "kind"),
+    [
+        ("ngf", "8", "an integer"),
+        ("label_nc", True, "an integer"),
+        ("use_instance", 1, "true or false"),
+        ("norm", None, "lacks"),
+        ("codec", 3, "a string"),
+        ("qualities", [37, "42"], "a list of integers"),
+        ("selected", [6], "an object"),
+    ],
+)
+def test_spec_values_of_the_wrong_type_are_refused(key: str, value: Any, kind: str) -> None:
+    with pytest.raises(ValueError, match=kind) as caught:
+        GeneratorSpec.from_json({**PREVIOUS_SPEC, key: value}, FORMAT_VERSION)
+    assert key in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_spec_properties() -> None:
+    spec = GeneratorSpec.from_json(PREVIOUS_SPEC, FORMAT_VERSION)
+    assert spec.trained_qualities == (37, 42)
+    assert dataclasses.replace(spec, qualities=(42, 37, 42)).trained_qualities == (37, 42)
+    assert dataclasses.replace(spec, qualities=None).trained_qualities == (42,)
+    assert dataclasses.replace(spec, qualities=None, quality=None).trained_qualities == ()
+    generator, _ = build_models(ModelConfig(ngf=8, n_downsample=2, n_blocks=2), LABEL_NC, use_instance=True)
+    assert spec.generator_kwargs == generator.hparams == spec.build_generator().hparams
+    plain = dataclasses.replace(spec, residual=False, use_instance=False)
+    assert not plain.build_generator().residual
+    assert plain.generator_kwargs["input_nc"] == input_channels(LABEL_NC, False)

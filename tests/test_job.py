@@ -10,6 +10,8 @@ import pytest
 
 from pipeline.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 def test_main_job_end_to_end(
     tmp_path: Path, cityscapes_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

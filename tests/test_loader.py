@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import JobConfig, from_dict
+from pipeline.config import ConfigError, JobConfig, from_dict
 from pipeline.data.loader import LoaderError, make_dataset, make_loader, shard_urls
-from pipeline.data.shards import read_manifest
-from pipeline.model.networks import edge_map
+from pipeline.data.manifest import Manifest, ManifestError, SplitEntry
+from pipeline.model.inputs import edge_map
 
 WIDTH, HEIGHT = 256, 128
 MEMBER = "hevc_q42"
 
 
 @pytest.fixture(scope="module")
-def built(small_shards: Path, cityscapes_root: Path) -> tuple[JobConfig, dict]:
+def built(small_shards: Path, cityscapes_root: Path) -> tuple[JobConfig, Manifest]:
     """The session's shards (hevc QP 37 and 42: the loader must pick q42), 4 samples a shard; the training
     split ``val`` holds the 10 frankfurt frames (the other cities are held out)."""
     cfg = from_dict(
@@ -34,7 +34,7 @@ def built(small_shards: Path, cityscapes_root: Path) -> tuple[JobConfig, dict]:
             "loader": {"split": "val", "codec": "hevc", "quality": 42, "batch_size": 4, "shuffle": 8},
         }
     )
-    return cfg, read_manifest(small_shards)
+    return cfg, Manifest.read(small_shards)
 
 
 def _with(cfg: JobConfig, **loader: object) -> JobConfig:
@@ -67,12 +67,12 @@ def _keys(batches) -> list[str]:
     return [key for batch in batches for key in batch["key"]]
 
 
-def test_batch_format(built: tuple[JobConfig, dict]) -> None:
+def test_batch_format(built: tuple[JobConfig, Manifest]) -> None:
     cfg, manifest = built
     originals = _originals(cfg)
     batches = list(make_dataset(cfg, train=False))
     assert sorted(_keys(batches)) == sorted(originals)
-    assert len(originals) == manifest["splits"]["val"]["samples"] == 10
+    assert len(originals) == manifest.splits["val"].samples == 10
     assert [len(b["key"]) for b in batches] == [4, 4, 2]  # partial last batch kept
     batch = batches[0]
     assert batch["image"].shape == batch["decoded"].shape == (4, 3, HEIGHT, WIDTH)
@@ -106,7 +106,7 @@ def _locate(crop: np.ndarray, full: np.ndarray) -> tuple[int, int, bool]:
     raise AssertionError("crop not found in the original image")
 
 
-def test_crop_and_flip_are_aligned(built: tuple[JobConfig, dict]) -> None:
+def test_crop_and_flip_are_aligned(built: tuple[JobConfig, Manifest]) -> None:
     cfg, _ = built
     originals = _originals(cfg)
     crop_h, crop_w = 48, 80
@@ -131,7 +131,7 @@ def test_crop_and_flip_are_aligned(built: tuple[JobConfig, dict]) -> None:
     assert len({p[:2] for p in placements}) > 5
 
 
-def test_deterministic_given_seed(built: tuple[JobConfig, dict]) -> None:
+def test_deterministic_given_seed(built: tuple[JobConfig, Manifest]) -> None:
     cfg = _with(built[0], crop=[32, 32], flip=True)
 
     def first_epochs(seed: int) -> list[tuple[list[str], torch.Tensor]]:
@@ -145,16 +145,18 @@ def test_deterministic_given_seed(built: tuple[JobConfig, dict]) -> None:
 
 
 @pytest.mark.parametrize("single_shard", [False, True], ids=["split-shards", "split-samples"])
-def test_ranks_and_workers_disjoint_and_complete(built: tuple[JobConfig, dict], single_shard: bool) -> None:
+def test_ranks_and_workers_disjoint_and_complete(
+    built: tuple[JobConfig, Manifest], single_shard: bool
+) -> None:
     cfg, manifest = built
     if single_shard:  # 1 shard < 2 ranks x 2 workers: split by sample
         cfg = _with(cfg, num_workers=2, crop=[16, 16], batch_size=3)
-        cfg = _with(cfg, shards=str(Path(cfg.shards.output) / manifest["splits"]["val"]["shards"][0]))
+        cfg = _with(cfg, shards=str(Path(cfg.shards.output) / manifest.splits["val"].shards[0]))
         expected = set(_originals(cfg))
         assert len(expected) == 4
     else:  # 3 shards >= 2 ranks x 1 worker: split by shard
         cfg = _with(cfg, num_workers=1, crop=[16, 16], batch_size=3)
-        assert len(manifest["splits"]["val"]["shards"]) >= 2
+        assert len(manifest.splits["val"].shards) >= 2
         expected = set(_originals(cfg))
     loaders = [make_loader(cfg, rank=rank, world_size=2, seed=5) for rank in range(2)]
     for _epoch in range(2):  # shard order changes per epoch, identically on every rank
@@ -167,7 +169,7 @@ def test_ranks_and_workers_disjoint_and_complete(built: tuple[JobConfig, dict], 
         assert per_rank[0] | per_rank[1] == expected
 
 
-def test_resampled_is_endless(built: tuple[JobConfig, dict]) -> None:
+def test_resampled_is_endless(built: tuple[JobConfig, Manifest]) -> None:
     cfg = _with(built[0], resampled=True, crop=[16, 16], batch_size=4)
     streams = []
     for rank in range(2):
@@ -180,7 +182,7 @@ def test_resampled_is_endless(built: tuple[JobConfig, dict]) -> None:
     assert len(list(loader)) == len(list(loader)) == 2  # nominal epoch: ceil(10 / (2 x 4)) batches
 
 
-def test_several_qualities_are_drawn_per_sample(built: tuple[JobConfig, dict]) -> None:
+def test_several_qualities_are_drawn_per_sample(built: tuple[JobConfig, Manifest]) -> None:
     """With loader.qualities every sample's decoded image is one of those qualities, drawn per sample (both
     appear), reproducibly for a seed; without it only loader.quality's."""
     cfg, _ = built
@@ -208,21 +210,29 @@ def test_several_qualities_are_drawn_per_sample(built: tuple[JobConfig, dict]) -
     first = drawn(1)
     assert {m for _, m in first} == {"hevc_q37.png", f"{MEMBER}.png"}
     assert drawn(1) == first
-    with pytest.raises(LoaderError, match="hevc_q32"):
+    with pytest.raises(ManifestError, match="hevc_q32"):
         shard_urls(_with(cfg, qualities=[32, 42]))
 
 
-def test_clear_errors(built: tuple[JobConfig, dict], tmp_path: Path) -> None:
-    cfg, _ = built
-    with pytest.raises(LoaderError, match=r"hevc_q32 .*not built.*\['hevc_q37', 'hevc_q42'\]"):
+def test_clear_errors(built: tuple[JobConfig, Manifest], tmp_path: Path) -> None:
+    cfg, manifest = built
+    with pytest.raises(ManifestError, match=r"hevc_q32 .*not built.*\['hevc_q37', 'hevc_q42'\]"):
         shard_urls(_with(cfg, quality=32))
-    with pytest.raises(LoaderError, match=r"split 'train'.*built: \['test', 'val', 'valid'\]"):
+    with pytest.raises(ManifestError, match=r"split 'train'.*built: \['test', 'val', 'valid'\]"):
         shard_urls(cfg, "train")
-    with pytest.raises(ValueError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match="no manifest.json"):
         shard_urls(dataclasses.replace(cfg, shards=dataclasses.replace(cfg.shards, output=str(tmp_path))))
     with pytest.raises(LoaderError, match="no such shard file"):
         shard_urls(_with(cfg, shards=str(tmp_path / "val-{000000..000001}.tar")))
+    rejected = dataclasses.replace(manifest, splits={**manifest.splits, "val": SplitEntry((), 0, ())})
+    rejected.write(tmp_path / "rejected")
+    with pytest.raises(LoaderError, match="split 'val' has no shards .*every sample was rejected"):
+        shard_urls(
+            dataclasses.replace(
+                cfg, shards=dataclasses.replace(cfg.shards, output=str(tmp_path / "rejected"))
+            )
+        )
     with pytest.raises(LoaderError, match=r"larger than sample"):
         next(iter(make_dataset(_with(cfg, crop=[HEIGHT, WIDTH + 1]))))
-    with pytest.raises(LoaderError, match="positive"):
-        make_dataset(_with(cfg, crop=[0, 8]))
+    with pytest.raises(ConfigError, match="positive"):
+        _with(cfg, crop=[0, 8])  # refused by the config itself

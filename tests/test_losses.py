@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import LossConfig, LossWeights, ModelConfig
+from pipeline.model.inputs import discriminator_input, generator_input, semantic_channels
 from pipeline.model.losses import (
     GANLoss,
     GeneratorLosses,
@@ -18,7 +19,7 @@ from pipeline.model.losses import (
     feature_matching_loss,
     load_vgg19,
 )
-from pipeline.model.networks import build_models, discriminator_input, generator_input, semantic_channels
+from pipeline.model.networks import build_models
 
 VGG_FILE = "vgg19-dcbb9e9d.pth"
 # torchvision vgg19: index of every conv in ``features`` and its (in, out) channels.

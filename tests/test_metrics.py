@@ -14,26 +14,20 @@ import torch
 from pytorch_msssim import ms_ssim as library_ms_ssim
 
 from pipeline.data.codecs import get_codec
-from pipeline.eval import metrics
-from pipeline.eval.metrics import (
-    LPIPS_BACKBONES,
-    PSNR_CAP_DB,
-    FIDInception,
+from pipeline.eval import fidelity
+from pipeline.eval.fid import FID_WEIGHTS_FILE, FIDInception, frechet_distance, load_fid_inception
+from pipeline.eval.fidelity import PSNR_CAP_DB, cap_psnr, ms_ssim, ms_ssim_levels, psnr
+from pipeline.eval.lpips import LPIPS, LPIPS_BACKBONES, load_lpips
+from pipeline.eval.niqe import (
+    NIQE_PUBLISHED_FITTED_ON,
     NIQEModel,
-    Unavailable,
-    cap_psnr,
     fit_niqe_model,
-    frechet_distance,
-    load_fid_inception,
-    load_lpips,
     matlab_imresize,
     matlab_rgb2gray,
-    ms_ssim,
-    ms_ssim_levels,
     niqe,
-    psnr,
     published_niqe_model,
 )
+from pipeline.eval.weights import Unavailable
 
 
 def _frames(root: Path, count: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -99,7 +93,7 @@ def test_ms_ssim_loop_matches_library_at_five_scales(cityscapes_root: Path) -> N
     tx = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     ty = torch.from_numpy(other).permute(2, 0, 1)[None].float()
     expected = float(library_ms_ssim(tx, ty, data_range=255))
-    assert metrics._ms_ssim_tensor(tx, ty, metrics.MS_SSIM_WEIGHTS) == pytest.approx(expected, rel=1e-6)
+    assert fidelity._ms_ssim_tensor(tx, ty, fidelity.MS_SSIM_WEIGHTS) == pytest.approx(expected, rel=1e-6)
     assert ms_ssim(image, other) == pytest.approx(expected, rel=1e-6)
 
 
@@ -193,7 +187,7 @@ def test_niqe_default_is_the_published_model(sample_image: np.ndarray) -> None:
     model = published_niqe_model()
     assert published_niqe_model() is model
     assert model.mu.shape == (36,) and model.cov.shape == (36, 36) and np.allclose(model.cov, model.cov.T)
-    assert model.fitted_on == metrics.NIQE_PUBLISHED_FITTED_ON and model.patch_size == 96
+    assert model.fitted_on == NIQE_PUBLISHED_FITTED_ON and model.patch_size == 96
     assert niqe(sample_image) == niqe(sample_image, model)
     assert math.isfinite(niqe(sample_image))
     with pytest.raises(ValueError, match="at least 96x96"):
@@ -260,7 +254,7 @@ def test_lpips_loads_local_files_and_measures(tmp_path: Path, sample_image: np.n
     """Random (not ImageNet) weights in the torchvision/lpips file layouts: checks loading and the maths'
     basic properties, not published LPIPS values."""
     torch.manual_seed(0)
-    reference = metrics.LPIPS("alex")
+    reference = LPIPS("alex")
     torch.save(
         {f"features.{k}": v for k, v in reference.features.state_dict().items()},
         tmp_path / LPIPS_BACKBONES["alex"][0],
@@ -268,7 +262,7 @@ def test_lpips_loads_local_files_and_measures(tmp_path: Path, sample_image: np.n
     lins = {f"lin{i}.model.1.weight": lin.weight.detach().abs() for i, lin in enumerate(reference.lins)}
     torch.save(lins, tmp_path / "alex.pth")
     model = load_lpips(str(tmp_path / "alex.pth"))
-    assert isinstance(model, metrics.LPIPS) and model.net == "alex"
+    assert isinstance(model, LPIPS) and model.net == "alex"
     assert model(sample_image, sample_image) == pytest.approx(0.0, abs=1e-7)
     near, far = model(sample_image, _noisy(sample_image, 4)), model(sample_image, _noisy(sample_image, 40))
     assert 0.0 < near < far
@@ -279,7 +273,7 @@ def test_lpips_loads_local_files_and_measures(tmp_path: Path, sample_image: np.n
 
 def test_fid_inception_loads_and_frechet_distance(tmp_path: Path, sample_image: np.ndarray) -> None:
     torch.manual_seed(0)
-    weights = tmp_path / metrics.FID_WEIGHTS_FILE
+    weights = tmp_path / FID_WEIGHTS_FILE
     torch.save({**FIDInception().state_dict(), "fc.weight": torch.zeros(1008, 2048)}, weights)
     model = load_fid_inception(str(weights))
     assert isinstance(model, FIDInception)

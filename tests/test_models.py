@@ -8,17 +8,14 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.model.networks import (
-    Generator,
-    MultiscaleDiscriminator,
-    build_models,
+from pipeline.model.inputs import (
     discriminator_input,
     edge_map,
     generator_input,
     input_channels,
     semantic_channels,
-    zero_correction,
 )
+from pipeline.model.networks import Generator, MultiscaleDiscriminator, build_models, zero_correction
 
 LABEL_NC = 34
 B, H, W = 2, 64, 128
@@ -89,6 +86,33 @@ def test_generator_input_rejects_bad_labels(batch: dict[str, torch.Tensor]) -> N
         generator_input(
             batch["label"], batch["edge"], batch["decoded"][:, :, :32], **FLAGS, use_instance=True
         )
+
+
+def test_generator_input_reads_no_device_tensor_back(batch: dict[str, torch.Tensor]) -> None:
+    """Ids are checked on the CPU only: reading a device tensor's range would stall training every step.
+    Meta tensors stand for a device's: reading one back raises."""
+    meta = {k: v.to("meta") for k, v in batch.items()}
+    bad = torch.full_like(meta["label"], LABEL_NC)
+    x = generator_input(bad, meta["edge"], meta["decoded"], **FLAGS, use_instance=True)
+    assert x.device.type == "meta" and x.shape == (B, input_channels(LABEL_NC, True), H, W)
+    # a CPU label is checked, before it moves to the decoded image's device
+    cpu_bad = batch["label"].clone()
+    cpu_bad[0, 0, 0] = LABEL_NC
+    with pytest.raises(ValueError, match=r"found ids in \[0, 34\]"):
+        generator_input(cpu_bad, meta["edge"], meta["decoded"], **FLAGS, use_instance=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generator_input_on_a_cuda_device_never_syncs(batch: dict[str, torch.Tensor]) -> None:
+    cuda = {k: v.cuda() for k, v in batch.items()}
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        x = generator_input(cuda["label"], cuda["edge"], cuda["decoded"], **FLAGS, use_instance=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.equal(x.cpu(), assemble(batch))
 
 
 def test_shapes_and_discriminator_features(batch: dict[str, torch.Tensor]) -> None:

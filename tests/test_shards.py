@@ -19,9 +19,19 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.config import REPO_ROOT, from_dict
+from pipeline.atomic import temporary_names
+from pipeline.config import REPO_ROOT, ConfigError, from_dict
 from pipeline.data.codecs import LabelCoder, get_codec
-from pipeline.data.shards import ShardError, build_shards, format_summary, read_manifest
+from pipeline.data.manifest import (
+    CodecEntry,
+    DatasetEntry,
+    LabelEntry,
+    Manifest,
+    ManifestError,
+    Reject,
+    SplitEntry,
+)
+from pipeline.data.shards import ShardError, build_shards, format_summary
 from pipeline.data.sources import open_source
 
 QUALITIES = [37, 45]
@@ -55,8 +65,8 @@ def read_tars(paths: list[Path]) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def shard_paths(out: Path, manifest: dict[str, Any], split: str = "val") -> list[Path]:
-    return [out / name for name in manifest["splits"][split]["shards"]]
+def shard_paths(out: Path, manifest: Manifest, split: str = "val") -> list[Path]:
+    return [out / name for name in manifest.splits[split].shards]
 
 
 def png(data: bytes) -> np.ndarray:
@@ -95,11 +105,9 @@ def test_every_frame_is_in_exactly_one_shard(built, cityscapes_root: Path) -> No
     cfg, out, manifest, samples = built
     keys = [p.name.replace("_leftImg8bit.png", "") for p in cityscapes_root.glob("leftImg8bit/val/*/*.png")]
     assert sorted(samples) == sorted(keys) and len(keys) == 22
-    assert manifest["splits"]["val"] == {
-        "shards": [f"val-{i:06d}.tar" for i in range(6)],
-        "samples": 22,
-        "keys": sorted(keys),
-    }
+    assert manifest.splits["val"] == SplitEntry(
+        shards=tuple(f"val-{i:06d}.tar" for i in range(6)), samples=22, keys=tuple(sorted(keys))
+    )
     # shard i holds sorted keys [4i, 4i+4)
     for i, path in enumerate(shard_paths(out, manifest)):
         assert sorted(read_tars([path])) == sorted(keys)[4 * i : 4 * i + 4]
@@ -149,24 +157,25 @@ def test_members_match_standalone_load_and_codec(built) -> None:
 
 def test_manifest_agrees_with_the_shards(built) -> None:
     cfg, out, manifest, samples = built
-    assert read_manifest(out) == manifest
+    assert Manifest.read(out) == manifest and Manifest.read(out).folder == manifest.folder == out
+    assert json.loads((out / "manifest.json").read_text()) == manifest.to_json()
     metas = [json.loads(m["json"]) for m in samples.values()]
-    assert manifest["config"] == cfg.to_dict() and manifest["config_hash"] == cfg.digest()
-    assert manifest["dataset"]["label_nc"] == 34 and manifest["dataset"]["has_instances"] is True
-    assert manifest["rejects"] == []
+    assert manifest.config == cfg.to_dict() and manifest.config_hash == cfg.digest()
+    assert manifest.dataset.label_nc == 34 and manifest.dataset.has_instances is True
+    assert manifest.rejects == ()
     for q in QUALITIES:
         values = [m["codecs"][f"hevc_q{q}"]["bpp"] for m in metas]
-        stats = manifest["codecs"][f"hevc_q{q}"]
-        assert stats["codec"] == "hevc" and stats["quality"] == q
-        assert stats["bpp_mean"] == pytest.approx(statistics.fmean(values))
-        assert (stats["bpp_min"], stats["bpp_max"]) == (min(values), max(values))
-    q_lo, q_hi = (manifest["codecs"][f"hevc_q{q}"]["bpp_mean"] for q in QUALITIES)
+        stats = manifest.codecs[f"hevc_q{q}"]
+        assert stats.codec == "hevc" and stats.quality == q
+        assert stats.bpp_mean == pytest.approx(statistics.fmean(values))
+        assert (stats.bpp_min, stats.bpp_max) == (min(values), max(values))
+    q_lo, q_hi = (manifest.codecs[f"hevc_q{q}"].bpp_mean for q in QUALITIES)
     assert q_lo > q_hi  # a higher QP spends fewer bits
-    assert manifest["label"]["bpp_mean"] == pytest.approx(statistics.fmean(m["label"]["bpp"] for m in metas))
-    assert manifest["label"]["coder"] == metas[0]["label"]["coder"]
+    assert manifest.label.bpp_mean == pytest.approx(statistics.fmean(m["label"]["bpp"] for m in metas))
+    assert manifest.label.coder == metas[0]["label"]["coder"]
     summary = format_summary(manifest)
     assert "val: 22 samples in 6 shards" in summary and "rejects: 0" in summary
-    assert f"{manifest['codecs']['hevc_q45']['bpp_mean']:9.4f}" in summary
+    assert f"{manifest.codecs['hevc_q45'].bpp_mean:9.4f}" in summary
 
 
 def test_rerun_skips_complete_shards_and_redoes_a_broken_one(built) -> None:
@@ -186,6 +195,7 @@ def test_rerun_skips_complete_shards_and_redoes_a_broken_one(built) -> None:
         assert (path.stat().st_mtime_ns == mtime) == (not path.name.startswith("val-000002"))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(cityscapes_root: Path, tmp_path: Path) -> None:
     from test_sources import copy_frames
 
@@ -202,16 +212,20 @@ def test_resume_after_sigkill(cityscapes_root: Path, tmp_path: Path) -> None:
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("val-*.json")}
     assert 1 <= len(done_before) < 4, f"the build should have been killed part way; stderr: {stderr}"
     assert not (out / "manifest.json").exists()
-    (out / ".val-000003.tar.tmp-999999").write_bytes(b"left by a killed run")
+    # temporaries left by killed writes, named as pipeline.atomic names them
+    stale = [out / ".val-000003.tar.x1y2z3.tmp", out / ".manifest.json.a1b2c3.tmp"]
+    for path in stale:
+        path.write_bytes(b"left by a killed run")
+    assert temporary_names(out, "val-000003.tar") == [stale[0]]
 
     tree["shards"]["workers"] = 2
     rerun = cli(overrides(tree))
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert "val: 8 samples in 4 shards" in stdout
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     assert sorted(read_tars(shard_paths(out, manifest))) == keys
-    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert not list(out.glob(".*"))
     for name, mtime in done_before.items():
         assert (out / name).stat().st_mtime_ns == mtime  # shards finished before the kill were kept
 
@@ -240,18 +254,18 @@ def test_rejects_are_recorded_and_strict_fails(cityscapes_root: Path, tmp_path: 
     stdout, stderr = strict.communicate(timeout=300)
     assert strict.returncode != 0 and "rejects: 4" in stdout
 
-    manifest = read_manifest(out)
-    reasons = {r["key"]: r["reason"] for r in manifest["rejects"]}
+    manifest = Manifest.read(out)
+    reasons = {r.key: r.reason for r in manifest.rejects}
     assert sorted(reasons) == sorted(keys[:4])
     assert "unreadable image" in reasons[keys[0]]
     assert "missing label map" in reasons[keys[1]]
     assert "200 outside" in reasons[keys[2]]
     assert "1000x512 is not the image size" in reasons[keys[3]]
-    assert all(r["split"] == "val" and Path(r["path"]).is_file() for r in manifest["rejects"])
+    assert all(r.split == "val" and Path(r.path).is_file() for r in manifest.rejects)
     samples = read_tars(shard_paths(out, manifest))
-    assert sorted(samples) == sorted(keys[4:]) and manifest["splits"]["val"]["samples"] == 2
+    assert sorted(samples) == sorted(keys[4:]) and manifest.splits["val"].samples == 2
     # keys 0-3 are shards 0 and 1: both all-rejected, so only shard 2 has a tar
-    assert manifest["splits"]["val"]["shards"] == ["val-000002.tar"]
+    assert manifest.splits["val"].shards == ("val-000002.tar",)
     assert not (out / "val-000000.tar").exists() and (out / "val-000000.json").is_file()
 
 
@@ -264,12 +278,12 @@ def test_ade20k_and_folder_layouts(cityscapes_root: Path, tmp_path: Path) -> Non
     tree["shards"].update(samples_per_shard=2, workers=1)
     cfg = from_dict(tree)
     manifest = build_shards(cfg)
-    assert manifest["dataset"]["label_nc"] == 151 and manifest["dataset"]["has_instances"] is False
-    assert manifest["splits"]["val"] == {
-        "shards": ["val-000000.tar", "val-000001.tar"],
-        "samples": 3,
-        "keys": ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"],
-    }
+    assert manifest.dataset.label_nc == 151 and manifest.dataset.has_instances is False
+    assert manifest.splits["val"] == SplitEntry(
+        shards=("val-000000.tar", "val-000001.tar"),
+        samples=3,
+        keys=("ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"),
+    )
     samples = read_tars(shard_paths(tmp_path / "ade_out", manifest))
     assert sorted(samples) == keys
     assert all("instance.png" not in m for m in samples.values())
@@ -294,12 +308,12 @@ def test_ade20k_and_folder_layouts(cityscapes_root: Path, tmp_path: Path) -> Non
     tree["shards"].update(samples_per_shard=1, workers=1)
     manifest = build_shards(from_dict(tree))
     samples = read_tars(shard_paths(tmp_path / "folder_out", manifest))
-    assert sorted(samples) == ["frame_1", "frame_1_2", "photo"] and manifest["dataset"]["label_nc"] == 34
+    assert sorted(samples) == ["frame_1", "frame_1_2", "photo"] and manifest.dataset.label_nc == 34
     label = cv2.imread(str(ade / "annotations" / "validation" / f"{keys[2]}.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(
         png(samples["photo"]["label.png"]), cv2.resize(label, (128, 64), interpolation=cv2.INTER_NEAREST)
     )
-    assert manifest["rejects"] == []
+    assert manifest.rejects == ()
 
 
 def test_errors_are_clear(cityscapes_root: Path, tmp_path: Path) -> None:
@@ -308,13 +322,13 @@ def test_errors_are_clear(cityscapes_root: Path, tmp_path: Path) -> None:
         build_shards(from_dict(config(tmp_path, tmp_path / "out")))
     tree = config(cityscapes_root, tmp_path / "out")
     tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [37]}, {"name": "hevc", "qualities": [37]}]
-    with pytest.raises(ShardError, match="same codec and quality twice"):
-        build_shards(from_dict(tree))
+    with pytest.raises(ConfigError, match="same codec and quality twice"):
+        from_dict(tree)
     tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [52]}]
     with pytest.raises(ShardError, match=r"quality must be in \[0, 51\]"):
         build_shards(from_dict(tree))
-    with pytest.raises(ShardError, match="no manifest.json"):
-        read_manifest(tmp_path)
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        Manifest.read(tmp_path)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -328,24 +342,23 @@ def test_ray_build_equals_local_build(cityscapes_root: Path, tmp_path: Path) -> 
     local = build_shards(from_dict(tree))
     tree["shards"].update(output=str(tmp_path / "ray"), use_ray=True, workers=2)
     remote = build_shards(from_dict(tree))
-    assert remote["splits"] == local["splits"] and remote["codecs"] == local["codecs"]
-    assert local["splits"]["val"]["shards"] == ["val-000000.tar", "val-000001.tar"]
-    for name in local["splits"]["val"]["shards"]:
+    assert remote.splits == local.splits and remote.codecs == local.codecs
+    assert local.splits["val"].shards == ("val-000000.tar", "val-000001.tar")
+    for name in local.splits["val"].shards:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
 def test_format_summary_lists_first_reasons() -> None:
-    manifest = {
-        "config": {"shards": {"output": "x"}},
-        "config_hash": "abc",
-        "dataset": {"source": "folder", "width": 8, "height": 8, "label_nc": 3, "has_instances": False},
-        "splits": {"val": {"shards": [], "samples": 0}},
-        "codecs": {
-            "hevc_q42": {"codec": "hevc", "quality": 42, "bpp_mean": None, "bpp_min": None, "bpp_max": None}
-        },
-        "label": {"coder": "png", "downsample": 1, "bpp_mean": None},
-        "rejects": [{"key": f"k{i}", "split": "val", "path": "p", "reason": f"reason {i}"} for i in range(7)],
-    }
+    manifest = Manifest(
+        version=2,
+        config={"shards": {"output": "x"}},
+        config_hash="abc",
+        dataset=DatasetEntry("folder", "r", 3, ("a", "b", "c"), False, 8, 8),
+        splits={"val": SplitEntry(shards=(), samples=0, keys=())},
+        codecs={"hevc_q42": CodecEntry("hevc", 42, None, None, None)},
+        label=LabelEntry("png", 1, None),
+        rejects=tuple(Reject(f"k{i}", "val", "p", f"reason {i}") for i in range(7)),
+    )
     text = format_summary(manifest)
     assert "rejects: 7" in text and "val/k0: reason 0" in text and "val/k4: reason 4" in text
     assert "val/k5" not in text and "2 more" in text
@@ -372,7 +385,7 @@ def test_manifest_versions(built, tmp_path: Path) -> None:
     """Version 2 lists every split's keys; a version-1 manifest (keys only in the sidecars) still reads with
     the same keys; a newer version is refused in one line."""
     _, out, manifest, samples = built
-    assert manifest["version"] == 2 and sorted(manifest["splits"]["val"]["keys"]) == sorted(samples)
+    assert manifest.version == 2 and sorted(manifest.splits["val"].keys) == sorted(samples)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     old = json.loads((copy / "manifest.json").read_text())
@@ -380,11 +393,13 @@ def test_manifest_versions(built, tmp_path: Path) -> None:
     for entry in old["splits"].values():
         del entry["keys"]
     (copy / "manifest.json").write_text(json.dumps(old))
-    assert read_manifest(copy)["splits"]["val"]["keys"] == manifest["splits"]["val"]["keys"]
+    v1 = Manifest.read(copy)
+    assert v1.version == 1 and v1.splits["val"].keys == manifest.splits["val"].keys
+    assert v1.to_json() == old  # written back as it was read
     old["version"] = 3
     (copy / "manifest.json").write_text(json.dumps(old))
-    with pytest.raises(ShardError, match=r"version 3 is newer than this code reads \(reads \[1, 2\]\)"):
-        read_manifest(copy)
+    with pytest.raises(ManifestError, match=r"version 3 is newer than this code reads \(reads \[1, 2\]\)"):
+        Manifest.read(copy)
 
 
 def test_held_out_splits_get_shards_of_their_own(cityscapes_root: Path, tmp_path: Path) -> None:
@@ -393,9 +408,9 @@ def test_held_out_splits_get_shards_of_their_own(cityscapes_root: Path, tmp_path
     tree["shards"]["workers"] = 1
     tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [45]}]
     manifest = build_shards(from_dict(tree))
-    assert manifest["splits"]["test"]["samples"] == 10 and manifest["splits"]["val"]["samples"] == 12
+    assert manifest.splits["test"].samples == 10 and manifest.splits["val"].samples == 12
     test_keys = set(read_tars(shard_paths(tmp_path / "out", manifest, "test")))
     val_keys = set(read_tars(shard_paths(tmp_path / "out", manifest, "val")))
-    assert test_keys == set(manifest["splits"]["test"]["keys"]) and not test_keys & val_keys
+    assert test_keys == set(manifest.splits["test"].keys) and not test_keys & val_keys
     assert all(k.startswith("lindau_") for k in test_keys) and len(test_keys | val_keys) == 22
     assert "test: 10 samples" in format_summary(manifest)

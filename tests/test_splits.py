@@ -79,10 +79,10 @@ def test_a_missing_listed_key_is_refused(cityscapes_root: Path, tmp_path: Path) 
 
 
 def test_training_on_scored_frames_is_refused(small_shards: Path) -> None:
-    from pipeline.data.shards import read_manifest
+    from pipeline.data.manifest import Manifest
 
-    manifest = read_manifest(small_shards)
-    assert manifest["version"] == 2 and len(manifest["splits"]["test"]["keys"]) == 10
+    manifest = Manifest.read(small_shards)
+    assert manifest.version == 2 and len(manifest.splits["test"].keys) == 10
 
     def cfg(**sections: dict) -> object:
         return from_dict({"loader": {"split": "val"}, "validate": {"split": "valid", "every": 5}, **sections})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -16,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.models import Model
 
 from pipeline.config import JobConfig, ModelConfig
-from pipeline.model.export import export_generator, load_generator, make_spec
-from pipeline.model.networks import build_models, generator_input
+from pipeline.model.export import export_generator, load_generator
+from pipeline.model.inputs import generator_input
+from pipeline.model.networks import build_models
+from pipeline.model.spec import GeneratorSpec
 from pipeline.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     TRUNCATED,
@@ -33,6 +37,7 @@ from pipeline.tracking import (
     pin_model_uri,
     predict,
     register_generator,
+    registry,
     registry_name,
     replay_offline,
     resolve_model_uri,
@@ -73,12 +78,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def exported(workdir: Path) -> tuple[Path, torch.nn.Module, dict[str, Any]]:
+def exported(workdir: Path) -> tuple[Path, torch.nn.Module, GeneratorSpec]:
     """A tiny trained-looking generator exported with pipeline.model.export."""
     torch.manual_seed(0)
     model_cfg = ModelConfig(ngf=4, n_downsample=2, n_blocks=1)
     generator, _ = build_models(model_cfg, LABEL_NC, use_instance=True)
-    spec = make_spec(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=2)
+    spec = GeneratorSpec.from_config(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=2)
     path = export_generator(workdir / "export" / "generator.safetensors", generator, spec)
     return path, generator.eval(), spec
 
@@ -187,7 +192,7 @@ def test_run_tags_and_names(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def logged_job(
-    workdir: Path, exported: tuple[Path, torch.nn.Module, dict[str, Any]]
+    workdir: Path, exported: tuple[Path, torch.nn.Module, GeneratorSpec]
 ) -> tuple[str, str | None]:
     """The job of :func:`run_job` logged into the module's default store (``<cwd>/mlruns/mlflow.db``)."""
     artifact = workdir / "ckpt.txt"
@@ -220,7 +225,7 @@ def test_failed_phase_marks_run_failed(workdir: Path, logged_job: tuple[str, str
 def test_registered_generator_loads_back_bit_identically(
     workdir: Path,
     logged_job: tuple[str, str | None],
-    exported: tuple[Path, torch.nn.Module, dict[str, Any]],
+    exported: tuple[Path, torch.nn.Module, GeneratorSpec],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -258,6 +263,19 @@ def test_registered_generator_loads_back_bit_identically(
     assert not (workdir / "mlflow.db").exists(), "MLflow's global default store was used"
 
 
+def test_registered_models_name_the_package_as_their_pyfunc_loader(
+    logged_job: tuple[str, str | None], tmp_path: Path
+) -> None:
+    """Every registered model's MLmodel names ``pipeline.tracking`` as its loader module, as those registered
+    before the package was split do: the package stays the loader, so old and new models load alike."""
+    uri, model_uri = logged_job
+    assert model_uri is not None
+    model_dir = download_model(model_uri, tracking_uri=uri, dst_dir=tmp_path)
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors["python_function"]
+    assert flavor["loader_module"] == "pipeline.tracking"
+    assert importlib.import_module("pipeline.tracking")._load_pyfunc is registry._load_pyfunc
+
+
 def test_predict_runs_the_head_of_the_phase() -> None:
     """Phases 2-3 output through the correction head (a fresh one returns the decoded image); phase 1's
     export draws from the labels with the synthesis head, without seeing the decoded image."""
@@ -267,9 +285,9 @@ def test_predict_runs_the_head_of_the_phase() -> None:
     generator.eval()
     batch = generator_batch()
     for phase in (2, 3):
-        spec = make_spec(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=phase)
+        spec = GeneratorSpec.from_config(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=phase)
         assert np.array_equal(predict(generator, spec, batch), batch["decoded"])
-    spec = make_spec(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=1)
+    spec = GeneratorSpec.from_config(model_cfg, LABEL_NC, True, codec="hevc", quality=42, phase=1)
     x = generator_input(
         torch.as_tensor(batch["label"]),
         torch.as_tensor(batch["edge"]),
@@ -293,7 +311,7 @@ def test_pin_model_uri_leaves_other_uris_alone() -> None:
 
 
 def test_resolve_model_uri_local_paths(
-    exported: tuple[Path, torch.nn.Module, dict[str, Any]], tmp_path: Path
+    exported: tuple[Path, torch.nn.Module, GeneratorSpec], tmp_path: Path
 ) -> None:
     assert resolve_model_uri(str(exported[0])) == exported[0]
     with pytest.raises(FileNotFoundError, match="models:/name@alias"):
@@ -301,7 +319,7 @@ def test_resolve_model_uri_local_paths(
 
 
 def test_register_refuses_bad_input(
-    workdir: Path, logged_job: tuple[str, str | None], exported: tuple[Path, torch.nn.Module, dict[str, Any]]
+    workdir: Path, logged_job: tuple[str, str | None], exported: tuple[Path, torch.nn.Module, GeneratorSpec]
 ) -> None:
     tracker = MLflowTracker(logged_job[0], "jpd-se-test")
     with pytest.raises(FileNotFoundError):
@@ -321,7 +339,7 @@ def read_events(record: Path) -> list[dict[str, Any]]:
 
 def test_unreachable_server_goes_offline_and_replays(
     workdir: Path,
-    exported: tuple[Path, torch.nn.Module, dict[str, Any]],
+    exported: tuple[Path, torch.nn.Module, GeneratorSpec],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

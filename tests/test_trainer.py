@@ -16,9 +16,12 @@ from safetensors.torch import load_file
 import pipeline.train.engine as engine
 import pipeline.train.trainer as trainer
 from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.data.manifest import dataset_info
 from pipeline.model.export import load_generator
 from pipeline.model.losses import VGG19
 from pipeline.tracking import Tracker
+from pipeline.train.checkpoint import read_latest
+from pipeline.train.gan_step import FiniteWatch, generator_terms, step_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,8 +135,8 @@ def test_exports_and_specs(chain: dict[str, Any]) -> None:
     assert chain["exports"] == {n: out / f"phase{n}" / "generator.safetensors" for n in (1, 2, 3)}
     for phase, path in chain["exports"].items():
         _, spec = load_generator(path)
-        assert (spec["phase"], spec["codec"], spec["quality"], spec["steps"]) == (phase, "hevc", 42, 2)
-        assert spec["label_nc"] == 34 and spec["use_instance"] is True and spec["zero_semantics"] is False
+        assert (spec.phase, spec.codec, spec.quality, spec.steps) == (phase, "hevc", 42, 2)
+        assert spec.label_nc == 34 and spec.use_instance is True and spec.zero_semantics is False
     assert chain["tracker"].artifacts == list(chain["exports"].values())
 
 
@@ -215,9 +218,7 @@ def test_residual_phases_2_3_without_a_prior_start_at_the_codec(
     net = type(generator)(**generator.hparams)
     net.load_state_dict(initial_generators[0])
     batch = first_batch(cfg)
-    x = trainer.step_inputs(
-        cfg, cfg.phase2, trainer.dataset_info(cfg), batch, torch.device("cpu"), torch.float32
-    )
+    x = step_inputs(cfg, cfg.phase2, dataset_info(cfg), batch, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         assert torch.equal(net(x.g_in), batch["decoded"])  # step 0: codec-SE is the codec, exactly
         assert not torch.equal(generator(x.g_in), batch["decoded"])  # and training moved it
@@ -274,7 +275,7 @@ def test_the_best_validated_step_is_exported(
     assert made[0].calls == 4
     assert same(weights(exports[2]), steps[2]) and not same(weights(exports[2]), steps[6])
     _, spec = load_generator(exports[2])
-    assert spec["selected"]["step"] == 2 and spec["selected"]["split"] == "valid" and spec["steps"] == 6
+    assert spec.selected["step"] == 2 and spec.selected["split"] == "valid" and spec.steps == 6
     logged = [m for run, _, m in tracker.metrics if "val_psnr" in m]
     assert [m["val_psnr"] for m in logged] == [30.0, 31.0, 30.5, 29.0]
 
@@ -289,7 +290,7 @@ def test_the_starting_point_wins_when_training_only_worsens(
     exports = trainer.train(cfg, [2], tracker=Tracker())
     assert made[0].calls == 3  # steps 0, 2, 4: two validations without improvement
     assert same(weights(exports[2]), initial_generators[0])
-    latest = trainer.read_latest(tmp_path)
+    latest = read_latest(tmp_path)
     assert latest is not None and latest.step == 4 and latest.state["stopped_early"]
     again = trainer.train(cfg, [2], resume=True, tracker=Tracker())
     assert same(weights(again[2]), initial_generators[0]) and len(made) == 1
@@ -311,11 +312,11 @@ def test_validation_resumes_with_its_best(
     scripted(monkeypatch, values[3:])
     rest = make_cfg(shards, vgg_file, tmp_path / "part", "phase2.steps=8", "validate.every=2",
                     "train.checkpoint_every=2")  # fmt: skip
-    latest = trainer.read_latest(tmp_path / "part")
+    latest = read_latest(tmp_path / "part")
     assert latest is not None and latest.state["validation"]["step"] == 2
     resumed = trainer.train(rest, [2], resume=True, tracker=Tracker())[2]
     assert same(weights(resumed), weights(reference))
-    assert load_generator(resumed)[1]["selected"]["step"] == 2
+    assert load_generator(resumed)[1].selected["step"] == 2
 
 
 def test_resume_refuses_checkpoints_of_other_training_settings(
@@ -366,9 +367,8 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(
     lrs = [m["lr"] for run, _, m in tracker.metrics if run == "phase3"]
     assert len(lrs) == 8 and 0.9e-3 < max(lrs) <= 1e-3 and lrs[-1] < 1e-4 and lrs[0] < max(lrs)
     assert lrs.index(max(lrs)) < 4  # warm-up, then decay
-    bad = load_config(None, ["phase3.lr_schedule=step"])
     with pytest.raises(ConfigError, match="lr_schedule"):
-        engine.deepspeed_config(bad, bad.phase3, torch.device("cpu"))
+        load_config(None, ["phase3.lr_schedule=step"])
 
 
 def test_zero3_is_refused(tmp_path: Path) -> None:
@@ -377,3 +377,44 @@ def test_zero3_is_refused(tmp_path: Path) -> None:
     cfg = load_config(None, [f"train.deepspeed_config={path}"])
     with pytest.raises(ConfigError, match="stage 3"):
         engine.deepspeed_config(cfg, cfg.phase1, torch.device("cpu"))
+
+
+def test_the_finite_watch_keeps_the_first_bad_step() -> None:
+    watch = FiniteWatch()
+    terms = {"g_total": torch.tensor(1.0), "g_gan": torch.tensor(0.5)}
+    watch.observe(1, terms)
+    watch.check(phase=2)  # all finite: nothing to say
+    watch.observe(2, {**terms, "g_gan": torch.tensor(float("inf"))})
+    watch.observe(3, {"g_total": torch.tensor(float("nan")), "g_gan": torch.tensor(float("nan"))})
+    with pytest.raises(FloatingPointError, match=r"phase 2 step 2: non-finite \['g_gan'\]"):
+        watch.check(phase=2)
+
+
+def test_a_non_finite_loss_stops_training_before_anything_is_saved(
+    shards: Path, vgg_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss turns NaN at step 3, neither a log nor a checkpoint step: the checkpoint of step 4 finds
+    it, and neither that checkpoint nor an export is written."""
+    calls = 0
+
+    def poisoned(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nonlocal calls
+        calls += 1
+        fake, terms = generator_terms(*args, **kwargs)
+        if calls == 3:
+            terms = {**terms, "g_total": terms["g_total"] * float("nan")}
+        return fake, terms
+
+    monkeypatch.setattr(trainer, "generator_terms", poisoned)
+    cfg = make_cfg(
+        shards, vgg_file, tmp_path, "phase3.steps=6", "train.log_every=0", "tracking.log_every=0",
+        "train.checkpoint_every=2",
+    )  # fmt: skip
+    tracker = RecordingTracker()
+    with pytest.raises(FloatingPointError, match=r"phase 3 step 3: non-finite \['g_total'\]"):
+        trainer.train(cfg, [3], tracker=tracker)
+    assert calls == 4
+    latest = read_latest(tmp_path)
+    assert latest is not None and latest.step == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "phase3-step00000002"]
+    assert not (tmp_path / "phase3").exists() and tracker.metrics == []

@@ -20,7 +20,6 @@ from pipeline.train.tune import (
     BEST_FILE,
     TrialSummary,
     _close_stopped_runs,
-    check_settings,
     search_space,
     trial_base,
     tune,
@@ -110,6 +109,7 @@ def trial_dirs(experiment: Path) -> list[Path]:
     return sorted(p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("trial_"))
 
 
+@pytest.mark.slow
 def test_each_trial_gets_its_own_weights_from_the_space(sweep: dict[str, Any]) -> None:
     trials = sweep["result"].trials
     assert len(trials) == 3
@@ -121,6 +121,7 @@ def test_each_trial_gets_its_own_weights_from_the_space(sweep: dict[str, Any]) -
         assert all(a.params[k] != b.params[k] for k in BOUNDS)
 
 
+@pytest.mark.slow
 def test_results_hold_psnr_and_niqe(sweep: dict[str, Any]) -> None:
     experiment = sweep["experiment"]
     dirs = trial_dirs(experiment)
@@ -137,6 +138,7 @@ def test_results_hold_psnr_and_niqe(sweep: dict[str, Any]) -> None:
     assert math.isfinite(baseline["val_psnr"]) and math.isfinite(baseline["val_niqe"])
 
 
+@pytest.mark.slow
 def test_two_trials_ran_at_once(sweep: dict[str, Any]) -> None:
     """max_concurrent_trials=2: two DeepSpeed worlds of one in two Ray workers did not collide."""
     spans = []
@@ -146,6 +148,7 @@ def test_two_trials_ran_at_once(sweep: dict[str, Any]) -> None:
     assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(spans, 2)), spans
 
 
+@pytest.mark.slow
 def test_best_json_names_the_best_completed_trial(sweep: dict[str, Any]) -> None:
     best_file = sweep["experiment"] / BEST_FILE
     best = json.loads(best_file.read_text())
@@ -160,11 +163,12 @@ def test_best_json_names_the_best_completed_trial(sweep: dict[str, Any]) -> None
     assert best["best"]["params"] == {k: winner["config"][k] for k in BOUNDS}
     assert best["best"]["metrics"]["val_psnr"] == pytest.approx(winner["val_psnr"])
     spec = read_spec(best["best"]["generator"])
-    assert (spec["phase"], spec["steps"]) == (2, MAX_STEPS)
+    assert (spec.phase, spec.steps) == (2, MAX_STEPS)
     assert sweep["result"].best.trial_id == winner["trial_id"]
     assert len(best["trials"]) == 3
 
 
+@pytest.mark.slow
 def test_trials_are_runs_nested_under_the_sweep_run(sweep: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
@@ -223,6 +227,7 @@ def test_runs_of_stopped_trials_are_closed(tmp_path: Path) -> None:
     assert "stopped_early" not in runs[done].data.metrics
 
 
+@pytest.mark.slow
 def test_resume_restores_the_finished_sweep_without_rerunning_it(sweep: dict[str, Any]) -> None:
     dirs = trial_dirs(sweep["experiment"])
     before = {d.name: len(ray_results(d)) for d in dirs}
@@ -232,6 +237,7 @@ def test_resume_restores_the_finished_sweep_without_rerunning_it(sweep: dict[str
     assert result.best.params == sweep["result"].best.params
 
 
+@pytest.mark.slow
 def test_a_second_sweep_into_the_same_folder_needs_resume(sweep: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="--resume"):
         tune(sweep["cfg"])
@@ -267,11 +273,15 @@ def test_bad_search_spaces_are_refused(space: str, message: str) -> None:
         (["tune.metric=val_niqe", "tune.mode=max"], "tune.mode must be 'min'"),
         (["tune.metric=lpips"], "tune.metric must be one of"),
         (["tune.report_every=0"], "tune.report_every must be >= 1"),
+        (["tune.max_steps=10", "tune.grace_period=20"], r"tune.grace_period must lie in \[0, max_steps\]"),
+        (["tune.reduction_factor=1"], "tune.reduction_factor must be > 1"),
+        (["tune.cpus_per_trial=0"], "tune.cpus_per_trial must be > 0"),
+        (["tune.eval_images=-1"], r"tune.eval_images must be >= 0 \(0: all\)"),
     ],
 )
-def test_bad_settings_are_refused(overrides: list[str], message: str) -> None:
+def test_bad_settings_are_refused_by_the_config(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check_settings(load_config(None, overrides).tune)
+        load_config(None, overrides)
 
 
 def test_tune_config_composes_the_default() -> None:

@@ -1,2 +1,2 @@
-"""Data: image codecs and the label-map coder, dataset sources, held-out splits, the WebDataset shard
-builder and its manifest, and the loader that reads shards back as training tensors."""
+"""Data: image codecs and the label-map coder (``codecs``), dataset sources, held-out splits, the WebDataset
+shard builder, the typed manifest of a shard folder, and the loader that reads shards back as tensors."""

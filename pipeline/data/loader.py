@@ -42,8 +42,8 @@ import webdataset as wds
 from torch import Tensor
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.data.shards import read_manifest
-from pipeline.model.networks import edge_map
+from pipeline.data.manifest import Manifest, SplitEntry, codec_tag
+from pipeline.model.inputs import edge_map
 
 IMAGE, LABEL, INSTANCE, META = "image.png", "label.png", "instance.png", "json"
 # Distinct streams of randomness derived from the same seed.
@@ -52,12 +52,12 @@ DECODED = "__decoded__"  # the chosen codec member of a sample, e.g. hevc_q42
 
 
 class LoaderError(ConfigError):
-    """Shards that cannot be read as configured (missing manifest, split, codec or member)."""
+    """Shards that cannot be read as configured (missing shard files or members, bad loader settings)."""
 
 
 def codec_member(cfg: JobConfig) -> str:
     """The shard member name of the configured codec x quality, e.g. ``hevc_q42``."""
-    return f"{cfg.loader.codec}_q{cfg.loader.quality}"
+    return codec_tag(cfg.loader.codec, cfg.loader.quality)
 
 
 def training_qualities(cfg: JobConfig) -> list[int]:
@@ -67,21 +67,16 @@ def training_qualities(cfg: JobConfig) -> list[int]:
 
 def codec_members(cfg: JobConfig) -> list[str]:
     """The shard members of every training quality, e.g. ``["hevc_q37", "hevc_q42"]``."""
-    return [f"{cfg.loader.codec}_q{q}" for q in training_qualities(cfg)]
+    return [codec_tag(cfg.loader.codec, q) for q in training_qualities(cfg)]
 
 
-def _split_entry(cfg: JobConfig, manifest: dict[str, Any], split: str) -> dict[str, Any]:
-    splits = manifest.get("splits", {})
-    if split not in splits or not splits[split].get("shards"):
-        built = sorted(s for s, entry in splits.items() if entry.get("shards"))
-        raise LoaderError(f"split {split!r} has no shards in {cfg.shards.output}; built: {built or 'none'}")
-    for member in codec_members(cfg):
-        if member not in manifest.get("codecs", {}):
-            raise LoaderError(
-                f"{member} (loader.codec={cfg.loader.codec}, loader.quality/qualities) was not built "
-                f"in {cfg.shards.output}; built: {sorted(manifest.get('codecs', {})) or 'none'}"
-            )
-    return splits[split]
+def _split_entry(cfg: JobConfig, manifest: Manifest, split: str) -> SplitEntry:
+    """The split to read, refused unless it has shards and every training quality was built."""
+    entry = manifest.split(split)
+    if not entry.shards:
+        raise LoaderError(f"split {split!r} has no shards in {manifest.folder}: every sample was rejected")
+    manifest.qualities(cfg.loader.codec, training_qualities(cfg), setting="loader.quality/qualities")
+    return entry
 
 
 def _expand_pattern(pattern: str) -> list[str]:
@@ -108,9 +103,10 @@ def shard_urls(cfg: JobConfig, split: str | None = None) -> list[str]:
     """
     if cfg.loader.shards:
         return _expand_pattern(cfg.loader.shards)
-    manifest = read_manifest(cfg.shards.output)
-    entry = _split_entry(cfg, manifest, split or cfg.loader.split)
-    return [str(Path(cfg.shards.output) / name) for name in entry["shards"]]
+    manifest = Manifest.read(cfg.shards.output)
+    split = split or cfg.loader.split
+    _split_entry(cfg, manifest, split)
+    return [str(path) for path in manifest.shard_paths(split)]
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -349,12 +345,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _crop(cfg: JobConfig) -> tuple[int, int] | None:
-    crop = list(cfg.loader.crop)
-    if not crop:
-        return None
-    if len(crop) != 2 or min(crop) < 1:
-        raise LoaderError(f"loader.crop must be [] or [height, width] of positive sizes, got {crop}")
-    return crop[0], crop[1]
+    crop = cfg.loader.crop
+    return (crop[0], crop[1]) if crop else None
 
 
 def make_dataset(
@@ -372,8 +364,6 @@ def make_dataset(
     samples come in shard order at full size.
     """
     loader = cfg.loader
-    if loader.batch_size < 1:
-        raise LoaderError(f"loader.batch_size must be >= 1, got {loader.batch_size}")
     crop = _crop(cfg) if train else None
     urls = shard_urls(cfg, split)
     rank, world_size = resolve_rank(rank, world_size)
@@ -422,8 +412,6 @@ def make_loader(
     """
     dataset = make_dataset(cfg, split, rank=rank, world_size=world_size, train=train, seed=seed)
     workers = cfg.loader.num_workers
-    if workers < 0:
-        raise LoaderError(f"loader.num_workers must be >= 0, got {workers}")
     loader = wds.WebLoader(
         dataset,
         batch_size=None,
@@ -432,7 +420,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
     )
     if cfg.loader.resampled and not cfg.loader.shards:
-        entry = _split_entry(cfg, read_manifest(cfg.shards.output), split or cfg.loader.split)
+        entry = _split_entry(cfg, Manifest.read(cfg.shards.output), split or cfg.loader.split)
         _, world = resolve_rank(rank, world_size)
-        loader = loader.with_epoch(math.ceil(entry["samples"] / (world * cfg.loader.batch_size)))
+        loader = loader.with_epoch(math.ceil(entry.samples / (world * cfg.loader.batch_size)))
     return loader

@@ -18,7 +18,7 @@ import os
 import re
 import statistics
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,14 +28,23 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_path, temporary_names, write_atomic
 from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig
 from pipeline.data.codecs import LabelCoder, get_codec
+from pipeline.data.manifest import (
+    MANIFEST,
+    VERSION,
+    CodecEntry,
+    DatasetEntry,
+    LabelEntry,
+    Manifest,
+    Reject,
+    SplitEntry,
+    codec_tag,
+)
 from pipeline.data.sources import BadSample, Sample, fit, open_source
 from pipeline.data.splits import plan_splits
 
-MANIFEST = "manifest.json"
-VERSION = 2  # 2: every split lists its keys, held-out splits (data.holdout); 1 still reads
-READABLE_VERSIONS = (1, 2)
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +119,7 @@ class _Worker:
         codecs = {}
         for name, quality, codec in self.codecs:
             result = codec.roundtrip(rgb, quality)
-            tag = f"{name}_q{quality}"
+            tag = codec_tag(name, quality)
             members[f"{tag}.png"] = _png(cv2.cvtColor(result.decoded, cv2.COLOR_RGB2BGR))
             if self.ctx.store_bitstreams:
                 members[f"{tag}.bin"] = result.bitstream
@@ -178,21 +187,8 @@ def _encode_in_pool(ctx: _Context, sample: Sample) -> dict[str, Any]:
     return _worker(ctx).encode(sample)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(fileobj)`` to a temp name in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _write_shard(out: Path, job: _ShardJob, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -203,13 +199,14 @@ def _write_shard(out: Path, job: _ShardJob, results: list[dict[str, Any]]) -> di
     tar = out / f"{job.name}.tar"
     (out / f"{job.name}.json").unlink(missing_ok=True)  # an old sidecar must never vouch for a new tar
 
-    def write_tar(f: Any) -> None:
-        with wds.TarWriter(f, encoder=False, mtime=0) as writer:
+    if good:
+        with (
+            atomic_path(tar) as tmp,
+            open(tmp, "wb") as f,
+            wds.TarWriter(f, encoder=False, mtime=0) as writer,
+        ):
             for r in good:
                 writer.write({"__key__": r["key"], **r["members"]})
-
-    if good:
-        _atomic_write(tar, write_tar)
     else:
         tar.unlink(missing_ok=True)
     sidecar = {
@@ -273,20 +270,23 @@ def _plan(worker: _Worker, per_shard: int) -> list[_ShardJob]:
 
 
 def _clean(out: Path, jobs: list[_ShardJob]) -> None:
-    """Remove temp files of killed runs and shards of the built splits that the plan no longer has."""
+    """Remove temporary files of killed runs and shards of the built splits that the plan no longer has."""
     planned = {job.name for job in jobs}
     splits = {job.split for job in jobs}
     pattern = re.compile(r"^(?P<name>(?P<split>.+)-\d{6})\.(tar|json)$")
+    # every file a build writes here, planned now or by an earlier plan: their temporaries are stale
+    written = {MANIFEST} | {f"{name}.{ext}" for name in planned for ext in ("tar", "json")}
     for path in out.iterdir():
-        if not path.is_file():
-            continue
-        if re.match(r"^\..+\.tmp-\d+$", path.name):
-            path.unlink(missing_ok=True)
-            continue
         match = pattern.match(path.name)
-        if match and match["split"] in splits and match["name"] not in planned:
+        if not path.is_file() or not match:
+            continue
+        written.add(path.name)
+        if match["split"] in splits and match["name"] not in planned:
             log.info("removing %s: not part of this build's plan", path)
             path.unlink(missing_ok=True)
+    for name in written:
+        for tmp in temporary_names(out, name):
+            tmp.unlink(missing_ok=True)
 
 
 def _run_inline(ctx: _Context, out: Path, jobs: list[_ShardJob], bar: tqdm) -> Iterable[dict[str, Any]]:
@@ -357,29 +357,14 @@ def _run_ray(
 
 def _context(cfg: JobConfig) -> _Context:
     s = cfg.shards
-    if s.samples_per_shard < 1:
-        raise ShardError(f"shards.samples_per_shard must be >= 1, got {s.samples_per_shard}")
-    if s.workers < 0:
-        raise ShardError(f"shards.workers must be >= 0 (0: every core), got {s.workers}")
-    if cfg.data.width < 1 or cfg.data.height < 1:
-        raise ShardError(
-            f"data.width and data.height must be positive, got {cfg.data.width}x{cfg.data.height}"
-        )
-    if not cfg.data.splits:
-        raise ShardError("data.splits is empty")
-    if not s.codecs or any(not spec.qualities for spec in s.codecs):
-        raise ShardError("shards.codecs needs at least one codec, each with at least one quality")
     codecs = tuple(
         (spec.name, int(q), tuple(sorted(spec.options.items()))) for spec in s.codecs for q in spec.qualities
     )
-    tags = [f"{name}_q{q}" for name, q, _ in codecs]
-    if len(set(tags)) != len(tags):
-        raise ShardError(f"shards.codecs names the same codec and quality twice: {sorted(tags)}")
     return _Context(cfg.data, codecs, s.label_coder, s.label_downsample, s.store_bitstreams)
 
 
-def build_shards(cfg: JobConfig) -> dict[str, Any]:
-    """Build (or finish) the shards of every split in ``cfg.data.splits``; returns the manifest.
+def build_shards(cfg: JobConfig) -> Manifest:
+    """Build (or finish) the shards of every split in ``cfg.data.splits``; returns the written manifest.
 
     With ``shards.workers`` > 1 the encoders run in spawned processes, so a script calling this
     needs the usual ``if __name__ == "__main__":`` guard.
@@ -408,106 +393,84 @@ def build_shards(cfg: JobConfig) -> dict[str, Any]:
             run = _run_pool(ctx, out, pending, workers, bar)
         for sidecar in run:
             sidecars[sidecar["shard"]] = sidecar
-    manifest = _manifest(cfg, worker, [sidecars[job.name] for job in jobs])
-    _write_json(out / MANIFEST, manifest)
+    manifest = _manifest(cfg, worker, [sidecars[job.name] for job in jobs], out)
+    manifest.write()
     return manifest
 
 
-def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]]) -> dict[str, Any]:
-    splits: dict[str, dict[str, Any]] = {}
+def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], out: Path) -> Manifest:
+    built: dict[str, tuple[list[str], list[str]]] = {}  # split: (tars, keys)
     for sc in sidecars:
-        entry = splits.setdefault(sc["split"], {"shards": [], "samples": 0, "keys": []})
+        tars, keys = built.setdefault(sc["split"], ([], []))
         if sc["keys"]:
-            entry["shards"].append(f"{sc['shard']}.tar")
-            entry["samples"] += len(sc["keys"])
-            entry["keys"] += sc["keys"]
+            tars.append(f"{sc['shard']}.tar")
+            keys += sc["keys"]
     stats = [row for sc in sidecars for row in sc["stats"]]
     codecs = {}
     for name, quality, _ in worker.ctx.codecs:
-        tag = f"{name}_q{quality}"
+        tag = codec_tag(name, quality)
         values = [row["codecs"][tag] for row in stats]
-        codecs[tag] = {
-            "codec": name,
-            "quality": quality,
-            "bpp_mean": statistics.fmean(values) if values else None,
-            "bpp_min": min(values) if values else None,
-            "bpp_max": max(values) if values else None,
-        }
+        codecs[tag] = CodecEntry(
+            codec=name,
+            quality=quality,
+            bpp_mean=statistics.fmean(values) if values else None,
+            bpp_min=min(values) if values else None,
+            bpp_max=max(values) if values else None,
+        )
     label_bpp = [row["label_bpp"] for row in stats]
     coders = sorted({row["label_coder"] for row in stats}) or [worker.label_coder.method]
-    return {
-        "version": VERSION,
-        "config": cfg.to_dict(),
-        "config_hash": cfg.digest(),
-        "dataset": {
-            **worker.source.describe(),
-            "width": cfg.data.width,
-            "height": cfg.data.height,
+    source = worker.source
+    return Manifest(
+        version=VERSION,
+        config=cfg.to_dict(),
+        config_hash=cfg.digest(),
+        dataset=DatasetEntry(
+            source=source.name,
+            root=str(source.root),
+            label_nc=source.label_nc,
+            label_names=tuple(source.label_names),
+            has_instances=source.has_instances,
+            width=cfg.data.width,
+            height=cfg.data.height,
+        ),
+        splits={
+            split: SplitEntry(tuple(tars), len(keys), tuple(keys)) for split, (tars, keys) in built.items()
         },
-        "splits": splits,
-        "codecs": codecs,
-        "label": {
-            "coder": coders[0] if len(coders) == 1 else ",".join(coders),
-            "downsample": cfg.shards.label_downsample,
-            "bpp_mean": statistics.fmean(label_bpp) if label_bpp else None,
-        },
-        "rejects": [reject for sc in sidecars for reject in sc["rejects"]],
-    }
+        codecs=codecs,
+        label=LabelEntry(
+            coder=coders[0] if len(coders) == 1 else ",".join(coders),
+            downsample=cfg.shards.label_downsample,
+            bpp_mean=statistics.fmean(label_bpp) if label_bpp else None,
+        ),
+        rejects=tuple(Reject.from_json(reject) for sc in sidecars for reject in sc["rejects"]),
+        folder=out,
+    )
 
 
-def read_manifest(output_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a shard folder; a clear error when there is none."""
-    path = Path(output_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"no {MANIFEST} in {output_dir}; build shards first (python -m pipeline shards)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise ShardError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise ShardError(f"{path} is not a shard manifest (a JSON object expected)")
-    version = manifest.get("version")
-    if version not in READABLE_VERSIONS:
-        newer = isinstance(version, int) and version > VERSION
-        raise ShardError(
-            f"{path}: manifest version {version!r} "
-            + ("is newer than this code reads" if newer else "is not a shard manifest version")
-            + f" (reads {list(READABLE_VERSIONS)}); rebuild the shards or update the pipeline"
-        )
-    if version == 1:  # version 1 listed keys only in the per-shard sidecars
-        for entry in manifest.get("splits", {}).values():
-            entry["keys"] = [
-                key
-                for shard in entry["shards"]
-                for key in json.loads((path.parent / shard.replace(".tar", ".json")).read_text())["keys"]
-            ]
-    return manifest
-
-
-def format_summary(manifest: dict[str, Any], max_reasons: int = 5) -> str:
+def format_summary(manifest: Manifest, max_reasons: int = 5) -> str:
     """A few lines for people: samples and shards per split, rates, rejects."""
-    ds = manifest["dataset"]
+    ds = manifest.dataset
     lines = [
-        f"shards in {manifest['config']['shards']['output']} (config {manifest['config_hash']}): "
-        f"{ds['source']} at {ds['width']}x{ds['height']}, label_nc {ds['label_nc']}, "
-        f"instances {'yes' if ds['has_instances'] else 'no'}"
+        f"shards in {manifest.config['shards']['output']} (config {manifest.config_hash}): "
+        f"{ds.source} at {ds.width}x{ds.height}, label_nc {ds.label_nc}, "
+        f"instances {'yes' if ds.has_instances else 'no'}"
     ]
-    for split, entry in manifest["splits"].items():
-        lines.append(f"  {split}: {entry['samples']} samples in {len(entry['shards'])} shards")
+    for split, entry in manifest.splits.items():
+        lines.append(f"  {split}: {entry.samples} samples in {len(entry.shards)} shards")
     lines.append(f"  {'codec':<16} {'bpp mean':>9} {'min':>9} {'max':>9}")
 
     def num(x: float | None) -> str:
         return f"{x:9.4f}" if x is not None else f"{'-':>9}"
 
-    for tag, c in manifest["codecs"].items():
-        lines.append(f"  {tag:<16} {num(c['bpp_mean'])} {num(c['bpp_min'])} {num(c['bpp_max'])}")
-    lab = manifest["label"]
-    rate = num(lab["bpp_mean"]).strip()
-    lines.append(f"  label map ({lab['coder']}, downsample {lab['downsample']}): bpp mean {rate}")
-    rejects = manifest["rejects"]
+    for tag, c in manifest.codecs.items():
+        lines.append(f"  {tag:<16} {num(c.bpp_mean)} {num(c.bpp_min)} {num(c.bpp_max)}")
+    lab = manifest.label
+    rate = num(lab.bpp_mean).strip()
+    lines.append(f"  label map ({lab.coder}, downsample {lab.downsample}): bpp mean {rate}")
+    rejects = manifest.rejects
     lines.append(f"  rejects: {len(rejects)}")
     for r in rejects[:max_reasons]:
-        lines.append(f"    {r['split']}/{r['key']}: {r['reason']}")
+        lines.append(f"    {r.split}/{r.key}: {r.reason}")
     if len(rejects) > max_reasons:
-        lines.append(f"    ... and {len(rejects) - max_reasons} more (see manifest.json)")
+        lines.append(f"    ... and {len(rejects) - max_reasons} more (see {MANIFEST})")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.config import ConfigError, DataConfig, HoldoutConfig, JobConfig
+from pipeline.data.manifest import Manifest
 from pipeline.data.sources import Sample, Source
 
 
@@ -127,27 +128,19 @@ def refuse_overlap(what: str, scored: Iterable[str], trained: Iterable[str], tra
         )
 
 
-def split_keys(manifest: dict, split: str) -> list[str]:
-    """The sample keys of a built split, as the manifest lists them."""
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise SplitError(f"split {split!r} was not built; built: {sorted(splits)}")
-    return list(splits[split]["keys"])
-
-
-def check_disjoint(manifest: dict, cfg: JobConfig) -> list[str]:
+def check_disjoint(manifest: Manifest, cfg: JobConfig) -> list[str]:
     """Refuse training on frames that validation or evaluation score; return warnings for the rest.
 
     Training (``loader.split``) must share no frame with ``validate.split`` (when validation is on) or
     ``eval.split``. Validating on the reported frames (``validate.split == eval.split``) is allowed but
     is tuning on them: it comes back as a warning.
     """
-    train = set(split_keys(manifest, cfg.loader.split))
+    train = manifest.split(cfg.loader.split).keys
     scored = {"eval.split": cfg.eval.split}
     if cfg.validate.every > 0:
         scored["validate.split"] = cfg.validate.split
     for what, split in scored.items():
-        refuse_overlap(f"{what}={split!r}", split_keys(manifest, split), train, cfg.loader.split)
+        refuse_overlap(f"{what}={split!r}", manifest.split(split).keys, train, cfg.loader.split)
     warnings = []
     if cfg.validate.every > 0 and cfg.validate.split == cfg.eval.split:
         warnings.append(

@@ -3,100 +3,37 @@
 Only safetensors files are supported (no pickled ``.pt`` checkpoints): loading one needs neither
 DeepSpeed nor the training config, and cannot run code.
 
-Metadata (all strings): ``format`` (``jpdse-generator``), ``format_version`` (``2``), ``spec`` (JSON object)
-and, when the trainer says, ``train_frames`` (JSON list of the sorted sample keys trained on). Files without
-``format_version`` are version 1 (plain pix2pixHD generators, no ``residual`` key). A file of a newer
-version, or whose spec holds a key this code does not know, is refused: guessing would rebuild another
-network, or run it with another rule.
+Metadata (all strings): ``format`` (``jpdse-generator``), ``format_version`` (``2``), ``spec`` (the JSON
+object of a :class:`~pipeline.model.spec.GeneratorSpec`) and, when the trainer says, ``train_frames`` (JSON
+list of the sorted sample keys trained on). Files without ``format_version`` are version 1 (plain pix2pixHD
+generators, no ``residual`` key). A file of a newer version, or whose spec holds a key this code does not
+know, is refused: guessing would rebuild another network, or run it with another rule.
+
+An export's bytes depend on its content alone (the metadata is sorted), so their sha256 is the model's
+identity (:func:`weights_sha256`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from pipeline.config import ModelConfig
-from pipeline.model.networks import IMAGE_CHANNELS, Generator, input_channels
+from pipeline.atomic import atomic_path
+from pipeline.model.networks import Generator
+from pipeline.model.spec import FORMAT_VERSION, SPEC_KEYS, GeneratorSpec
 
 SPEC_KEY = "spec"
 FORMAT_KEY = "format"
 VERSION_KEY = "format_version"
 TRAIN_FRAMES_KEY = "train_frames"
 FORMAT = "jpdse-generator"
-FORMAT_VERSION = 2
-REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
-# Spec keys by format version. Version 1 (files without a version) is closed: ModelConfig as it was then,
-# so a field added to ModelConfig later is never taken for part of a version-1 file. Version 2 follows
-# ModelConfig; ``qualities`` lists the qualities of a model trained on several (loader.qualities),
-# ``selected`` describes the best-checkpoint selection (free-form).
-SPEC_KEYS: dict[int, frozenset[str]] = {
-    1: frozenset(
-        {
-            *("ngf", "n_downsample", "n_blocks", "norm", "ndf", "n_layers_d", "num_d", "label_nc"),
-            *("use_instance", "zero_semantics", "codec", "quality", "phase", "steps"),
-        }
-    ),
-    2: frozenset(f.name for f in dataclasses.fields(ModelConfig))
-    | {
-        "label_nc",
-        "use_instance",
-        "codec",
-        "quality",
-        "qualities",
-        "phase",
-        "steps",
-        "train_split",
-        "selected",
-    },
-}
-
-
-def make_spec(model_cfg: ModelConfig, label_nc: int, use_instance: bool, **extra: Any) -> dict[str, Any]:
-    """The ``ModelConfig`` fields with the resolved ``label_nc``/``use_instance``, plus ``extra``
-    (e.g. ``codec``, ``quality``, ``phase``)."""
-    return {**dataclasses.asdict(model_cfg), "label_nc": label_nc, "use_instance": use_instance, **extra}
-
-
-def uses_synthesis(spec: Mapping[str, Any]) -> bool:
-    """Whether to run the generator with ``synthesis=True``: phase-1 exports (the semantic prior) draw
-    the image with the synthesis head; every later phase outputs through the correction head."""
-    return spec.get("phase") == 1
-
-
-def visual_input(spec: Mapping[str, Any]) -> bool:
-    """Whether the generator sees the decoded image: every export but phase 1's (it is zeroed there)."""
-    return not uses_synthesis(spec)
-
-
-def _unknown_keys(spec: Mapping[str, Any], version: int) -> list[str]:
-    return sorted(set(spec) - SPEC_KEYS[version])
-
-
-def _generator_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
-    missing = [k for k in REQUIRED_SPEC_KEYS if k not in spec]
-    if missing:
-        raise ValueError(f"generator spec lacks {missing}; it needs {list(REQUIRED_SPEC_KEYS)}")
-    return {
-        "input_nc": input_channels(int(spec["label_nc"]), bool(spec["use_instance"])),
-        "output_nc": IMAGE_CHANNELS,
-        "ngf": int(spec["ngf"]),
-        "n_downsample": int(spec["n_downsample"]),
-        "n_blocks": int(spec["n_blocks"]),
-        "norm": str(spec["norm"]),
-        # files written before the residual generator existed hold plain pix2pixHD generators
-        "residual": bool(spec.get("residual", False)),
-    }
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
@@ -111,32 +48,30 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
 
 
 def export_generator(
-    path: str | Path, generator: nn.Module, spec: dict[str, Any], train_frames: Sequence[str] = ()
+    path: str | Path, generator: nn.Module, spec: GeneratorSpec, train_frames: Sequence[str] = ()
 ) -> Path:
     """Write ``generator``'s weights and ``spec`` (format version 2) to ``path`` atomically; return the path.
 
     ``generator`` may be wrapped (DeepSpeed engine, DDP): its ``.module`` is used. The spec must describe
-    the generator (see :func:`make_spec`); a mismatch is refused here rather than at load time.
+    the generator; a mismatch is refused here rather than at load time.
     ``train_frames``: the keys of every sample the weights were trained on (a later phase's export includes
     the frames of the phases it started from); none given: the file does not record them.
     """
     net = generator if isinstance(generator, Generator) else getattr(generator, "module", None)
     if not isinstance(net, Generator):
         raise TypeError(f"expected a pipeline.model.networks.Generator, got {type(generator).__name__}")
-    kwargs = _generator_kwargs(spec)
-    if kwargs != net.hparams:
-        raise ValueError(f"spec describes generator {kwargs} but the generator is {net.hparams}")
+    if spec.generator_kwargs != net.hparams:
+        raise ValueError(
+            f"spec describes generator {spec.generator_kwargs} but the generator is {net.hparams}"
+        )
     try:
         metadata = {
             FORMAT_KEY: FORMAT,
             VERSION_KEY: str(FORMAT_VERSION),
-            SPEC_KEY: json.dumps(spec, sort_keys=True),
+            SPEC_KEY: json.dumps(spec.to_json(), sort_keys=True),
         }
     except TypeError as err:
         raise ValueError(f"generator spec must be JSON-serialisable: {err}") from err
-    unknown = _unknown_keys(spec, FORMAT_VERSION)
-    if unknown:
-        raise ValueError(f"generator spec keys {unknown} are not part of format version {FORMAT_VERSION}")
     if train_frames:
         metadata[TRAIN_FRAMES_KEY] = json.dumps(sorted(set(train_frames)))
     # float32 whatever the training precision (a bf16/fp16 engine's module), so exports are portable
@@ -144,19 +79,11 @@ def export_generator(
         k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
         for k, v in net.state_dict().items()
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header, data = _deterministic_header(save(tensors, metadata=metadata))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(header)
+        f.write(data)
+    return Path(path)
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -194,7 +121,7 @@ def _format_version(path: Path, metadata: Mapping[str, str]) -> int:
     return version
 
 
-def _checked_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, Any]]:
+def _checked_metadata(path: str | Path) -> tuple[dict[str, str], GeneratorSpec]:
     """The file's metadata and its spec, checked against the file's format version."""
     path = Path(path)
     metadata = _read_metadata(path)
@@ -205,13 +132,10 @@ def _checked_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, Any]]
         raise ValueError(f"{path}: the '{SPEC_KEY}' metadata is not valid JSON: {err}") from err
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: the '{SPEC_KEY}' metadata is not a JSON object")
-    unknown = _unknown_keys(spec, version)
-    if unknown:
-        raise ValueError(
-            f"{path}: spec keys {unknown} are unknown to generator format version {version}; "
-            "written by a newer pipeline?"
-        )
-    return metadata, spec
+    try:
+        return metadata, GeneratorSpec.from_json(spec, version)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def _deterministic_header(blob: bytes) -> tuple[bytes, memoryview]:
@@ -228,7 +152,7 @@ def _deterministic_header(blob: bytes) -> tuple[bytes, memoryview]:
     return len(text).to_bytes(8, "little") + text, memoryview(blob)[8 + size :]
 
 
-def read_spec(path: str | Path) -> dict[str, Any]:
+def read_spec(path: str | Path) -> GeneratorSpec:
     """The spec stored in an exported generator file, without loading the weights."""
     return _checked_metadata(path)[1]
 
@@ -257,13 +181,13 @@ def weights_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, GeneratorSpec]:
     """Rebuild the exported generator (strict weight load, eval mode) and return it with its spec."""
     spec = read_spec(path)
-    generator = Generator(**_generator_kwargs(spec))
+    generator = spec.build_generator()
     state = load_file(str(path), device="cpu")
     try:
         generator.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match the spec {spec}: {err}") from err
+        raise ValueError(f"{path}: weights do not match the spec {spec.to_json()}: {err}") from err
     return generator.to(device).eval(), spec

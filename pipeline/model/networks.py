@@ -1,17 +1,7 @@
-"""pix2pixHD-style networks and the JPD-SE generator input.
+"""pix2pixHD-style networks: the generator (with JPD-SE's residual correction head) and the multi-scale
+PatchGAN discriminator, their norms and initialisation.
 
-The generator sees ``one-hot labels (label_nc) ⊕ instance edges (1, with instances) ⊕ decoded RGB (3)``.
-Ablations keep the same channels and zero some of them, so every phase and ablation shares one
-architecture: ``visual_input=False`` zeroes the decoded image (phase 1), ``zero_semantics=True`` zeroes
-the one-hot and edge channels (the no-semantics baseline).
-
-The discriminator is conditioned like pix2pixHD's: it sees the semantic channels of the generator input
-⊕ an image (generated or real)::
-
-    g_in = generator_input(label, edge, decoded, label_nc=nc, use_instance=inst, ...)
-    fake = generator(g_in)
-    semantics = g_in[:, : semantic_channels(nc, inst)]
-    pred_fake = discriminator(discriminator_input(semantics, fake))
+What the networks see is assembled in :mod:`pipeline.model.inputs`.
 """
 
 from __future__ import annotations
@@ -19,102 +9,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
+from pipeline.model.inputs import IMAGE_CHANNELS, input_channels, semantic_channels
 
-IMAGE_CHANNELS = 3
 SYNTHESIS_HEAD_LAYERS = 3  # ReflectionPad2d, Conv2d, Tanh at the end of Generator.model
 NORMS = ("instance", "batch", "none")
-
-
-def semantic_channels(label_nc: int, use_instance: bool) -> int:
-    """Channels of the semantic conditioning: one-hot labels plus the instance edge map."""
-    return label_nc + int(use_instance)
-
-
-def input_channels(label_nc: int, use_instance: bool) -> int:
-    """Channels of :func:`generator_input`'s output."""
-    return semantic_channels(label_nc, use_instance) + IMAGE_CHANNELS
-
-
-def edge_map(instance: Tensor) -> Tensor:
-    """pix2pixHD's ``get_edges``: 1.0 where a pixel's id differs from a 4-neighbour's, else 0.0.
-
-    Works on the last two dimensions of any tensor with at least two (``H x W``, ``B x H x W``,
-    ``B x 1 x H x W``); the result has the input's shape and dtype float32.
-    """
-    if instance.dim() < 2:
-        raise ValueError(f"edge_map needs at least 2 dimensions, got shape {tuple(instance.shape)}")
-    edge = torch.zeros(instance.shape, dtype=torch.bool, device=instance.device)
-    horizontal = instance[..., :, 1:] != instance[..., :, :-1]
-    vertical = instance[..., 1:, :] != instance[..., :-1, :]
-    edge[..., :, 1:] |= horizontal
-    edge[..., :, :-1] |= horizontal
-    edge[..., 1:, :] |= vertical
-    edge[..., :-1, :] |= vertical
-    return edge.float()
-
-
-def generator_input(
-    label: Tensor,
-    edge: Tensor | None,
-    decoded: Tensor,
-    *,
-    label_nc: int,
-    use_instance: bool,
-    zero_semantics: bool,
-    visual_input: bool,
-) -> Tensor:
-    """Assemble ``one-hot(label) ⊕ edge ⊕ decoded`` (``B x input_channels x H x W``).
-
-    ``label``: int ``B x H x W`` (or ``B x 1 x H x W``) ids in ``[0, label_nc)``; ``edge``: ``B x 1 x H x W``,
-    required when ``use_instance`` and ignored otherwise; ``decoded``: ``B x 3 x H x W`` in [-1, 1].
-    ``zero_semantics`` zeroes the one-hot and edge channels, ``visual_input=False`` the decoded ones.
-    """
-    if label_nc <= 0:
-        raise ValueError(f"label_nc must be positive, got {label_nc}")
-    if label.dim() == 4 and label.shape[1] == 1:
-        label = label[:, 0]
-    if label.dim() != 3:
-        raise ValueError(f"label must be B x H x W, got shape {tuple(label.shape)}")
-    if label.dtype.is_floating_point or label.dtype == torch.bool:
-        raise ValueError(f"label must hold integer ids, got dtype {label.dtype}")
-    batch, height, width = label.shape
-    if decoded.shape != (batch, IMAGE_CHANNELS, height, width):
-        raise ValueError(
-            f"decoded must be {batch} x 3 x {height} x {width} to match the label, got {tuple(decoded.shape)}"
-        )
-    if label.numel():
-        low, high = int(label.min()), int(label.max())
-        if low < 0 or high >= label_nc:
-            raise ValueError(
-                f"label ids must lie in [0, {label_nc}) (label_nc={label_nc}), found ids in [{low}, {high}]"
-            )
-    label = label.to(decoded.device, torch.long)
-    onehot = torch.zeros(batch, label_nc, height, width, dtype=decoded.dtype, device=decoded.device)
-    onehot.scatter_(1, label.unsqueeze(1), 1.0)
-    parts = [onehot]
-    if use_instance:
-        if edge is None:
-            raise ValueError("use_instance is set but no edge map was given")
-        if edge.shape != (batch, 1, height, width):
-            raise ValueError(f"edge must be {batch} x 1 x {height} x {width}, got {tuple(edge.shape)}")
-        parts.append(edge.to(decoded.device, decoded.dtype))
-    if zero_semantics:
-        parts = [torch.zeros_like(p) for p in parts]
-    parts.append(decoded if visual_input else torch.zeros_like(decoded))
-    return torch.cat(parts, dim=1)
-
-
-def discriminator_input(semantics: Tensor, image: Tensor) -> Tensor:
-    """pix2pixHD conditioning: the semantic channels (one-hot ⊕ edge) ⊕ the image."""
-    if semantics.shape[0] != image.shape[0] or semantics.shape[2:] != image.shape[2:]:
-        raise ValueError(
-            f"semantics {tuple(semantics.shape)} and image {tuple(image.shape)} differ in batch or size"
-        )
-    return torch.cat([semantics, image], dim=1)
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:

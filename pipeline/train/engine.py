@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.config import ConfigError, JobConfig, PhaseConfig, resolve_path
 
@@ -117,6 +119,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def say(env: DistEnv, message: str) -> None:
+    """Print ``[train] message`` once, on rank 0 (above a progress bar, if one is drawn)."""
+    if env.is_main:
+        tqdm.write(f"[train] {message}", file=sys.stdout)
+        sys.stdout.flush()
+
+
 def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.device) -> dict[str, Any]:
     """``cfg.train.deepspeed_config`` with the job's batch size and the phase's Adam settings.
 
@@ -166,8 +175,6 @@ def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.devic
                 "cos_min_ratio": 0.0,
             },
         }
-    elif phase_cfg.lr_schedule != "constant":
-        raise ConfigError(f"lr_schedule must be constant or cosine, got {phase_cfg.lr_schedule!r}")
     return ds
 
 

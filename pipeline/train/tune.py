@@ -35,19 +35,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError, JobConfig, TuneConfig, from_dict, with_overrides
-from pipeline.tracking import Tracker, default_tracking_uri, make_tracker, run_tags
+from torch import nn
 
-if TYPE_CHECKING:
+from pipeline.config import TUNE_MODES, ConfigError, JobConfig, from_dict, resolve_path, with_overrides
+from pipeline.data.manifest import Manifest, dataset_info
+from pipeline.data.splits import refuse_overlap
+from pipeline.eval.inputs import EvalSample
+from pipeline.eval.scoring import Scores
+from pipeline.model.export import load_generator, read_spec
+from pipeline.tracking import MLflowTracker, Tracker, default_tracking_uri, make_tracker, run_tags
+from pipeline.train.checkpoint import read_latest
+from pipeline.train.trainer import StepEvent, train
+from pipeline.train.validation import Validator, load_frames
+
+if TYPE_CHECKING:  # ray is imported where it is used: loading it takes seconds
     from ray.tune import Result, ResultGrid
     from ray.tune.experiment import Trial
-    from torch import nn
 
-    from pipeline.eval.evaluate import EvalSample
-    from pipeline.train.trainer import StepEvent
-    from pipeline.train.validation import Scores
-
-METRICS = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
 SPEC_KINDS = ("loguniform", "uniform", "randint", "choice")
 DEFAULT_SPACE: dict[str, Any] = {
     "phase2.loss.dist": {"loguniform": [1.0, 100.0]},
@@ -112,32 +116,7 @@ class _Setup:
     codec: Scores | None = None  # the codec's own scores on the samples, computed once in the driver
 
 
-# ------------------------------------------------------------------------------------------ config
-
-
-def check_settings(settings: TuneConfig) -> None:
-    """Refuse settings the sweep cannot run with."""
-    if settings.metric not in METRICS:
-        raise ConfigError(f"tune.metric must be one of {sorted(METRICS)}, got {settings.metric!r}")
-    if settings.mode != METRICS[settings.metric]:
-        raise ConfigError(
-            f"tune.mode must be {METRICS[settings.metric]!r} for {settings.metric} (PSNR and the score are "
-            f"higher-better, NIQE lower-better), got {settings.mode!r}"
-        )
-    for name in ("num_samples", "max_steps", "report_every", "max_concurrent_trials"):
-        if getattr(settings, name) < 1:
-            raise ConfigError(f"tune.{name} must be >= 1, got {getattr(settings, name)}")
-    if settings.eval_images < 0:
-        raise ConfigError(f"tune.eval_images must be >= 0 (0: all), got {settings.eval_images}")
-    if settings.cpus_per_trial <= 0 or settings.gpus_per_trial < 0:
-        raise ConfigError(
-            f"tune.cpus_per_trial must be > 0 and tune.gpus_per_trial >= 0, "
-            f"got {settings.cpus_per_trial} and {settings.gpus_per_trial}"
-        )
-    if not 0 <= settings.grace_period <= settings.max_steps:
-        raise ConfigError(f"tune.grace_period must lie in [0, tune.max_steps], got {settings.grace_period}")
-    if settings.reduction_factor <= 1:
-        raise ConfigError(f"tune.reduction_factor must be > 1, got {settings.reduction_factor}")
+# ------------------------------------------------------------------------------------- search space
 
 
 def _domain(key: str, entry: Any) -> Any:
@@ -190,9 +169,6 @@ def trial_base(cfg: JobConfig) -> JobConfig:
     """The config every trial starts from: local paths made absolute (Ray runs trials in folders of its
     own), the tracking URI resolved, ``phase2.steps = tune.max_steps``, no phase-2 registration and no
     validation inside the trainer (the sweep's own reports rank the trials)."""
-    from pipeline.config import resolve_path
-    from pipeline.model.export import read_spec
-
     if not cfg.train.init_from and not cfg.model.residual:
         raise ConfigError(
             "tune needs train.init_from=<phase-1 exported generator>: every trial fine-tunes phase 2 from "
@@ -201,7 +177,7 @@ def trial_base(cfg: JobConfig) -> JobConfig:
     init = Path(cfg.train.init_from).expanduser().resolve() if cfg.train.init_from else None
     if init is not None and not init.is_file():
         raise ConfigError(f"train.init_from: no such file {init}")
-    phase = read_spec(init).get("phase") if init is not None else 1
+    phase = read_spec(init).phase if init is not None else 1
     if phase != 1:
         warnings.warn(f"train.init_from {init} is a phase-{phase} export, not phase 1's", stacklevel=2)
     values: dict[str, Any] = {
@@ -227,13 +203,9 @@ def trial_base(cfg: JobConfig) -> JobConfig:
 def eval_set(cfg: JobConfig) -> list[EvalSample]:
     """The held-out frames trials are scored on: ``tune.eval_images`` of ``validate.split`` at
     ``loader.quality``, refused when they overlap the training split."""
-    from pipeline.data.shards import read_manifest
-    from pipeline.data.splits import refuse_overlap, split_keys
-    from pipeline.train.validation import load_frames
-
     samples = load_frames(cfg, cfg.validate.split, cfg.tune.eval_images)
     if not cfg.loader.shards:
-        train = split_keys(read_manifest(cfg.shards.output), cfg.loader.split)
+        train = Manifest.read(cfg.shards.output).split(cfg.loader.split).keys
         what = f"validate.split={cfg.validate.split!r} (the frames trials are scored on)"
         refuse_overlap(what, (s.key for s in samples), train, cfg.loader.split)
     return samples
@@ -248,9 +220,6 @@ class Evaluator:
     """Scores a generator on the held-out frames (see :class:`pipeline.train.validation.Validator`)."""
 
     def __init__(self, cfg: JobConfig, samples: list[EvalSample], codec: Scores | None = None) -> None:
-        from pipeline.train.trainer import dataset_info
-        from pipeline.train.validation import Validator
-
         data = dataset_info(cfg)
         self.validator = Validator(cfg, data.label_nc, data.use_instance, samples, codec)
         self.device = self.validator.device
@@ -273,9 +242,6 @@ class Evaluator:
 def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune."""
     from ray import tune as ray_tune
-
-    from pipeline.model.export import load_generator
-    from pipeline.train.trainer import read_latest, train
 
     context = ray_tune.get_context()
     trial_id = context.get_trial_id()
@@ -321,8 +287,6 @@ def _close_stopped_runs(tracker: Tracker, sweep_run_id: str | None, trials: list
     Ray ends an early-stopped trial by raising SystemExit in its report call and exiting the worker
     process right away, which races the runs' own ending: they may be left RUNNING or FAILED.
     """
-    from pipeline.tracking import MLflowTracker
-
     status = {t.trial_id: ("FAILED" if t.error else "KILLED") for t in trials if not t.generator}
     if not status or sweep_run_id is None or not isinstance(tracker, MLflowTracker) or tracker.offline:
         return
@@ -341,11 +305,10 @@ def _close_stopped_runs(tracker: Tracker, sweep_run_id: str | None, trials: list
                 run = pending.pop()
                 pending += children(run.info.run_id)
                 if run.info.status != trial_status:
-                    tracker.end_run(
-                        run.info.run_id, trial_status, run.info.end_time or int(time.time() * 1000)
-                    )
-            tracker.log_metric_values(
-                trial_run.info.run_id, {"stopped_early": 1.0}, 0, int(time.time() * 1000)
+                    end_time = run.info.end_time or int(time.time() * 1000)
+                    client.set_terminated(run.info.run_id, status=trial_status, end_time=end_time)
+            client.log_metric(
+                trial_run.info.run_id, "stopped_early", 1.0, timestamp=int(time.time() * 1000), step=0
             )
     except Exception as err:  # tracking never fails the sweep
         warnings.warn(f"could not close the runs of stopped trials: {err}", RuntimeWarning, stacklevel=2)
@@ -374,7 +337,7 @@ def _summary(result: Result) -> TrialSummary:
     return TrialSummary(
         trial_id=str(metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_")),
         params=config,
-        metrics={k: float(metrics[k]) for k in METRICS if k in metrics},
+        metrics={k: float(metrics[k]) for k in TUNE_MODES if k in metrics},
         step=int(metrics.get("step", 0)),
         generator=str(metrics.get("generator", "")),
         path=str(result.path),
@@ -410,7 +373,7 @@ def format_table(result: TuneResult) -> str:
             else f"{t.params.get(k, '')!s:>{width}}"
             for k in keys
         )
-        m = {k: t.metrics.get(k, math.nan) for k in METRICS}
+        m = {k: t.metrics.get(k, math.nan) for k in TUNE_MODES}
         mark = "  <- best" if t.trial_id == result.best.trial_id else ""
         lines.append(
             f"{t.trial_id:<12} {values} {t.step:>6} {m['val_psnr']:>7.3f} {m['val_niqe']:>7.3f} "
@@ -433,7 +396,6 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
             "world of one (Ray's workers inherit RANK/WORLD_SIZE and would try to join the launcher's world)"
         )
     settings = cfg.tune
-    check_settings(settings)
     base = trial_base(cfg)
     space = search_space(base)
     experiment = Path(settings.output_dir).expanduser().resolve() / (settings.name or f"{cfg.name}-tune")

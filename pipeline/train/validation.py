@@ -3,13 +3,13 @@
 The frames are the full images of ``validate.split`` in the shards, decoded at ``loader.codec`` x each
 training quality (``loader.qualities``, else ``loader.quality``). A :class:`Validator` scores the codec
 once and then any generator: mean PSNR, MS-SSIM and (standard, published-model) NIQE over frames x
-qualities, and the codec-SE minus codec differences.
+qualities (:func:`pipeline.eval.scoring.mean_scores`, the per-image scores of the R-PD evaluation), and
+the codec-SE minus codec differences.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,11 @@ from torch import nn
 
 from pipeline.config import ConfigError, JobConfig, with_overrides
 from pipeline.data.loader import training_qualities
-from pipeline.eval import metrics
-from pipeline.eval.evaluate import EvalSample, Method, ShardInput, enhance
-from pipeline.model.export import make_spec
+from pipeline.eval.inputs import EvalSample, ShardInput
+from pipeline.eval.scoring import Scores, mean_scores
+from pipeline.model.inference import enhance_image
 from pipeline.model.networks import Generator
+from pipeline.model.spec import GeneratorSpec
 
 # what "better" means for each selectable metric
 DIRECTIONS = {"psnr": "max", "ms_ssim": "max", "niqe": "min"}
@@ -59,28 +60,6 @@ def load_frames(cfg: JobConfig, split: str, images: int) -> list[EvalSample]:
     return samples
 
 
-@dataclass(frozen=True)
-class Scores:
-    """Mean scores over the validation frames."""
-
-    psnr: float
-    ms_ssim: float
-    niqe: float
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}psnr": self.psnr, f"{prefix}ms_ssim": self.ms_ssim, f"{prefix}niqe": self.niqe}
-
-
-def score(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Scores:
-    """Means over ``(original, reconstruction)`` pairs; NIQE over the images where it is defined."""
-    niqes = [v for _, out in pairs if math.isfinite(v := metrics.niqe(out))]
-    return Scores(
-        psnr=float(np.mean([metrics.cap_psnr(metrics.psnr(a, b)) for a, b in pairs])),
-        ms_ssim=float(np.mean([metrics.ms_ssim(a, b) for a, b in pairs])),
-        niqe=float(np.mean(niqes)) if niqes else math.nan,
-    )
-
-
 class Validator:
     """Scores generators on held-out frames, through a float32 eval-mode copy (any engine dtype)."""
 
@@ -94,27 +73,27 @@ class Validator:
     ) -> None:
         """``codec``: the codec's scores on ``samples`` when already known (a sweep scores them once)."""
         self.qualities = training_qualities(cfg)
-        self.spec = make_spec(
+        self.spec = GeneratorSpec.from_config(
             cfg.model, label_nc, use_instance, codec=cfg.loader.codec, quality=cfg.loader.quality, phase=2
         )
         self.samples = samples
         self.keys = [s.key for s in samples]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.codec = codec or score([(s.image, s.decoded[q]) for s in samples for q in self.qualities])
+        self.codec = codec or mean_scores([(s.image, s.decoded[q]) for s in samples for q in self.qualities])
 
     def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(original, codec-SE)`` for every frame x quality."""
         net = Generator(**generator.hparams)
         net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
-        method = Method("validation", None, net.to(self.device).eval(), self.spec)
+        net = net.to(self.device).eval()
         return [
-            (s.image, enhance(method, s.decoded[q], s.label, s.instance, self.device))
+            (s.image, enhance_image(net, self.spec, s.decoded[q], s.label, s.instance))
             for s in self.samples
             for q in self.qualities
         ]
 
     def __call__(self, generator: nn.Module) -> dict[str, float]:
         """``psnr``, ``ms_ssim``, ``niqe`` of codec-SE, the codec's as ``codec_*``, and ``delta_*``."""
-        se = score(self.enhanced(generator))
+        se = mean_scores(self.enhanced(generator))
         deltas = {f"delta_{k}": v - getattr(self.codec, k) for k, v in se.as_dict().items()}
         return {**se.as_dict(), **self.codec.as_dict("codec_"), **deltas}

@@ -1,0 +1,195 @@
+"""What evaluation and validation score: full images with their label maps and the codec's decoded images.
+
+``eval.input`` picks the source: the WebDataset shards of ``eval.split`` (full images, read directly, no
+crops; :class:`ShardInput`), or the dataset itself (``data.*``) encoded on the fly with ``loader.codec`` and
+the label coder of ``shards.*`` (:class:`SourceInput`); ``auto`` takes the shards when
+``<shards.output>/manifest.json`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from pipeline.config import JobConfig
+
+
+@dataclass
+class EvalSample:
+    """One image with its label map and the codec's decoded images (by quality) and rates."""
+
+    key: str
+    image: np.ndarray
+    label: np.ndarray
+    instance: np.ndarray | None
+    decoded: dict[int, np.ndarray] = field(default_factory=dict)
+    bpp: dict[int, float] = field(default_factory=dict)
+    label_bpp: float = 0.0
+
+
+class EvalInput(Protocol):
+    """The images of one split at the evaluated qualities of one codec."""
+
+    codec: str
+    qualities: list[int]
+    source_name: str
+    label_nc: int
+    count: int  # samples that :meth:`samples` yields
+    description: str  # for people: how many images of what
+
+    def keys(self) -> list[str]:
+        """The keys of the evaluated samples, in order."""
+        ...
+
+    def originals(self) -> Iterator[np.ndarray]:
+        """The uncompressed images, in order (nothing is encoded)."""
+        ...
+
+    def samples(self) -> Iterator[EvalSample]:
+        """The samples, in order, with the codec's decoded images and rates at every quality."""
+        ...
+
+
+def _decode_png(data: bytes, flags: int, what: str) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if array is None:
+        raise ValueError(f"cannot decode {what}")
+    return array
+
+
+def _all_shards(urls: Iterable[str]) -> Iterable[str]:
+    return urls
+
+
+class ShardInput:
+    """Full-size samples of one split of built shards."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        from pipeline.data.manifest import Manifest
+
+        self.root = Path(cfg.shards.output)
+        manifest = Manifest.read(self.root)
+        split = cfg.eval.split
+        entry = manifest.split(split)
+        self.shards = [str(path) for path in manifest.shard_paths(split)]
+        self.codec = cfg.loader.codec
+        self.qualities = manifest.qualities(self.codec, cfg.eval.qualities, setting="eval.qualities")
+        self.source_name = manifest.dataset.source
+        self.label_nc = manifest.dataset.label_nc
+        total = entry.samples
+        self.count = min(total, cfg.eval.max_images) if cfg.eval.max_images > 0 else total
+        self.description = f"{self.count} {split} images of the shards at {self.root}"
+        # the manifest lists a split's keys in shard order, the order the samples are read in
+        self._keys = list(entry.keys[: self.count])
+
+    def _raw(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        # every shard on this rank: evaluation (and validation, on rank 0 of a training world) reads it all
+        dataset = wds.WebDataset(self.shards, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+        for index, sample in enumerate(dataset):
+            if index >= self.count:
+                return
+            yield sample
+
+    def keys(self) -> list[str]:
+        """The keys of the evaluated samples, in order (from the manifest: no shard is read)."""
+        return self._keys
+
+    def originals(self) -> Iterator[np.ndarray]:
+        for raw in self._raw():
+            yield cv2.cvtColor(
+                _decode_png(raw["image.png"], cv2.IMREAD_COLOR, "image.png"), cv2.COLOR_BGR2RGB
+            )
+
+    def samples(self) -> Iterator[EvalSample]:
+        for raw in self._raw():
+            key = raw["__key__"]
+            meta = json.loads(raw["json"])
+            image = cv2.cvtColor(
+                _decode_png(raw["image.png"], cv2.IMREAD_COLOR, f"{key} image"), cv2.COLOR_BGR2RGB
+            )
+            instance = None
+            if "instance.png" in raw:
+                instance = _decode_png(raw["instance.png"], cv2.IMREAD_UNCHANGED, f"{key} instance")
+            sample = EvalSample(
+                key=key,
+                image=image,
+                label=_decode_png(raw["label.png"], cv2.IMREAD_UNCHANGED, f"{key} label"),
+                instance=instance,
+                label_bpp=float(meta["label"]["bpp"]),
+            )
+            for q in self.qualities:
+                tag = f"{self.codec}_q{q}"
+                if f"{tag}.png" not in raw:
+                    raise ValueError(f"shard sample {key} lacks {tag}.png")
+                bgr = _decode_png(raw[f"{tag}.png"], cv2.IMREAD_COLOR, f"{key} {tag}")
+                sample.decoded[q] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                sample.bpp[q] = float(meta["codecs"][tag]["bpp"])
+            yield sample
+
+
+class SourceInput:
+    """Samples of ``data.*`` encoded on the fly with ``loader.codec`` and the ``shards.*`` label coder."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        from pipeline.data.codecs import LabelCoder, get_codec
+        from pipeline.data.sources import open_source
+
+        self.source = open_source(cfg.data)
+        self.width, self.height = cfg.data.width, cfg.data.height
+        self.codec = cfg.loader.codec
+        specs = [c for c in cfg.shards.codecs if c.name == self.codec]
+        self.qualities = sorted(set(cfg.eval.qualities)) or sorted({q for c in specs for q in c.qualities})
+        if not self.qualities:
+            raise ValueError(f"no qualities for {self.codec}: set eval.qualities or list it in shards.codecs")
+        self.encoder = get_codec(self.codec, **(specs[0].options if specs else {}))
+        self.label_coder = LabelCoder(cfg.shards.label_coder, cfg.shards.label_downsample)
+        self.source_name = self.source.name
+        self.label_nc = self.source.label_nc
+        items = self.source.samples(cfg.eval.split)
+        self.items = items[: cfg.eval.max_images] if cfg.eval.max_images > 0 else items
+        self.count = len(self.items)
+        self.description = f"{self.count} {cfg.eval.split} images of {self.source_name} at {self.source.root}"
+
+    def keys(self) -> list[str]:
+        """The keys of the evaluated samples, in order."""
+        return [item.key for item in self.items]
+
+    def originals(self) -> Iterator[np.ndarray]:
+        for item in self.items:
+            yield self.source.load(item, self.width, self.height)[0]
+
+    def samples(self) -> Iterator[EvalSample]:
+        pixels = self.width * self.height
+        for item in self.items:
+            image, label, instance = self.source.load(item, self.width, self.height)
+            sample = EvalSample(
+                key=item.key,
+                image=image,
+                label=self.label_coder.reconstruct(label),
+                instance=instance,
+                label_bpp=8 * len(self.label_coder.encode(label)) / pixels,
+            )
+            for q in self.qualities:
+                result = self.encoder.roundtrip(image, q)
+                sample.decoded[q], sample.bpp[q] = result.decoded, result.bpp
+            yield sample
+
+
+def open_input(cfg: JobConfig) -> EvalInput:
+    """The evaluation input named by ``eval.input``."""
+    kind = cfg.eval.input
+    if kind == "auto":
+        kind = "shards" if (Path(cfg.shards.output) / "manifest.json").is_file() else "source"
+    if kind == "shards":
+        return ShardInput(cfg)
+    if kind == "source":
+        return SourceInput(cfg)
+    raise ValueError(f"eval.input must be auto, shards or source, got {cfg.eval.input!r}")

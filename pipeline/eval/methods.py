@@ -1,0 +1,174 @@
+"""The methods evaluation compares: the base codec and one method per exported generator and quality.
+
+Every method carries its model's identity (:attr:`Method.model`): ``models:/name/version`` for registry
+models (an alias is pinned to its version), ``<path>#<sha256[:12]>`` for files, the codec's name for the base
+codec. Models of one kind at different qualities form one curve (:attr:`Method.name`: ``<codec>-SE``, or
+``<codec>-SE (no semantics)`` for ``zero_semantics`` models); two models that would share a curve point get
+curves of their own (suffixed with the folder that tells them apart, else their hash or registry version),
+so a (curve, quality) pair is always one model. A file given twice (same sha256) is evaluated once.
+
+Frames: a model that records its training frames (:func:`pipeline.model.export.read_train_frames`) is never
+scored on them unless allowed (then its results are flagged ``on_training_frames``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.eval.inputs import EvalSample
+from pipeline.model.export import load_generator, read_train_frames, weights_sha256
+from pipeline.model.inference import enhance_image
+from pipeline.model.spec import GeneratorSpec
+
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
+@dataclass
+class Method:
+    """What makes the images of one curve point: the base codec (no generator, every quality) or one
+    exported generator at one quality."""
+
+    name: str  # the curve
+    quality: int | None  # None: the base codec, at every quality
+    generator: nn.Module | None = None
+    spec: GeneratorSpec | None = None  # the generator's
+    origin: str = ""  # the model as given
+    model: str = ""  # identity: models:/name/version, <path>#<sha256[:12]>, or the codec's name
+    label: str = ""  # short unique name for tables and legends
+    train_frames: list[str] | None = None  # None: the model does not record them
+    on_training_frames: bool = False
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the decoder must receive the label map for this method's images."""
+        return self.spec is not None and not self.spec.zero_semantics
+
+
+def load_methods(
+    models: list[str],
+    codec: str,
+    qualities: list[int],
+    label_nc: int,
+    device: torch.device,
+    tracking_uri: str = "",
+) -> list[Method]:
+    """The base codec plus one method per model (checked against the codec, qualities and label table).
+
+    A model is an exported generator file or a registry URI (``models:/name@alias``), pinned by
+    :func:`pipeline.tracking.pin_model_uri` and resolved by :func:`pipeline.tracking.resolve_model_uri`
+    against ``tracking_uri``. Each gets its identity, label and curve name (see the module docstring);
+    a file whose sha256 was already given is skipped with a notice.
+    """
+    from pipeline import tracking
+
+    methods = [Method(name=codec, quality=None, model=codec, label=codec)]
+    seen: dict[str, str] = {}  # sha256 -> identity
+    # identity -> (its folders, nearest first; its hash or registry version): what may tell it apart
+    suffixes: dict[str, tuple[list[str], str]] = {}
+    for model in models:
+        pinned = tracking.pin_model_uri(model, tracking_uri=tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="jpdse-model-") as download:  # registry models only
+            path = Path(tracking.resolve_model_uri(pinned, tracking_uri=tracking_uri, dst_dir=download))
+            sha = weights_sha256(path)
+            if sha in seen:
+                print(f"[eval] {model} is the model {seen[sha]} again (same sha256): evaluated once")
+                continue
+            generator, spec = load_generator(path, device=device)
+            train_frames = read_train_frames(path)
+        if spec.codec != codec or spec.quality is None:
+            raise ValueError(
+                f"model {model} is for codec {spec.codec!r} q{spec.quality}, "
+                f"but the evaluation is of {codec!r}"
+            )
+        # a model trained on several qualities (loader.qualities) is one point of its curve at each
+        trained = spec.trained_qualities
+        points = [q for q in trained if q in qualities]
+        if not points:
+            at = "/".join(f"q{q}" for q in trained)
+            raise ValueError(f"model {model} is for {codec} {at}, which is not evaluated ({qualities})")
+        if spec.label_nc != label_nc:
+            raise ValueError(f"model {model} has label_nc {spec.label_nc} but the data has {label_nc}")
+        if pinned.startswith(REGISTRY_SCHEMES):
+            identity, label = pinned, pinned.split(":/", 1)[1]
+            suffixes[identity] = ([], label)
+        else:
+            folders = [p.name for p in path.resolve().parents]
+            identity, label = f"{model}#{sha[:12]}", f"{folders[0]}/{path.stem}#{sha[:12]}"
+            suffixes[identity] = (folders, sha[:12])
+        seen[sha] = identity
+        methods += [
+            Method(
+                name=f"{codec}-SE (no semantics)" if spec.zero_semantics else f"{codec}-SE",
+                quality=quality,
+                generator=generator.eval(),
+                spec=spec,
+                origin=model,
+                model=identity,
+                label=label,
+                train_frames=train_frames,
+            )
+            for quality in points
+        ]
+    _split_shared_points(methods[1:], suffixes)
+    return methods
+
+
+def _split_shared_points(methods: list[Method], suffixes: dict[str, tuple[list[str], str]]) -> None:
+    """Give models that would share a (curve, quality) point curves of their own, suffixed with the nearest
+    folder level whose names differ across them, else with their hashes or registry versions."""
+    points: dict[tuple[str, int | None], list[Method]] = {}
+    for method in methods:
+        points.setdefault((method.name, method.quality), []).append(method)
+    for group in points.values():
+        if len(group) < 2:
+            continue
+        folders = [suffixes[m.model][0] for m in group]
+        names = [suffixes[m.model][1] for m in group]
+        for level in range(min(map(len, folders))):
+            if len({f[level] for f in folders}) == len(group):
+                names = [f[level] for f in folders]
+                break
+        for method, suffix in zip(group, names, strict=True):
+            method.name = f"{method.name} [{suffix}]"
+
+
+def reconstruct(method: Method, sample: EvalSample, quality: int) -> np.ndarray:
+    """``method``'s image of ``sample`` at ``quality``: the codec's decoded image, or the generator's
+    enhancement of it (:func:`pipeline.model.inference.enhance_image`, on the generator's device)."""
+    decoded = sample.decoded[quality]
+    if method.generator is None or method.spec is None:
+        return decoded
+    return enhance_image(method.generator, method.spec, decoded, sample.label, sample.instance)
+
+
+def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:
+    """Refuse to score a model on frames it was trained on; with ``allow``, warn and flag its results.
+
+    A model trained on several qualities is several methods: it is checked, and flagged, as one.
+    """
+    evaluated = set(keys)
+    by_model: dict[str, list[Method]] = {}
+    for method in methods:
+        if method.generator is not None:
+            by_model.setdefault(method.model, []).append(method)
+    for model, group in by_model.items():
+        frames = group[0].train_frames
+        if frames is None:
+            print(f"[eval] {model} does not record its training frames: could not check them")
+            continue
+        trained = sorted(evaluated.intersection(frames))
+        if not trained:
+            continue
+        listed = ", ".join(trained[:3]) + (", ..." if len(trained) > 3 else "")
+        message = f"model {model} was trained on {len(trained)} of the evaluated frames ({listed})"
+        if not allow:
+            raise ValueError(f"{message}; evaluate another split, or set eval.allow_training_frames=true")
+        for method in group:
+            method.on_training_frames = True
+        print(f"[eval] WARNING: SCORED ON TRAINING FRAMES: {message} (flagged on_training_frames)")

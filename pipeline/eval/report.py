@@ -1,0 +1,209 @@
+"""From per-image rows to results: the means per model x quality, the BD-rate report, the files, the printed
+summary and the tracked metrics.
+
+Files: ``rpd.csv`` (one row per image x method x quality), ``rpd_mean.csv`` (one row per model x quality:
+plain means of the rows, plus set-level FID) and ``bdrate.json`` (BD-rate/BD-PSNR of each codec-SE curve
+against the codec, per-quality deltas, the originals' NIQE and the scored frames). MS-SSIM BD-rates use
+MS-SSIM in dB, ``-10 log10(1 - MS-SSIM)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_atomic
+from pipeline.eval.bdrate import MIN_POINTS, bd_psnr, bd_rate
+from pipeline.eval.methods import Method
+from pipeline.eval.rows import TABLE, MeanRow, Measures, RPDRow, csv_text
+
+ROWS_FILE = "rpd.csv"
+MEANS_FILE = "rpd_mean.csv"
+BDRATE_FILE = "bdrate.json"
+SHOWN_KEYS = 10  # frame keys printed in full; more are abbreviated
+
+
+def mean_rows(
+    rows: Sequence[RPDRow],
+    methods: Sequence[Method],
+    qualities: Sequence[int],
+    fid: Callable[[str, int], tuple[float, str]],
+    lpips_note: str = "",
+) -> list[MeanRow]:
+    """One row per model x quality, in method order: the plain means of that model's rows at that quality,
+    with ``fid(model, quality)`` (the value and its note) and ``lpips_note``."""
+    out = []
+    for method in methods:
+        for quality in qualities if method.quality is None else [method.quality]:
+            group = [r for r in rows if r.model == method.model and r.quality == quality]
+            if not group:
+                continue
+            fid_value, fid_note = fid(method.model, quality)
+            out.append(
+                MeanRow(
+                    method=method.name,
+                    model=method.model,
+                    label=method.label,
+                    codec=group[0].codec,
+                    quality=quality,
+                    images=len(group),
+                    measures=Measures.mean([r.measures for r in group]),
+                    fid=fid_value,
+                    lpips_note=lpips_note,
+                    fid_note=fid_note,
+                    on_training_frames=method.on_training_frames,
+                )
+            )
+    return out
+
+
+def _ms_ssim_db(value: float) -> float:
+    return -10.0 * math.log10(1.0 - value) if value < 1.0 else math.inf
+
+
+def bdrate_report(means: Sequence[MeanRow], codec: str, qualities: Sequence[int]) -> dict[str, Any]:
+    """BD-rate/BD-PSNR of each codec-SE curve against the codec (pchip), plus per-quality deltas."""
+    anchor = {m.quality: m.measures for m in means if m.method == codec}
+    report: dict[str, Any] = {
+        "anchor": codec,
+        "qualities": list(qualities),
+        "mode": "pchip",
+        "distortion": {"psnr": "dB (capped at 100)", "ms_ssim": "dB: -10 log10(1 - MS-SSIM)"},
+        "keys": "bd_rate_pct: % rate change at equal quality; bd_quality_db: quality change at equal rate",
+        "methods": {},
+    }
+    for name in sorted({m.method for m in means} - {codec}):
+        points = sorted((m for m in means if m.method == name), key=lambda m: m.quality)
+        entry: dict[str, Any] = {
+            "per_quality": [
+                {
+                    "quality": p.quality,
+                    "model": p.model,
+                    "on_training_frames": p.on_training_frames,
+                    "bpp_codec": p.measures.bpp_codec,
+                    "bpp_total": p.measures.bpp_total,
+                    "label_overhead_pct": 100.0 * (p.measures.bpp_total / p.measures.bpp_codec - 1.0),
+                    "delta_psnr": p.measures.psnr - anchor[p.quality].psnr,
+                    "delta_ms_ssim": p.measures.ms_ssim - anchor[p.quality].ms_ssim,
+                    "delta_niqe": p.measures.niqe - anchor[p.quality].niqe,
+                }
+                for p in points
+            ]
+        }
+        if len(points) < MIN_POINTS or len(anchor) < MIN_POINTS:
+            entry["available"] = False
+            entry["reason"] = (
+                f"BD-rate needs >= {MIN_POINTS} qualities per curve; {name} has {len(points)} and {codec} "
+                f"{len(anchor)}. per_quality holds the deltas at equal codec bitstream instead."
+            )
+        else:
+            entry["available"] = True
+            entry["bd_rate_pct"], entry["bd_quality_db"] = {}, {}
+            a_sorted = [anchor[q] for q in sorted(anchor)]
+            tests = [p.measures for p in points]
+            for metric, convert in (("psnr", float), ("ms_ssim", _ms_ssim_db)):
+                d_anchor = [convert(getattr(m, metric)) for m in a_sorted]
+                d_test = [convert(getattr(m, metric)) for m in tests]
+                for rate in ("bpp_codec", "bpp_total"):
+                    r_anchor = [m.bpp_codec for m in a_sorted]
+                    r_test = [getattr(m, rate) for m in tests]
+                    key = f"{metric}/{rate}"
+                    try:
+                        entry["bd_rate_pct"][key] = bd_rate(r_anchor, d_anchor, r_test, d_test)
+                        entry["bd_quality_db"][key] = bd_psnr(r_anchor, d_anchor, r_test, d_test)
+                    except ValueError as err:
+                        entry["bd_rate_pct"][key] = entry["bd_quality_db"][key] = None
+                        entry.setdefault("errors", {})[key] = str(err)
+        report["methods"][name] = entry
+    return report
+
+
+def write_results(
+    out: Path, rows: Sequence[RPDRow], means: Sequence[MeanRow], report: dict[str, Any]
+) -> list[Path]:
+    """Write ``rpd.csv``, ``rpd_mean.csv`` and ``bdrate.json`` to ``out`` atomically; return their paths."""
+    files = {
+        ROWS_FILE: csv_text(RPDRow, rows),
+        MEANS_FILE: csv_text(MeanRow, means),
+        BDRATE_FILE: json.dumps(report, indent=2),
+    }
+    return [write_atomic(out / name, text) for name, text in files.items()]
+
+
+def describe_frames(split: str, keys: Sequence[str]) -> str:
+    """Which frames are scored: split, count and keys (the first and last few of a long list)."""
+    half = SHOWN_KEYS // 2
+    shown = (
+        list(keys)
+        if len(keys) <= SHOWN_KEYS
+        else [*keys[:half], f"... {len(keys) - 2 * half} more ...", *keys[-half:]]
+    )
+    return f"scored {len(keys)} frames of split {split!r}: {', '.join(shown)}"
+
+
+def format_table(means: Sequence[MeanRow]) -> str:
+    """The R-PD mean table for people: one line per model x quality; ``!`` marks scores on training frames."""
+    columns = [name for name in TABLE if any(name in m.values() for m in means)]
+    width = max(len("model"), *(len(m.label) for m in means))
+    head = " ".join(
+        [f"  {'method':<28}", f"{'model':<{width}}", f"{'q':>4}", f"{'n':>4}"]
+        + [f"{TABLE[c].title:>{TABLE[c].width}}" for c in columns]
+    )
+    lines = [head, "-" * len(head)]
+    for m in means:
+        values = m.values()
+        lines.append(
+            " ".join(
+                [
+                    f"{'!' if m.on_training_frames else ' '} {m.method:<28}",
+                    f"{m.label:<{width}}",
+                    f"{m.quality:>4}",
+                    f"{m.images:>4}",
+                ]
+                + [f"{values[c]:>{TABLE[c].width}.{TABLE[c].precision}f}" for c in columns]
+            )
+        )
+    if any(m.on_training_frames for m in means):
+        lines.append("! scored on frames the model was trained on (eval.allow_training_frames): not held out")
+    return "\n".join(lines)
+
+
+def format_bdrate(report: dict[str, Any]) -> str:
+    """The BD-rates of :func:`bdrate_report` for people, one line per curve (and one per failed key)."""
+    lines = []
+    for name, entry in report["methods"].items():
+        result = entry["bd_rate_pct"] if entry["available"] else entry["reason"]
+        lines.append(f"BD-rate {name} vs {report['anchor']}: {result}")
+        lines += [f"  {key}: not computed: {error}" for key, error in entry.get("errors", {}).items()]
+    return "\n".join(lines)
+
+
+def slug(text: str) -> str:
+    """``text`` as a tracking-safe metric name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _metric_prefix(mean: MeanRow) -> str:
+    """``eval.<method>.<model label>.q<quality>``; the codec's label is its method name, not repeated."""
+    parts = dict.fromkeys((mean.method, mean.label))
+    return ".".join(["eval", *map(slug, parts), f"q{mean.quality}"])
+
+
+def tracked_metrics(means: Sequence[MeanRow], report: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of every mean row (``eval.<method>.<label>.q<quality>.<measure>``) and the
+    BD-rates (``eval.bdrate.<curve>.<distortion>_<rate>``)."""
+    scalars = {
+        f"{_metric_prefix(m)}.{name}": value
+        for m in means
+        for name, value in m.values().items()
+        if math.isfinite(value)
+    }
+    for name, entry in report["methods"].items():
+        for key, value in (entry.get("bd_rate_pct") or {}).items():
+            if value is not None:
+                scalars[f"eval.bdrate.{slug(name)}.{slug(key)}"] = float(value)
+    return scalars

@@ -1,0 +1,157 @@
+"""Scoring reconstructions against their originals.
+
+:func:`score_image` is the one per-image score that evaluation and validation share: PSNR (capped at
+100 dB), MS-SSIM and standard NIQE (published pristine model). :class:`Scorer` adds what only the R-PD
+evaluation measures: the rates, LPIPS, the dataset-fitted NIQE, and the set-level FID of every
+model x quality; :func:`fit_niqe` fits that NIQE model on the evaluated split's originals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.eval.fid import FIDInception, frechet_distance
+from pipeline.eval.fidelity import cap_psnr, ms_ssim, psnr
+from pipeline.eval.inputs import EvalInput, EvalSample
+from pipeline.eval.lpips import LPIPS
+from pipeline.eval.methods import Method
+from pipeline.eval.niqe import (
+    NIQEModel,
+    fit_niqe_model_from_features,
+    niqe,
+    niqe_features,
+    niqe_from_features,
+    select_sharp_patches,
+)
+from pipeline.eval.rows import Measures, RPDRow
+from pipeline.eval.weights import Unavailable
+
+
+@dataclass(frozen=True)
+class Scores:
+    """PSNR (capped at 100 dB), MS-SSIM and standard NIQE: of one image, or means over images."""
+
+    psnr: float
+    ms_ssim: float
+    niqe: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{name}": value for name, value in dataclasses.asdict(self).items()}
+
+
+def score_image(original: np.ndarray, result: np.ndarray) -> Scores:
+    """The scores of one reconstruction ``result`` of ``original`` (uint8 RGB, same shape)."""
+    return Scores(psnr=cap_psnr(psnr(original, result)), ms_ssim=ms_ssim(original, result), niqe=niqe(result))
+
+
+def mean_scores(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> Scores:
+    """Means of :func:`score_image` over ``(original, reconstruction)`` pairs; NIQE over the images where
+    it is defined (NaN when it is defined on none)."""
+    scores = [score_image(original, result) for original, result in pairs]
+    niqes = [s.niqe for s in scores if math.isfinite(s.niqe)]
+    return Scores(
+        psnr=float(np.mean([s.psnr for s in scores])),
+        ms_ssim=float(np.mean([s.ms_ssim for s in scores])),
+        niqe=float(np.mean(niqes)) if niqes else math.nan,
+    )
+
+
+@dataclass(frozen=True)
+class FittedNIQE:
+    """A NIQE pristine model fitted on the evaluated split's originals, and their mean NIQE under it."""
+
+    model: NIQEModel
+    original_niqe: float
+
+
+def fit_niqe(data: EvalInput, size: str) -> FittedNIQE:
+    """Fit NIQE's pristine model on ``data``'s uncompressed originals (``size``: their size, for the record
+    of what it was fitted on)."""
+    patches, features = [], []
+    for image in tqdm(data.originals(), total=data.count, desc="NIQE pristine fit"):
+        feats, sharpness = niqe_features(image)
+        features.append(feats)
+        patches.append(select_sharp_patches(feats, sharpness))
+    model = fit_niqe_model_from_features(patches, f"uncompressed {data.description} ({size})")
+    return FittedNIQE(model, float(np.mean([niqe_from_features(f, model) for f in features])))
+
+
+class Scorer:
+    """Scores every reconstruction of an R-PD evaluation into an :class:`RPDRow`, and keeps the Inception
+    features for the FID of each model x quality against the originals."""
+
+    def __init__(
+        self,
+        codec: str,
+        lpips: LPIPS | Unavailable,
+        fid: FIDInception | Unavailable,
+        niqe_model: NIQEModel | None = None,
+    ) -> None:
+        """``niqe_model``: a dataset-fitted NIQE model, scored as the extra measure ``niqe_fitted``."""
+        self.codec = codec
+        self.lpips = lpips
+        self.fid_model = fid
+        self.niqe_model = niqe_model
+        self.rows: list[RPDRow] = []
+        self.original_niqes: list[float] = []
+        self._real: list[np.ndarray] = []
+        self._fake: dict[tuple[str, int], list[np.ndarray]] = {}
+
+    def add_original(self, image: np.ndarray) -> None:
+        """Score an original: its standard NIQE, and its features for FID."""
+        self.original_niqes.append(niqe(image))
+        if not isinstance(self.fid_model, Unavailable):
+            self._real.append(self.fid_model.features(image))
+
+    def add(self, sample: EvalSample, quality: int, method: Method, result: np.ndarray) -> RPDRow:
+        """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row."""
+        scores = score_image(sample.image, result)
+        rate = sample.bpp[quality]
+        measures = Measures(
+            bpp_codec=rate,
+            bpp_total=rate + (sample.label_bpp if method.uses_labels else 0.0),
+            **scores.as_dict(),
+            niqe_fitted=None if self.niqe_model is None else niqe(result, self.niqe_model),
+            lpips=math.nan if isinstance(self.lpips, Unavailable) else self.lpips(sample.image, result),
+        )
+        row = RPDRow(
+            key=sample.key,
+            method=method.name,
+            model=method.model,
+            codec=self.codec,
+            quality=quality,
+            measures=measures,
+            on_training_frames=method.on_training_frames,
+        )
+        self.rows.append(row)
+        if not isinstance(self.fid_model, Unavailable):
+            self._fake.setdefault((method.model, quality), []).append(self.fid_model.features(result))
+        return row
+
+    @property
+    def original_niqe(self) -> float:
+        """The mean standard NIQE of the originals."""
+        return float(np.mean(self.original_niqes))
+
+    @property
+    def lpips_note(self) -> str:
+        """Why LPIPS is NaN; empty when it was measured."""
+        return self.lpips.reason if isinstance(self.lpips, Unavailable) else ""
+
+    def fid(self, model: str, quality: int) -> tuple[float, str]:
+        """The FID of ``model``'s reconstructions at ``quality`` against the originals, and a note on it
+        (NaN and the reason when it could not be computed)."""
+        if isinstance(self.fid_model, Unavailable):
+            return math.nan, self.fid_model.reason
+        try:
+            fake = np.stack(self._fake[(model, quality)])
+            value = frechet_distance(np.stack(self._real), fake)
+        except ValueError as err:
+            return math.nan, str(err)
+        return value, f"over {len(fake)} images (FID is biased upwards on small sets)"

@@ -1,0 +1,169 @@
+"""The generator spec: what an exported generator is (its network, its data, how it was trained).
+
+A :class:`GeneratorSpec` travels as a JSON object in the exported file's metadata
+(:mod:`pipeline.model.export`) and in the registry. Its keys are fixed per format version; a key this code
+does not know is refused rather than ignored, since guessing would rebuild another network, or run it with
+another rule:
+
+* version 1 (files without a ``format_version``): plain pix2pixHD generators, no ``residual`` key
+  (they load with ``residual=False``), none of the keys added with version 2;
+* version 2: the :class:`~pipeline.config.ModelConfig` fields, the resolved ``label_nc``/``use_instance``,
+  and what the trainer records: ``codec``, ``quality``, ``qualities`` (a model trained on several,
+  ``loader.qualities``), ``phase``, ``steps``, ``train_split`` and ``selected`` (the best-checkpoint
+  selection, a free-form object).
+
+Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
+out again: a spec written by this code is the JSON the previous version wrote for the same content, so
+an export's bytes (its identity, :func:`pipeline.model.export.weights_sha256`) do not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import ModelConfig
+from pipeline.model.inputs import IMAGE_CHANNELS, input_channels
+from pipeline.model.networks import Generator
+
+FORMAT_VERSION = 2  # the version this code writes
+REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """An exported generator's spec (see the module docstring for the JSON it reads and writes)."""
+
+    ngf: int
+    n_downsample: int
+    n_blocks: int
+    norm: str
+    label_nc: int
+    use_instance: bool
+    # the discriminator that trained the generator (not needed to run it)
+    ndf: int | None = None
+    n_layers_d: int | None = None
+    num_d: int | None = None
+    zero_semantics: bool = False
+    residual: bool = False  # files written before the residual generator existed hold plain generators
+    codec: str | None = None
+    quality: int | None = None
+    qualities: tuple[int, ...] | None = None
+    phase: int | None = None
+    steps: int | None = None
+    train_split: str | None = None
+    selected: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.qualities is not None:
+            object.__setattr__(self, "qualities", tuple(self.qualities))
+
+    @classmethod
+    def from_config(
+        cls, model_cfg: ModelConfig, label_nc: int, use_instance: bool, **extra: Any
+    ) -> GeneratorSpec:
+        """The ``ModelConfig`` fields with the resolved ``label_nc``/``use_instance``, plus ``extra``
+        (e.g. ``codec``, ``quality``, ``phase``)."""
+        return cls(
+            **{**dataclasses.asdict(model_cfg), "label_nc": label_nc, "use_instance": use_instance, **extra}
+        )
+
+    @classmethod
+    def from_json(cls, spec: Mapping[str, Any], version: int) -> GeneratorSpec:
+        """The spec of a JSON object written with format ``version``; unknown keys, missing required keys
+        and values of the wrong type are refused (one-line messages)."""
+        if version not in SPEC_KEYS:
+            raise ValueError(f"unrecognised generator format_version {version!r}")
+        unknown = sorted(set(spec) - SPEC_KEYS[version])
+        if unknown:
+            raise ValueError(
+                f"spec keys {unknown} are unknown to generator format version {version}; "
+                "written by a newer pipeline?"
+            )
+        missing = [k for k in REQUIRED_SPEC_KEYS if spec.get(k) is None]
+        if missing:
+            raise ValueError(f"generator spec lacks {missing}; it needs {list(REQUIRED_SPEC_KEYS)}")
+        values = {k: v for k, v in spec.items() if v is not None}
+        for key, value in values.items():
+            _check_type(key, value)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the current format version (``None`` fields left out)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.qualities is not None:
+            out["qualities"] = list(self.qualities)
+        return out
+
+    @property
+    def uses_synthesis(self) -> bool:
+        """Whether to run the generator with ``synthesis=True``: phase-1 exports (the semantic prior) draw
+        the image with the synthesis head; every later phase outputs through the correction head."""
+        return self.phase == 1
+
+    @property
+    def visual_input(self) -> bool:
+        """Whether the generator sees the decoded image: every export but phase 1's (it is zeroed there)."""
+        return not self.uses_synthesis
+
+    @property
+    def trained_qualities(self) -> tuple[int, ...]:
+        """The sorted qualities the model was trained at: ``qualities``, else ``quality`` (none: empty)."""
+        if self.qualities:
+            return tuple(sorted(set(self.qualities)))
+        return () if self.quality is None else (self.quality,)
+
+    @property
+    def generator_kwargs(self) -> dict[str, Any]:
+        """:class:`~pipeline.model.networks.Generator`'s arguments (its ``hparams``)."""
+        return {
+            "input_nc": input_channels(self.label_nc, self.use_instance),
+            "output_nc": IMAGE_CHANNELS,
+            "ngf": self.ngf,
+            "n_downsample": self.n_downsample,
+            "n_blocks": self.n_blocks,
+            "norm": self.norm,
+            "residual": self.residual,
+        }
+
+    def build_generator(self) -> Generator:
+        """A freshly initialised generator of this spec's architecture."""
+        return Generator(**self.generator_kwargs)
+
+
+# Spec keys by format version. Version 1 is closed: ModelConfig as it was then, so a field added later is
+# never taken for part of a version-1 file. Version 2 is GeneratorSpec's fields.
+SPEC_KEYS: dict[int, frozenset[str]] = {
+    1: frozenset(
+        {
+            *("ngf", "n_downsample", "n_blocks", "norm", "ndf", "n_layers_d", "num_d", "label_nc"),
+            *("use_instance", "zero_semantics", "codec", "quality", "phase", "steps"),
+        }
+    ),
+    2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what each field's JSON value must be, by its annotation (a field of a new type fails here, at import)
+_JSON_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", _is_int),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "tuple[int, ...]": ("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "dict[str, Any]": ("an object", lambda v: isinstance(v, dict)),
+}
+_FIELD_KINDS = {
+    f.name: _JSON_KINDS[str(f.type).removesuffix(" | None")] for f in dataclasses.fields(GeneratorSpec)
+}
+
+
+def _check_type(key: str, value: Any) -> None:
+    kind, accepts = _FIELD_KINDS[key]
+    if not accepts(value):
+        raise ValueError(f"generator spec key {key!r} must be {kind}, got {value!r}")

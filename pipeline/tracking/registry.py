@@ -1,0 +1,239 @@
+"""Exported generators as MLflow registry models: the pyfunc model and its loader, its signature and example,
+and resolving ``models:/name@alias`` URIs to the exported safetensors file.
+
+A registered model is an MLflow pyfunc model whose ``loader_module`` is :data:`PYFUNC_LOADER`, so no pickled
+code is stored; its data is the exported generator file itself.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.tracking.base import REGISTRY_NAME, Tracker, default_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
+    from torch import nn
+
+    from pipeline.model.spec import GeneratorSpec
+
+# The loader module recorded in every registered model's MLmodel file. It names the package, which
+# re-exports _load_pyfunc, so the models registered before the package was split keep loading.
+PYFUNC_LOADER = "pipeline.tracking"
+GENERATOR_ARTIFACT = "generator"
+_ALIAS = re.compile(r"^[\w\-]+$")
+
+
+def check_registration(
+    generator_file: str | Path, name: str, alias: str | None, spec: GeneratorSpec | None
+) -> tuple[Path, GeneratorSpec]:
+    """The resolved generator file and its spec (read from the file unless given); refuses a missing
+    file, a bad name or a bad alias."""
+    from pipeline.model.export import read_spec
+
+    path = Path(generator_file).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"exported generator not found: {path}")
+    if not REGISTRY_NAME.match(name):
+        raise ValueError(f"invalid registered-model name {name!r} (letters, digits, '.', '_', '-')")
+    if alias is not None and (not _ALIAS.match(alias) or re.fullmatch(r"[vV]\d+|latest", alias)):
+        raise ValueError(f"invalid alias {alias!r}: letters, digits, '_' and '-', not 'latest' or v<number>")
+    return path, spec if spec is not None else read_spec(path)
+
+
+def register_generator(
+    tracker: Tracker,
+    generator_file: str | Path,
+    name: str,
+    alias: str | None = None,
+    spec: GeneratorSpec | None = None,
+) -> str | None:
+    """Register an exported generator through ``tracker`` (see :meth:`Tracker.register_generator`)."""
+    return tracker.register_generator(generator_file, name, alias=alias, spec=spec)
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned requirements of the pyfunc model (given, so MLflow does not infer them in a subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("mlflow", "torch", "safetensors", "numpy"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+def example_input(spec: GeneratorSpec, batch: int = 1) -> dict[str, np.ndarray]:
+    """A zero input of the smallest comfortable size for the generator ``spec`` describes."""
+    side = 2 * 2**spec.n_downsample
+    inputs = {
+        "label": np.zeros((batch, side, side), np.int64),
+        "decoded": np.zeros((batch, 3, side, side), np.float32),
+    }
+    if spec.use_instance:
+        inputs["edge"] = np.zeros((batch, 1, side, side), np.float32)
+    return inputs
+
+
+def predict(generator: nn.Module, spec: GeneratorSpec, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Run an exported generator on numpy inputs (:func:`pipeline.model.inference.enhance_batch`):
+    ``label`` int ``B x H x W``, ``decoded`` float32 ``B x 3 x H x W`` in [-1, 1], ``edge`` float32
+    ``B x 1 x H x W`` (with instances). Returns the enhanced image, float32 ``B x 3 x H x W`` in [-1, 1]."""
+    from pipeline.model.inference import enhance_batch
+
+    needed = ("label", "decoded", "edge") if spec.use_instance else ("label", "decoded")
+    missing = [k for k in needed if k not in inputs]
+    if missing:
+        raise ValueError(f"generator input lacks {missing}; it takes {list(needed)}")
+    edge = inputs["edge"] if spec.use_instance else None
+    return enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge).cpu().numpy()
+
+
+def generator_signature(generator_file: Path) -> ModelSignature:
+    """The pyfunc signature, inferred from an example run; height and width are left free (-1)."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline.model.export import load_generator
+
+    generator, spec = load_generator(generator_file)
+    inputs = example_input(spec)
+    inferred = infer_signature(inputs, predict(generator, spec, inputs))
+
+    def free(schema: Schema) -> Schema:
+        return Schema([TensorSpec(s.type, (*s.shape[:-2], -1, -1), s.name) for s in schema.inputs])
+
+    return ModelSignature(inputs=free(inferred.inputs), outputs=free(inferred.outputs))
+
+
+def save_pyfunc_model(
+    folder: Path,
+    generator_file: Path,
+    spec: GeneratorSpec,
+    signature: ModelSignature,
+    *,
+    run_id: str,
+    model_id: str,
+) -> None:
+    """Write the pyfunc model folder of ``generator_file`` (logged model ``model_id`` of run ``run_id``)."""
+    import mlflow
+    from mlflow.models import Model
+
+    mlflow.pyfunc.save_model(
+        str(folder),
+        loader_module=PYFUNC_LOADER,
+        data_path=str(generator_file),
+        signature=signature,
+        input_example=example_input(spec),
+        pip_requirements=_pip_requirements(),
+        model_config=spec.to_json(),
+        mlflow_model=Model(run_id=run_id, model_id=model_id),
+    )
+
+
+class GeneratorPyfunc:
+    """What ``mlflow.pyfunc.load_model`` wraps for a registered generator."""
+
+    def __init__(self, generator_file: str | Path) -> None:
+        from pipeline.model.export import load_generator
+
+        self.generator_file = Path(generator_file)
+        self.generator, self.spec = load_generator(generator_file)
+
+    def predict(self, model_input: dict[str, np.ndarray], params: dict[str, Any] | None = None) -> np.ndarray:
+        return predict(self.generator, self.spec, model_input)
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorPyfunc:
+    """MLflow pyfunc loader (:data:`PYFUNC_LOADER` re-exports it)."""
+    return GeneratorPyfunc(data_path)
+
+
+def _model_location(uri: str, store: str) -> str:
+    """Where the artifacts of ``models:/name@alias``, ``models:/name/version`` or ``models:/<model id>`` lie.
+
+    Resolved with an explicit client: MLflow's own ``models:/`` download ignores the registry
+    URI it is given and asks the global one.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    ref = pin_model_uri(uri, tracking_uri=store).removeprefix("models:/").strip("/")
+    name, slash, version = ref.partition("/")
+    if slash and version.isdigit():
+        return client.get_model_version_download_uri(name, version)
+    if not slash and name.startswith("m-"):
+        return client.get_logged_model(name).artifact_location
+    raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
+
+
+def pin_model_uri(uri: str, *, tracking_uri: str = "") -> str:
+    """``models:/name@alias`` as ``models:/name/<version>``, the version the alias points at now (in the
+    store at ``tracking_uri``, default :func:`default_tracking_uri`); any other URI or path as given.
+
+    A model's identity: what an evaluation names a registry model by, and downloads, so that an alias
+    moved meanwhile cannot mix two models.
+    """
+    if not uri.startswith("models:/"):
+        return uri
+    name, at, alias = uri.removeprefix("models:/").strip("/").partition("@")
+    if not at:
+        return uri
+    if not name or not alias or "/" in alias:
+        raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
+    from mlflow import MlflowClient
+
+    store = default_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+
+
+def download_model(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | None = None) -> Path:
+    """Download a registered generator model (``models:/name@alias``, ``models:/name/1``, ``runs:/...``)
+    from the store at ``tracking_uri`` (default: :func:`default_tracking_uri`) into ``dst_dir``
+    (default: a new private temp dir) and return the model folder."""
+    import mlflow
+
+    store = default_tracking_uri(tracking_uri)
+    dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="jpdse-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("models:/"):
+        uri = _model_location(uri, store)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store
+    )
+    return Path(local)
+
+
+def resolve_model_uri(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | None = None) -> Path:
+    """The local exported generator file behind ``uri``.
+
+    ``models:/...`` and ``runs:/...`` URIs are downloaded from the registry at ``tracking_uri``
+    (default: :func:`default_tracking_uri`); anything else is taken as a local file path.
+    """
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"generator file not found: {path} (or give a models:/name@alias URI)")
+        return path
+    from mlflow.models import Model
+
+    model_dir = download_model(uri, tracking_uri=tracking_uri, dst_dir=dst_dir)
+    if not (model_dir / "MLmodel").is_file():
+        raise ValueError(f"{uri} is not an MLflow model (no MLmodel file in {model_dir})")
+    flavor = Model.load(str(model_dir / "MLmodel")).flavors.get("python_function", {})
+    if flavor.get("loader_module") != PYFUNC_LOADER or not flavor.get("data"):
+        loader = flavor.get("loader_module")
+        raise ValueError(f"{uri} is not a registered JPD-SE generator (pyfunc loader {loader!r})")
+    path = model_dir / flavor["data"]
+    if not path.is_file():
+        raise ValueError(f"{uri}: the model's generator file {path} is missing")
+    return path

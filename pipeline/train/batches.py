@@ -1,0 +1,65 @@
+"""The training batches of one rank, and their position in the data: what a resume restores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, TypedDict
+
+from pipeline.config import JobConfig
+from pipeline.data.loader import make_loader
+from pipeline.train.engine import DistEnv
+
+
+class Position(TypedDict):
+    """Where a rank stands in its data (ranks read different numbers of batches per epoch)."""
+
+    epoch: int
+    batches_in_epoch: int
+    samples: int  # this rank's, in the phase
+
+
+class Batches:
+    """Endless batches for one rank: epoch after epoch, each from a fresh loader seeded by
+    ``(seed, phase, epoch)``, so a position ``(epoch, batch)`` can be found again after a restart.
+
+    The epoch's loader is opened at the first batch asked for, not before.
+    """
+
+    def __init__(self, cfg: JobConfig, env: DistEnv, phase: int) -> None:
+        self.cfg, self.env, self.phase = cfg, env, phase
+        self.epoch = self.in_epoch = self.samples = 0
+        self._iter: Iterator[dict[str, Any]] | None = None
+
+    def _open(self) -> Iterator[dict[str, Any]]:
+        seed = self.cfg.train.seed * 1_000_003 + self.phase * 10_007 + self.epoch
+        loader = make_loader(
+            self.cfg, rank=self.env.rank, world_size=self.env.world_size, train=True, seed=seed
+        )
+        return iter(loader)
+
+    def next(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._iter = self._open()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            if self.in_epoch == 0:
+                raise RuntimeError(
+                    f"rank {self.env.rank} got no batches from split {self.cfg.loader.split!r}"
+                ) from None
+            self.epoch, self.in_epoch, self._iter = self.epoch + 1, 0, None
+            return self.next()
+        self.in_epoch += 1
+        self.samples += len(batch["key"])
+        return batch
+
+    def state_dict(self) -> Position:
+        return {"epoch": self.epoch, "batches_in_epoch": self.in_epoch, "samples": self.samples}
+
+    def load_state_dict(self, position: Position) -> None:
+        """Continue at ``position``: the epoch's loader is rebuilt from its seed and the batches
+        consumed before are read and dropped."""
+        self.epoch, self.in_epoch, self._iter = int(position["epoch"]), 0, None
+        for _ in range(int(position["batches_in_epoch"])):
+            self.next()
+        self.samples = int(position["samples"])
