@@ -7,17 +7,18 @@ feature maps whose last entry is the prediction. :class:`GeneratorLosses` and
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import LossConfig, LossWeights, ModelConfig
+from pipeline.config import Distortion, GanMode, LossConfig, LossWeights, ModelConfig
 from pipeline.model.export import read_state_dict
 
-GAN_MODES = ("lsgan", "hinge")
-DISTORTIONS = ("l1", "mse")
+GAN_MODES = typing.get_args(GanMode)
+DISTORTIONS = typing.get_args(Distortion)
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = f"https://download.pytorch.org/models/{VGG19_FILE}"

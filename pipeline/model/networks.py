@@ -7,15 +7,16 @@ What the networks see is assembled in :mod:`pipeline.model.inputs`.
 from __future__ import annotations
 
 import itertools
+import typing
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, Norm
 from pipeline.model.inputs import IMAGE_CHANNELS, input_channels, semantic_channels
 
 SYNTHESIS_HEAD_LAYERS = 3  # ReflectionPad2d, Conv2d, Tanh at the end of Generator.model
-NORMS = ("instance", "batch", "none")
+NORMS = typing.get_args(Norm)
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
