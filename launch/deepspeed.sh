@@ -4,16 +4,19 @@
 #   launch/deepspeed.sh --config configs/cityscapes_full.yaml data.root=/data/cityscapes
 #   HOSTFILE=hosts.txt launch/deepspeed.sh --config ... --resume
 #
+# DRY_RUN=1 prints the command instead of running it.
 # Arguments go to `python -m pipeline train` unchanged; --no_local_rank keeps DeepSpeed from adding
 # a --local_rank argument (the pipeline reads LOCAL_RANK from the environment, as under torchrun).
 # Environment:
 #   NUM_GPUS   processes per node (default: the visible GPUs, else 1; on CPU, that many processes)
 #   HOSTFILE   DeepSpeed hostfile for multi-node runs ("host slots=N" lines)
 #   MASTER_PORT  (default 29500)
-set -euo pipefail
 # Relative paths in the arguments stay relative to the caller's directory.
+set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=launch/slurm_lib.sh
+source "$repo/launch/slurm_lib.sh"
 
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 num_gpus=${NUM_GPUS:-$(( gpus > 0 ? gpus : 1 ))}
@@ -27,4 +30,4 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
   args=(--num_gpus "$num_gpus" "${args[@]}")
 fi
-exec deepspeed "${args[@]}" pipeline train "$@"
+run_or_print deepspeed "${args[@]}" pipeline train "$@"

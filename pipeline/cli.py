@@ -1,11 +1,12 @@
-"""``python -m pipeline <command> [--config FILE] [key.sub=value ...]``."""
+"""``python -m pipeline <command> [--config FILE] [key.sub=value ...]``; ``compress`` and ``decompress``
+take no config (``python -m pipeline compress --help``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pipeline.config import ConfigError, JobConfig, load_config
+from pipeline.config import ConfigError, JobConfig, load_config, with_overrides
 
 
 def _parse_phases(text: str) -> list[int]:
@@ -36,12 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     p = command("evaluate", "R-PD evaluation of codec vs codec-SE")
     p.add_argument("--model", action="append", default=[], help="generator file or models:/name@alias")
     command("run", "main job end to end: shards, three phases, evaluation, tracking")
+    p = command("segment", "train a segmenter (SegFormer) on the shards' images and label maps, export it")
+    from pipeline.segment.commands import add_arguments as add_segment_arguments
+
+    add_segment_arguments(p)
     p = command("tune", "Ray Tune search of the phase-2 perception-distortion loss weights")
     p.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir")
+    p.add_argument("--address", default="", help="Ray cluster to join (tune.address), e.g. auto or host:6379")
     p = sub.add_parser("tracking-replay", help="log an offline tracking record to an MLflow store")
     p.add_argument("record", help="a .jsonl record written while the store was unreachable")
     p.add_argument("--uri", default="", help="tracking URI (default: $MLFLOW_TRACKING_URI, else local)")
     p.add_argument("--experiment", default="", help="experiment name (default: the recorded one)")
+    from pipeline.compress.commands import add_arguments
+
+    add_arguments(
+        sub.add_parser("compress", help="image + label map -> one .jse file (prints the bpp of each part)"),
+        sub.add_parser("decompress", help=".jse file -> enhanced PNG (or the codec's own output)"),
+    )
     return parser
 
 
@@ -69,11 +81,17 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
         from pipeline.train.tune import tune
 
         try:
+            if args.address:
+                cfg = with_overrides(cfg, {"tune.address": args.address})
             tune(cfg, resume=args.resume)
         except KeyboardInterrupt as err:
             print(f"interrupted: {err}", file=sys.stderr)
             return 130
         return 0
+    if args.command == "segment":
+        from pipeline.segment.commands import run as run_segment
+
+        return run_segment(args, cfg)
     if args.command == "run":
         from pipeline.job import run
 
@@ -84,6 +102,10 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("compress", "decompress"):
+        from pipeline.compress.commands import run
+
+        return run(args.command, args)
     if args.command == "tracking-replay":
         from pipeline.tracking import replay_offline
 

@@ -37,6 +37,8 @@ ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
+TuneSearch = Literal["random", "optuna"]
+TuneScheduler = Literal["asha", "median", "fifo"]
 
 # the direction of each sweep objective: PSNR and the score are higher-better, NIQE lower-better
 TUNE_MODES: dict[str, Mode] = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
@@ -134,9 +136,12 @@ class ShardConfig:
     store_bitstreams: bool = field(default=False, metadata=NOT_WEIGHTS)
     strict: bool = field(default=False, metadata=NOT_WEIGHTS)
     use_ray: bool = field(default=False, metadata=NOT_WEIGHTS)
+    # pixel budget of one image, label or instance map (and shard member), checked from the file's header
+    # before it is decoded: a larger input is a reject, never an out-of-memory
+    max_pixels: int = field(default=64_000_000, metadata=NOT_WEIGHTS)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "samples_per_shard", "label_downsample")
+        _at_least(self, 1, "samples_per_shard", "label_downsample", "max_pixels")
         _at_least(self, 0, "workers", note=" (0: every core)")
         if not self.codecs or any(not spec.qualities for spec in self.codecs):
             raise ConfigError("codecs needs at least one codec, each with at least one quality")
@@ -170,6 +175,17 @@ class LoaderConfig:
             raise ConfigError(f"crop must be [] or [height, width] of positive sizes, got {self.crop}")
 
 
+# The range of each architecture number (also what an exported generator's spec may hold)
+MODEL_BOUNDS: dict[str, tuple[int, int]] = {
+    "ngf": (1, 1024),
+    "n_downsample": (0, 6),
+    "n_blocks": (0, 64),
+    "ndf": (1, 1024),
+    "n_layers_d": (1, 8),
+    "num_d": (1, 8),
+}
+
+
 @dataclass
 class ModelConfig:
     """pix2pixHD-style generator and multi-scale discriminator (``label_nc`` comes from the data)."""
@@ -192,6 +208,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _at_least(self, 1, "ngf", "ndf", "n_layers_d", "num_d")
         _at_least(self, 0, "n_downsample", "n_blocks")
+        for name, (_, high) in MODEL_BOUNDS.items():
+            if getattr(self, name) > high:
+                raise ConfigError(f"{name} must be <= {high}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -222,6 +241,8 @@ class PhaseConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "steps")
+        if self.steps == 0:
+            raise ConfigError("steps must be >= 1 (0 would export an untrained generator), got 0")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
@@ -248,9 +269,11 @@ class TrainConfig:
     # exported generator of the previous phase, for --phases 2 or 3
     init_from: str = field(default="", metadata=NOT_WEIGHTS)
     keep_checkpoints: int = field(default=2, metadata=NOT_WEIGHTS)  # newest complete ones kept; 0: all
+    # corrupt or truncated shard samples skipped (each named and logged) before training stops; 0: none
+    max_bad_samples: int = field(default=0, metadata=NOT_WEIGHTS)
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "checkpoint_every", "log_every", "keep_checkpoints")
+        _at_least(self, 0, "checkpoint_every", "log_every", "keep_checkpoints", "max_bad_samples")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")
 
@@ -335,6 +358,15 @@ class TuneConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 1
+    # random: Ray's BasicVariantGenerator (seeded by train.seed); optuna: OptunaSearch (pip install optuna)
+    search_alg: TuneSearch = "random"
+    # asha: stops weak trials at the report_every rungs; median: MedianStoppingRule; fifo: none stopped
+    scheduler: TuneScheduler = "asha"
+    max_failures: int = 2  # Ray retries a failed trial this often, from its newest Ray checkpoint
+    keep_checkpoints: int = 2  # Ray checkpoints kept per trial
+    # Ray cluster to join: "" starts a local one, "auto" the one on this node, else ray://host:10001 or
+    # host:6379 (the CLI's --address sets it)
+    address: str = field(default="", metadata=NOT_WEIGHTS)
 
     def __post_init__(self) -> None:
         mode = TUNE_MODES.get(self.metric)
@@ -347,6 +379,8 @@ class TuneConfig:
             )
         _at_least(self, 1, "num_samples", "max_steps", "report_every", "max_concurrent_trials")
         _at_least(self, 0, "eval_images", note=" (0: all)")
+        _at_least(self, 0, "max_failures")
+        _at_least(self, 1, "keep_checkpoints")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError(
                 f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, "

@@ -25,6 +25,7 @@ from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import evaluate
+from pipeline.lock import folder_lock
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
 from pipeline.train.trainer import train
 
@@ -77,8 +78,14 @@ def run(cfg: JobConfig) -> Path:
     """Run the whole pipeline on ``cfg``; return the evaluation folder.
 
     Training resumes from its newest complete checkpoints, so a rerun after a crash (or of a
-    finished job) picks up where the last one stopped instead of starting over.
+    finished job) picks up where the last one stopped instead of starting over. The job holds the lock of
+    ``train.output_dir`` throughout, so a second job (or a training) into the same folder is refused.
     """
+    with folder_lock(cfg.train.output_dir, "main job"):
+        return _run(cfg)
+
+
+def _run(cfg: JobConfig) -> Path:
     manifest = build_shards(cfg)
     print(format_summary(manifest), flush=True)
     for warning in check_disjoint(manifest, cfg):

@@ -101,10 +101,10 @@ def test_a_checkpoint_round_trips(small_shards: Path, tmp_path: Path) -> None:
         assert params_digest(first.engines.generator.module) == params_digest(second.engines.generator.module)
 
         store.save(Progress(3))
-    pointer = json.loads((tmp_path / "checkpoints" / "latest").read_text())
+    pointer = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
     assert pointer["history"] == ["phase2-step00000002", "phase2-step00000003"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "latest", "phase2-step00000002", "phase2-step00000003",
+        "latest.json", "phase2-step00000002", "phase2-step00000003",
     ]  # fmt: skip
 
 
@@ -153,13 +153,14 @@ def test_a_checkpoint_cut_short_by_sigkill_is_not_resumed_from(small_shards: Pat
     latest = read_latest(out)
     assert latest is not None and latest.step == KILL_AT - 1
     assert (root / f"phase2-step{KILL_AT:08d}" / "trainer_state.json").is_file()  # complete but unnamed
-    assert len(temporary_names(root, "latest")) == 1
+    assert len(temporary_names(root, "latest.json")) == 1
 
     resumed = run_job(cfg_overrides, -1, resume=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming phase 2 at step {KILL_AT - 1} from" in resumed.stdout
-    assert temporary_names(root, "latest") == []
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "phase2-step00000003", "phase2-step00000004"]
+    assert temporary_names(root, "latest.json") == []
+    names = ["latest.json", "phase2-step00000003", "phase2-step00000004"]
+    assert sorted(p.name for p in root.iterdir()) == names
 
     reference = train(make_cfg(small_shards, tmp_path / "reference"), [2], tracker=Tracker())[2]
     resumed_generator, _ = load_generator(out / "phase2" / "generator.safetensors")

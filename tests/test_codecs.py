@@ -56,7 +56,7 @@ def bpg_or_skip() -> Codec:
 
 
 def test_registry_lists_every_codec() -> None:
-    assert available_codecs() == sorted(["bpg", "hevc", "jpeg", "jpeg2000", "webp"])
+    assert available_codecs() == sorted(["avif", "bpg", "hevc", "jpeg", "jpeg2000", "jxl", "webp"])
     for name in available_codecs():
         codec = get_codec(name)
         assert codec.name == name
@@ -187,7 +187,7 @@ def test_bad_input(image: np.ndarray, quality: object, message: str) -> None:
 
 
 def test_bad_names_options_and_sizes(sample_image: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="known codecs: bpg, hevc, jpeg, jpeg2000, webp"):
+    with pytest.raises(ValueError, match="known codecs: avif, bpg, hevc, jpeg, jpeg2000, jxl, webp"):
         get_codec("h266")
     with pytest.raises(ValueError, match="bad options"):
         get_codec("jpeg", speed=3)

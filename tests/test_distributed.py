@@ -72,7 +72,7 @@ def kill_tree(pid: int) -> None:
 
 
 def latest(out: Path) -> dict[str, Any] | None:
-    pointer = out / "checkpoints" / "latest"
+    pointer = out / "checkpoints" / "latest.json"
     return json.loads(pointer.read_text()) if pointer.is_file() else None
 
 

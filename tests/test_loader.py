@@ -17,6 +17,7 @@ import torch
 from pipeline.config import ConfigError, JobConfig, from_dict
 from pipeline.data.loader import LoaderError, make_dataset, make_loader, shard_urls
 from pipeline.data.manifest import Manifest, ManifestError, SplitEntry
+from pipeline.data.members import decode_instance
 from pipeline.model.inputs import edge_map
 
 WIDTH, HEIGHT = 256, 128
@@ -54,8 +55,10 @@ def _originals(cfg: JobConfig) -> dict[str, dict[str, np.ndarray]]:
                     entry["json"] = json.load(io.BytesIO(data.tobytes()))
                 elif member in ("image.png", f"{MEMBER}.png", "hevc_q37.png"):
                     entry[member] = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-                elif member in ("label.png", "instance.png"):
+                elif member == "label.png":
                     entry[member] = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+                elif member == "instance.npz":
+                    entry["instance"] = decode_instance(data.tobytes())
     return out
 
 
@@ -123,7 +126,7 @@ def test_crop_and_flip_are_aligned(built: tuple[JobConfig, Manifest]) -> None:
 
             assert np.array_equal(_to_uint8(batch["decoded"][i]), window(original[f"{MEMBER}.png"]))
             assert np.array_equal(batch["label"][i].numpy(), window(original["label.png"]))
-            full_edge = edge_map(torch.from_numpy(original["instance.png"].astype(np.int32))).numpy()
+            full_edge = edge_map(torch.from_numpy(original["instance"].astype(np.int32))).numpy()
             assert np.array_equal(batch["edge"][i, 0].numpy(), window(full_edge))
             placements.append((top, left, flipped))
     assert len(placements) == 10

@@ -31,6 +31,7 @@ from pipeline.data.manifest import (
     Reject,
     SplitEntry,
 )
+from pipeline.data.members import decode_instance
 from pipeline.data.shards import ShardError, build_shards, format_summary
 from pipeline.data.sources import open_source
 
@@ -112,7 +113,7 @@ def test_every_frame_is_in_exactly_one_shard(built, cityscapes_root: Path) -> No
     for i, path in enumerate(shard_paths(out, manifest)):
         assert sorted(read_tars([path])) == sorted(keys)[4 * i : 4 * i + 4]
     tags = [f"hevc_q{q}" for q in QUALITIES]
-    expected = {"image.png", "label.png", "instance.png", "label.bin", "json"}
+    expected = {"image.png", "label.png", "instance.npz", "label.bin", "json"}
     expected |= {f"{t}.png" for t in tags} | {f"{t}.bin" for t in tags}
     assert all(set(members) == expected for members in samples.values())
     assert not list(out.glob(".*"))
@@ -127,16 +128,17 @@ def test_members_match_standalone_load_and_codec(built) -> None:
         meta = json.loads(members["json"])
         rgb, label, instance = source.load(sample, 256, 128)
         assert meta["key"] == sample.key and meta["split"] == "val"
+        root = Path(cfg.data.root)  # paths relative to data.root, not the build machine's
         assert meta["source"] == {
-            "image": str(sample.image),
-            "label": str(sample.label),
-            "instance": str(sample.instance),
+            "image": sample.image.relative_to(root).as_posix(),
+            "label": sample.label.relative_to(root).as_posix(),
+            "instance": sample.instance.relative_to(root).as_posix(),
         }
         assert (meta["width"], meta["height"], meta["original_size"]) == (256, 128, [2048, 1024])
         assert np.array_equal(cv2.cvtColor(png(members["image.png"]), cv2.COLOR_BGR2RGB), rgb)
         stored_label = png(members["label.png"])
         assert stored_label.dtype == np.uint8 and np.array_equal(stored_label, label)
-        stored_instance = png(members["instance.png"])
+        stored_instance = decode_instance(members["instance.npz"])
         assert stored_instance.dtype == np.uint16 and stored_instance.max() > 255
         assert np.array_equal(stored_instance, instance)
         for q in QUALITIES:
@@ -286,7 +288,7 @@ def test_ade20k_and_folder_layouts(cityscapes_root: Path, tmp_path: Path) -> Non
     )
     samples = read_tars(shard_paths(tmp_path / "ade_out", manifest))
     assert sorted(samples) == keys
-    assert all("instance.png" not in m for m in samples.values())
+    assert all("instance.npz" not in m and "instance.png" not in m for m in samples.values())
     source = open_source(cfg.data)
     for sample in source.samples("val"):
         assert np.array_equal(png(samples[sample.key]["label.png"]), source.load(sample, 128, 64)[1])

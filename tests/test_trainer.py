@@ -416,5 +416,6 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(
     assert calls == 4
     latest = read_latest(tmp_path)
     assert latest is not None and latest.step == 2
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "phase3-step00000002"]
+    names = ["latest.json", "phase3-step00000002"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names
     assert not (tmp_path / "phase3").exists() and tracker.metrics == []

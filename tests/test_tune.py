@@ -1,29 +1,31 @@
-"""Ray Tune sweep of the phase-2 weights: a tiny 3-trial ASHA sweep (2 concurrent trials) on CPU, resume."""
+"""Ray Tune sweep of the phase-2 weights: a tiny 3-trial ASHA sweep (2 concurrent trials) on CPU, resume, a
+trial retried from its Ray checkpoint, a sweep interrupted and resumed, the Pareto front and its configs."""
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
+import os
+import signal
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
+import ray.cloudpickle
+from ray.tune import Callback
 
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.model.export import read_spec
-from pipeline.tracking import MLflowTracker, Tracker
+from pipeline.tracking import Tracker
 from pipeline.train.trainer import train
-from pipeline.train.tune import (
-    BEST_FILE,
-    TrialSummary,
-    _close_stopped_runs,
-    search_space,
-    trial_base,
-    tune,
-)
+from pipeline.train.tune import BEST_FILE, run_trial, search_space, trial_base, tune
+from pipeline.train.tune.pareto import CONFIG_DIR, CSV_FILE, PLOT_FILE, Point, pareto_front
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDS = {"phase2.loss.dist": (1.0, 100.0), "phase2.loss.feat": (0.5, 20.0)}
@@ -67,7 +69,7 @@ def ray_cluster() -> Iterator[None]:
     ray.shutdown()
 
 
-def sweep_cfg(shards: Path, phase1: Path, root: Path) -> JobConfig:
+def sweep_cfg(shards: Path, phase1: Path, root: Path, *extra: str) -> JobConfig:
     space = "{" + ", ".join(f"{k}: {{loguniform: [{lo}, {hi}]}}" for k, (lo, hi) in BOUNDS.items()) + "}"
     return base_cfg(
         shards,
@@ -88,6 +90,7 @@ def sweep_cfg(shards: Path, phase1: Path, root: Path) -> JobConfig:
         "tune.metric=val_psnr",
         "tune.mode=max",
         f"tune.search_space={space}",
+        *extra,
     )
 
 
@@ -194,39 +197,6 @@ def test_trials_are_runs_nested_under_the_sweep_run(sweep: dict[str, Any]) -> No
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
 
 
-def test_runs_of_stopped_trials_are_closed(tmp_path: Path) -> None:
-    """A stopped trial's worker dies with its runs open; the sweep ends them KILLED (errors: FAILED)."""
-    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "close-test", offline_dir=tmp_path)
-    client, experiment_id = tracker.client, tracker.experiment_id
-
-    def open_run(name: str, parent: str, **tags: str) -> str:
-        tags = {"mlflow.parentRunId": parent, **tags}
-        return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
-
-    def trial(trial_id: str, generator: str = "", error: str = "") -> TrialSummary:
-        return TrialSummary(trial_id, {}, {}, 2, generator, "", error)
-
-    with tracker.start_run("sweep"):
-        sweep_id = tracker.active_run_id
-        assert sweep_id
-        stopped = open_run("trial-a", sweep_id, trial_id="a")
-        stopped_child = open_run("phase2", open_run("train", stopped))
-        client.set_terminated(stopped_child, "FAILED")  # ended by the SystemExit before the worker died
-        errored = open_run("trial-b", sweep_id, trial_id="b")
-        done = open_run("trial-c", sweep_id, trial_id="c")
-        client.set_terminated(done, "FINISHED")
-        _close_stopped_runs(tracker, sweep_id, [trial("a"), trial("b", error="boom"), trial("c", "g.st")])
-    runs = {r.info.run_id: r for r in client.search_runs([experiment_id])}
-    assert [runs[i].info.status for i in (stopped, stopped_child, errored, done)] == [
-        "KILLED",
-        "KILLED",
-        "FAILED",
-        "FINISHED",
-    ]
-    assert runs[stopped].data.metrics["stopped_early"] == 1.0
-    assert "stopped_early" not in runs[done].data.metrics
-
-
 @pytest.mark.slow
 def test_resume_restores_the_finished_sweep_without_rerunning_it(sweep: dict[str, Any]) -> None:
     dirs = trial_dirs(sweep["experiment"])
@@ -289,3 +259,239 @@ def test_tune_config_composes_the_default() -> None:
     assert cfg.model.ngf == load_config(None).model.ngf
     assert set(search_space(cfg)) >= {"phase2.loss.dist", "phase2.loss.feat"}
     assert cfg.tune.metric in {"val_psnr", "val_niqe", "val_score"}
+
+
+# ------------------------------------------------------------------------- Pareto front and its configs
+
+
+def test_pareto_front_keeps_the_non_dominated_points() -> None:
+    points = [
+        Point("a", 30.0, 6.0, {}),  # best PSNR
+        Point("b", 29.0, 4.0, {}),  # trade-off
+        Point("c", 28.0, 5.0, {}),  # dominated by b
+        Point("d", 27.0, 3.0, {}),  # best NIQE
+        Point("e", 29.0, 4.0, {}),  # ties b: neither dominates the other
+        Point("f", math.nan, 1.0, {}),  # not scored
+    ]
+    front = pareto_front(points)
+    assert [p.trial_id for p in front] == ["a", "b", "e", "d"]
+    assert pareto_front([]) == []
+
+
+@pytest.mark.slow
+def test_the_sweep_writes_its_pareto_front(sweep: dict[str, Any]) -> None:
+    experiment, result = sweep["experiment"], sweep["result"]
+    rows = list(csv.DictReader((experiment / CSV_FILE).open()))
+    completed = {t.trial_id: t for t in result.trials if t.generator}
+    assert {r["trial_id"] for r in rows} == set(completed)
+    front = [r for r in rows if r["on_front"] == "1"]
+    assert [r["trial_id"] for r in front] == result.pareto and front
+    for row in front:  # nothing completed dominates a front point
+        psnr, niqe = float(row["val_psnr"]), float(row["val_niqe"])
+        assert not any(
+            t.metrics["val_psnr"] >= psnr
+            and t.metrics["val_niqe"] <= niqe
+            and (t.metrics["val_psnr"] > psnr or t.metrics["val_niqe"] < niqe)
+            for t in completed.values()
+        )
+    assert (experiment / PLOT_FILE).stat().st_size > 0
+    best = json.loads((experiment / BEST_FILE).read_text())
+    assert best["pareto"] == result.pareto
+
+
+@pytest.mark.slow
+def test_a_pareto_config_holds_the_trial_weights_and_trains_phases_2_and_3(sweep: dict[str, Any]) -> None:
+    result = sweep["result"]
+    trial_id = result.pareto[0]
+    path = Path(result.pareto_configs[trial_id])
+    assert path.parent == sweep["experiment"] / CONFIG_DIR
+    trial = next(t for t in result.trials if t.trial_id == trial_id)
+    cfg = load_config(path)
+    for key, value in trial.params.items():
+        assert cfg.flat()[key] == pytest.approx(value)
+    assert cfg.phase2.steps == sweep["cfg"].phase2.steps  # the sweep's config, not a trial's shortened one
+    assert Path(cfg.train.init_from).is_file() and Path(cfg.train.output_dir).is_absolute()
+    short = load_config(path, ["phase2.steps=1", "phase3.steps=1", "tracking.enabled=false"])
+    exports = train(short, [2, 3], tracker=Tracker())
+    assert (read_spec(exports[2]).phase, read_spec(exports[3]).phase) == (2, 3)
+    assert str(exports[3]).startswith(str(sweep["experiment"] / CONFIG_DIR / trial_id))
+
+
+# ----------------------------------------------------- the trials' MLflow runs (Ray's MLflowLoggerCallback)
+
+
+@dataclass(eq=False)
+class FakeTrial:
+    """What the callback reads of a Ray trial."""
+
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=lambda: {"phase2.loss.dist": 3.0})
+    last_result: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"run_trial_{self.trial_id}"
+
+
+def test_trial_runs_nest_under_the_sweep_and_end_in_the_trial_state(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.train.tune.mlflow_runs import TrialRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("runs-test")
+    sweep_id = client.create_run(experiment_id, run_name="sweep").info.run_id
+
+    def callback() -> TrialRuns:
+        runs = TrialRuns(uri, "runs-test", sweep_id, "sweep")
+        runs.setup()
+        return runs
+
+    runs = callback()
+    done, stopped, failed, open_ = (FakeTrial(i) for i in ("done", "stopped", "failed", "open"))
+    for trial in (done, stopped, failed, open_):
+        runs.log_trial_start(trial)
+        trial.last_result = {
+            "step": 2,
+            "val_psnr": 30.0,
+            "loss.g_total": 1.5,
+            "hostname": "x",
+            "time_this_iter_s": 1,
+        }
+        runs.log_trial_result(1, trial, trial.last_result)
+    done.last_result = {"step": 4, "val_psnr": 31.0, "generator": "g.safetensors"}
+    runs.log_trial_result(2, done, done.last_result)
+    runs.log_trial_end(done)
+    runs.log_trial_end(stopped)  # ASHA stopped it: no export
+    runs.log_trial_end(failed, failed=True)
+    runs.on_experiment_end([open_])  # the driver was interrupted
+    restored = callback()  # a resumed sweep: Ray's callback starts with no runs
+    restored.log_trial_start(open_)
+    reopened = {
+        r.data.tags["trial_id"]: r for r in client.search_runs([experiment_id], "tags.trial_id = 'open'")
+    }
+    assert reopened["open"].info.status == "RUNNING"
+    restored.log_trial_end(open_)
+
+    trial_runs = {
+        r.data.tags["trial_id"]: r
+        for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{sweep_id}'")
+    }
+    assert set(trial_runs) == {"done", "stopped", "failed", "open"}  # the restore added none
+    status = {k: r.info.status for k, r in trial_runs.items()}
+    assert status == {"done": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "open": "KILLED"}
+    assert trial_runs["done"].info.run_name == "trial-done"
+    assert trial_runs["done"].data.params["phase2.loss.dist"] == "3.0"
+    history = client.get_metric_history(trial_runs["done"].info.run_id, "val_psnr")
+    assert [(m.step, m.value) for m in history] == [(2, 30.0), (4, 31.0)]  # at the phase-2 step
+    assert (
+        "hostname" not in trial_runs["done"].data.metrics
+        and "time_this_iter_s" not in trial_runs["done"].data.metrics
+    )
+    assert trial_runs["done"].data.metrics["loss.g_total"] == 1.5
+    assert trial_runs["done"].data.metrics["stopped_early"] == 0.0
+    assert trial_runs["stopped"].data.metrics["stopped_early"] == 1.0
+
+
+# ------------------------------------------------------------- a failed trial retried, a sweep resumed
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this module
+
+
+def flaky_trial(config: dict[str, Any], setup: Any) -> None:
+    """:func:`run_trial` that fails once in the whole sweep, right after its first Ray checkpoint."""
+    import ray.tune as ray_tune
+
+    marker = Path(setup.experiment).parent / "failed-once"
+    real = ray_tune.report
+
+    def report(metrics: dict[str, Any], *, checkpoint: Any = None, **kwargs: Any) -> None:
+        real(metrics, checkpoint=checkpoint, **kwargs)
+        if checkpoint is not None and not marker.exists():
+            marker.write_text(ray_tune.get_context().get_trial_id())
+            raise RuntimeError("injected failure after the first checkpoint")
+
+    ray_tune.report = report
+    try:
+        run_trial(config, setup)
+    finally:
+        ray_tune.report = real
+
+
+class InterruptOnce(Callback):
+    """Interrupts the sweep (SIGUSR1, as SLURM sends before a time limit) when its first trial completes."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if not self.marker.exists():
+            self.marker.write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.fixture(scope="module")
+def resilient(
+    shards: Path, phase1: Path, ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Two trials one after the other (FIFO: none stopped early); the first fails once after its step-2
+    checkpoint, and the sweep is interrupted when it completes, then resumed."""
+    root = tmp_path_factory.mktemp("resilient")
+    cfg = sweep_cfg(
+        shards,
+        phase1,
+        root,
+        "tune.num_samples=2",
+        "tune.max_concurrent_trials=1",
+        "tune.scheduler=fifo",
+        "tune.max_failures=1",
+    )
+    interrupt = InterruptOnce(root / "interrupted")
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        tune(cfg, callbacks=[interrupt], trial_fn=flaky_trial)
+    experiment = root / "tune" / "sweep"
+    first = {d.name: ray_results(d) for d in trial_dirs(experiment) if (d / "result.json").is_file()}
+    result = tune(cfg, resume=True, trial_fn=flaky_trial)
+    return {
+        "root": root,
+        "experiment": experiment,
+        "first": first,
+        "result": result,
+        "failed": (root / "tune" / "failed-once").read_text(),
+        "interrupted": (root / "interrupted").read_text(),
+    }
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_retried_from_its_ray_checkpoint(resilient: dict[str, Any]) -> None:
+    failed = resilient["failed"]
+    assert failed == resilient["interrupted"]  # the first trial failed, was retried, then completed
+    results = ray_results(resilient["experiment"] / f"trial_{failed}")
+    # the retry started at the step-2 checkpoint (from scratch it would start at 0 and report step 2 again);
+    # Ray keeps the results from the restored checkpoint on
+    steps = [(r["step"], r["start_step"]) for r in results]
+    assert steps[-1] == (MAX_STEPS, 2) and (2, 2) not in steps, steps
+    assert list((resilient["experiment"] / f"trial_{failed}").glob("checkpoint_*"))
+    (trial,) = [t for t in resilient["result"].trials if t.trial_id == failed]
+    assert trial.generator and (trial.step, trial.error) == (MAX_STEPS, "")
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(resilient: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    first, experiment = resilient["first"], resilient["experiment"]
+    done = f"trial_{resilient['interrupted']}"
+    assert ray_results(experiment / done) == first[done]  # not one result more
+    trials = resilient["result"].trials
+    assert len(trials) == 2 and all(t.generator for t in trials)
+    client = MlflowClient(f"sqlite:///{resilient['root'] / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tune-test").experiment_id])
+    trial_runs = [r for r in runs if r.info.run_name.startswith("trial-")]
+    assert sorted(r.data.tags["trial_id"] for r in trial_runs) == sorted(t.trial_id for t in trials)
+    assert {r.info.status for r in trial_runs} == {"FINISHED"}
+    (sweep_run,) = [r for r in runs if r.info.run_name == "sweep"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {sweep_run.info.run_id}
+    (resumed,) = [r for r in runs if r.info.run_name == "sweep-resume"]
+    assert resumed.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+    assert sweep_run.info.status == "KILLED" and resumed.info.status == "FINISHED"

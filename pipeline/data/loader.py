@@ -5,7 +5,7 @@
     shard list (SimpleShardList, or ResampledShards when loader.resampled)
     -> split shards over rank x worker units -> tar samples -> split samples (only with too few shards)
     -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities)
-    -> decode PNGs with OpenCV, JSON
+    -> decode PNGs with OpenCV (pixel budget from the header first), JSON
     -> instance edges, crop/flip (train), tensors -> batched
 
 Splitting (finite mode). A *unit* is one DataLoader worker of one rank; there are
@@ -27,8 +27,11 @@ the rank and the worker, so a run is reproducible for a given seed and layout.
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import math
 import random
+import zipfile
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -43,12 +46,18 @@ from torch import Tensor
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.data.manifest import Manifest, SplitEntry, codec_tag
+from pipeline.data.members import INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER, instance_from
+from pipeline.data.sources import DEFAULT_MAX_PIXELS, png_size
 from pipeline.model.inputs import edge_map
 
-IMAGE, LABEL, INSTANCE, META = "image.png", "label.png", "instance.png", "json"
+IMAGE, LABEL, META = "image.png", "label.png", "json"
+INSTANCES = (INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER)  # instance.npz; instance.png in older shards
 # Distinct streams of randomness derived from the same seed.
 _SHARD_ORDER, _SHUFFLE, _AUGMENT, _RESAMPLE, _QUALITY = 1, 2, 3, 4, 5
 DECODED = "__decoded__"  # the chosen codec member of a sample, e.g. hevc_q42
+
+
+log = logging.getLogger(__name__)
 
 
 class LoaderError(ConfigError):
@@ -210,29 +219,75 @@ def _select(sample: dict[str, Any], member: str) -> dict[str, Any]:
         raise LoaderError(
             f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {missing}; it has {have}"
         )
-    keep = wanted + (INSTANCE, "__key__", "__url__")
+    keep = wanted + (*INSTANCES, "__key__", "__url__")
     return {**{k: v for k, v in sample.items() if k in keep}, DECODED: member}
+
+
+class BadSamples:
+    """Bad shard samples (corrupt or truncated tars, undecodable or missing members): each is named (shard
+    and key) and skipped while at most ``limit`` were met, else reading stops with a :class:`LoaderError`
+    naming it. Counted per reading process (each rank and DataLoader worker)."""
+
+    def __init__(self, limit: int = 0):
+        self.limit, self.count = limit, 0
+
+    def skip(self, where: str, err: BaseException) -> None:
+        """Count and log one bad sample, or raise when it is one too many."""
+        text = str(err).strip()
+        reason = text.splitlines()[-1] if text else type(err).__name__
+        self.count += 1
+        if self.count > self.limit:
+            hint = (
+                f" ({self.count} bad samples, over train.max_bad_samples={self.limit})"
+                if self.limit
+                else "; train.max_bad_samples=N skips up to N such samples"
+            )
+            raise LoaderError(f"bad shard sample in {where}: {reason}{hint}") from err
+        log.warning(
+            "skipping bad shard sample in %s (%d of at most %d): %s", where, self.count, self.limit, reason
+        )
+
+    def sample(self, sample: dict[str, Any], err: BaseException) -> None:
+        self.skip(f"{sample.get('__url__', 'a shard')}, key {sample.get('__key__', '?')}", err)
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset's handler for errors reading a tar (the rest of that shard is skipped)."""
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "a shard")
+        self.skip(url, exn)
+        return True
 
 
 class _PickQuality(_Stage):
     """One of ``members`` per sample, drawn uniformly (one member: no randomness used)."""
 
-    def __init__(self, rank: int, world_size: int, seed: int, members: list[str]):
+    def __init__(self, rank: int, world_size: int, seed: int, members: list[str], bad: BadSamples):
         super().__init__(rank, world_size, seed)
-        self.members = members
+        self.members, self.bad = members, bad
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = self._next_rng(_QUALITY, per_unit=True)
         for sample in src:
             member = self.members[0] if len(self.members) == 1 else rng.choice(self.members)
-            yield _select(sample, member)
+            try:
+                selected = _select(sample, member)
+            except LoaderError as err:
+                self.bad.sample(sample, err)
+                continue
+            yield selected
 
 
-def _png(key: str, data: bytes) -> np.ndarray | None:
-    """wds.decode handler: PNG members with OpenCV, unchanged depth (16-bit instances), RGB order."""
-    if not key.endswith(".png"):
-        return None
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+def _png(key: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A PNG member with OpenCV, unchanged depth (16-bit instances), RGB order; its header's size is
+    checked against ``max_pixels`` (``shards.max_pixels``) before it is decoded."""
+    size = png_size(bytes(data[:24]))
+    if size is None:
+        raise LoaderError(f"member {key} is not a PNG")
+    if size[0] * size[1] > max_pixels:
+        raise LoaderError(f"PNG member {key} is {size[0]}x{size[1]}, over shards.max_pixels={max_pixels}")
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:
+        raise LoaderError(f"cannot decode PNG member {key}: {str(err).strip().splitlines()[-1]}") from err
     if array is None:
         raise LoaderError(f"cannot decode PNG member {key}")
     if array.ndim == 3:
@@ -240,6 +295,36 @@ def _png(key: str, data: bytes) -> np.ndarray | None:
             raise LoaderError(f"PNG member {key} has {array.shape[2]} channels, expected 3")
         array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
     return array
+
+
+class _Decode:
+    """PNG and JSON members -> the aligned arrays of :func:`_arrays`; a sample that cannot be decoded goes to
+    :class:`BadSamples`."""
+
+    def __init__(self, bad: BadSamples, max_pixels: int):
+        self.bad, self.max_pixels = bad, max_pixels
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            try:
+                decoded = {
+                    name: _png(name, value, self.max_pixels) if name.endswith(".png") else value
+                    for name, value in sample.items()
+                }
+                decoded[META] = json.loads(sample[META])
+                arrays = _arrays(decoded)
+            except (
+                LoaderError,
+                ValueError,
+                KeyError,
+                TypeError,
+                OSError,
+                EOFError,
+                zipfile.BadZipFile,
+            ) as err:
+                self.bad.sample(sample, err)
+                continue
+            yield arrays
 
 
 def _arrays(sample: dict[str, Any]) -> dict[str, Any]:
@@ -251,8 +336,9 @@ def _arrays(sample: dict[str, Any]) -> dict[str, Any]:
         raise LoaderError(
             f"sample {key}: sizes differ: image {image.shape}, {member} {decoded.shape}, label {label.shape}"
         )
-    if INSTANCE in sample:
-        edge = edge_map(torch.from_numpy(sample[INSTANCE].astype(np.int32))).numpy()
+    instance = instance_from(sample)
+    if instance is not None:
+        edge = edge_map(torch.from_numpy(instance.astype(np.int32))).numpy()
     else:
         edge = np.zeros(label.shape, np.float32)
     try:
@@ -377,16 +463,13 @@ def make_dataset(
             wds.SimpleShardList(urls),
             _SplitShards(rank, world_size, seed, len(urls), shuffle=train),
         ]
-    samples = [wds.tarfile_to_samples()]
+    bad = BadSamples(cfg.train.max_bad_samples)
+    samples = [wds.tarfile_to_samples(handler=bad.tar_error)]
     if not loader.resampled:
         samples.append(_SplitSamples(rank, world_size, len(urls)))
     if train and loader.shuffle > 1:
         samples.append(_Shuffle(rank, world_size, seed, loader.shuffle))
-    samples += [
-        _PickQuality(rank, world_size, seed, members),
-        wds.decode(_png),
-        wds.map(_arrays),
-    ]
+    samples += [_PickQuality(rank, world_size, seed, members, bad), _Decode(bad, cfg.shards.max_pixels)]
     if train and (crop is not None or loader.flip):
         samples.append(_Augment(rank, world_size, seed, crop, loader.flip))
     samples += [

@@ -4,7 +4,9 @@ One typed record read by everything that consumes shards (loader, training, vali
 the main job), so that "which splits and which qualities were built" is answered, and refused, in one
 place. Version 2 lists every split's keys; version 1 listed them only in the per-shard sidecars
 (``<split>-NNNNNN.json``), from which :meth:`Manifest.read` fills them in. Either version is written
-back as it was read.
+back as it was read. Builds since record their settings and the settings' hash (``build``), which every
+shard's sidecar carries too; the shards of a split are read only when they carry that hash
+(:meth:`Manifest.verify`), so a folder of mixed builds is refused rather than read.
 """
 
 from __future__ import annotations
@@ -154,6 +156,21 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class BuildEntry:
+    """The settings every shard of the folder was built with, and their hash (also in every sidecar)."""
+
+    settings: dict[str, Any]
+    hash: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BuildEntry:
+        return cls(dict(data["settings"]), str(data["hash"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": self.settings, "hash": self.hash}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """``manifest.json`` of a shard folder; ``folder`` is where it was read from or written to."""
 
@@ -166,6 +183,7 @@ class Manifest:
     label: LabelEntry
     rejects: tuple[Reject, ...]
     folder: Path | None = field(default=None, compare=False)
+    build: BuildEntry | None = None  # None: written before the build settings were recorded
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
@@ -201,11 +219,12 @@ class Manifest:
             label=LabelEntry.from_json(data["label"]),
             rejects=tuple(Reject.from_json(reject) for reject in data["rejects"]),
             folder=Path(folder) if folder is not None else None,
+            build=BuildEntry.from_json(data["build"]) if data.get("build") is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``manifest.json`` (a version-1 manifest without the split keys, as read)."""
-        return {
+        out = {
             "version": self.version,
             "config": self.config,
             "config_hash": self.config_hash,
@@ -215,6 +234,9 @@ class Manifest:
             "label": self.label.to_json(),
             "rejects": [reject.to_json() for reject in self.rejects],
         }
+        if self.build is not None:
+            out["build"] = self.build.to_json()
+        return out
 
     def write(self, folder: str | Path | None = None) -> Path:
         """Write ``manifest.json`` atomically to ``folder`` (default: :attr:`folder`); return its path."""
@@ -236,9 +258,47 @@ class Manifest:
         return self.splits[name]
 
     def shard_paths(self, split: str) -> list[Path]:
-        """The tar files of a built split, in shard order (under the working directory without a folder)."""
+        """The tar files of a built split, in shard order (under the working directory without a folder);
+        refused unless they are the shards this manifest describes (see :meth:`verify`)."""
         folder = self.folder if self.folder is not None else Path()
+        self.verify(split)
         return [folder / name for name in self.split(split).shards]
+
+    def verify(self, split: str) -> None:
+        """Refuse a split whose shards on disk are not the ones this manifest lists: each shard's sidecar must
+        carry this build's settings hash, its tar the recorded size, and their keys the split's keys.
+
+        Manifests written before the build settings were recorded are taken as they are.
+        """
+        if self.build is None or self.folder is None:
+            return
+        entry, keys = self.split(split), []
+        for name in entry.shards:
+            sidecar_path = self.folder / name.replace(".tar", ".json")
+            tar = self.folder / name
+            try:
+                sidecar = json.loads(sidecar_path.read_text())
+                size = tar.stat().st_size
+            except (OSError, ValueError) as err:
+                raise ManifestError(
+                    f"{self.folder}: shard {name} of {MANIFEST} is unreadable ({err})"
+                ) from err
+            why = ""
+            if not isinstance(sidecar, dict) or sidecar.get("build_hash") != self.build.hash:
+                why = f"was built with other settings than {MANIFEST} records"
+            elif sidecar.get("tar_bytes") != size:
+                why = f"has {size} bytes where its sidecar records {sidecar.get('tar_bytes')}"
+            if why:
+                raise ManifestError(
+                    f"{self.folder}: shard {name} {why} (a mixed or interrupted build); rebuild the "
+                    "shards (python -m pipeline shards)"
+                )
+            keys += sidecar.get("keys", [])
+        if tuple(keys) != entry.keys:
+            raise ManifestError(
+                f"{self.folder}: the shards of split {split!r} hold other samples than {MANIFEST} lists; "
+                "rebuild the shards (python -m pipeline shards)"
+            )
 
     def qualities(self, codec: str, wanted: Iterable[int] = (), setting: str = "") -> list[int]:
         """The sorted qualities built for ``codec``; with ``wanted``, those, each refused unless built.
@@ -259,6 +319,18 @@ class Manifest:
                 f"{self._where()}; built: {[codec_tag(codec, q) for q in built]}"
             )
         return chosen
+
+
+def key_file_name(key: str, suffix: str = "") -> str:
+    """``key + suffix`` as a file name: the one way a sample key (read from a shard, so from outside) becomes
+    part of a path. A key with a path separator, ``..``, a NUL or nothing in it is refused, so that nothing
+    is ever written outside the folder the name is joined to."""
+    name = f"{key}{suffix}"
+    if not key or ".." in key or any(c in key for c in ("/", "\\", "\0", ":")):
+        raise ManifestError(f"sample key {key!r} cannot be a file name (separators, '..' or empty)")
+    if Path(name).is_absolute() or Path(name).name != name:
+        raise ManifestError(f"sample key {key!r} cannot be a file name")
+    return name
 
 
 def codec_tag(codec: str, quality: int) -> str:

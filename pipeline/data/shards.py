@@ -29,11 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, temporary_names, write_atomic
-from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig
+from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig, flatten, from_dict
 from pipeline.data.codecs import LabelCoder, get_codec
 from pipeline.data.manifest import (
     MANIFEST,
     VERSION,
+    BuildEntry,
     CodecEntry,
     DatasetEntry,
     LabelEntry,
@@ -42,8 +43,10 @@ from pipeline.data.manifest import (
     SplitEntry,
     codec_tag,
 )
+from pipeline.data.members import INSTANCE_MEMBER, encode_instance, relative_source
 from pipeline.data.sources import BadSample, Sample, fit, open_source
 from pipeline.data.splits import plan_splits
+from pipeline.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,27 @@ class _Context:
     label_coder: str
     label_downsample: int
     store_bitstreams: bool
+    max_pixels: int  # decides rejects only: not part of the settings
 
-    def fingerprint(self) -> str:
+    def settings(self) -> dict[str, Any]:
+        """The build settings every shard depends on (recorded in the manifest, hashed in every sidecar)."""
         data = asdict(self.data)
         # a split's shards do not depend on which other splits are built; which frames a split holds is
-        # part of each shard's own fingerprint (its planned keys)
+        # part of each shard's own fingerprint (its planned keys).
         del data["splits"], data["holdout"]
+        return {
+            "data": data,
+            "codecs": [[name, quality, dict(options)] for name, quality, options in self.codecs],
+            "label_coder": self.label_coder,
+            "label_downsample": self.label_downsample,
+            "store_bitstreams": self.store_bitstreams,
+        }
+
+    def fingerprint(self) -> str:
+        """The hash of :meth:`settings` (hashed as a list, as builds before the settings were recorded)."""
+        settings = self.settings()
         text = json.dumps(
-            [data, self.codecs, self.label_coder, self.label_downsample, self.store_bitstreams],
+            [settings["data"], self.codecs, self.label_coder, self.label_downsample, self.store_bitstreams],
             sort_keys=True,
             default=str,
         )
@@ -81,6 +97,7 @@ class _ShardJob:
     name: str  # <split>-NNNNNN
     samples: tuple[Sample, ...]
     fingerprint: str  # build settings + planned keys
+    build_hash: str  # build settings alone (_Context.fingerprint)
 
 
 class _Worker:
@@ -89,7 +106,7 @@ class _Worker:
 
     def __init__(self, ctx: _Context):
         self.ctx = ctx
-        self.source = open_source(ctx.data)
+        self.source = open_source(ctx.data, ctx.max_pixels)
         instances: dict[str, Any] = {}
         self.codecs = []
         for name, quality, options in ctx.codecs:
@@ -107,6 +124,7 @@ class _Worker:
             reject = {"key": sample.key, "split": sample.split, "path": str(sample.image), "reason": str(err)}
             return {"key": sample.key, "reject": reject}
         original = [int(rgb.shape[1]), int(rgb.shape[0])]
+        root = self.ctx.data.root
         width, height = self.ctx.data.width, self.ctx.data.height
         rgb, label, instance = fit(rgb, label, instance, width, height)
         pixels = width * height
@@ -115,7 +133,7 @@ class _Worker:
         received = self.label_coder.reconstruct(label)
         members = {"image.png": _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), "label.png": _png(received)}
         if instance is not None:
-            members["instance.png"] = _png(instance.astype(np.uint16))
+            members[INSTANCE_MEMBER] = encode_instance(instance)
         codecs = {}
         for name, quality, codec in self.codecs:
             result = codec.roundtrip(rgb, quality)
@@ -136,10 +154,10 @@ class _Worker:
         meta = {
             "key": sample.key,
             "split": sample.split,
-            "source": {
-                "image": str(sample.image),
-                "label": str(sample.label) if sample.label else None,
-                "instance": str(sample.instance) if instance is not None else None,
+            "source": {  # relative to data.root: no build-machine folders in the shards
+                "image": relative_source(sample.image, root),
+                "label": relative_source(sample.label, root),
+                "instance": relative_source(sample.instance, root) if instance is not None else None,
             },
             "width": width,
             "height": height,
@@ -173,7 +191,7 @@ _WORKERS: dict[str, _Worker] = {}
 
 
 def _worker(ctx: _Context) -> _Worker:
-    key = ctx.fingerprint()
+    key = f"{ctx.fingerprint()}-{ctx.max_pixels}"
     if key not in _WORKERS:
         _WORKERS[key] = _Worker(ctx)
     return _WORKERS[key]
@@ -213,6 +231,7 @@ def _write_shard(out: Path, job: _ShardJob, results: list[dict[str, Any]]) -> di
         "shard": job.name,
         "split": job.split,
         "fingerprint": job.fingerprint,
+        "build_hash": job.build_hash,
         "tar_bytes": tar.stat().st_size if good else None,
         "keys": [r["key"] for r in good],
         "rejects": [r["reject"] for r in results if "reject" in r],
@@ -246,8 +265,13 @@ def _completed(out: Path, job: _ShardJob) -> dict[str, Any] | None:
         return None
     tar = out / f"{job.name}.tar"
     if sidecar.get("keys"):
-        return sidecar if tar.is_file() and tar.stat().st_size == sidecar.get("tar_bytes") else None
-    return None if tar.exists() else sidecar
+        complete = tar.is_file() and tar.stat().st_size == sidecar.get("tar_bytes")
+    else:
+        complete = not tar.exists()
+    if complete and sidecar.get("build_hash") != job.build_hash:  # built before sidecars carried it
+        sidecar["build_hash"] = job.build_hash
+        _write_json(out / f"{job.name}.json", sidecar)
+    return sidecar if complete else None
 
 
 def _plan(worker: _Worker, per_shard: int) -> list[_ShardJob]:
@@ -263,10 +287,44 @@ def _plan(worker: _Worker, per_shard: int) -> list[_ShardJob]:
         for index, start in enumerate(range(0, len(samples), per_shard)):
             chunk = tuple(samples[start : start + per_shard])
             text = json.dumps([base, split, [s.key for s in chunk]])
-            jobs.append(
-                _ShardJob(split, f"{split}-{index:06d}", chunk, hashlib.sha256(text.encode()).hexdigest())
-            )
+            fingerprint = hashlib.sha256(text.encode()).hexdigest()
+            jobs.append(_ShardJob(split, f"{split}-{index:06d}", chunk, fingerprint, base))
     return jobs
+
+
+def _refuse_other_build(out: Path, ctx: _Context) -> None:
+    """Refuse to build into a folder that holds shards of other build settings: rebuilding there would mix
+    two builds until the new one completes (and for good if it is interrupted)."""
+    ours = ctx.fingerprint()
+    theirs: dict[str, Any] | None = None  # the other build's settings, when its manifest records them
+    other = ""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        build = manifest.get("build") or {}
+        if build.get("hash") not in (None, ours):
+            other, theirs = MANIFEST, build.get("settings")
+        elif not build:  # written before the build settings were recorded: compare its config
+            old = _context(from_dict(manifest["config"]))
+            if old.fingerprint() != ours:
+                other, theirs = MANIFEST, old.settings()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no (readable) manifest: the sidecars tell
+    if not other:
+        for path in sorted(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].json")):
+            try:
+                sidecar = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(sidecar, dict) and sidecar.get("build_hash") not in (None, ours):
+                other = path.name
+                break
+    if other:
+        mine, old = flatten(ctx.settings()), flatten(theirs or {})
+        changed = sorted(k for k in mine.keys() | old.keys() if mine.get(k) != old.get(k)) if theirs else []
+        raise ShardError(
+            f"{out} holds shards built with other settings ({other}; differing: "
+            f"{', '.join(changed) or 'unknown'}); build into another shards.output, or empty {out} first"
+        )
 
 
 def _clean(out: Path, jobs: list[_ShardJob]) -> None:
@@ -360,7 +418,7 @@ def _context(cfg: JobConfig) -> _Context:
     codecs = tuple(
         (spec.name, int(q), tuple(sorted(spec.options.items()))) for spec in s.codecs for q in spec.qualities
     )
-    return _Context(cfg.data, codecs, s.label_coder, s.label_downsample, s.store_bitstreams)
+    return _Context(cfg.data, codecs, s.label_coder, s.label_downsample, s.store_bitstreams, s.max_pixels)
 
 
 def build_shards(cfg: JobConfig) -> Manifest:
@@ -377,7 +435,15 @@ def build_shards(cfg: JobConfig) -> Manifest:
             raise ShardError(f"shards.codecs: {name} quality must be in [{lo}, {hi}], got {quality}")
     jobs = _plan(worker, cfg.shards.samples_per_shard)
     out = Path(cfg.shards.output)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "shard build"):
+        return _build_locked(cfg, ctx, worker, jobs, out)
+
+
+def _build_locked(
+    cfg: JobConfig, ctx: _Context, worker: _Worker, jobs: list[_ShardJob], out: Path
+) -> Manifest:
+    """:func:`build_shards` once it holds the folder's lock."""
+    _refuse_other_build(out, ctx)
     _clean(out, jobs)
     sidecars = {job.name: sc for job in jobs if (sc := _completed(out, job)) is not None}
     pending = [job for job in jobs if job.name not in sidecars]
@@ -420,6 +486,7 @@ def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], o
     label_bpp = [row["label_bpp"] for row in stats]
     coders = sorted({row["label_coder"] for row in stats}) or [worker.label_coder.method]
     source = worker.source
+    build = BuildEntry(worker.ctx.settings(), worker.ctx.fingerprint())
     return Manifest(
         version=VERSION,
         config=cfg.to_dict(),
@@ -444,6 +511,7 @@ def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], o
         ),
         rejects=tuple(Reject.from_json(reject) for sc in sidecars for reject in sc["rejects"]),
         folder=out,
+        build=build,
     )
 
 

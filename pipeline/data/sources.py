@@ -1,7 +1,9 @@
 """Dataset layouts (Cityscapes, ADE20K SceneParsing, a generic folder) and their label tables.
 
 A :class:`Source` lists :class:`Sample` records per split and loads one sample as
-arrays at the working size. Anything wrong with one sample raises :class:`BadSample`
+arrays at the working size. Every file's size is checked from its header against
+``shards.max_pixels`` before it is decoded. Anything wrong with one sample (an unreadable
+or over-budget file included) raises :class:`BadSample`
 (the shard builder records it as a reject and goes on); anything wrong with the
 dataset as a whole raises :class:`SourceError`.
 """
@@ -9,15 +11,18 @@ dataset as a whole raises :class:`SourceError`.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import ConfigError, DataConfig, ShardConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_MAX_PIXELS = ShardConfig.__dataclass_fields__["max_pixels"].default
 
 
 class SourceError(ConfigError):
@@ -39,19 +44,69 @@ class Sample:
     instance: Path | None = None
 
 
-def _read_image(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise BadSample(f"unreadable image {path}")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(head: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the first 24 bytes of a PNG (its IHDR chunk); None when it is no PNG."""
+    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` as the file's header states them, without decoding the pixels."""
+    with path.open("rb") as f:
+        size = png_size(f.read(24))
+    if size is not None:
+        return size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Image.DecompressionBombError as err:  # Pillow's own limit (179 Mpixel)
+            raise BadSample(f"over Pillow's pixel limit: {err}") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise BadSample(f"bad header: {err}") from err
+
+
+def check_pixels(path: Path, what: str, max_pixels: int) -> None:
+    """Refuse (:class:`BadSample`) a file whose header claims more than ``max_pixels`` pixels."""
+    try:
+        width, height = header_size(path)
+    except BadSample as err:
+        raise BadSample(f"unreadable {what} {path}: {err}") from err
+    if width * height > max_pixels:
+        raise BadSample(
+            f"{what} {path} is {width}x{height} ({width * height / 1e6:.1f} Mpixel), over the budget "
+            f"shards.max_pixels={max_pixels}"
+        )
+
+
+def _imread(path: Path, flags: int, what: str, max_pixels: int) -> np.ndarray:
+    """``cv2.imread`` after the header's pixel budget; OpenCV's own refusals become :class:`BadSample`."""
+    check_pixels(path, what, max_pixels)
+    try:
+        data = cv2.imread(str(path), flags)
+    except cv2.error as err:  # e.g. over CV_IO_MAX_IMAGE_PIXELS
+        raise BadSample(f"unreadable {what} {path}: {str(err).strip().splitlines()[-1]}") from err
+    if data is None:
+        raise BadSample(f"unreadable {what} {path}")
+    return data
+
+
+def _read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    if not path.is_file():
+        raise BadSample(f"missing image file {path}")
+    bgr = _imread(path, cv2.IMREAD_COLOR, "image", max_pixels)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _read_map(path: Path | None, what: str) -> np.ndarray:
+def _read_map(path: Path | None, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if path is None or not path.is_file():
         raise BadSample(f"missing {what} file" + (f" {path}" if path else ""))
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise BadSample(f"unreadable {what} {path}")
+    data = _imread(path, cv2.IMREAD_UNCHANGED, what, max_pixels)
     if data.ndim != 2:
         raise BadSample(f"{what} {path} must be single-channel, got shape {data.shape}")
     return data
@@ -85,6 +140,7 @@ class Source:
 
     name = "source"
     has_instances = False
+    max_pixels = DEFAULT_MAX_PIXELS  # pixel budget of one file (shards.max_pixels)
 
     def __init__(self, root: str | Path, label_nc: int, label_names: list[str], valid_ids: set[int]):
         self.root = Path(root)
@@ -105,8 +161,8 @@ class Source:
 
     def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The sample at its stored sizes, validated: (RGB uint8, label uint8, instance or None)."""
-        rgb = _read_image(sample.image)
-        raw = _read_map(sample.label, "label map")
+        rgb = _read_image(sample.image, self.max_pixels)
+        raw = _read_map(sample.label, "label map", self.max_pixels)
         _check_factor(rgb, raw, "label map")
         if raw.dtype not in (np.uint8, np.uint16):
             raise BadSample(f"label map {sample.label} has unsupported type {raw.dtype}")
@@ -122,7 +178,7 @@ class Source:
         label = raw.astype(np.uint8, copy=False)
         instance = None
         if self.has_instances:
-            instance = _read_map(sample.instance, "instance map")
+            instance = _read_map(sample.instance, "instance map", self.max_pixels)
             _check_factor(rgb, instance, "instance map")
             if instance.dtype == np.uint8:
                 instance = instance.astype(np.uint16)
@@ -264,16 +320,20 @@ class FolderSource(Source):
         return found[0] if len(found) == 1 else None
 
 
-def open_source(data: DataConfig) -> Source:
-    """The source named by ``data.source`` at ``data.root``."""
+def open_source(data: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
+    """The source named by ``data.source`` at ``data.root``, reading files of up to ``max_pixels`` pixels."""
     if not data.root:
         raise SourceError("data.root is empty")
     if not Path(data.root).is_dir():
         raise SourceError(f"data.root {data.root} does not exist or is not a folder")
+    source: Source
     if data.source == "cityscapes":
-        return CityscapesSource(data.root, data.label_nc)
-    if data.source == "ade20k":
-        return ADE20KSource(data.root, data.label_nc)
-    if data.source == "folder":
-        return FolderSource(data.root, data.image_dir, data.label_dir, data.label_nc)
-    raise SourceError(f"unknown data.source {data.source!r}; known: cityscapes, ade20k, folder")
+        source = CityscapesSource(data.root, data.label_nc)
+    elif data.source == "ade20k":
+        source = ADE20KSource(data.root, data.label_nc)
+    elif data.source == "folder":
+        source = FolderSource(data.root, data.image_dir, data.label_dir, data.label_nc)
+    else:
+        raise SourceError(f"unknown data.source {data.source!r}; known: cityscapes, ade20k, folder")
+    source.max_pixels = max_pixels
+    return source

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import write_atomic
 from pipeline.config import JobConfig
+from pipeline.data.manifest import key_file_name
 from pipeline.eval.fid import load_fid_inception
 from pipeline.eval.inputs import EvalInput, open_input
 from pipeline.eval.lpips import load_lpips
@@ -48,6 +49,7 @@ from pipeline.eval.report import (
     write_results,
 )
 from pipeline.eval.scoring import Scorer, fit_niqe
+from pipeline.lock import folder_lock
 from pipeline.tracking import Tracker
 
 NIQE_MODEL_FILE = "niqe_model.json"
@@ -63,8 +65,20 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     keys = data.keys()
     check_training_frames(methods, keys, cfg.eval.allow_training_frames)
     out = Path(cfg.eval.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "evaluation"):
+        return _evaluate_locked(cfg, data, methods, keys, out, tracker)
 
+
+def _evaluate_locked(
+    cfg: JobConfig,
+    data: EvalInput,
+    methods: list[Method],
+    keys: list[str],
+    out: Path,
+    tracker: Tracker | None,
+) -> Path:
+    """:func:`evaluate` once it holds the lock of ``eval.output_dir``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fitted = fit_niqe(data, f"{cfg.data.width}x{cfg.data.height}") if cfg.eval.niqe_fitted else None
     if fitted is not None:
         write_atomic(out / NIQE_MODEL_FILE, json.dumps(fitted.model.to_dict()))
@@ -112,7 +126,7 @@ def _score(data: EvalInput, methods: Sequence[Method], scorer: Scorer, crops: Pa
                 scorer.add(sample, quality, method, result)
                 outputs.append((f"{method.name} q{quality}", result))
             if index < n_crops and (len(outputs) > 1 or len(methods) == 1):
-                path = crops / f"{sample.key}_{data.codec}_q{quality}.png"
+                path = crops / key_file_name(sample.key, f"_{data.codec}_q{quality}.png")
                 write_comparison(path, sample.image, sample.label, outputs, palette)
 
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import JobConfig
+from pipeline.data.members import INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER, decode_instance
 
 
 @dataclass
@@ -115,9 +116,11 @@ class ShardInput:
             image = cv2.cvtColor(
                 _decode_png(raw["image.png"], cv2.IMREAD_COLOR, f"{key} image"), cv2.COLOR_BGR2RGB
             )
-            instance = None
-            if "instance.png" in raw:
-                instance = _decode_png(raw["instance.png"], cv2.IMREAD_UNCHANGED, f"{key} instance")
+            instance = None  # instance.npz; instance.png in shards written before it
+            if INSTANCE_MEMBER in raw:
+                instance = decode_instance(raw[INSTANCE_MEMBER])
+            elif LEGACY_INSTANCE_MEMBER in raw:
+                instance = _decode_png(raw[LEGACY_INSTANCE_MEMBER], cv2.IMREAD_UNCHANGED, f"{key} instance")
             sample = EvalSample(
                 key=key,
                 image=image,

@@ -134,7 +134,7 @@ def _checked_metadata(path: str | Path) -> tuple[dict[str, str], GeneratorSpec]:
         raise ValueError(f"{path}: the '{SPEC_KEY}' metadata is not a JSON object")
     try:
         return metadata, GeneratorSpec.from_json(spec, version)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}") from err
 
 
@@ -181,9 +181,35 @@ def weights_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_weights(path: str | Path, spec: GeneratorSpec) -> None:
+    """Refuse a file whose tensors (names and shapes, read from its header) are not the spec's generator's,
+    before the generator is built; the spec's bounds and memory are checked first."""
+    expected = spec.weight_shapes()
+    with safe_open(str(path), framework="pt") as f:
+        stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    missing = sorted(expected.keys() - stored.keys())
+    unexpected = sorted(stored.keys() - expected.keys())
+    wrong = [
+        f"{k} {list(stored[k])} (spec: {list(expected[k])})"
+        for k in expected
+        if stored.get(k, expected[k]) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if wrong:
+        problems.append(f"{len(wrong)} of other shapes, e.g. {wrong[0]}")
+    if problems:
+        raise ValueError(f"{path}: weights do not match the spec's generator: {'; '.join(problems)}")
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, GeneratorSpec]:
-    """Rebuild the exported generator (strict weight load, eval mode) and return it with its spec."""
+    """Rebuild the exported generator (strict weight load, eval mode) and return it with its spec. The spec's
+    bounds, the memory it needs and the weights' shapes are checked before anything is allocated."""
     spec = read_spec(path)
+    check_weights(path, spec)
     generator = spec.build_generator()
     state = load_file(str(path), device="cpu")
     try:

@@ -92,7 +92,7 @@ def enhance_image(
     """Enhance one frame: ``decoded`` uint8 ``H x W x 3`` RGB, ``label`` ``H x W`` ids, ``instance``
     ``H x W`` ids (a model with ``use_instance`` sees its edges; none given: no edges); returns the uint8
     ``H x W x 3`` RGB output."""
-    dec = torch.from_numpy(np.ascontiguousarray(decoded)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    dec = torch.from_numpy(np.array(decoded, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
     lab = torch.from_numpy(label.astype(np.int64))[None]
     edge = None
     if spec.use_instance:

@@ -20,16 +20,24 @@ an export's bytes (its identity, :func:`pipeline.model.export.weights_sha256`) d
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ModelConfig
+import torch
+
+from pipeline.config import MODEL_BOUNDS, ModelConfig, Norm
 from pipeline.model.inputs import IMAGE_CHANNELS, input_channels
 from pipeline.model.networks import Generator
 
 FORMAT_VERSION = 2  # the version this code writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
+# The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
+# metadata decides what is allocated, so it is checked before anything is built.
+BOUNDS: dict[str, tuple[int, int]] = {**MODEL_BOUNDS, "label_nc": (1, 256)}  # label maps are 8-bit
+NORMS = typing.get_args(Norm)
+MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,12 @@ class GeneratorSpec:
     def __post_init__(self) -> None:
         if self.qualities is not None:
             object.__setattr__(self, "qualities", tuple(self.qualities))
+        for key, (low, high) in BOUNDS.items():
+            value = getattr(self, key)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"generator spec {key}={value} is outside [{low}, {high}]")
+        if self.norm not in NORMS:
+            raise ValueError(f"generator spec norm={self.norm!r} is not one of {list(NORMS)}")
 
     @classmethod
     def from_config(
@@ -128,8 +142,22 @@ class GeneratorSpec:
             "residual": self.residual,
         }
 
-    def build_generator(self) -> Generator:
-        """A freshly initialised generator of this spec's architecture."""
+    def weight_shapes(self, max_bytes: int = MAX_GENERATOR_BYTES) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor of this spec's generator, worked out without allocating it (on the meta
+        device); refused when its float32 weights would need more than ``max_bytes``."""
+        with torch.device("meta"):
+            state = Generator(**self.generator_kwargs).state_dict()
+        needed = sum(4 * t.numel() for t in state.values())
+        if needed > max_bytes:
+            raise ValueError(
+                f"generator spec {self.generator_kwargs} needs {needed / 2**30:.1f} GiB of weights, over the "
+                f"limit of {max_bytes / 2**30:.1f} GiB"
+            )
+        return {name: tuple(t.shape) for name, t in state.items()}
+
+    def build_generator(self, max_bytes: int = MAX_GENERATOR_BYTES) -> Generator:
+        """A freshly initialised generator of this spec's architecture (its size checked first)."""
+        self.weight_shapes(max_bytes)
         return Generator(**self.generator_kwargs)
 
 

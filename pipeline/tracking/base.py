@@ -109,6 +109,21 @@ class Sink(Protocol):
     def end_run(self, run: RunInfo, status: str, ms: int) -> None: ...
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's standard tags of who ran what (``mlflow.user``, ``mlflow.source.name``/``type``), which a
+    run created through a bare client does not get: set on every run the tracker starts."""
+    import getpass
+    import sys
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container's uid without a passwd entry)
+        user = "unknown"
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    source = str(Path(argv0).resolve()) if argv0 and argv0 != "-c" else "python -m pipeline"
+    return {"mlflow.user": user, "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+
+
 def git_commit(repo: str | Path = REPO_ROOT) -> str:
     """The checked-out commit of ``repo`` (default: this project), or ``"unknown"``."""
     try:

@@ -6,12 +6,18 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.tracking.base import RunInfo, clean_params
-from pipeline.tracking.registry import GENERATOR_ARTIFACT, generator_signature, save_pyfunc_model
+from pipeline.tracking.registry import (
+    GENERATOR_ARTIFACT,
+    generator_signature,
+    save_pyfunc_model,
+    selected_metrics,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -171,6 +177,15 @@ class MLflowStore:
             client.log_model_artifacts(logged.model_id, str(local))
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        # the validation figures the export was selected by (at its step): logged-model metrics, version tags
+        metrics = selected_metrics(spec)
+        if metrics:
+            from mlflow.entities import Metric
+
+            ms, step = int(time.time() * 1000), int(metrics.get("selected_step", 0))
+            linked = [Metric(k, v, ms, step, model_id=logged.model_id) for k, v in metrics.items()]
+            client.log_batch(run_id, metrics=linked)
+            tags.update({k: repr(v) for k, v in metrics.items()})
         try:
             client.create_registered_model(
                 name, description="JPD-SE generator (pipeline.model.export safetensors)"

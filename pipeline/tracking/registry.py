@@ -2,12 +2,18 @@
 and resolving ``models:/name@alias`` URIs to the exported safetensors file.
 
 A registered model is an MLflow pyfunc model whose ``loader_module`` is :data:`PYFUNC_LOADER`, so no pickled
-code is stored; its data is the exported generator file itself.
+code is stored; its data is the exported generator file itself. It is self-contained: the Python sources of
+this package travel with it (MLflow's ``code_paths``, which ``load_model`` puts first on ``sys.path``), so a
+process without this repository loads and runs it with only the model's requirements installed; those are
+pinned to public versions (``torch==2.13.0``, never ``+cpu``), which the CPU and the CUDA wheels both satisfy.
+The model version carries the validation figures of the step the export was selected at
+(:func:`selected_metrics`) as tags, and its logged model as metrics.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,11 +46,16 @@ def check_registration(
     path = Path(generator_file).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"exported generator not found: {path}")
+    check_names(name, alias)
+    return path, spec if spec is not None else read_spec(path)
+
+
+def check_names(name: str, alias: str | None) -> None:
+    """Refuse a registered-model name or alias the registry would refuse (before anything is trained)."""
     if not REGISTRY_NAME.match(name):
         raise ValueError(f"invalid registered-model name {name!r} (letters, digits, '.', '_', '-')")
     if alias is not None and (not _ALIAS.match(alias) or re.fullmatch(r"[vV]\d+|latest", alias)):
         raise ValueError(f"invalid alias {alias!r}: letters, digits, '_' and '-', not 'latest' or v<number>")
-    return path, spec if spec is not None else read_spec(path)
 
 
 def register_generator(
@@ -58,16 +69,57 @@ def register_generator(
     return tracker.register_generator(generator_file, name, alias=alias, spec=spec)
 
 
+# What the pyfunc's code imports (pipeline.tracking -> pipeline.config needs yaml; the generator needs torch,
+# safetensors and numpy).
+PYFUNC_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pyyaml")
+
+
 def _pip_requirements() -> list[str]:
-    """Pinned requirements of the pyfunc model (given, so MLflow does not infer them in a subprocess)."""
+    """Pinned requirements of the pyfunc model (given, so MLflow does not infer them in a subprocess).
+
+    Public versions only: a local label (``2.13.0+cpu``) exists on one wheel index alone, while
+    ``torch==2.13.0`` is met by the CPU and the CUDA builds alike.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
+    from packaging.version import Version
+
     out = []
-    for package in ("mlflow", "torch", "safetensors", "numpy"):
+    for package in PYFUNC_PACKAGES:
         try:
-            out.append(f"{package}=={version(package)}")
+            out.append(f"{package}=={Version(version(package)).public}")
         except PackageNotFoundError:
             out.append(package)
+    return out
+
+
+def _copy_code(dst: Path) -> Path:
+    """The package's Python sources (no data, no caches) copied under ``dst/pipeline``, for ``code_paths``."""
+    import pipeline
+
+    src = Path(pipeline.__file__).resolve().parent
+    target = dst / "pipeline"
+    for file in sorted(src.rglob("*.py")):
+        if "__pycache__" in file.parts:
+            continue
+        (target / file.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target / file.relative_to(src))
+    return target
+
+
+def selected_metrics(spec: GeneratorSpec) -> dict[str, float]:
+    """The validation figures of the step an export was selected at (``spec.selected``, written by the
+    trainer): ``val_<score>`` for each score (``val_psnr``, ``val_delta_psnr``, ...) and ``selected_step``;
+    empty for an export without validation."""
+    selected = spec.selected or {}
+    out = {
+        f"val_{k}": float(v)
+        for k, v in (selected.get("scores") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    step = selected.get("step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        out["selected_step"] = float(step)
     return out
 
 
@@ -127,16 +179,18 @@ def save_pyfunc_model(
     import mlflow
     from mlflow.models import Model
 
-    mlflow.pyfunc.save_model(
-        str(folder),
-        loader_module=PYFUNC_LOADER,
-        data_path=str(generator_file),
-        signature=signature,
-        input_example=example_input(spec),
-        pip_requirements=_pip_requirements(),
-        model_config=spec.to_json(),
-        mlflow_model=Model(run_id=run_id, model_id=model_id),
-    )
+    with tempfile.TemporaryDirectory(prefix="jpdse-code-") as code:
+        mlflow.pyfunc.save_model(
+            str(folder),
+            loader_module=PYFUNC_LOADER,
+            data_path=str(generator_file),
+            code_paths=[str(_copy_code(Path(code)))],
+            signature=signature,
+            input_example=example_input(spec),
+            pip_requirements=_pip_requirements(),
+            model_config=spec.to_json(),
+            mlflow_model=Model(run_id=run_id, model_id=model_id),
+        )
 
 
 class GeneratorPyfunc:

@@ -21,6 +21,7 @@ from pipeline.tracking.base import (
     clean_tags,
     default_tracking_uri,
     now_ms,
+    source_tags,
 )
 from pipeline.tracking.mlflow_store import MLflowStore
 from pipeline.tracking.offline import OfflineRecord
@@ -105,7 +106,7 @@ class MLflowTracker(Tracker):
             name,
             parent.key if parent else None,
             clean_params(params or {}),
-            clean_tags(tags or {}),
+            clean_tags({**source_tags(), **(tags or {})}),
             now_ms(),
         )
         self._stack.append(run)

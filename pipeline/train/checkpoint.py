@@ -10,7 +10,9 @@ checkpoint that looks complete but is not.
   rank's generator digest;
 * ``best_generator.safetensors``: the best validated generator so far (when the phase validates).
 
-``checkpoints/latest`` (JSON: ``tag``, ``phase``, ``step``, ``history``) names the newest complete one. It
+``checkpoints/latest.json`` (``tag``, ``phase``, ``step``, ``history``) names the newest complete one (run
+folders written before it was renamed hold it as ``checkpoints/latest``, which is still read: the name that
+DeepSpeed gives its own plain-text tag file, so it is no longer written). It
 is replaced only after every rank has written its part, so a checkpoint interrupted at any point (even
 by SIGKILL) is never named, and a resume starts from the one before. Checkpoints beyond
 ``train.keep_checkpoints`` are deleted once the pointer has moved on. Every file the pipeline writes
@@ -44,14 +46,15 @@ from pipeline.train.batches import Batches
 from pipeline.train.engine import DistEnv, Engines, barrier, say
 
 CHECKPOINTS = "checkpoints"
-LATEST = "latest"
+LATEST = "latest.json"
+LEGACY_LATEST = "latest"  # the pointer's name before latest.json; read when resuming an old run folder
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_generator.safetensors"  # in a checkpoint: the best validated generator so far
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A complete checkpoint, as ``checkpoints/latest`` names it."""
+    """A complete checkpoint, as ``checkpoints/latest.json`` names it."""
 
     tag: str
     phase: int
@@ -81,12 +84,27 @@ def checkpoint_dir(out: Path) -> Path:
     return out / CHECKPOINTS
 
 
+def _pointer(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The pointer file under ``root`` and its JSON: ``latest.json``, else an old run's ``latest``."""
+    for name in (LATEST, LEGACY_LATEST):
+        pointer = root / name
+        if pointer.is_file():
+            try:
+                entry = json.loads(pointer.read_text())
+            except json.JSONDecodeError as err:
+                raise RuntimeError(f"{pointer} is not a checkpoint pointer (JSON): {err}") from None
+            if not isinstance(entry, dict) or "tag" not in entry:
+                raise RuntimeError(f"{pointer} is not a checkpoint pointer (no 'tag')")
+            return pointer, entry
+    return None
+
+
 def read_latest(out: Path) -> Checkpoint | None:
     """The newest complete checkpoint under ``out`` (the training output folder), or ``None``."""
-    pointer = checkpoint_dir(out) / LATEST
-    if not pointer.is_file():
+    found = _pointer(checkpoint_dir(out))
+    if found is None:
         return None
-    entry = json.loads(pointer.read_text())
+    pointer, entry = found
     path = checkpoint_dir(out) / entry["tag"]
     if not (path / STATE_FILE).is_file():
         raise RuntimeError(f"{pointer} names {entry['tag']} but {path / STATE_FILE} is missing")
@@ -96,10 +114,11 @@ def read_latest(out: Path) -> Checkpoint | None:
 def discard_checkpoints(out: Path) -> None:
     """Remove every checkpoint under ``out`` (a fresh run does not leave an earlier one's to pile up)."""
     root = checkpoint_dir(out)
-    (root / LATEST).unlink(missing_ok=True)
+    for name in (LATEST, LEGACY_LATEST):
+        (root / name).unlink(missing_ok=True)
     for old in root.glob("phase*-step*"):
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in temporary_names(root, LATEST):
+    for tmp in temporary_names(root, LATEST) + temporary_names(root, LEGACY_LATEST):
         tmp.unlink(missing_ok=True)
 
 
@@ -215,10 +234,12 @@ class PhaseCheckpoints:
     def _point_latest(self, tag: str, step: int) -> None:
         """Name ``tag`` the newest complete checkpoint, then drop the ones beyond ``keep_checkpoints``."""
         pointer = self.root / LATEST
-        history = json.loads(pointer.read_text()).get("history", []) if pointer.is_file() else []
+        found = _pointer(self.root)
+        history = found[1].get("history", []) if found is not None else []
         history = [t for t in history if t != tag] + [tag]
         entry = {"tag": tag, "phase": self.phase, "step": step}
         write_atomic(pointer, json.dumps({**entry, "history": history}))
+        (self.root / LEGACY_LATEST).unlink(missing_ok=True)  # an old run's pointer, now superseded
         keep = self.cfg.train.keep_checkpoints
         if keep > 0 and len(history) > keep:
             for old in history[:-keep]:

@@ -39,6 +39,7 @@ phase are done, its phase continues from its step with the same RNG states and d
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -52,16 +53,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, write_atomic
 from pipeline.config import ConfigError, JobConfig, flatten
 from pipeline.data.loader import training_qualities
 from pipeline.data.manifest import DatasetInfo, dataset_info
 from pipeline.data.splits import refuse_overlap
-from pipeline.model.export import export_generator, load_generator, read_spec, read_train_frames
+from pipeline.lock import rank0_lock
+from pipeline.model.export import (
+    export_generator,
+    load_generator,
+    read_spec,
+    read_train_frames,
+    weights_sha256,
+)
 from pipeline.model.losses import GeneratorLosses
 from pipeline.model.networks import Generator, build_models, zero_correction
 from pipeline.model.spec import GeneratorSpec
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
+from pipeline.tracking.registry import check_names
 from pipeline.train.batches import Batches
 from pipeline.train.checkpoint import (
     Checkpoint,
@@ -74,10 +83,12 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.engine import DistEnv, Engines, barrier, build_engines, distributed, say
 from pipeline.train.gan_step import FiniteWatch, discriminator_terms, generator_terms, step_inputs
+from pipeline.train.preempt import STOP, Preempted
 from pipeline.train.validation import Validator, check_metric, improves, load_frames
 
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
+REGISTERED_FILE = "registered.json"  # beside an export: the registration that completed its phase
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,13 @@ class PhaseRunner:
                 self.on_step(
                     StepEvent(self.phase, self.progress.step, self.phase_cfg.steps, generator, losses)
                 )
+            signum = STOP.due(self.progress.step, self.env.device)
+            if signum and not self._finished():  # SIGUSR1/SIGTERM: checkpoint before the job is killed
+                self.bar.close()
+                if self.saved_step != self.progress.step:
+                    self._save()
+                say(self.env, f"phase {self.phase}: stop signal {signum}, saved step {self.progress.step}")
+                raise Preempted(128 + signum)
         self.bar.close()
         if self.saved_step != self.progress.step:  # the last step (or the early stop) is saved here
             self._save()
@@ -438,7 +456,8 @@ def train(
     """
     if not phases or phases != sorted(set(phases)) or any(p not in (1, 2, 3) for p in phases):
         raise ConfigError(f"phases must be increasing values out of 1, 2, 3, got {phases}")
-    with distributed() as env:
+    check_registration_settings(cfg, phases)
+    with distributed() as env, rank0_lock(output_dir(cfg), "training", env.is_main), STOP.installed():
         tracker = tracker if tracker is not None else make_tracker(cfg, rank=env.rank)
         tags = {**run_tags(cfg), "phases": ",".join(map(str, phases)), "world_size": str(env.world_size)}
         with tracker.start_run(run_name or cfg.name, params=cfg.flat(), tags=tags):
@@ -482,6 +501,10 @@ def _train_phases(
         if done and export.is_file():
             say(env, f"phase {phase} already complete: {export}")
             exports[phase] = export
+            if env.is_main and not _registered(cfg, phase, export):  # killed between export and registry
+                say(env, f"phase {phase}: its export was never registered; registering it now")
+                tracker.log_artifact(export, artifact_path=f"phase{phase}")
+                _register(cfg, tracker, phase, export)
             continue
         if latest is not None and phase < latest.phase:
             raise RuntimeError(f"resuming at phase {latest.phase}, but phase {phase}'s {export} is missing")
@@ -497,13 +520,51 @@ def _train_phases(
     return exports
 
 
-def _register(cfg: JobConfig, tracker: Tracker, phase: int, export: Path) -> None:
-    """Phase 3's generator (and phase 2's, the perception-leaning one, on request) goes to the registry."""
-    if not cfg.tracking.register or phase == 1 or (phase == 2 and not cfg.tracking.register_phase2):
-        return
+def _registered_name(cfg: JobConfig, phase: int) -> str | None:
+    """The registered-model name of the phase's export; None when it is not registered. Phase 3's
+    generator (and phase 2's, the perception-leaning one, on request) goes to the registry."""
+    tracking = cfg.tracking
+    wanted = phase == 3 or (phase == 2 and tracking.register_phase2)
+    if not (tracking.enabled and tracking.register and wanted):
+        return None
     name = registry_name(cfg.loader.codec, cfg.loader.quality, cfg.model.zero_semantics)
-    if phase == 2:
-        name += "-perceptual"
-    uri = tracker.register_generator(export, name, alias=cfg.tracking.alias or None, spec=read_spec(export))
+    return name + "-perceptual" if phase == 2 else name
+
+
+def check_registration_settings(cfg: JobConfig, phases: list[int]) -> None:
+    """Refuse a registered-model name or ``tracking.alias`` the registry would refuse, before training."""
+    for phase in phases:
+        name = _registered_name(cfg, phase)
+        if name is not None:
+            try:
+                check_names(name, cfg.tracking.alias or None)
+            except ValueError as err:
+                raise ConfigError(f"tracking.alias / registered model of phase {phase}: {err}") from None
+
+
+def _registered(cfg: JobConfig, phase: int, export: Path) -> bool:
+    """Whether the export is registered as the config asks (its ``registered.json`` marker names it), or
+    need not be."""
+    name = _registered_name(cfg, phase)
+    if name is None:
+        return True
+    try:
+        marker = json.loads((export.parent / REGISTERED_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = {"name": name, "alias": cfg.tracking.alias or None, "sha256": weights_sha256(export)}
+    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in wanted.items())
+
+
+def _register(cfg: JobConfig, tracker: Tracker, phase: int, export: Path) -> None:
+    """Register the phase's export (see :func:`_registered_name`); the ``registered.json`` marker beside
+    it completes the phase, so a job killed before it registers on ``--resume``."""
+    name = _registered_name(cfg, phase)
+    if name is None:
+        return
+    alias = cfg.tracking.alias or None
+    uri = tracker.register_generator(export, name, alias=alias, spec=read_spec(export))
     if uri:
-        print(f"[train] registered {uri}" + (f" as @{cfg.tracking.alias}" if cfg.tracking.alias else ""))
+        print(f"[train] registered {uri}" + (f" as @{alias}" if alias else ""))
+        marker = {"uri": uri, "name": name, "alias": alias, "sha256": weights_sha256(export)}
+        write_atomic(export.parent / REGISTERED_FILE, json.dumps(marker, sort_keys=True))

@@ -3,9 +3,11 @@
 ``base`` holds the :class:`Codec` interface and the registry; each codec module registers its codecs
 when imported, and importing this package imports them all, so :func:`get_codec` knows every codec:
 ``opencv`` (jpeg, webp, jpeg2000), ``bpg`` (reference binaries), ``hevc`` (in process; its container
-code is in ``heif``). ``label`` holds :class:`LabelCoder`.
+code is in ``heif``), ``avif`` (AV1 intra through Pillow), ``jxl`` (lossy JPEG XL through imagecodecs).
+``label`` holds :class:`LabelCoder`.
 """
 
+from pipeline.data.codecs.avif import AVIFCodec
 from pipeline.data.codecs.base import (
     Codec,
     CodecError,
@@ -17,10 +19,12 @@ from pipeline.data.codecs.base import (
 )
 from pipeline.data.codecs.bpg import BPGCodec
 from pipeline.data.codecs.hevc import HEVCCodec
+from pipeline.data.codecs.jxl import JPEGXLCodec
 from pipeline.data.codecs.label import LabelCoder
 from pipeline.data.codecs.opencv import JPEG2000Codec, JPEGCodec, WebPCodec
 
 __all__ = [
+    "AVIFCodec",
     "BPGCodec",
     "Codec",
     "CodecError",
@@ -29,6 +33,7 @@ __all__ = [
     "HEVCCodec",
     "JPEG2000Codec",
     "JPEGCodec",
+    "JPEGXLCodec",
     "LabelCoder",
     "WebPCodec",
     "available_codecs",

@@ -184,7 +184,26 @@ def heif_file(parameter_sets: list[bytes], slices: list[bytes]) -> bytes:
     if sps.chroma_format_idc != 1 or sps.bit_depth_luma != 8 or sps.bit_depth_chroma != 8:
         raise CodecError("only 8-bit 4:2:0 HEVC streams are supported")
     item_data = b"".join(struct.pack(">I", len(nal)) + nal for nal in slices)
-    ftyp = _box(b"ftyp", b"heic", struct.pack(">I", 0), b"mif1heic")
+    properties = [
+        _hvcc(parameter_sets, sps),
+        _full_box(b"ispe", 0, 0, struct.pack(">II", sps.width, sps.height)),
+    ]
+    # item 1: hvcC (essential), ispe
+    return single_image_file(b"heic", b"mif1heic", b"hvc1", properties, bytes([0x81, 0x02]), item_data)
+
+
+def single_image_file(
+    brand: bytes,
+    compatible: bytes,
+    item_type: bytes,
+    properties: list[bytes],
+    associations: bytes,
+    data: bytes,
+) -> bytes:
+    """An ISO base-media image file (HEIF, AVIF) of one coded image item: ``ftyp``, ``meta`` (handler,
+    primary item, location, info, the item's ``properties`` and their ``associations``: one byte per
+    property, its 1-based index with 0x80 set when essential) and ``mdat`` holding ``data``."""
+    ftyp = _box(b"ftyp", brand, struct.pack(">I", 0), compatible)
 
     def meta(data_offset: int) -> bytes:
         return _full_box(
@@ -193,29 +212,23 @@ def heif_file(parameter_sets: list[bytes], slices: list[bytes]) -> bytes:
             0,
             _full_box(b"hdlr", 0, 0, struct.pack(">I", 0), b"pict", bytes(12), b"\x00"),
             _full_box(b"pitm", 0, 0, struct.pack(">H", 1)),
-            _full_box(
-                b"iloc", 0, 0, struct.pack(">BBHHHHII", 0x44, 0, 1, 1, 0, 1, data_offset, len(item_data))
-            ),
+            _full_box(b"iloc", 0, 0, struct.pack(">BBHHHHII", 0x44, 0, 1, 1, 0, 1, data_offset, len(data))),
             _full_box(
                 b"iinf",
                 0,
                 0,
                 struct.pack(">H", 1),
-                _full_box(b"infe", 2, 0, struct.pack(">HH", 1, 0), b"hvc1\x00"),
+                _full_box(b"infe", 2, 0, struct.pack(">HH", 1, 0), item_type + b"\x00"),
             ),
             _box(
                 b"iprp",
-                _box(
-                    b"ipco",
-                    _hvcc(parameter_sets, sps),
-                    _full_box(b"ispe", 0, 0, struct.pack(">II", sps.width, sps.height)),
-                ),
-                _full_box(b"ipma", 0, 0, struct.pack(">IHBBB", 1, 1, 2, 0x81, 0x02)),
+                _box(b"ipco", *properties),
+                _full_box(b"ipma", 0, 0, struct.pack(">IHB", 1, 1, len(associations)), associations),
             ),
         )
 
     data_offset = len(ftyp) + len(meta(0)) + 8
-    return ftyp + meta(data_offset) + _box(b"mdat", item_data)
+    return ftyp + meta(data_offset) + _box(b"mdat", data)
 
 
 def hvcc_nals(hvcc: bytes) -> list[bytes]:

@@ -2,35 +2,46 @@
 
 Every trial fine-tunes phase 2 from the same starting point (``train.init_from``, a phase-1 export: the
 sweep compares weightings on one shared semantic prior; without it a residual generator starts every trial
-at the codec itself) for ``tune.max_steps`` steps with
-its own values of the searched keys (``tune.search_space``, dotted config keys, e.g.
-``phase2.loss.dist: {loguniform: [1, 100]}``; also ``uniform``, ``randint`` and ``choice``). Every
-``tune.report_every`` steps, and once more on the exported generator at the end, it evaluates the first
-``tune.eval_images`` frames of ``validate.split`` of the shards (held-out frames, never the training split,
-and best not the reported ``eval.split``): mean PSNR (distortion), mean standard NIQE (perception,
-published pristine model) and ``val_score = val_psnr - tune.niqe_weight * val_niqe``. ``tune.metric``
-picks one of the three as the objective; ASHA (``time_attr="step"``) stops the weak trials at those
-reports. The best trial is the best *completed* one (early-stopped trials have no exported generator).
+at the codec itself) for ``tune.max_steps`` steps with its own values of the searched keys
+(``tune.search_space``, dotted config keys, e.g. ``phase2.loss.dist: {loguniform: [1, 100]}``; also
+``uniform``, ``randint`` and ``choice``). Every ``tune.report_every`` steps, and once more on the exported
+generator at the end, it evaluates the first ``tune.eval_images`` frames of ``validate.split`` of the
+shards (held-out frames, never the training split, and best not the reported ``eval.split``): mean PSNR
+(distortion), mean standard NIQE (perception, published pristine model) and
+``val_score = val_psnr - tune.niqe_weight * val_niqe``. ``tune.metric`` picks one of the three as the
+objective of the search algorithm (``tune.search_alg``) and the scheduler (``tune.scheduler``: ASHA by
+default, ``time_attr="step"``, stopping weak trials at those reports).
 
-Layout: ``<tune.output_dir>/<tune.name>/`` is Ray's experiment folder (``Tuner.restore`` resumes it); each
-trial folder ``trial_<id>/`` holds Ray's results and ``train/``, the trial's own ``train.output_dir``
-(checkpoints, ``phase2/generator.safetensors``). An interrupted trial resumes from its newest trainer
-checkpoint. ``best.json`` lies in the experiment folder.
+Checkpoints: each intermediate report carries a Ray checkpoint, the trainer's checkpoint of that step
+(generator and discriminator engines with their optimiser states, the step, RNG states and data position).
+A trial that fails is retried ``tune.max_failures`` times from its newest Ray checkpoint, and a sweep
+interrupted (Ctrl-C, SIGUSR1, a lost driver) continues with ``--resume`` (``Tuner.restore``): finished
+trials are kept, unfinished ones continue from their checkpoints.
 
-Tracking: one sweep run in the driver; in the Ray worker each trial opens a run nested under it
-(``mlflow.parentRunId``) against the tracking URI resolved once in the driver (a worker's working
-directory is Ray's trial folder, so ``default_tracking_uri`` there would point elsewhere); the trainer's run
-and its ``phase2`` run nest under the trial's run.
+Results: the best *completed* trial by ``tune.metric`` (``best.json``) and the Pareto front on
+(val_psnr max, val_niqe min) of the completed trials (:mod:`.pareto`: ``pareto.csv``, ``pareto.png`` and a
+phase-2 training config per front point), all in the experiment folder and logged to the sweep's run.
+
+Layout: ``<tune.output_dir>/<tune.name>/`` is Ray's experiment folder; each trial folder ``trial_<id>/``
+holds Ray's results, its Ray checkpoints (``checkpoint_NNNNNN/``) and ``train/``, the trial's own
+``train.output_dir``. On a cluster ``tune.output_dir`` must be a folder every node sees.
+
+Tracking: one sweep run in the driver; Ray's MLflow integration (:class:`.mlflow_runs.TrialRuns`, in the
+driver) opens one run per trial nested under it, with the trial's values as params and its reports as
+metrics at their phase-2 step. Trials themselves log nothing to MLflow, so a trial's worker ending (ASHA,
+a crash) leaves no run open.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import time
+import shutil
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,14 +53,16 @@ from pipeline.data.manifest import Manifest, dataset_info
 from pipeline.data.splits import refuse_overlap
 from pipeline.eval.inputs import EvalSample
 from pipeline.eval.scoring import Scores
+from pipeline.lock import folder_lock
 from pipeline.model.export import load_generator, read_spec
-from pipeline.tracking import MLflowTracker, Tracker, default_tracking_uri, make_tracker, run_tags
-from pipeline.train.checkpoint import read_latest
+from pipeline.tracking import Tracker, default_tracking_uri, make_tracker, run_tags
+from pipeline.train.checkpoint import LATEST, checkpoint_dir, discard_checkpoints, read_latest
 from pipeline.train.trainer import StepEvent, train
+from pipeline.train.tune import pareto
 from pipeline.train.validation import Validator, load_frames
 
 if TYPE_CHECKING:  # ray is imported where it is used: loading it takes seconds
-    from ray.tune import Result, ResultGrid
+    from ray.tune import Callback, Checkpoint, Result, ResultGrid
     from ray.tune.experiment import Trial
 
 SPEC_KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -60,7 +73,10 @@ DEFAULT_SPACE: dict[str, Any] = {
 # Keys every trial sets itself; searching them would break the sweep.
 RESERVED = ("train.output_dir", "train.init_from", "phase2.steps", "tracking.", "tune.")
 BEST_FILE = "best.json"
+SWEEP_RUN_FILE = "sweep_run.json"  # the sweep's MLflow run id: a resumed sweep nests its run under it
 TRAIN_DIR = "train"
+COMPLETED_KEY = "generator"  # in a trial's last result only when it ran all its steps and exported
+PATH_KEYS = ("data.root", "shards.output", "loader.shards", "loss.vgg_weights")
 
 
 @dataclass
@@ -93,6 +109,8 @@ class TuneResult:
     trials: list[TrialSummary]
     baseline: dict[str, float]  # the codec's decoded images on the same held-out images
     best_file: str = ""
+    pareto: list[str] = field(default_factory=list)  # trial ids on the front, by PSNR descending
+    pareto_configs: dict[str, str] = field(default_factory=dict)  # trial id -> its phase-2 config file
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +119,8 @@ class TuneResult:
             "mode": self.mode,
             "best": {**asdict(self.best), "status": self.best.status},
             "baseline": self.baseline,
+            "pareto": self.pareto,
+            "pareto_configs": self.pareto_configs,
             "trials": [{**asdict(t), "status": t.status} for t in self.trials],
         }
 
@@ -109,9 +129,8 @@ class TuneResult:
 class _Setup:
     """What every trial gets from the driver (through Ray's object store)."""
 
-    base: dict[str, Any]  # the resolved JobConfig: absolute paths, tracking URI, phase2.steps
+    base: dict[str, Any]  # the resolved JobConfig: absolute paths, phase2.steps, checkpoints at the reports
     experiment: str
-    parent_run_id: str | None
     samples: list[EvalSample] = field(default_factory=list)
     codec: Scores | None = None  # the codec's own scores on the samples, computed once in the driver
 
@@ -165,36 +184,48 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def _init_from(cfg: JobConfig) -> Path | None:
+    init = Path(cfg.train.init_from).expanduser().resolve() if cfg.train.init_from else None
+    if init is not None and not init.is_file():
+        raise ConfigError(f"train.init_from: no such file {init}")
+    return init
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its local paths absolute (Ray runs trials in folders of its own; a Pareto point's
+    config is read from anywhere)."""
+    init = _init_from(cfg)
+    values: dict[str, Any] = {key: _absolute(value) for key, value in cfg.flat().items() if key in PATH_KEYS}
+    values["train.init_from"] = str(init) if init is not None else ""
+    values["train.deepspeed_config"] = str(resolve_path(cfg.train.deepspeed_config).resolve())
+    return with_overrides(cfg, values)
+
+
 def trial_base(cfg: JobConfig) -> JobConfig:
-    """The config every trial starts from: local paths made absolute (Ray runs trials in folders of its
-    own), the tracking URI resolved, ``phase2.steps = tune.max_steps``, no phase-2 registration and no
-    validation inside the trainer (the sweep's own reports rank the trials)."""
+    """The config every trial starts from: local paths made absolute, the tracking URI resolved,
+    ``phase2.steps = tune.max_steps``, a trainer checkpoint at every report (its Ray checkpoint), no
+    phase-2 registration and no validation inside the trainer (the sweep's own reports rank the trials)."""
     if not cfg.train.init_from and not cfg.model.residual:
         raise ConfigError(
             "tune needs train.init_from=<phase-1 exported generator>: every trial fine-tunes phase 2 from "
             "the same semantic prior (train one with `python -m pipeline train --phases 1`)"
         )
-    init = Path(cfg.train.init_from).expanduser().resolve() if cfg.train.init_from else None
-    if init is not None and not init.is_file():
-        raise ConfigError(f"train.init_from: no such file {init}")
+    init = _init_from(cfg)
     phase = read_spec(init).phase if init is not None else 1
     if phase != 1:
         warnings.warn(f"train.init_from {init} is a phase-{phase} export, not phase 1's", stacklevel=2)
     values: dict[str, Any] = {
-        "data.root": _absolute(cfg.data.root),
-        "shards.output": _absolute(cfg.shards.output),
-        "loader.shards": _absolute(cfg.loader.shards),
-        "loss.vgg_weights": _absolute(cfg.loss.vgg_weights),
-        "train.init_from": str(init) if init is not None else "",
-        "train.deepspeed_config": str(resolve_path(cfg.train.deepspeed_config).resolve()),
         "phase2.steps": cfg.tune.max_steps,
         "tracking.register_phase2": False,
         # the sweep scores its trials itself (every tune.report_every steps); a trial exports its last step
         "validate.every": 0,
+        # the trainer's checkpoint of each report's step is that report's Ray checkpoint
+        "train.checkpoint_every": cfg.tune.report_every,
+        "train.keep_checkpoints": 1,
     }
     if cfg.tracking.enabled:
         values["tracking.uri"] = default_tracking_uri(cfg.tracking.uri)
-    return with_overrides(cfg, values)
+    return with_overrides(absolute_paths(cfg), values)
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -205,9 +236,9 @@ def eval_set(cfg: JobConfig) -> list[EvalSample]:
     ``loader.quality``, refused when they overlap the training split."""
     samples = load_frames(cfg, cfg.validate.split, cfg.tune.eval_images)
     if not cfg.loader.shards:
-        train = Manifest.read(cfg.shards.output).split(cfg.loader.split).keys
+        train_keys = Manifest.read(cfg.shards.output).split(cfg.loader.split).keys
         what = f"validate.split={cfg.validate.split!r} (the frames trials are scored on)"
-        refuse_overlap(what, (s.key for s in samples), train, cfg.loader.split)
+        refuse_overlap(what, (s.key for s in samples), train_keys, cfg.loader.split)
     return samples
 
 
@@ -239,38 +270,73 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------ a trial
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard link (the trainer replaces files atomically, so a link stays a snapshot), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def checkpoint_of(out: Path, step: int) -> Iterator[Checkpoint]:
+    """The trainer's checkpoint of ``step`` under ``out`` as a Ray checkpoint (a private snapshot folder
+    holding the ``latest.json`` pointer and that checkpoint; Ray persists it during ``report``)."""
+    from ray.tune import Checkpoint
+
+    latest = read_latest(out)
+    if latest is None or latest.step != step:
+        found = "none" if latest is None else f"step {latest.step}"
+        raise RuntimeError(f"no trainer checkpoint of step {step} under {checkpoint_dir(out)} ({found})")
+    with tempfile.TemporaryDirectory(prefix="ray-ckpt-") as tmp:
+        shutil.copytree(latest.path, Path(tmp) / latest.path.name, copy_function=_link_or_copy)
+        shutil.copy2(checkpoint_dir(out) / LATEST, Path(tmp) / LATEST)
+        yield Checkpoint.from_directory(tmp)
+
+
+def restore_checkpoint(checkpoint: Checkpoint | None, out: Path) -> int | None:
+    """Put a Ray checkpoint back as the trainer's only checkpoint under ``out``; returns its step (None
+    without one: the trial starts afresh, and train() discards what a failed first try left)."""
+    if checkpoint is None:
+        return None
+    discard_checkpoints(out)
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(folder, checkpoint_dir(out), dirs_exist_ok=True)
+    latest = read_latest(out)
+    if latest is None:
+        raise RuntimeError(f"the Ray checkpoint {checkpoint.path} holds no trainer checkpoint")
+    return latest.step
+
+
 def run_trial(config: dict[str, Any], setup: _Setup) -> None:
-    """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune."""
+    """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune, from
+    the trial's Ray checkpoint when Ray restores it (a retry after a failure, a resumed sweep)."""
     from ray import tune as ray_tune
 
     context = ray_tune.get_context()
-    trial_id = context.get_trial_id()
     out = Path(setup.experiment) / Path(context.get_trial_dir()).name / TRAIN_DIR
     cfg = with_overrides(from_dict(setup.base), {**config, "train.output_dir": str(out)})
     evaluate = Evaluator(cfg, setup.samples, setup.codec)
-    tracker = make_tracker(cfg)
-    tags = {**run_tags(cfg, 2), "sweep": Path(setup.experiment).name, "trial_id": trial_id}
-    if setup.parent_run_id:
-        tags["mlflow.parentRunId"] = setup.parent_run_id
+    start = restore_checkpoint(ray_tune.get_checkpoint(), out)
     every = cfg.tune.report_every
 
     def on_step(event: StepEvent) -> None:
         if event.phase != 2 or event.step >= event.steps or event.step % every:
             return
         scores = evaluate(event.generator)
-        tracker.log_metrics(scores, step=event.step)
-        # ASHA may stop the trial here: Ray then raises SystemExit in this thread and ends the worker
-        # process (see _close_stopped_runs for the MLflow runs it leaves open)
-        ray_tune.report({"step": event.step, **scores})
+        losses = {f"loss.{k}": float(v) for k, v in event.losses.items()}
+        with checkpoint_of(out, event.step) as checkpoint:
+            # ASHA may stop the trial here: Ray then ends this worker (its MLflow run is the driver's)
+            ray_tune.report(
+                {"step": event.step, "start_step": start or 0, **scores, **losses}, checkpoint=checkpoint
+            )
 
-    with tracker.start_run(f"trial-{trial_id}", params=config, tags=tags):
-        exports = train(
-            cfg, [2], resume=read_latest(out) is not None, tracker=tracker, run_name="train", on_step=on_step
-        )
-        generator, _ = load_generator(exports[2], evaluate.device)
-        scores = evaluate(generator)
-        tracker.log_metrics({**scores, "stopped_early": 0.0}, step=cfg.phase2.steps)
-    ray_tune.report({"step": cfg.phase2.steps, **scores, "generator": str(exports[2])})
+    exports = train(cfg, [2], resume=start is not None, tracker=Tracker(), run_name="train", on_step=on_step)
+    generator, _ = load_generator(exports[2], evaluate.device)
+    scores = evaluate(generator)
+    ray_tune.report(
+        {"step": cfg.phase2.steps, "start_step": start or 0, **scores, COMPLETED_KEY: str(exports[2])}
+    )
 
 
 def trial_dirname(trial: Trial) -> str:
@@ -278,40 +344,6 @@ def trial_dirname(trial: Trial) -> str:
 
 
 # -------------------------------------------------------------------------------------------- sweep
-
-
-def _close_stopped_runs(tracker: Tracker, sweep_run_id: str | None, trials: list[TrialSummary]) -> None:
-    """End the MLflow runs of trials that did not complete: KILLED (stopped early or interrupted) or
-    FAILED (errors).
-
-    Ray ends an early-stopped trial by raising SystemExit in its report call and exiting the worker
-    process right away, which races the runs' own ending: they may be left RUNNING or FAILED.
-    """
-    status = {t.trial_id: ("FAILED" if t.error else "KILLED") for t in trials if not t.generator}
-    if not status or sweep_run_id is None or not isinstance(tracker, MLflowTracker) or tracker.offline:
-        return
-    client, experiment_id = tracker.client, tracker.experiment_id
-
-    def children(run_id: str) -> list[Any]:
-        return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
-
-    try:
-        for trial_run in children(sweep_run_id):
-            trial_status = status.get(trial_run.data.tags.get("trial_id", ""))
-            if trial_status is None:
-                continue
-            pending = [trial_run]
-            while pending:
-                run = pending.pop()
-                pending += children(run.info.run_id)
-                if run.info.status != trial_status:
-                    end_time = run.info.end_time or int(time.time() * 1000)
-                    client.set_terminated(run.info.run_id, status=trial_status, end_time=end_time)
-            client.log_metric(
-                trial_run.info.run_id, "stopped_early", 1.0, timestamp=int(time.time() * 1000), step=0
-            )
-    except Exception as err:  # tracking never fails the sweep
-        warnings.warn(f"could not close the runs of stopped trials: {err}", RuntimeWarning, stacklevel=2)
 
 
 def _unfinished(experiment: Path, expected: int | None) -> str:
@@ -339,7 +371,7 @@ def _summary(result: Result) -> TrialSummary:
         params=config,
         metrics={k: float(metrics[k]) for k in TUNE_MODES if k in metrics},
         step=int(metrics.get("step", 0)),
-        generator=str(metrics.get("generator", "")),
+        generator=str(metrics.get(COMPLETED_KEY, "")),
         path=str(result.path),
         error=str(result.error).splitlines()[0] if result.error else "",
     )
@@ -366,6 +398,7 @@ def format_table(result: TuneResult) -> str:
         + " ".join(f"{'':>{width}}" for _ in keys)
         + f" {'':>6} {base['val_psnr']:>7.3f} {base['val_niqe']:>7.3f} {base['val_score']:>8.3f}  baseline"
     )
+    front = set(result.pareto)
     for t in sorted(result.trials, key=lambda t: t.trial_id):
         values = " ".join(
             f"{t.params[k]:>{width}.4g}"
@@ -374,21 +407,109 @@ def format_table(result: TuneResult) -> str:
             for k in keys
         )
         m = {k: t.metrics.get(k, math.nan) for k in TUNE_MODES}
-        mark = "  <- best" if t.trial_id == result.best.trial_id else ""
+        marks = (" pareto" if t.trial_id in front else "") + (
+            "  <- best" if t.trial_id == result.best.trial_id else ""
+        )
         lines.append(
             f"{t.trial_id:<12} {values} {t.step:>6} {m['val_psnr']:>7.3f} {m['val_niqe']:>7.3f} "
-            f"{m['val_score']:>8.3f}  {t.status}{mark}"
+            f"{m['val_score']:>8.3f}  {t.status}{marks}"
         )
     return "\n".join(lines)
 
 
-def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
-    """Run (or with ``resume`` continue, via ``Tuner.restore``) the sweep; write ``best.json``, print the
-    table of trials and return the result (best trial's values, metrics and exported generator)."""
+def _search_alg(cfg: JobConfig) -> Any:
+    settings = cfg.tune
+    if settings.search_alg == "optuna":
+        try:
+            import optuna  # noqa: F401
+            from ray.tune.search import ConcurrencyLimiter
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as err:
+            raise ConfigError(f"tune.search_alg=optuna needs the optuna package ({err})") from err
+        searcher = OptunaSearch(seed=cfg.train.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent_trials)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials given a search algorithm
+    return BasicVariantGenerator(max_concurrent=settings.max_concurrent_trials, random_state=cfg.train.seed)
+
+
+def _scheduler(cfg: JobConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    settings = cfg.tune
+    grace = settings.grace_period or min(settings.report_every, settings.max_steps)
+    if settings.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=settings.max_steps,
+            grace_period=grace,
+            reduction_factor=settings.reduction_factor,
+        )
+    if settings.scheduler == "median":
+        return MedianStoppingRule(time_attr="step", grace_period=grace)
+    return FIFOScheduler()
+
+
+def _points(trials: Sequence[TrialSummary]) -> list[pareto.Point]:
+    return [
+        pareto.Point(t.trial_id, t.metrics["val_psnr"], t.metrics["val_niqe"], t.params, t.generator)
+        for t in trials
+        if t.generator and "val_psnr" in t.metrics and "val_niqe" in t.metrics
+    ]
+
+
+def write_pareto(
+    cfg: JobConfig, trials: Sequence[TrialSummary], experiment: Path, baseline: dict[str, float] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """``pareto.csv``, ``pareto.png`` and a config per front point in ``experiment``; returns the front's
+    trial ids and ``{trial_id: config file}``. ``cfg`` is the sweep's own configuration."""
+    points = _points(trials)
+    front = pareto.pareto_front(points)
+    configs = pareto.write_front_configs(absolute_paths(cfg), front, experiment)
+    pareto.write_csv(experiment / pareto.CSV_FILE, points, front, configs)
+    if points:
+        pareto.plot_front(experiment / pareto.PLOT_FILE, points, front, baseline)
+    return [p.trial_id for p in front], {k: str(v) for k, v in configs.items()}
+
+
+def tune(
+    cfg: JobConfig,
+    resume: bool = False,
+    *,
+    callbacks: Sequence[Callback] = (),
+    trial_fn: Callable[[dict[str, Any], _Setup], None] = run_trial,
+) -> TuneResult:
+    """Run (or with ``resume`` continue, via ``Tuner.restore``) the sweep; write ``best.json`` and the
+    Pareto files, print the table of trials and return the result. ``callbacks`` are further Ray Tune
+    callbacks and ``trial_fn`` wraps :func:`run_trial` (instrumentation); a resumed sweep keeps both from
+    its first run. The experiment folder is locked throughout: a second sweep into it is refused."""
+    experiment = Path(cfg.tune.output_dir).expanduser().resolve() / (cfg.tune.name or f"{cfg.name}-tune")
+    with folder_lock(experiment, "tune sweep"):
+        return _tune(cfg, resume, experiment, callbacks, trial_fn)
+
+
+def _sweep_run_tags(base: JobConfig, experiment: Path, restore: bool) -> tuple[str, dict[str, str]]:
+    """The driver run's name and tags: a resumed sweep's run is nested under its first run."""
+    tags = {**run_tags(base, 2), "sweep": experiment.name}
+    first = experiment / SWEEP_RUN_FILE
+    if restore and first.is_file():
+        tags["mlflow.parentRunId"] = json.loads(first.read_text())["run_id"]
+        return f"{experiment.name}-resume", tags
+    return experiment.name, tags
+
+
+def _tune(
+    cfg: JobConfig,
+    resume: bool,
+    experiment: Path,
+    callbacks: Sequence[Callback],
+    trial_fn: Callable[[dict[str, Any], _Setup], None],
+) -> TuneResult:
     import ray
     from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.train.tune.mlflow_runs import TrialRuns
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         raise ConfigError(
@@ -398,7 +519,6 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
     settings = cfg.tune
     base = trial_base(cfg)
     space = search_space(base)
-    experiment = Path(settings.output_dir).expanduser().resolve() / (settings.name or f"{cfg.name}-tune")
     restore = resume and ray_tune.Tuner.can_restore(str(experiment))
     if resume and not restore:
         print(f"[tune] --resume: no experiment to restore in {experiment}, starting afresh")
@@ -418,52 +538,52 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
     tracker = make_tracker(base)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(include_dashboard=False)
+        ray.init(address=settings.address or None, include_dashboard=False)
     try:
         params = {k: json.dumps(v) for k, v in (settings.search_space or DEFAULT_SPACE).items()}
-        tags = {**run_tags(base, 2), "sweep": experiment.name}
-        with tracker.start_run(experiment.name, params={**base.flat(), **params}, tags=tags):
-            setup = _Setup(
-                base.to_dict(), str(experiment), tracker.active_run_id, samples, driver.validator.codec
-            )
+        name, tags = _sweep_run_tags(base, experiment, restore)
+        with tracker.start_run(name, params={**base.flat(), **params}, tags=tags):
+            setup = _Setup(base.to_dict(), str(experiment), samples, driver.validator.codec)
             trainable = ray_tune.with_resources(
-                ray_tune.with_parameters(run_trial, setup=setup),
+                ray_tune.with_parameters(trial_fn, setup=setup),
                 {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
             )
             if restore:
                 tuner = ray_tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
             else:
-                scheduler = ASHAScheduler(
-                    time_attr="step",
-                    max_t=settings.max_steps,
-                    grace_period=settings.grace_period or min(settings.report_every, settings.max_steps),
-                    reduction_factor=settings.reduction_factor,
-                )
+                run_id = tracker.active_run_id
+                trial_runs = []
+                if base.tracking.enabled and run_id is not None and not getattr(tracker, "offline", True):
+                    experiment.mkdir(parents=True, exist_ok=True)
+                    (experiment / SWEEP_RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+                    uri, mlflow_experiment = base.tracking.uri, getattr(tracker, "experiment", "")
+                    trial_runs = [TrialRuns(uri, mlflow_experiment, run_id, experiment.name)]
                 tuner = ray_tune.Tuner(
                     trainable,
                     param_space=space,
                     tune_config=ray_tune.TuneConfig(
                         metric=settings.metric,
                         mode=settings.mode,
-                        # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials
-                        # when it is given a search algorithm
-                        search_alg=BasicVariantGenerator(
-                            max_concurrent=settings.max_concurrent_trials, random_state=cfg.train.seed
-                        ),
-                        scheduler=scheduler,
+                        search_alg=_search_alg(cfg),
+                        scheduler=_scheduler(cfg),
                         num_samples=settings.num_samples,
                         trial_dirname_creator=trial_dirname,
                     ),
                     run_config=ray_tune.RunConfig(
-                        name=experiment.name, storage_path=str(experiment.parent), verbose=1
+                        name=experiment.name,
+                        storage_path=str(experiment.parent),
+                        verbose=1,
+                        callbacks=[*trial_runs, *callbacks],
+                        failure_config=ray_tune.FailureConfig(max_failures=settings.max_failures),
+                        checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                     ),
                 )
             grid: ResultGrid = tuner.fit()
             trials = [_summary(r) for r in grid]
-            _close_stopped_runs(tracker, setup.parent_run_id, trials)
             unfinished = _unfinished(experiment, None if restore else settings.num_samples)
-            if unfinished:  # Ray returns from fit() on Ctrl-C, having saved the experiment's state
+            if unfinished:  # Ray returns from fit() on Ctrl-C or SIGUSR1, having saved the experiment's state
                 raise KeyboardInterrupt(f"sweep interrupted ({unfinished}); continue it with --resume")
+            front, configs = write_pareto(cfg, trials, experiment, baseline)
             result = TuneResult(
                 str(experiment),
                 settings.metric,
@@ -471,15 +591,26 @@ def tune(cfg: JobConfig, resume: bool = False) -> TuneResult:
                 best_trial(trials, settings.metric, settings.mode),
                 trials,
                 baseline,
+                pareto=front,
+                pareto_configs=configs,
             )
             best_file = experiment / BEST_FILE
             best_file.write_text(json.dumps(result.to_dict(), indent=2))
             result.best_file = str(best_file)
             tracker.log_metrics({f"best.{k}": v for k, v in result.best.metrics.items()})
+            tracker.log_metrics({"pareto.size": float(len(front))})
             tracker.log_artifact(best_file, "tune")
+            for artifact in (pareto.CSV_FILE, pareto.PLOT_FILE, pareto.CONFIG_DIR):
+                if (experiment / artifact).exists():
+                    tracker.log_artifact(experiment / artifact, "pareto")
     finally:
         if started_ray:
             ray.shutdown()
     print(format_table(result))
     print(f"[tune] best trial {result.best.trial_id}: {result.best.params} -> {result.best.generator}")
+    if front:
+        print(
+            f"[tune] Pareto front (val_psnr max, val_niqe min): {', '.join(front)}; configs in "
+            f"{experiment / pareto.CONFIG_DIR}"
+        )
     return result

@@ -1,0 +1,434 @@
+"""``python -m pipeline compress`` and ``decompress``: an image and its label map to one ``.jse`` file and
+back, enhanced by the generator the file names (or another given with ``--model``).
+
+Compression codes the image with the codec (every core: the codec's own thread pool) and the label map
+losslessly (:class:`~pipeline.data.codecs.LabelCoder`), and records the model reference: a registry URI
+is pinned to its version (``models:/name@alias`` -> ``models:/name/3``), and the sha256 of the exported
+generator file is kept whatever its origin. Decompression decodes both streams, checks the model against
+the reference (a different sha256 is refused unless ``--force``) and runs the one inference function
+(:func:`pipeline.model.inference.enhance_image`), in overlapping tiles for frames larger than a tile
+(:mod:`pipeline.compress.tiling`), on the GPU when there is one.
+
+Folder mode: ``compress DIR --label LABEL_DIR -o OUT_DIR`` pairs images and label maps as the folder
+dataset does (same relative path with ``.png``, else the one label map with the image's stem) and writes
+``OUT_DIR/<relative path>.jse``; ``decompress DIR -o OUT_DIR`` writes a PNG per ``.jse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.atomic import write_atomic
+from pipeline.compress.container import Container, ContainerError, ModelRef, pack, read_container
+from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pipeline.model.spec import GeneratorSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+DEFAULT_CODEC = "hevc"
+DEFAULT_QUALITY = 42
+
+
+class CompressError(ValueError):
+    """An expected failure of compress/decompress: bad input, a refused model, a corrupt bitstream."""
+
+
+@dataclass
+class Model:
+    """A loaded generator and the reference a container records for it."""
+
+    origin: str  # as the user gave it
+    generator: nn.Module
+    spec: GeneratorSpec
+    ref: ModelRef
+
+
+def load_model(origin: str, device: torch.device | str = "cpu", tracking_uri: str = "") -> Model:
+    """The generator behind a file path or a ``models:/`` / ``runs:/`` URI, with its pinned reference."""
+    from pipeline import tracking
+    from pipeline.model.export import load_generator, weights_sha256
+
+    try:
+        pinned = tracking.pin_model_uri(origin, tracking_uri=tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="jpdse-model-") as download:
+            path = tracking.resolve_model_uri(pinned, tracking_uri=tracking_uri, dst_dir=download)
+            sha = weights_sha256(path)
+            generator, spec = load_generator(path, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise CompressError(f"model {origin}: {err}") from None
+    except Exception as err:  # MLflow's errors (unknown model, unreachable store) without a traceback
+        if type(err).__module__.startswith("mlflow"):
+            raise CompressError(f"model {origin}: {str(err).splitlines()[0]}") from None
+        raise
+    name, version = "", ""
+    if pinned.startswith("models:/"):
+        name, _, version = pinned.removeprefix("models:/").strip("/").partition("/")
+        if not version.isdigit():
+            name, version = "", ""
+    return Model(origin, generator, spec, ModelRef(name, version, sha))
+
+
+def _check_model_for(model: Model, codec: str, quality: int, what: str) -> list[str]:
+    """Why ``model`` does not fit ``codec`` at ``quality`` (empty: it fits)."""
+    spec, problems = model.spec, []
+    if spec.codec is not None and spec.codec != codec:
+        problems.append(f"it was trained for codec {spec.codec!r}, {what} is {codec!r}")
+    elif spec.trained_qualities and quality not in spec.trained_qualities:
+        trained = "/".join(f"q{q}" for q in spec.trained_qualities)
+        problems.append(f"it was trained at {trained}, {what} is q{quality}")
+    if spec.use_instance:
+        problems.append("it needs instance maps, which a .jse file does not carry")
+    return problems
+
+
+def _check_labels(label: np.ndarray, model: Model) -> None:
+    top = int(label.max())
+    if top >= model.spec.label_nc:
+        raise CompressError(f"label id {top} is outside model {model.origin}'s {model.spec.label_nc} classes")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB ``uint8`` image file (8-bit; alpha dropped)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise CompressError(f"cannot read image {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: Path, height: int, width: int) -> np.ndarray:
+    """A single-channel label-id map at the image's size; a map 1/k the image's size on both sides is
+    up-sampled with nearest neighbour (as the dataset sources do)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise CompressError(f"cannot read label map {path}")
+    if raw.ndim != 2:
+        raise CompressError(f"label map {path} must be single-channel, got shape {raw.shape}")
+    if raw.dtype != np.uint8:
+        if raw.dtype != np.uint16 or int(raw.max()) > 255:
+            raise CompressError(f"label map {path} must hold 8-bit ids (0..255)")
+        raw = raw.astype(np.uint8)
+    lh, lw = raw.shape
+    if (lh, lw) == (height, width):
+        return raw
+    if width % lw or height % lh or width // lw != height // lh:
+        raise CompressError(
+            f"label map {path} is {lw}x{lh}: not the image size {width}x{height} divided by a whole number"
+        )
+    return cv2.resize(raw, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def compress_image(
+    image_path: Path,
+    label_path: Path,
+    out: Path,
+    *,
+    codec: str,
+    quality: int,
+    label_coder: str = "auto",
+    label_downsample: int = 1,
+    model: Model | None = None,
+) -> Container:
+    """Compress one image and its label map to ``out`` (written atomically); returns the container."""
+    from pipeline.data.codecs import LabelCoder, get_codec
+
+    rgb = read_image(image_path)
+    height, width = rgb.shape[:2]
+    label = read_label(label_path, height, width)
+    if model is not None:
+        _check_labels(label, model)
+    coder = LabelCoder(label_coder, label_downsample)
+    container = Container(
+        codec=codec,
+        quality=quality,
+        width=width,
+        height=height,
+        label_coder=coder.method,
+        label_downsample=coder.downsample,
+        codec_bitstream=get_codec(codec).encode(rgb, quality),
+        label_bitstream=coder.encode(label),
+        model=model.ref if model is not None else ModelRef(),
+    )
+    write_atomic(out, pack(container))
+    return container
+
+
+def decode_container(container: Container) -> tuple[np.ndarray, np.ndarray]:
+    """The codec's decoded RGB image and the label map of a container, both checked against its size.
+
+    The bitstreams are untrusted: whatever a decoder raises on them is one :class:`CompressError`.
+    """
+    from pipeline.data.codecs import LabelCoder, get_codec
+
+    try:
+        codec = get_codec(container.codec)
+        lo, hi = codec.quality_range
+        if not lo <= container.quality <= hi:
+            raise CompressError(
+                f"quality {container.quality} is outside {container.codec}'s range {lo}..{hi}"
+            )
+        coder = LabelCoder(container.label_coder, container.label_downsample)
+    except ValueError as err:
+        raise CompressError(str(err)) from None
+    size = (container.width, container.height)
+    try:
+        rgb = codec.decode(container.codec_bitstream)
+    except Exception as err:  # a corrupt stream may fail anywhere in a decoder: one line, no traceback
+        raise CompressError(f"corrupt {container.codec} bitstream: {str(err).splitlines()[0]}") from None
+    if rgb.shape[:2] != (container.height, container.width):
+        raise CompressError(
+            f"the {container.codec} bitstream decodes to {rgb.shape[1]}x{rgb.shape[0]}, not {size}"
+        )
+    try:
+        label = coder.decode(container.label_bitstream, size)
+    except Exception as err:
+        raise CompressError(f"corrupt label bitstream: {str(err).splitlines()[0]}") from None
+    return rgb, label
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise CompressError(f"OpenCV could not encode {path}")
+    write_atomic(path, buf.tobytes())
+
+
+class ModelCache:
+    """Models loaded once per command, by what names them."""
+
+    def __init__(self, device: torch.device | str, tracking_uri: str) -> None:
+        self.device, self.tracking_uri = device, tracking_uri
+        self._models: dict[str, Model] = {}
+
+    def get(self, origin: str) -> Model:
+        if origin not in self._models:
+            self._models[origin] = load_model(origin, self.device, self.tracking_uri)
+        return self._models[origin]
+
+
+def decompress_file(
+    path: Path,
+    out: Path,
+    *,
+    models: ModelCache | None,
+    model: str = "",
+    force: bool = False,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+) -> tuple[Container, Model | None]:
+    """Decompress ``path`` to the PNG ``out``; ``models`` None: the codec's plain output (no generator).
+
+    ``model`` overrides the container's reference; a model whose sha256 differs from the recorded one,
+    or that does not fit the container's codec and quality, is refused unless ``force``.
+    """
+    container = read_container(path)
+    rgb, label = decode_container(container)
+    used = None
+    if models is not None:
+        origin = model or container.model.uri
+        if not origin:
+            named = container.model.describe()
+            raise CompressError(
+                f"{path} does not name a registry model ({named}); give --model FILE or --no-enhance"
+            )
+        used = models.get(origin)
+        recorded = container.model.sha256
+        problems = []
+        if recorded and used.ref.sha256 != recorded:
+            problems.append(f"its sha256 {used.ref.sha256[:12]} is not the recorded {recorded[:12]}")
+        problems += _check_model_for(used, container.codec, container.quality, "the file")
+        if problems and not force:
+            raise CompressError(
+                f"{path}: model {origin} is refused: {'; '.join(problems)} (--force to use it anyway)"
+            )
+        _check_labels(label, used)
+        check_tiling(used.spec, tile, overlap)
+        rgb = enhance_tiled(used.generator, used.spec, rgb, label, tile=tile, overlap=overlap)
+    write_png(out, rgb)
+    return container, used
+
+
+def _rate_line(container: Container) -> str:
+    bpp = container.bpp()
+    parts = {
+        "codec": len(container.codec_bitstream),
+        "label": len(container.label_bitstream),
+        "header": container.header_bytes(),
+    }
+    text = " + ".join(f"{k} {bpp[k]:.4f} ({n} B)" for k, n in parts.items())
+    return f"{text} = {bpp['total']:.4f} bpp ({sum(parts.values())} B)"
+
+
+def _pairs(images: Path, labels: Path) -> list[tuple[Path, Path, Path]]:
+    """``(image, label, relative path)`` of each image under ``images`` and its label map under ``labels``."""
+    if not labels.is_dir():
+        raise CompressError(f"folder mode: --label must be a folder, got {labels}")
+    found = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(labels.rglob("*.png")):
+        by_stem.setdefault(p.stem, []).append(p)
+    out, missing = [], []
+    for image in found:
+        rel = image.relative_to(images)
+        same_place = labels / rel.with_suffix(".png")
+        candidates = [same_place] if same_place.is_file() else by_stem.get(image.stem, [])
+        if len(candidates) == 1:
+            out.append((image, candidates[0], rel))
+        else:
+            missing.append(str(rel))
+    if missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CompressError(
+            f"no single label map (by stem) under {labels} for {len(missing)} image(s): {listed}"
+        )
+    if not out:
+        raise CompressError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
+    return out
+
+
+def _device() -> torch.device:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    """``python -m pipeline compress``."""
+    src, label, out = Path(args.input), Path(args.label), Path(args.output)
+    model = load_model(args.model, "cpu", args.tracking_uri) if args.model else None
+    codec = args.codec or (model.spec.codec if model and model.spec.codec else DEFAULT_CODEC)
+    quality = args.quality
+    if quality is None:
+        quality = model.spec.quality if model and model.spec.quality is not None else DEFAULT_QUALITY
+    if model is not None:
+        problems = _check_model_for(model, codec, quality, "the compression")
+        if problems:
+            raise CompressError(f"model {args.model} does not fit: {'; '.join(problems)}")
+    options = {
+        "codec": codec,
+        "quality": quality,
+        "label_coder": args.label_coder,
+        "label_downsample": args.label_downsample,
+        "model": model,
+    }
+    if not src.exists():
+        raise CompressError(f"input not found: {src}")
+    if src.is_file():
+        container = compress_image(src, label, out, **options)
+        print(f"{out}  {container.width}x{container.height} {codec} q{quality}: {_rate_line(container)}")
+        return 0
+    jobs = _pairs(src, label)
+    bits = dict.fromkeys(("codec", "label", "header", "total"), 0.0)
+    pixels = 0
+    for image, label_path, rel in tqdm(jobs, desc="compress", unit="image", file=sys.stderr):
+        target = out / rel.with_suffix(".jse")
+        container = compress_image(image, label_path, target, **options)
+        tqdm.write(f"{target}  {container.width}x{container.height}: {_rate_line(container)}")
+        for k, v in container.bpp().items():
+            bits[k] += v * container.pixels
+        pixels += container.pixels
+    summary = ", ".join(f"{k} {v / pixels:.4f}" for k, v in bits.items())
+    print(f"{len(jobs)} image(s) -> {out}  {codec} q{quality}, bpp over all pixels: {summary}")
+    return 0
+
+
+def decompress_command(args: argparse.Namespace) -> int:
+    """``python -m pipeline decompress``."""
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise CompressError(f"input not found: {src}")
+    models = None if args.no_enhance else ModelCache(_device(), args.tracking_uri)
+    options = {
+        "models": models,
+        "model": args.model,
+        "force": args.force,
+        "tile": args.tile,
+        "overlap": args.overlap,
+    }
+    if src.is_file():
+        container, used = decompress_file(src, out, **options)
+        print(f"{out}  {_described(container, used)}")
+        return 0
+    jobs = sorted(p for p in src.rglob("*.jse") if p.is_file())
+    if not jobs:
+        raise CompressError(f"no .jse files under {src}")
+    for path in tqdm(jobs, desc="decompress", unit="image", file=sys.stderr):
+        target = out / path.relative_to(src).with_suffix(".png")
+        container, used = decompress_file(path, target, **options)
+        tqdm.write(f"{target}  {_described(container, used)}")
+    print(f"{len(jobs)} file(s) -> {out}")
+    return 0
+
+
+def _described(container: Container, used: Model | None) -> str:
+    how = (
+        "plain codec output"
+        if used is None
+        else f"enhanced by {used.ref.uri or used.origin} ({used.ref.describe()})"
+    )
+    return (
+        f"{container.width}x{container.height} {container.codec} q{container.quality}, "
+        f"{container.bpp()['total']:.4f} bpp, {how}"
+    )
+
+
+def add_arguments(compress: argparse.ArgumentParser, decompress: argparse.ArgumentParser) -> None:
+    """The two commands' arguments (the CLI owns the sub-parsers)."""
+    compress.add_argument("input", help="image file, or a folder of images")
+    compress.add_argument(
+        "--label", required=True, help="label-id map (PNG), or a folder of them (matched by stem)"
+    )
+    compress.add_argument("-o", "--output", required=True, help="the .jse file, or a folder in folder mode")
+    compress.add_argument(
+        "--codec", default="", help=f"codec name (default: the model's, else {DEFAULT_CODEC})"
+    )
+    compress.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help=f"on the codec's scale (default: the model's, else {DEFAULT_QUALITY})",
+    )
+    compress.add_argument("--label-coder", default="auto", help="jxl, webp, png or auto (the best available)")
+    compress.add_argument("--label-downsample", type=int, default=1, help="code the label map on a 1/k grid")
+    compress.add_argument("--model", default="", help="the generator to record: models:/name@alias or a file")
+    decompress.add_argument("input", help="a .jse file, or a folder of them")
+    decompress.add_argument("-o", "--output", required=True, help="the PNG file, or a folder in folder mode")
+    decompress.add_argument(
+        "--model", default="", help="models:/name@alias or a generator file (default: the recorded one)"
+    )
+    decompress.add_argument("--no-enhance", action="store_true", help="write the codec's plain output")
+    decompress.add_argument(
+        "--force", action="store_true", help="use a model that does not match the recorded one"
+    )
+    decompress.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest tile side in pixels")
+    decompress.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
+    for p in (compress, decompress):
+        p.add_argument(
+            "--tracking-uri", default="", help="MLflow store (default: $MLFLOW_TRACKING_URI, else local)"
+        )
+
+
+EXPECTED_ERRORS = (CompressError, ContainerError)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Run ``compress`` or ``decompress``; expected failures are one line on stderr and exit 2."""
+    from pipeline.data.codecs import CodecError, CodecUnavailable
+
+    try:
+        return compress_command(args) if command == "compress" else decompress_command(args)
+    except (*EXPECTED_ERRORS, CodecError, CodecUnavailable, ValueError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2

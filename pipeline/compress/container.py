@@ -1,0 +1,262 @@
+"""The ``.jse`` container: one compressed image (codec bitstream, lossless label map, model reference).
+
+Layout, all integers big-endian; ``str8`` is a one-byte length followed by that many bytes:
+
+======  =========================  ==============================================================
+bytes   field                      value
+======  =========================  ==============================================================
+8       magic                      ``\\x89JSE\\r\\n\\x1a\\n`` (a PNG-style signature: catches text-mode
+                                   transfers and truncation at the first bytes)
+1       format version             :data:`FORMAT_VERSION`
+str8    codec                      registered codec name (``hevc``), ASCII ``[a-z0-9_]``
+2       quality                    on the codec's own scale (checked against it)
+4 + 4   width, height              the image size in pixels, each ``1..MAX_SIDE``, product ``<= MAX_PIXELS``
+str8    label coder                ``jxl``, ``webp`` or ``png``
+1       label down-sampling        ``1..MAX_DOWNSAMPLE`` (the label map is coded on a 1/k grid)
+str8    model name                 registered-model name, UTF-8 (empty: none, or a model file)
+str8    model version              registered-model version, ASCII digits (empty: none)
+str8    model sha256               0 or 32 bytes: sha256 of the exported generator file
+4 + 4   codec / label lengths      byte lengths of the two bitstreams
+n       codec bitstream            exactly what the codec's ``decode`` takes
+n       label bitstream            exactly what :class:`~pipeline.data.codecs.LabelCoder` ``decode`` takes
+4       CRC-32                     of every byte before it
+======  =========================  ==============================================================
+
+The header is every byte that is not one of the two bitstreams (the trailing CRC included), so a file's
+size is always ``header + codec + label`` bytes. The parser takes its input as untrusted: every length is
+checked against what is left before anything is sliced, sizes are bounded before anything is allocated,
+trailing bytes and checksum mismatches are refused, and every failure is one :class:`ContainerError`.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"\x89JSE\r\n\x1a\n"
+FORMAT_VERSION = 1
+MAX_SIDE = 1 << 16  # pixels per side
+MAX_PIXELS = 1 << 28  # 268 Mpixels: about 800 MB as RGB, the most a decoder is asked to allocate
+MAX_DOWNSAMPLE = 64
+MAX_FILE_BYTES = 1 << 30  # a container larger than this is refused before it is read
+CRC_BYTES = 4
+LABEL_CODERS = ("jxl", "webp", "png")
+_CODEC_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+_VERSION = re.compile(r"^[0-9]{0,20}$")
+
+
+class ContainerError(ValueError):
+    """A ``.jse`` file (or the values to write into one) is not a valid container."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The generator a container was made for: a registry model (name and version) and/or the sha256 of
+    its exported file. An empty reference names no model."""
+
+    name: str = ""
+    version: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.name.encode()) > 255:
+            raise ContainerError(f"model name longer than 255 bytes: {self.name[:40]!r}...")
+        if not _VERSION.match(self.version):
+            raise ContainerError(f"model version must be digits, got {self.version!r}")
+        if bool(self.version) != bool(self.name):
+            raise ContainerError("a registry model reference needs both a name and a version")
+        if self.sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ContainerError(f"model sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+
+    @property
+    def uri(self) -> str:
+        """``models:/name/version``, or empty when the reference names no registry model."""
+        return f"models:/{self.name}/{self.version}" if self.name else ""
+
+    def __bool__(self) -> bool:
+        return bool(self.name or self.sha256)
+
+    def describe(self) -> str:
+        """One-line description for messages."""
+        parts = [self.uri] if self.uri else []
+        if self.sha256:
+            parts.append(f"sha256 {self.sha256[:12]}")
+        return ", ".join(parts) or "no model"
+
+
+@dataclass(frozen=True)
+class Container:
+    """The content of one ``.jse`` file (see the module docstring for the bytes)."""
+
+    codec: str
+    quality: int
+    width: int
+    height: int
+    label_coder: str
+    label_downsample: int
+    codec_bitstream: bytes
+    label_bitstream: bytes
+    model: ModelRef = ModelRef()
+
+    def __post_init__(self) -> None:
+        if not _CODEC_NAME.match(self.codec):
+            raise ContainerError(f"codec name must be 1-32 characters of [a-z0-9_], got {self.codec!r}")
+        if not 0 <= self.quality <= 0xFFFF:
+            raise ContainerError(f"quality {self.quality} does not fit the container (0..65535)")
+        if not (0 < self.width <= MAX_SIDE and 0 < self.height <= MAX_SIDE):
+            raise ContainerError(
+                f"image size {self.width}x{self.height} is outside 1..{MAX_SIDE} pixels per side"
+            )
+        if self.width * self.height > MAX_PIXELS:
+            raise ContainerError(
+                f"image size {self.width}x{self.height} exceeds {MAX_PIXELS} pixels; refused as absurd"
+            )
+        if self.label_coder not in LABEL_CODERS:
+            raise ContainerError(
+                f"unknown label coder {self.label_coder!r}; known: {', '.join(LABEL_CODERS)}"
+            )
+        if not 1 <= self.label_downsample <= MAX_DOWNSAMPLE:
+            raise ContainerError(
+                f"label down-sampling factor {self.label_downsample} is outside 1..{MAX_DOWNSAMPLE}"
+            )
+        if not self.codec_bitstream or not self.label_bitstream:
+            raise ContainerError("empty codec or label bitstream")
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def header_bytes(self) -> int:
+        """Bytes of the file that are neither bitstream (magic, fields, CRC)."""
+        return len(pack(self)) - len(self.codec_bitstream) - len(self.label_bitstream)
+
+    def bpp(self) -> dict[str, float]:
+        """Bits per pixel of each part and of the whole file: ``codec``, ``label``, ``header``, ``total``."""
+        header = self.header_bytes()
+        parts = {"codec": len(self.codec_bitstream), "label": len(self.label_bitstream), "header": header}
+        parts["total"] = sum(parts.values())
+        return {k: 8 * v / self.pixels for k, v in parts.items()}
+
+
+def _str8(text: str, what: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ContainerError(f"{what} is longer than 255 bytes")
+    return bytes([len(data)]) + data
+
+
+def pack(container: Container) -> bytes:
+    """The bytes of ``container``."""
+    c, m = container, container.model
+    if len(c.codec_bitstream) > 0xFFFFFFFF or len(c.label_bitstream) > 0xFFFFFFFF:
+        raise ContainerError("a bitstream larger than 4 GiB does not fit the container")
+    sha = bytes.fromhex(m.sha256)
+    body = b"".join(
+        [
+            MAGIC,
+            bytes([FORMAT_VERSION]),
+            _str8(c.codec, "codec name"),
+            struct.pack(">HII", c.quality, c.width, c.height),
+            _str8(c.label_coder, "label coder"),
+            bytes([c.label_downsample]),
+            _str8(m.name, "model name"),
+            _str8(m.version, "model version"),
+            bytes([len(sha)]) + sha,
+            struct.pack(">II", len(c.codec_bitstream), len(c.label_bitstream)),
+            c.codec_bitstream,
+            c.label_bitstream,
+        ]
+    )
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+class _Reader:
+    """Bounded reads over untrusted bytes: every read names its field, and running out is an error."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise ContainerError(
+                f"truncated container: {what} needs {n} bytes at offset {self.pos}, "
+                f"{len(self.data) - self.pos} left"
+            )
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def uint(self, fmt: str, what: str) -> int:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def str8(self, what: str, ascii_only: bool = True) -> str:
+        raw = self.take(self.uint(">B", what), what)
+        try:
+            return raw.decode("ascii" if ascii_only else "utf-8")
+        except UnicodeDecodeError:
+            raise ContainerError(f"{what} is not valid {'ASCII' if ascii_only else 'UTF-8'}") from None
+
+
+def parse(data: bytes) -> Container:
+    """The container in ``data``; anything else raises :class:`ContainerError` (one line)."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ContainerError(f"container of {len(data)} bytes is larger than {MAX_FILE_BYTES}; refused")
+    r = _Reader(data)
+    if r.take(min(len(MAGIC), len(data)), "magic") != MAGIC:
+        raise ContainerError("not a .jse container (wrong magic bytes)")
+    version = r.uint(">B", "format version")
+    if version != FORMAT_VERSION:
+        newer = " (newer than this pipeline reads; update it)" if version > FORMAT_VERSION else ""
+        raise ContainerError(
+            f"unknown .jse format version {version}{newer}; this pipeline reads {FORMAT_VERSION}"
+        )
+    codec = r.str8("codec name")
+    quality, width, height = (r.uint(">H", "quality"), r.uint(">I", "width"), r.uint(">I", "height"))
+    label_coder = r.str8("label coder")
+    label_downsample = r.uint(">B", "label down-sampling")
+    name = r.str8("model name", ascii_only=False)
+    model_version = r.str8("model version")
+    sha_len = r.uint(">B", "model sha256 length")
+    if sha_len not in (0, 32):
+        raise ContainerError(f"model sha256 must be 0 or 32 bytes, got {sha_len}")
+    sha = r.take(sha_len, "model sha256").hex()
+    codec_len, label_len = r.uint(">I", "codec length"), r.uint(">I", "label length")
+    codec_bitstream = r.take(codec_len, "codec bitstream")
+    label_bitstream = r.take(label_len, "label bitstream")
+    end = r.pos
+    crc = r.uint(">I", "CRC-32")
+    if r.pos != len(data):
+        raise ContainerError(f"{len(data) - r.pos} unexpected bytes after the end of the container")
+    if zlib.crc32(r.data[:end]) != crc:
+        raise ContainerError("corrupt container: CRC-32 mismatch")
+    return Container(
+        codec=codec,
+        quality=quality,
+        width=width,
+        height=height,
+        label_coder=label_coder,
+        label_downsample=label_downsample,
+        codec_bitstream=codec_bitstream,
+        label_bitstream=label_bitstream,
+        model=ModelRef(name, model_version, sha),
+    )
+
+
+def read_container(path: str | Path) -> Container:
+    """The container in the file at ``path`` (its size checked before it is read)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ContainerError(f"{path}: {size} bytes is larger than a container may be ({MAX_FILE_BYTES})")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ContainerError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return parse(data)
+    except ContainerError as err:
+        raise ContainerError(f"{path}: {err}") from None

@@ -1,0 +1,220 @@
+"""The segmenter: interface, SegFormer built offline, files (spec, refusals), training on the shards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from pipeline.config import JobConfig, from_dict
+from pipeline.segment import base as segment_base
+from pipeline.segment.base import (
+    Segmenter,
+    SegmenterError,
+    build_segmenter,
+    load_segmenter,
+    read_spec,
+    register_segmenter,
+    save_segmenter,
+    weights_digest,
+)
+from pipeline.segment.recipe import SegmentTraining
+from pipeline.segment.train import train_segmenter
+
+
+class TinySegmenter(Segmenter):
+    """What a cluster user's torchvision model looks like to the pipeline: one forward, nothing else."""
+
+    architecture = "tiny-test"
+
+    def __init__(self, num_classes: int = 19, width: int = 8) -> None:
+        super().__init__(num_classes)
+        self.width = width
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, num_classes, 1)
+        )
+
+    def options(self) -> dict[str, int]:
+        return {"width": self.width}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+
+@pytest.fixture
+def tiny_registered(monkeypatch: pytest.MonkeyPatch) -> type[Segmenter]:
+    segment_base.available_segmenters()  # the built-in ones registered before the registry is copied
+    monkeypatch.setattr(segment_base, "_REGISTRY", dict(segment_base._REGISTRY))
+    return register_segmenter(TinySegmenter)
+
+
+@pytest.fixture(scope="module")
+def cfg(small_shards: Path, cityscapes_root: Path) -> JobConfig:
+    return from_dict(
+        {
+            "data": {"root": str(cityscapes_root), "width": 256, "height": 128, "splits": ["val"]},
+            "shards": {"output": str(small_shards), "codecs": [{"name": "hevc", "qualities": [37, 42]}]},
+            "loader": {"split": "val", "quality": 42, "qualities": [37, 42], "crop": [64, 128], "shuffle": 4},
+        }
+    )
+
+
+def quiet_segformer(**options: object) -> Segmenter:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_segmenter("segformer", **options)
+
+
+def test_interface_trains_exports_and_reloads(tiny_registered: type, cfg: JobConfig, tmp_path: Path) -> None:
+    run = SegmentTraining(
+        output=str(tmp_path / "tiny.safetensors"),
+        architecture="tiny-test",
+        options={"width": 4},
+        steps=6,
+        warmup=2,
+    )
+    path = train_segmenter(cfg, run, progress=False)
+    spec = read_spec(path)
+    assert (
+        spec["architecture"] == "tiny-test" and spec["num_classes"] == 19 and spec["options"] == {"width": 4}
+    )
+    assert spec["label_space"] == "cityscapes-train-ids" and spec["training"]["steps"] == 6
+    model = load_segmenter(path, architecture="tiny-test")
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    train_ids = model.predict(image)
+    assert train_ids.shape == (32, 48) and train_ids.dtype == np.uint8 and train_ids.max() < 19
+    assert model.predict_label_ids(image).max() <= 33
+    assert len(weights_digest(path)) == 64
+    # same seed, same steps: the same file
+    again = train_segmenter(
+        cfg, SegmentTraining(**{**run.__dict__, "output": str(tmp_path / "b.safetensors")}), progress=False
+    )
+    first, second = load_segmenter(path).state_dict(), load_segmenter(again).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_wrong_architecture_or_class_count_is_refused(tiny_registered: type, tmp_path: Path) -> None:
+    path = save_segmenter(TinySegmenter(num_classes=19), tmp_path / "tiny.safetensors")
+    with pytest.raises(SegmenterError, match="holds a 'tiny-test' segmenter, not 'segformer'"):
+        load_segmenter(path, architecture="segformer")
+    with pytest.raises(SegmenterError, match="predicts 19 classes, not 20"):
+        load_segmenter(path, num_classes=20)
+    other = save_segmenter(TinySegmenter(num_classes=7), tmp_path / "seven.safetensors")
+    with pytest.raises(SegmenterError, match="predicts 7 classes, not 19"):
+        load_segmenter(other)
+    # an external state dict of the wrong class count
+    external = tmp_path / "external.safetensors"
+    save_file(TinySegmenter(num_classes=7).state_dict(), str(external))
+    run = SegmentTraining(
+        output=str(tmp_path / "x.safetensors"), architecture="tiny-test", options={}, init_from=str(external)
+    )
+    model = build_segmenter(run.architecture)
+    with pytest.raises(
+        SegmenterError, match=r"does not fit a tiny-test segmenter with 19 classes .*mis-shaped"
+    ):
+        segment_base.load_weights(model, external)
+    with pytest.raises(SegmenterError, match="not a segmenter file"):
+        load_segmenter(external)
+    with pytest.raises(SegmenterError, match="does not exist"):
+        load_segmenter(tmp_path / "missing.safetensors")
+    with pytest.raises(SegmenterError, match="unknown segmenter architecture 'unet'"):
+        build_segmenter("unet")
+
+
+def test_segformer_backbone_from_a_local_file_or_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.segment import segformer
+
+    monkeypatch.setattr(segformer, "_cached_backbone", lambda variant: None)
+    with pytest.warns(UserWarning, match="random weights"):
+        donor = build_segmenter("segformer")
+    assert sum(p.numel() for p in donor.parameters()) == pytest.approx(3.72e6, rel=0.01)  # B0
+    # an ImageNet classification checkpoint's layout: segformer.encoder.* plus a classifier
+    backbone = {f"segformer.{k}": v for k, v in donor.net.segformer.state_dict().items()}
+    backbone["classifier.weight"] = torch.zeros(1000, 256)
+    save_file(backbone, str(tmp_path / "mit-b0.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_segmenter("segformer", backbone=str(tmp_path / "mit-b0.safetensors"))
+    for name, tensor in donor.net.segformer.state_dict().items():
+        assert torch.equal(model.net.segformer.state_dict()[name], tensor), name
+    torch.save({k: v for k, v in list(backbone.items())[:5]}, tmp_path / "partial.pth")
+    with pytest.raises(SegmenterError, match="not a SegFormer-b0 encoder"):
+        build_segmenter("segformer", backbone=str(tmp_path / "partial.pth"))
+    with pytest.raises(SegmenterError, match="unknown SegFormer variant"):
+        build_segmenter("segformer", variant="b9")
+
+
+@pytest.mark.slow
+def test_segformer_trains_exports_and_loads_in_a_fresh_process(cfg: JobConfig, tmp_path: Path) -> None:
+    from pipeline.segment import segformer
+
+    run = SegmentTraining(output=str(tmp_path / "seg.safetensors"), steps=2, warmup=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = train_segmenter(cfg, run, progress=False)
+    assert read_spec(path)["options"] == {"variant": "b0"} and segformer.SegFormer.architecture == "segformer"
+    image = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    np.save(tmp_path / "image.npy", image)
+    expected = load_segmenter(path, architecture="segformer").predict(image)
+    script = (
+        "import sys, numpy as np\n"
+        "from pipeline.segment.base import load_segmenter\n"
+        "m = load_segmenter(sys.argv[1], architecture='segformer', num_classes=19)\n"
+        "np.save(sys.argv[3], m.predict(np.load(sys.argv[2])))\n"
+    )
+    out = tmp_path / "pred.npy"
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error::UserWarning",
+            "-c",
+            script,
+            str(path),
+            str(tmp_path / "image.npy"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(out), expected)
+
+
+def test_segment_command_refuses_a_wrong_file_in_one_line(
+    cfg: JobConfig, tmp_path: Path, tiny_registered: type, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from pipeline.segment.commands import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    wrong = save_segmenter(TinySegmenter(num_classes=7), tmp_path / "seven.safetensors")
+    args = parser.parse_args(
+        [
+            "--architecture",
+            "tiny-test",
+            "--init-from",
+            str(wrong),
+            "--output",
+            str(tmp_path / "o.safetensors"),
+        ]
+    )
+    with pytest.raises(SystemExit) as info:
+        run(args, cfg)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "19 classes" in message
