@@ -3,7 +3,8 @@
 From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs:
 
 1. shards with three disjoint splits (``configs/default.yaml``): frankfurt (10 frames) trains, munster (2)
-   validates, lindau (10) is reported;
+   validates, lindau (10) is reported; the training frames are also built at 1024x512 and trained on
+   (``loader.extra_shards``; ``--extra-size none`` to leave them out);
 2. the codec-SE generator and its zero-semantics ablation are trained side by side, one process and one
    CPU thread each, with the same recipe and step budget (``RECIPE`` below; ``--steps`` to change it);
    each validates on munster and exports its best step (the codec itself, step 0, included);
@@ -15,7 +16,7 @@ codec, codec-SE and the ablation; the PSNR gains on held-out and on training fra
 BD-rates against HEVC on codec bits and on total bits. The elapsed wall time of every stage is printed too;
 the budget (``--budget-min``, default 15) is what the whole script must fit in on 2 cores.
 
-Usage:  python bench/bench_quality.py [--steps N] [--keep DIR]
+Usage:  python bench/bench_quality.py [--steps N] [--keep DIR] [--extra-size WxH|none] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ RECIPE = [
     "train.betas=[0.9, 0.999]",
     "validate.every=200",
 ]
+
+
+# The training frames are also built at twice the working size and trained on (loader.extra_shards):
+# four times the content per frame, at another scale, each with HEVC's own artifacts at that size.
+EXTRA_SIZE = "1024x512"
 
 
 def overrides(work: Path, steps: int) -> list[str]:
@@ -144,6 +150,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2800, help="phase-3 steps of each model")
     parser.add_argument("--budget-min", type=float, default=15.0)
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    parser.add_argument(
+        "--extra-size",
+        default=EXTRA_SIZE,
+        help="WxH: the training frames also built at this size (loader.extra_shards); 'none': not",
+    )
+    parser.add_argument("--set", action="append", default=[], help="one more config override (repeatable)")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"  # the figures below, not progress bars
     start = time.perf_counter()
@@ -154,11 +166,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jpdse-bench-quality-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        cfg_args = overrides(work, args.steps)
+        cfg_args = overrides(work, args.steps) + args.set
         cfg = load_config(None, cfg_args)
         manifest = build_shards(cfg)
         sizes = {s: e.samples for s, e in manifest.splits.items()}
         print(f"shards: {cfg.data.width}x{cfg.data.height}, HEVC QP {QUALITIES}, frames per split {sizes}")
+        if args.extra_size != "none":
+            width, height = (int(v) for v in args.extra_size.split("x"))
+            extra = work / f"shards-{args.extra_size}"
+            size = {"data.width": width, "data.height": height, "shards.output": str(extra)}
+            build_shards(with_overrides(cfg, size))
+            cfg_args.append(f"loader.extra_shards=[{extra}]")
+            print(f"  training frames also at {args.extra_size} (loader.extra_shards)")
         print(f"  built in {time.perf_counter() - start:.0f} s")
         print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (2 processes x 1 thread)")
         t = time.perf_counter()

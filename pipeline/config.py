@@ -46,6 +46,9 @@ TUNE_MODES: dict[str, Mode] = {"val_psnr": "max", "val_niqe": "min", "val_score"
 # Field metadata: trained weights do not depend on this value, so JobConfig.training_digest leaves it
 # out (a checkpoint resumes under another value). Unmarked fields count.
 NOT_WEIGHTS = types.MappingProxyType({"weights": False})
+# Field metadata: the digest counts this value only when it differs from its default; for fields added after
+# checkpoints were written, so that those keep resuming while the field is unused.
+WEIGHTS_WHEN_SET = types.MappingProxyType({"weights": "when set"})
 
 # Keys that moved, for a clearer error than "unknown key" on a config written for the previous version.
 MOVED = {"model.label_nc": "data.label_nc"}
@@ -167,6 +170,11 @@ class LoaderConfig:
     num_workers: int = field(default=0, metadata=NOT_WEIGHTS)
     shuffle: int = 64
     resampled: bool = False
+    # more shard folders whose loader.split trains too, e.g. the same frames built at twice the size
+    # (python -m pipeline shards data.width=1024 data.height=512 shards.output=...): more content at
+    # another scale, each image with the codec's own artifacts at that size. Each folder must hold the
+    # training qualities and the label table of shards.output; its frames count as training frames.
+    extra_shards: list[str] = field(default_factory=list, metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "batch_size")
@@ -472,12 +480,19 @@ def _weights_tree(section: Any) -> dict[str, Any]:
     """``section`` as a nested dict of the fields trained weights depend on (no :data:`NOT_WEIGHTS`)."""
     tree: dict[str, Any] = {}
     for item in dataclasses.fields(section):
-        if not item.metadata.get("weights", True):
-            continue
+        weights = item.metadata.get("weights", True)
         value = getattr(section, item.name)
+        if not weights or (weights == "when set" and value == _default(item)):
+            continue
         is_section = dataclasses.is_dataclass(value) and not isinstance(value, type)
         tree[item.name] = _weights_tree(value) if is_section else _plain(value)
     return tree
+
+
+def _default(item: dataclasses.Field) -> Any:
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
 
 
 def _plain(value: Any) -> Any:

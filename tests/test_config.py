@@ -263,7 +263,9 @@ def _previous_training_digest(cfg: JobConfig) -> str:
     """``training_digest`` as the previous version computed it, from its hand list of fields (its
     ``model.label_nc``, now ``data.label_nc``, at its default 0)."""
     tree = cfg.to_dict()
-    loader = {k: v for k, v in tree["loader"].items() if k not in ("num_workers", "shards")}
+    # loader.extra_shards came later: at its default (unused) it must leave the digest as it was
+    assert not cfg.loader.extra_shards
+    loader = {k: v for k, v in tree["loader"].items() if k not in ("num_workers", "shards", "extra_shards")}
     phases = {n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")}
     train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
     model = {**tree["model"], "label_nc": 0}

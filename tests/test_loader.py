@@ -239,3 +239,34 @@ def test_clear_errors(built: tuple[JobConfig, Manifest], tmp_path: Path) -> None
         next(iter(make_dataset(_with(cfg, crop=[HEIGHT, WIDTH + 1]))))
     with pytest.raises(ConfigError, match="positive"):
         _with(cfg, crop=[0, 8])  # refused by the config itself
+
+
+def test_extra_shard_folders_train_too(built: tuple[JobConfig, Manifest], tmp_path: Path) -> None:
+    """loader.extra_shards: the same frames built at another size join every epoch and count as trained
+    on; a folder without the training qualities is refused; the digest counts the option only when set."""
+    from conftest import HOLDOUT
+
+    from pipeline.config import with_overrides
+    from pipeline.data.manifest import dataset_info
+    from pipeline.data.shards import build_shards
+
+    cfg, manifest = built
+
+    def extra_folder(name: str, qualities: list[int]) -> str:
+        out = tmp_path / name
+        codecs = [{"name": "hevc", "qualities": qualities}]
+        size = {"data.width": 128, "data.height": 64, "data.holdout": HOLDOUT}
+        build_shards(with_overrides(cfg, {**size, "shards.output": str(out), "shards.codecs": codecs}))
+        return str(out)
+
+    both = _with(cfg, extra_shards=[extra_folder("half", [37, 42])], crop=[32, 64], shuffle=0)
+    keys = _keys(make_loader(both, train=True, seed=0))
+    trained = manifest.split("val").keys
+    assert sorted(keys) == sorted(trained * 2)  # every frame at both sizes, once each
+    assert dataset_info(both).train_frames == tuple(sorted(trained))
+    assert both.training_digest() != cfg.training_digest()
+    assert _with(cfg, extra_shards=[]).training_digest() == cfg.training_digest()
+
+    lacking = _with(cfg, extra_shards=[extra_folder("q37", [37])])
+    with pytest.raises(ManifestError, match="hevc_q42"):
+        shard_urls(lacking)

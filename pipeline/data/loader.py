@@ -45,7 +45,7 @@ import webdataset as wds
 from torch import Tensor
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.data.manifest import Manifest, SplitEntry, codec_tag
+from pipeline.data.manifest import Manifest, SplitEntry, codec_tag, training_manifests
 from pipeline.data.members import INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER, instance_from
 from pipeline.data.sources import DEFAULT_MAX_PIXELS, png_size
 from pipeline.model.inputs import edge_map
@@ -112,10 +112,12 @@ def shard_urls(cfg: JobConfig, split: str | None = None) -> list[str]:
     """
     if cfg.loader.shards:
         return _expand_pattern(cfg.loader.shards)
-    manifest = Manifest.read(cfg.shards.output)
     split = split or cfg.loader.split
-    _split_entry(cfg, manifest, split)
-    return [str(path) for path in manifest.shard_paths(split)]
+    urls: list[str] = []
+    for manifest in training_manifests(cfg):
+        _split_entry(cfg, manifest, split)
+        urls += [str(path) for path in manifest.shard_paths(split)]
+    return urls
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -503,7 +505,8 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
     )
     if cfg.loader.resampled and not cfg.loader.shards:
-        entry = _split_entry(cfg, Manifest.read(cfg.shards.output), split or cfg.loader.split)
+        name = split or cfg.loader.split
+        samples = sum(_split_entry(cfg, m, name).samples for m in training_manifests(cfg))
         _, world = resolve_rank(rank, world_size)
-        loader = loader.with_epoch(math.ceil(entry.samples / (world * cfg.loader.batch_size)))
+        loader = loader.with_epoch(math.ceil(samples / (world * cfg.loader.batch_size)))
     return loader

@@ -374,6 +374,23 @@ class DatasetInfo:
     train_frames: tuple[str, ...] = ()  # keys of loader.split; empty when shards are given by pattern
 
 
+def training_manifests(cfg: JobConfig) -> list[Manifest]:
+    """The manifests of every folder training reads: ``shards.output``, then ``loader.extra_shards``
+    (each refused unless built from the same dataset with the same label table)."""
+    main = Manifest.read(cfg.shards.output)
+    manifests = [main]
+    for folder in cfg.loader.extra_shards:
+        extra = Manifest.read(folder)
+        if (extra.dataset.source, extra.dataset.label_nc) != (main.dataset.source, main.dataset.label_nc):
+            raise ManifestError(
+                f"loader.extra_shards: {folder} holds {extra.dataset.source} shards with label_nc "
+                f"{extra.dataset.label_nc}, but {cfg.shards.output} holds {main.dataset.source} with "
+                f"label_nc {main.dataset.label_nc}; extra folders must be built from the same dataset"
+            )
+        manifests.append(extra)
+    return manifests
+
+
 def dataset_info(cfg: JobConfig) -> DatasetInfo:
     """``label_nc`` (the manifest's, else ``data.label_nc``) and whether the generator gets instance edges."""
     folder = Path(cfg.shards.output)
@@ -392,5 +409,6 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
     has_instances = manifest.dataset.has_instances if manifest else cfg.model.use_instance
     frames: tuple[str, ...] = ()
     if manifest and not cfg.loader.shards:
-        frames = tuple(sorted(manifest.split(cfg.loader.split).keys))
+        keys = (m.split(cfg.loader.split).keys for m in training_manifests(cfg))
+        frames = tuple(sorted(set().union(*keys)))
     return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames)

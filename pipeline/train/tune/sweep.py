@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from pipeline.config import TUNE_MODES, ConfigError, JobConfig, from_dict, resolve_path, with_overrides
-from pipeline.data.manifest import Manifest, dataset_info
+from pipeline.data.manifest import dataset_info
 from pipeline.data.splits import refuse_overlap
 from pipeline.eval.inputs import EvalSample
 from pipeline.eval.scoring import Scores
@@ -196,6 +196,7 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
     config is read from anywhere)."""
     init = _init_from(cfg)
     values: dict[str, Any] = {key: _absolute(value) for key, value in cfg.flat().items() if key in PATH_KEYS}
+    values["loader.extra_shards"] = [_absolute(folder) for folder in cfg.loader.extra_shards]
     values["train.init_from"] = str(init) if init is not None else ""
     values["train.deepspeed_config"] = str(resolve_path(cfg.train.deepspeed_config).resolve())
     return with_overrides(cfg, values)
@@ -236,7 +237,7 @@ def eval_set(cfg: JobConfig) -> list[EvalSample]:
     ``loader.quality``, refused when they overlap the training split."""
     samples = load_frames(cfg, cfg.validate.split, cfg.tune.eval_images)
     if not cfg.loader.shards:
-        train_keys = Manifest.read(cfg.shards.output).split(cfg.loader.split).keys
+        train_keys = dataset_info(cfg).train_frames
         what = f"validate.split={cfg.validate.split!r} (the frames trials are scored on)"
         refuse_overlap(what, (s.key for s in samples), train_keys, cfg.loader.split)
     return samples
