@@ -35,6 +35,7 @@ Distortion = Literal["l1", "mse"]
 LrSchedule = Literal["constant", "cosine"]
 ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
+LabelSource = Literal["gt", "decoder"]  # the label map codec-SE gets: ground truth, or predicted
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
 TuneSearch = Literal["random", "optuna"]
@@ -64,6 +65,12 @@ def resolve_path(path: str) -> Path:
     if candidate.is_absolute() or candidate.exists():
         return candidate
     return REPO_ROOT / candidate
+
+
+def _check_segmenter_path(path: str, name: str) -> None:
+    """Refuse a segmenter setting that cannot name a segmenter file (exported as safetensors)."""
+    if path and not path.endswith(".safetensors"):
+        raise ConfigError(f"{name} must be a segmenter file (.safetensors), got {path!r}")
 
 
 def _at_least(section: Any, low: float, *names: str, note: str = "") -> None:
@@ -106,9 +113,14 @@ class DataConfig:
     label_nc: int = 0
     # held-out splits carved out of data.splits (e.g. a validation and a test city of one split)
     holdout: list[HoldoutConfig] = field(default_factory=list)
+    # gt: the dataset's label maps (coded, bits counted); decoder: the segmenter's prediction on the decoded
+    # image (0 label bits), from the segmenter file data.segmenter
+    label_source: LabelSource = field(default="gt", metadata={"weights": "when set"})
+    segmenter: str = field(default="", metadata={"weights": "when set"})
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "width", "height")
+        _check_segmenter_path(self.segmenter, "segmenter")
         _at_least(self, 0, "label_nc", note=" (0: the source's label table)")
         if not self.splits:
             raise ConfigError("splits is empty")
@@ -340,9 +352,13 @@ class EvalConfig:
     niqe_fitted: bool = False
     # scoring a model on frames it was trained on is refused; true: allowed, with a warning in every table
     allow_training_frames: bool = False
+    # a segmenter file (python -m pipeline segment): downstream accuracy (mIoU, pixel accuracy) of every
+    # method at every quality; empty: not measured
+    segmenter: str = ""
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_images", "crops")
+        _check_segmenter_path(self.segmenter, "segmenter")
 
 
 @dataclass

@@ -5,12 +5,15 @@ phases 2 and 3 are trained per codec quality, one model per codec x quality as i
 codec-SE model the zero-semantics ablation is trained with the same phases 2-3 budget (from the identity
 generator: a prior drawn from zeroed semantics would be a constant), so the semantics' contribution is
 measured, not assumed. Training, checkpoint selection and the reported figures use three disjoint splits
-(``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.data.splits`).
+(``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.data.splits`). Each registered
+model's version then gets its held-out figures (:func:`tag_registered_models`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import shlex
 import sys
 from dataclasses import replace
@@ -25,9 +28,23 @@ from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import evaluate
+from pipeline.eval.report import MEANS_FILE
 from pipeline.lock import folder_lock
+from pipeline.model.export import read_spec, weights_sha256
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
-from pipeline.train.trainer import train
+from pipeline.tracking.registry import set_version_evaluation
+from pipeline.train.trainer import REGISTERED_FILE, train
+
+# rpd_mean.csv column -> the model version's figure (eval_<name>); dPSNR and the other deltas are against the
+# codec's own row at the same quality
+EVAL_FIGURES = {
+    "psnr": "psnr",
+    "ms_ssim": "ms_ssim",
+    "niqe": "niqe",
+    "bpp_total": "bpp",
+    "bpp_codec": "bpp_codec",
+}
+EVAL_DELTAS = {"psnr": "delta_psnr", "ms_ssim": "delta_ms_ssim", "niqe": "delta_niqe"}
 
 
 def job_qualities(cfg: JobConfig, manifest: Manifest) -> list[int]:
@@ -74,6 +91,58 @@ def format_label_costs(costs: dict[int, float], codec_bpp: dict[int, float], use
     return "\n".join(lines)
 
 
+def evaluation_figures(means: list[dict[str, str]], model: str, codec: str, quality: int) -> dict[str, float]:
+    """The held-out figures of ``model`` (its identity in ``rpd_mean.csv``) at ``quality``: mean PSNR,
+    MS-SSIM, NIQE and bpp (codec + label map; ``eval_bpp_codec`` the codec alone), and their deltas
+    against the codec; empty when the table has no row of it."""
+
+    def row(match: str, column: str) -> dict[str, str] | None:
+        return next((r for r in means if r[column] == match and int(r["quality"]) == quality), None)
+
+    own, anchor = row(model, "model"), row(codec, "method")
+    if own is None:
+        return {}
+    figures = {f"eval_{name}": float(own[column]) for column, name in EVAL_FIGURES.items()}
+    figures.update({"eval_quality": float(quality), "eval_images": float(own["images"])})
+    if anchor is not None:
+        figures.update({f"eval_{name}": float(own[c]) - float(anchor[c]) for c, name in EVAL_DELTAS.items()})
+    return {k: v for k, v in figures.items() if not math.isnan(v)}
+
+
+def tag_registered_models(
+    cfg: JobConfig, exports: list[Path], results: Path, run_id: str | None
+) -> list[str]:
+    """Put the held-out R-PD figures of each registered export (:func:`evaluation_figures`, at its
+    quality) on its model version, beside the validation figures it was registered with; returns the
+    versions so tagged. An export counts as registered when its ``registered.json`` marker names these
+    weights."""
+    with (results / MEANS_FILE).open() as f:
+        means = list(csv.DictReader(f))
+    tagged = []
+    for export in exports:
+        try:
+            marker = json.loads((export.parent / REGISTERED_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        sha = weights_sha256(export)
+        if not isinstance(marker, dict) or marker.get("sha256") != sha or not marker.get("uri"):
+            continue
+        quality = read_spec(export).quality
+        if quality is None:
+            continue
+        figures = evaluation_figures(means, f"{export}#{sha[:12]}", cfg.loader.codec, quality)
+        if not figures:
+            print(f"[job] WARNING: {export} has no row in {results / MEANS_FILE}; {marker['uri']} not tagged")
+            continue
+        notes = {"eval_split": cfg.eval.split, "eval_results": str(results.resolve())}
+        tagged.append(
+            set_version_evaluation(
+                marker["uri"], figures, notes, tracking_uri=cfg.tracking.uri, run_id=run_id
+            )
+        )
+    return tagged
+
+
 def run(cfg: JobConfig) -> Path:
     """Run the whole pipeline on ``cfg``; return the evaluation folder.
 
@@ -113,6 +182,9 @@ def _run(cfg: JobConfig) -> Path:
                 if row["method"] == cfg.loader.codec
             }
         print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample))
+        if cfg.tracking.enabled:
+            for version in tag_registered_models(cfg, exports, results, tracker.active_run_id):
+                print(f"[job] held-out figures set on {version}")
     print(f"\nR-PD results: {results.resolve()} (rpd_mean.csv, rpd_*.png, bdrate.json, crops/)")
     print(f"Generators:   {', '.join(str(e) for e in exports)}")
     if cfg.tracking.enabled:

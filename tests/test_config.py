@@ -269,7 +269,10 @@ def _previous_training_digest(cfg: JobConfig) -> str:
     phases = {n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")}
     train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
     model = {**tree["model"], "label_nc": 0}
-    parts = [tree["data"], tree["shards"]["label_downsample"], loader, model, tree["loss"], phases, train]
+    # data.label_source and data.segmenter came later: at their defaults they leave the digest as it was
+    assert cfg.data.label_source == "gt" and not cfg.data.segmenter
+    data = {k: v for k, v in tree["data"].items() if k not in ("label_source", "segmenter")}
+    parts = [data, tree["shards"]["label_downsample"], loader, model, tree["loss"], phases, train]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

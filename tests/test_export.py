@@ -28,7 +28,7 @@ from pipeline.model.networks import Generator, build_models
 from pipeline.model.spec import REQUIRED_SPEC_KEYS, SPEC_KEYS, GeneratorSpec
 
 LABEL_NC = 34
-V2 = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+V2 = {"format": FORMAT, "format_version": "2"}
 
 
 def write_raw(path: Path, generator: Generator, spec: dict[str, Any], **metadata: str) -> Path:
@@ -147,7 +147,7 @@ def test_unknown_spec_keys_and_newer_versions_are_refused(tmp_path: Path) -> Non
     generator, typed = trained_like("instance")
     spec = typed.to_json()
     with pytest.raises(ValueError, match=r"\['attention'\] are unknown to generator format version 2"):
-        GeneratorSpec.from_json({**spec, "attention": True}, FORMAT_VERSION)
+        GeneratorSpec.from_json({**spec, "attention": True}, 2)
     with pytest.raises(TypeError, match="attention"):
         GeneratorSpec(**{**spec, "attention": True})
 
@@ -158,8 +158,8 @@ def test_unknown_spec_keys_and_newer_versions_are_refused(tmp_path: Path) -> Non
         load_generator(unknown)
     with pytest.raises(ValueError, match="attention"):
         read_train_frames(unknown)
-    newer = write_raw(tmp_path / "newer.safetensors", generator, spec, format=FORMAT, format_version="3")
-    with pytest.raises(ValueError, match="format_version 3 is newer than this pipeline reads"):
+    newer = write_raw(tmp_path / "newer.safetensors", generator, spec, format=FORMAT, format_version="4")
+    with pytest.raises(ValueError, match="format_version 4 is newer than this pipeline reads"):
         load_generator(newer)
     foreign = write_raw(tmp_path / "foreign.safetensors", generator, spec, format="other", format_version="2")
     with pytest.raises(ValueError, match="'format' is 'other'"):
@@ -289,7 +289,7 @@ def test_spec_json_round_trip() -> None:
     assert (minimal.qualities, minimal.train_split, minimal.selected) == (None, None, None)
     assert minimal.to_json() == bare
     assert GeneratorSpec.from_json({**bare, "selected": None}, FORMAT_VERSION) == minimal
-    assert SPEC_KEYS[FORMAT_VERSION] == set(PREVIOUS_SPEC)  # changing the keys is a new format version
+    assert SPEC_KEYS[2] == set(PREVIOUS_SPEC)  # changing the keys is a new format version
     required = {k: PREVIOUS_SPEC[k] for k in REQUIRED_SPEC_KEYS}
     assert GeneratorSpec.from_json(required, 1).to_json() == {
         **required,

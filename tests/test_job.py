@@ -67,7 +67,14 @@ def test_main_job_end_to_end(
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     for q in qualities:
-        assert client.get_model_version_by_alias(f"hevc-se-q{q}", "champion").version == 1
+        version = client.get_model_version_by_alias(f"hevc-se-q{q}", "champion")
+        assert version.version == 1
+        # the held-out figures of the job's evaluation, beside the validation ones
+        assert float(version.tags["eval_quality"]) == q and version.tags["eval_split"] == "test"
+        psnr = float(by_method["hevc-SE"][q]["psnr"])
+        assert float(version.tags["eval_psnr"]) == pytest.approx(psnr)
+        delta = psnr - float(by_method["hevc"][q]["psnr"])
+        assert float(version.tags["eval_delta_psnr"]) == pytest.approx(delta)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     names = {r.info.run_name for r in runs}
     expected = {

@@ -1,14 +1,22 @@
 """The registered model is self-contained: it loads and predicts where this repository cannot be imported,
-its requirements carry public versions, its version carries the selected step's validation figures, its
-runs the standard user/source tags; and compress/decompress follow a registry reference."""
+its requirements carry public versions, its version carries the selected step's validation figures and,
+once the main job evaluated it, its held-out figures; its runs the standard user/source tags;
+``mlflow models serve`` answers a prediction request; and compress/decompress follow a registry reference."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +28,15 @@ from mlflow import MlflowClient
 
 from pipeline.cli import main
 from pipeline.compress.container import read_container
+from pipeline.config import from_dict
+from pipeline.eval.report import MEANS_FILE
+from pipeline.eval.rows import MeanRow, Measures, csv_text
+from pipeline.job import tag_registered_models
 from pipeline.model.export import export_generator, weights_sha256
 from pipeline.model.spec import GeneratorSpec
 from pipeline.tracking import MLflowTracker, download_model, predict
 from pipeline.tracking.registry import selected_metrics
+from pipeline.train.trainer import REGISTERED_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "hevc-se-q42"
@@ -217,3 +230,125 @@ def test_compress_records_and_decompress_follows_the_registry_model(
     assert (
         err.startswith("error: model models:/no-such-model@champion") and len(err.strip().splitlines()) == 1
     )
+
+
+def _mean_row(method: str, model: str, psnr: float, bpp: float) -> MeanRow:
+    measures = Measures(bpp_codec=0.1, bpp_total=bpp, psnr=psnr, ms_ssim=0.95, niqe=5.5, lpips=math.nan)
+    return MeanRow(
+        method=method, model=model, label=method, codec="hevc", quality=42, images=3, measures=measures,
+        fid=math.nan, lpips_note="", fid_note="", on_training_frames=False,
+    )  # fmt: skip
+
+
+def test_the_main_job_puts_held_out_figures_on_each_registered_version(
+    registered: tuple[str, Path, GeneratorSpec], tmp_path: Path
+) -> None:
+    uri, path, _ = registered
+    exports = []
+    for name in ("q42", "q42_nosem", "q42_stale"):  # registered; never registered; marker of other weights
+        export = tmp_path / name / "generator.safetensors"
+        export.parent.mkdir()
+        shutil.copy2(path, export)
+        exports.append(export)
+    sha = weights_sha256(path)
+    marker = {"uri": f"models:/{NAME}/1", "name": NAME, "alias": "champion", "sha256": sha}
+    (exports[0].parent / REGISTERED_FILE).write_text(json.dumps(marker))
+    (exports[2].parent / REGISTERED_FILE).write_text(json.dumps({**marker, "sha256": "0" * 64}))
+    results = tmp_path / "eval"
+    results.mkdir()
+    means = [_mean_row("hevc", "hevc", 30.0, 0.1)]
+    means += [_mean_row("hevc-SE", f"{e}#{sha[:12]}", 30.75, 0.125) for e in exports]
+    (results / MEANS_FILE).write_text(csv_text(MeanRow, means))
+    cfg = from_dict({"tracking": {"uri": uri}, "loader": {"codec": "hevc"}, "eval": {"split": "test"}})
+
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.get_experiment_by_name("jpd-se-registry").experiment_id)
+    assert tag_registered_models(cfg, exports, results, run.info.run_id) == [f"models:/{NAME}/1"]
+    version = client.get_model_version(NAME, "1")
+    notes = ("eval_split", "eval_results")
+    figures = {k: float(v) for k, v in version.tags.items() if k.startswith("eval_") and k not in notes}
+    assert figures == pytest.approx(
+        {
+            "eval_psnr": 30.75,
+            "eval_ms_ssim": 0.95,
+            "eval_niqe": 5.5,
+            "eval_bpp": 0.125,
+            "eval_bpp_codec": 0.1,
+            "eval_quality": 42,
+            "eval_images": 3,
+            "eval_delta_psnr": 0.75,
+            "eval_delta_ms_ssim": 0.0,
+            "eval_delta_niqe": 0.0,
+        }  # fmt: skip
+    )
+    assert version.tags["eval_split"] == "test" and version.tags["eval_results"] == str(results.resolve())
+    assert float(version.tags["val_delta_psnr"]) == pytest.approx(0.3)  # the validation figures stay
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert {m.key: m.value for m in logged.metrics}["eval_delta_psnr"] == pytest.approx(0.75)
+    assert {m.key: m.value for m in logged.metrics}["val_psnr"] == pytest.approx(31.5)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _post(url: str, body: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (127.0.0.1 only)
+        return response.status, response.read()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_prediction(
+    registered: tuple[str, Path, GeneratorSpec], tmp_path: Path
+) -> None:
+    uri, path, spec = registered
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"})
+    log = (tmp_path / "serve.log").open("w")
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
+    server = subprocess.Popen(
+        [*command, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the server's workers go down with it
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no answer on /ping within 60 s"
+            try:
+                if _post(f"{base}/ping", timeout=2)[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        rng = np.random.default_rng(1)
+        batch = {
+            "label": rng.integers(0, LABEL_NC, (2, 16, 24), dtype=np.int64),
+            "decoded": rng.uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32),
+        }
+        status, body = _post(f"{base}/invocations", {"inputs": {k: v.tolist() for k, v in batch.items()}}, 60)
+        assert status == 200
+        served = np.asarray(json.loads(body)["predictions"], dtype=np.float32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
+        log.close()
+    from pipeline.model.export import load_generator
+
+    generator, _ = load_generator(path)
+    expected = predict(generator, spec, batch)
+    assert served.shape == expected.shape == (2, 3, 16, 24)
+    np.testing.assert_array_equal(served, expected)  # float32 through JSON and back: exact

@@ -6,6 +6,9 @@ import importlib
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -43,6 +46,9 @@ from pipeline.tracking import (
     resolve_model_uri,
     run_tags,
 )
+from pipeline.tracking.base import RunInfo
+from pipeline.tracking.mlflow_store import MLflowStore, StoreUnavailable
+from pipeline.tracking.registry import ModelURIError, check_model_uri
 
 DEAD_SERVER = "http://127.0.0.1:9"  # loopback discard port: nothing listens
 HTTP_ENV = (
@@ -431,3 +437,94 @@ def test_replay_rejects_bad_records(tmp_path: Path) -> None:
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         replay_offline(bad, sqlite_uri(tmp_path))
+
+
+def test_replay_to_an_unreachable_store_ends_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in HTTP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    record = tmp_path / "record.jsonl"
+    start = {"event": "start_run", "key": "k", "name": "job", "parent": None, "experiment": "e"}
+    record.write_text(json.dumps({**start, "params": {}, "tags": {}, "time": 1}) + "\n")
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unreachable .*connection refused"):
+        replay_offline(record, DEAD_SERVER)
+    assert time.monotonic() - began < 10
+    assert not any(name in os.environ for name in HTTP_ENV)
+
+
+def test_a_silent_store_times_out_and_says_so_while_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that accepts the connection and never answers: a line on stderr while waiting, then one
+    error within the timeout; and a registry URI against it ends the same way."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr("pipeline.tracking.mlflow_store.NOTICE_AFTER_S", 0.3)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # never accepted: the kernel completes the handshake, nobody answers
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="timed out"):
+            MLflowStore(uri, "jpd-se").start_run(RunInfo("k", "job", None, {}, {}, 1), None)
+        assert time.monotonic() - began < 8
+        assert f"waiting for the MLflow store at {uri}" in capsys.readouterr().err
+        with pytest.raises(StoreUnavailable):
+            pin_model_uri("models:/hevc-se-q42@champion", tracking_uri=uri)
+    with pytest.raises(StoreUnavailable, match="connection refused"):
+        resolve_model_uri("models:/hevc-se-q42/1", tracking_uri=DEAD_SERVER, dst_dir=tmp_path / "m")
+
+
+def test_bad_and_unknown_model_uris(tmp_path: Path, logged_job: tuple[str, str | None]) -> None:
+    uri = logged_job[0]
+    for bad in ("models:/", "models:/name@", "models:/name/latest", "runs:/abc"):
+        with pytest.raises(ModelURIError, match="bad model URI"):
+            check_model_uri(bad, tracking_uri=uri)
+    with pytest.raises(ModelURIError, match="not found"):
+        check_model_uri("models:/no-such-model@champion", tracking_uri=uri)
+    with pytest.raises(ModelURIError, match="no MLflow store"):
+        check_model_uri("models:/hevc-se-q42/1", tracking_uri=sqlite_uri(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_runs_of_a_killed_process_are_marked_failed_on_the_next_start(tmp_path: Path) -> None:
+    uri = sqlite_uri(tmp_path)
+    script = (
+        "import sys, time\n"
+        "from pipeline.tracking import MLflowTracker\n"
+        "tracker = MLflowTracker(sys.argv[1], 'jpd-se-killed')\n"
+        "runs = [tracker.start_run('job'), tracker.start_run('phase1')]\n"
+        "for run in runs: run.__enter__()\n"
+        "print('started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, uri], stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "started"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("jpd-se-killed").experiment_id
+    killed = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert {r.info.status for r in killed.values()} == {"RUNNING"}
+    assert killed["job"].data.tags["pipeline.pid"] == str(child.pid)
+    # a RUNNING run of another host cannot be checked from here: left alone
+    elsewhere = client.create_run(experiment, tags={"pipeline.host": "elsewhere", "pipeline.pid": "1"})
+
+    tracker = MLflowTracker(uri, "jpd-se-killed")
+    with tracker.start_run("job"):
+        statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
+        assert statuses[killed["job"].info.run_id] == "FAILED"
+        assert statuses[killed["phase1"].info.run_id] == "FAILED"
+        assert statuses[elsewhere.info.run_id] == "RUNNING"
+        assert statuses[tracker.active_run_id] == "RUNNING"
+        # a second start in this (live) process leaves the open run alone
+        MLflowStore(uri, "jpd-se-killed").fail_orphaned_runs()
+        assert client.get_run(tracker.active_run_id).info.status == "RUNNING"
+    failed = client.get_run(killed["job"].info.run_id)
+    assert "killed" in failed.data.tags["pipeline.failed_reason"] and failed.info.end_time is not None

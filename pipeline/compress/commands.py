@@ -12,6 +12,12 @@ the reference (a different sha256 is refused unless ``--force``) and runs the on
 Folder mode: ``compress DIR --label LABEL_DIR -o OUT_DIR`` pairs images and label maps as the folder
 dataset does (same relative path with ``.png``, else the one label map with the image's stem) and writes
 ``OUT_DIR/<relative path>.jse``; ``decompress DIR -o OUT_DIR`` writes a PNG per ``.jse``.
+
+Label source ``decoder`` (``--label-source decoder --segmenter FILE``; the default for a generator trained
+on decoder maps): no label map is read or coded; the file records the segmenter's sha256 instead, and
+decompression predicts the map from the decoded image with that segmenter (``--segmenter FILE``, checked
+against the sha256), so the rate holds 0 label bits. A generator trained on the other label source is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import write_atomic
-from pipeline.compress.container import Container, ContainerError, ModelRef, pack, read_container
+from pipeline.compress.container import (
+    NO_LABEL_CODER,
+    Container,
+    ContainerError,
+    ModelRef,
+    pack,
+    read_container,
+)
 from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
 
 if TYPE_CHECKING:
@@ -36,10 +49,12 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.model.spec import GeneratorSpec
+    from pipeline.segment.judge import LoadedSegmenter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 DEFAULT_CODEC = "hevc"
 DEFAULT_QUALITY = 42
+LABEL_SOURCES = ("gt", "decoder")
 
 
 class CompressError(ValueError):
@@ -67,7 +82,7 @@ def load_model(origin: str, device: torch.device | str = "cpu", tracking_uri: st
             path = tracking.resolve_model_uri(pinned, tracking_uri=tracking_uri, dst_dir=download)
             sha = weights_sha256(path)
             generator, spec = load_generator(path, device=device)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ConnectionError) as err:  # ConnectionError: store unreachable
         raise CompressError(f"model {origin}: {err}") from None
     except Exception as err:  # MLflow's errors (unknown model, unreachable store) without a traceback
         if type(err).__module__.startswith("mlflow"):
@@ -92,6 +107,39 @@ def _check_model_for(model: Model, codec: str, quality: int, what: str) -> list[
     if spec.use_instance:
         problems.append("it needs instance maps, which a .jse file does not carry")
     return problems
+
+
+def _check_label_source(model: Model, source: str, segmenter: str, what: str) -> None:
+    """Refuse ``model`` unless it was trained on ``source`` maps (and, where its spec records one, by the
+    segmenter of sha256 ``segmenter``)."""
+    trained = model.spec.trained_label_source
+    if model.spec.zero_semantics:
+        return
+    if trained != source:
+        raise CompressError(
+            f"model {model.origin} was trained on {trained} label maps, but {what} has {source} label maps"
+        )
+    recorded = model.spec.segmenter
+    if source == "decoder" and recorded and segmenter and recorded != segmenter:
+        raise CompressError(
+            f"model {model.origin} was trained on the maps of segmenter {recorded[:12]}, "
+            f"{what} names segmenter {segmenter[:12]}"
+        )
+
+
+def open_label_segmenter(path: str) -> LoadedSegmenter:
+    """The segmenter file that predicts decoder-side label maps (one :class:`CompressError` if unusable)."""
+    from pipeline.segment.base import SegmenterError
+    from pipeline.segment.judge import open_segmenter
+
+    if not path:
+        raise CompressError(
+            "label source decoder needs --segmenter FILE (the segmenter that predicts the maps)"
+        )
+    try:
+        return open_segmenter(path)
+    except SegmenterError as err:
+        raise CompressError(f"segmenter: {err}") from None
 
 
 def _check_labels(label: np.ndarray, model: Model) -> None:
@@ -132,7 +180,7 @@ def read_label(path: Path, height: int, width: int) -> np.ndarray:
 
 def compress_image(
     image_path: Path,
-    label_path: Path,
+    label_path: Path | None,
     out: Path,
     *,
     codec: str,
@@ -140,35 +188,53 @@ def compress_image(
     label_coder: str = "auto",
     label_downsample: int = 1,
     model: Model | None = None,
+    segmenter: LoadedSegmenter | None = None,
 ) -> Container:
-    """Compress one image and its label map to ``out`` (written atomically); returns the container."""
+    """Compress one image and its label map to ``out`` (written atomically); returns the container.
+
+    With ``segmenter`` (label source ``decoder``) no label map is read (``label_path`` is ignored): the
+    container records the segmenter's sha256 and carries no label stream."""
     from pipeline.data.codecs import LabelCoder, get_codec
 
     rgb = read_image(image_path)
     height, width = rgb.shape[:2]
-    label = read_label(label_path, height, width)
-    if model is not None:
-        _check_labels(label, model)
-    coder = LabelCoder(label_coder, label_downsample)
+    codec_bitstream = get_codec(codec).encode(rgb, quality)
+    if segmenter is not None:
+        coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
+    else:
+        if label_path is None:
+            raise CompressError(f"{image_path}: label source gt needs a label map (--label)")
+        label = read_label(label_path, height, width)
+        if model is not None:
+            _check_labels(label, model)
+        coder = LabelCoder(label_coder, label_downsample)
+        coded = {
+            "label_coder": coder.method,
+            "label_downsample": coder.downsample,
+            "label_bitstream": coder.encode(label),
+        }
     container = Container(
         codec=codec,
         quality=quality,
         width=width,
         height=height,
-        label_coder=coder.method,
-        label_downsample=coder.downsample,
-        codec_bitstream=get_codec(codec).encode(rgb, quality),
-        label_bitstream=coder.encode(label),
+        codec_bitstream=codec_bitstream,
         model=model.ref if model is not None else ModelRef(),
+        segmenter=segmenter.sha256 if segmenter is not None else "",
+        **coded,
     )
     write_atomic(out, pack(container))
     return container
 
 
-def decode_container(container: Container) -> tuple[np.ndarray, np.ndarray]:
+def decode_container(
+    container: Container, segmenter: LoadedSegmenter | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The codec's decoded RGB image and the label map of a container, both checked against its size.
 
-    The bitstreams are untrusted: whatever a decoder raises on them is one :class:`CompressError`.
+    A container of decoder-side maps: the map is ``segmenter``'s prediction on the decoded image (None
+    without a segmenter). The bitstreams are untrusted: whatever a decoder raises on them is one
+    :class:`CompressError`.
     """
     from pipeline.data.codecs import LabelCoder, get_codec
 
@@ -179,7 +245,7 @@ def decode_container(container: Container) -> tuple[np.ndarray, np.ndarray]:
             raise CompressError(
                 f"quality {container.quality} is outside {container.codec}'s range {lo}..{hi}"
             )
-        coder = LabelCoder(container.label_coder, container.label_downsample)
+        coder = None if container.segmenter else LabelCoder(container.label_coder, container.label_downsample)
     except ValueError as err:
         raise CompressError(str(err)) from None
     size = (container.width, container.height)
@@ -191,6 +257,15 @@ def decode_container(container: Container) -> tuple[np.ndarray, np.ndarray]:
         raise CompressError(
             f"the {container.codec} bitstream decodes to {rgb.shape[1]}x{rgb.shape[0]}, not {size}"
         )
+    if coder is None:
+        if segmenter is None:
+            return rgb, None
+        if segmenter.sha256 != container.segmenter:
+            raise CompressError(
+                f"segmenter {segmenter.path} (sha256 {segmenter.sha256[:12]}) is not the one the file "
+                f"records ({container.segmenter[:12]})"
+            )
+        return rgb, segmenter.label_ids(rgb)
     try:
         label = coder.decode(container.label_bitstream, size)
     except Exception as err:
@@ -227,16 +302,21 @@ def decompress_file(
     force: bool = False,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
+    segmenter: str = "",
 ) -> tuple[Container, Model | None]:
     """Decompress ``path`` to the PNG ``out``; ``models`` None: the codec's plain output (no generator).
 
     ``model`` overrides the container's reference; a model whose sha256 differs from the recorded one,
-    or that does not fit the container's codec and quality, is refused unless ``force``.
+    or that does not fit the container's codec and quality, is refused unless ``force``; a model trained on
+    another label source is always refused. ``segmenter``: the segmenter file that predicts the label map
+    of a container of decoder-side maps (its sha256 must be the recorded one).
     """
     container = read_container(path)
-    rgb, label = decode_container(container)
+    enhance = models is not None
+    predictor = open_label_segmenter(segmenter) if enhance and container.segmenter else None
+    rgb, label = decode_container(container, predictor)
     used = None
-    if models is not None:
+    if models is not None and label is not None:
         origin = model or container.model.uri
         if not origin:
             named = container.model.describe()
@@ -244,6 +324,7 @@ def decompress_file(
                 f"{path} does not name a registry model ({named}); give --model FILE or --no-enhance"
             )
         used = models.get(origin)
+        _check_label_source(used, container.label_source, container.segmenter, "the file")
         recorded = container.model.sha256
         problems = []
         if recorded and used.ref.sha256 != recorded:
@@ -261,6 +342,7 @@ def decompress_file(
 
 
 def _rate_line(container: Container) -> str:
+    """The bits of each part; a container of decoder-side maps names its segmenter in place of label bits."""
     bpp = container.bpp()
     parts = {
         "codec": len(container.codec_bitstream),
@@ -268,10 +350,21 @@ def _rate_line(container: Container) -> str:
         "header": container.header_bytes(),
     }
     text = " + ".join(f"{k} {bpp[k]:.4f} ({n} B)" for k, n in parts.items())
-    return f"{text} = {bpp['total']:.4f} bpp ({sum(parts.values())} B)"
+    source = f", label map predicted at the decoder (segmenter {container.segmenter[:12]})"
+    return f"{text} = {bpp['total']:.4f} bpp ({sum(parts.values())} B)" + (
+        source if container.segmenter else ""
+    )
 
 
-def _pairs(images: Path, labels: Path) -> list[tuple[Path, Path, Path]]:
+def _images(images: Path) -> list[tuple[Path, None, Path]]:
+    """``(image, None, relative path)`` of each image under ``images`` (no label maps: decoder source)."""
+    found = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise CompressError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
+    return [(image, None, image.relative_to(images)) for image in found]
+
+
+def _pairs(images: Path, labels: Path) -> list[tuple[Path, Path | None, Path]]:
     """``(image, label, relative path)`` of each image under ``images`` and its label map under ``labels``."""
     if not labels.is_dir():
         raise CompressError(f"folder mode: --label must be a folder, got {labels}")
@@ -306,8 +399,17 @@ def _device() -> torch.device:
 
 def compress_command(args: argparse.Namespace) -> int:
     """``python -m pipeline compress``."""
-    src, label, out = Path(args.input), Path(args.label), Path(args.output)
+    src, out = Path(args.input), Path(args.output)
     model = load_model(args.model, "cpu", args.tracking_uri) if args.model else None
+    source = args.label_source or (model.spec.trained_label_source if model is not None else "gt")
+    if source not in LABEL_SOURCES:
+        raise CompressError(f"--label-source must be one of {', '.join(LABEL_SOURCES)}, got {source!r}")
+    segmenter = open_label_segmenter(args.segmenter) if source == "decoder" else None
+    if segmenter is None and not args.label:
+        raise CompressError("label source gt needs --label (a label map, or a folder of them)")
+    label = Path(args.label) if segmenter is None else None
+    if model is not None:
+        _check_label_source(model, source, segmenter.sha256 if segmenter else "", "the compression")
     codec = args.codec or (model.spec.codec if model and model.spec.codec else DEFAULT_CODEC)
     quality = args.quality
     if quality is None:
@@ -322,6 +424,7 @@ def compress_command(args: argparse.Namespace) -> int:
         "label_coder": args.label_coder,
         "label_downsample": args.label_downsample,
         "model": model,
+        "segmenter": segmenter,
     }
     if not src.exists():
         raise CompressError(f"input not found: {src}")
@@ -329,7 +432,7 @@ def compress_command(args: argparse.Namespace) -> int:
         container = compress_image(src, label, out, **options)
         print(f"{out}  {container.width}x{container.height} {codec} q{quality}: {_rate_line(container)}")
         return 0
-    jobs = _pairs(src, label)
+    jobs = _pairs(src, label) if label is not None else _images(src)
     bits = dict.fromkeys(("codec", "label", "header", "total"), 0.0)
     pixels = 0
     for image, label_path, rel in tqdm(jobs, desc="compress", unit="image", file=sys.stderr):
@@ -356,6 +459,7 @@ def decompress_command(args: argparse.Namespace) -> int:
         "force": args.force,
         "tile": args.tile,
         "overlap": args.overlap,
+        "segmenter": args.segmenter,
     }
     if src.is_file():
         container, used = decompress_file(src, out, **options)
@@ -388,7 +492,15 @@ def add_arguments(compress: argparse.ArgumentParser, decompress: argparse.Argume
     """The two commands' arguments (the CLI owns the sub-parsers)."""
     compress.add_argument("input", help="image file, or a folder of images")
     compress.add_argument(
-        "--label", required=True, help="label-id map (PNG), or a folder of them (matched by stem)"
+        "--label",
+        default="",
+        help="label-id map (PNG), or a folder of them (matched by stem); gt source only",
+    )
+    compress.add_argument(
+        "--label-source",
+        default="",
+        help="gt (code --label) or decoder (predicted at the decoder by --segmenter: 0 label bits); "
+        "default: what the model was trained on, else gt",
     )
     compress.add_argument("-o", "--output", required=True, help="the .jse file, or a folder in folder mode")
     compress.add_argument(
@@ -415,6 +527,7 @@ def add_arguments(compress: argparse.ArgumentParser, decompress: argparse.Argume
     decompress.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest tile side in pixels")
     decompress.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
     for p in (compress, decompress):
+        p.add_argument("--segmenter", default="", help="the segmenter file of label source decoder")
         p.add_argument(
             "--tracking-uri", default="", help="MLflow store (default: $MLFLOW_TRACKING_URI, else local)"
         )

@@ -11,11 +11,14 @@ bytes   field                      value
 str8    codec                      registered codec name (``hevc``), ASCII ``[a-z0-9_]``
 2       quality                    on the codec's own scale (checked against it)
 4 + 4   width, height              the image size in pixels, each ``1..MAX_SIDE``, product ``<= MAX_PIXELS``
-str8    label coder                ``jxl``, ``webp`` or ``png``
+str8    label coder                ``jxl``, ``webp`` or ``png``; ``none`` for decoder-side label maps
 1       label down-sampling        ``1..MAX_DOWNSAMPLE`` (the label map is coded on a 1/k grid)
 str8    model name                 registered-model name, UTF-8 (empty: none, or a model file)
 str8    model version              registered-model version, ASCII digits (empty: none)
 str8    model sha256               0 or 32 bytes: sha256 of the exported generator file
+str8    segmenter sha256           (version 2) 0 or 32 bytes: with 32, the label map is the prediction of
+                                   the segmenter file of this sha256 on the decoded image (label source
+                                   ``decoder``): label coder ``none``, down-sampling 1, no label bitstream
 4 + 4   codec / label lengths      byte lengths of the two bitstreams
 n       codec bitstream            exactly what the codec's ``decode`` takes
 n       label bitstream            exactly what :class:`~pipeline.data.codecs.LabelCoder` ``decode`` takes
@@ -26,6 +29,8 @@ The header is every byte that is not one of the two bitstreams (the trailing CRC
 size is always ``header + codec + label`` bytes. The parser takes its input as untrusted: every length is
 checked against what is left before anything is sliced, sizes are bounded before anything is allocated,
 trailing bytes and checksum mismatches are refused, and every failure is one :class:`ContainerError`.
+
+Version 1 files (no segmenter field: ground-truth label maps, coded) still read; this code writes version 2.
 """
 
 from __future__ import annotations
@@ -37,13 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"\x89JSE\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MAX_SIDE = 1 << 16  # pixels per side
 MAX_PIXELS = 1 << 28  # 268 Mpixels: about 800 MB as RGB, the most a decoder is asked to allocate
 MAX_DOWNSAMPLE = 64
 MAX_FILE_BYTES = 1 << 30  # a container larger than this is refused before it is read
 CRC_BYTES = 4
 LABEL_CODERS = ("jxl", "webp", "png")
+NO_LABEL_CODER = "none"  # the label map is not coded: the decoder predicts it (label source decoder)
 _CODEC_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 _VERSION = re.compile(r"^[0-9]{0,20}$")
 
@@ -100,6 +107,7 @@ class Container:
     codec_bitstream: bytes
     label_bitstream: bytes
     model: ModelRef = ModelRef()
+    segmenter: str = ""  # sha256 of the segmenter predicting the label map at the decoder; empty: coded map
 
     def __post_init__(self) -> None:
         if not _CODEC_NAME.match(self.codec):
@@ -114,7 +122,18 @@ class Container:
             raise ContainerError(
                 f"image size {self.width}x{self.height} exceeds {MAX_PIXELS} pixels; refused as absurd"
             )
-        if self.label_coder not in LABEL_CODERS:
+        if self.segmenter:
+            if not re.fullmatch(r"[0-9a-f]{64}", self.segmenter):
+                raise ContainerError(
+                    f"segmenter sha256 must be 64 lowercase hex digits, got {self.segmenter!r}"
+                )
+            if self.label_coder != NO_LABEL_CODER or self.label_downsample != 1 or self.label_bitstream:
+                raise ContainerError(
+                    f"decoder-side label maps carry no label stream (label coder {NO_LABEL_CODER!r}, "
+                    f"down-sampling 1), got {self.label_coder!r}, {self.label_downsample}, "
+                    f"{len(self.label_bitstream)} bytes"
+                )
+        elif self.label_coder not in LABEL_CODERS:
             raise ContainerError(
                 f"unknown label coder {self.label_coder!r}; known: {', '.join(LABEL_CODERS)}"
             )
@@ -122,8 +141,13 @@ class Container:
             raise ContainerError(
                 f"label down-sampling factor {self.label_downsample} is outside 1..{MAX_DOWNSAMPLE}"
             )
-        if not self.codec_bitstream or not self.label_bitstream:
+        if not self.codec_bitstream or not (self.label_bitstream or self.segmenter):
             raise ContainerError("empty codec or label bitstream")
+
+    @property
+    def label_source(self) -> str:
+        """``decoder`` when the decoder predicts the label map (0 label bits), else ``gt`` (coded map)."""
+        return "decoder" if self.segmenter else "gt"
 
     @property
     def pixels(self) -> int:
@@ -154,6 +178,7 @@ def pack(container: Container) -> bytes:
     if len(c.codec_bitstream) > 0xFFFFFFFF or len(c.label_bitstream) > 0xFFFFFFFF:
         raise ContainerError("a bitstream larger than 4 GiB does not fit the container")
     sha = bytes.fromhex(m.sha256)
+    segmenter = bytes.fromhex(c.segmenter)
     body = b"".join(
         [
             MAGIC,
@@ -165,6 +190,7 @@ def pack(container: Container) -> bytes:
             _str8(m.name, "model name"),
             _str8(m.version, "model version"),
             bytes([len(sha)]) + sha,
+            bytes([len(segmenter)]) + segmenter,
             struct.pack(">II", len(c.codec_bitstream), len(c.label_bitstream)),
             c.codec_bitstream,
             c.label_bitstream,
@@ -209,10 +235,11 @@ def parse(data: bytes) -> Container:
     if r.take(min(len(MAGIC), len(data)), "magic") != MAGIC:
         raise ContainerError("not a .jse container (wrong magic bytes)")
     version = r.uint(">B", "format version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         newer = " (newer than this pipeline reads; update it)" if version > FORMAT_VERSION else ""
         raise ContainerError(
-            f"unknown .jse format version {version}{newer}; this pipeline reads {FORMAT_VERSION}"
+            f"unknown .jse format version {version}{newer}; this pipeline reads "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )
     codec = r.str8("codec name")
     quality, width, height = (r.uint(">H", "quality"), r.uint(">I", "width"), r.uint(">I", "height"))
@@ -224,6 +251,12 @@ def parse(data: bytes) -> Container:
     if sha_len not in (0, 32):
         raise ContainerError(f"model sha256 must be 0 or 32 bytes, got {sha_len}")
     sha = r.take(sha_len, "model sha256").hex()
+    segmenter = ""
+    if version >= 2:
+        seg_len = r.uint(">B", "segmenter sha256 length")
+        if seg_len not in (0, 32):
+            raise ContainerError(f"segmenter sha256 must be 0 or 32 bytes, got {seg_len}")
+        segmenter = r.take(seg_len, "segmenter sha256").hex()
     codec_len, label_len = r.uint(">I", "codec length"), r.uint(">I", "label length")
     codec_bitstream = r.take(codec_len, "codec bitstream")
     label_bitstream = r.take(label_len, "label bitstream")
@@ -243,6 +276,7 @@ def parse(data: bytes) -> Container:
         codec_bitstream=codec_bitstream,
         label_bitstream=label_bitstream,
         model=ModelRef(name, model_version, sha),
+        segmenter=segmenter,
     )
 
 

@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import re
 import statistics
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -197,7 +199,23 @@ def _worker(ctx: _Context) -> _Worker:
     return _WORKERS[key]
 
 
+def exit_with_parent(interval: float = 0.5) -> threading.Thread:
+    """Watch the parent of this process in a daemon thread and exit when it is gone: a pool worker whose
+    builder was killed (SIGKILL, out of memory) must not go on encoding as an orphan."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _init_pool_worker(ctx: _Context) -> None:
+    exit_with_parent()
     _worker(ctx)
 
 

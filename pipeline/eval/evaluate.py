@@ -20,13 +20,26 @@ first ``eval.crops`` images). PSNRs are capped at 100 dB (:func:`pipeline.eval.f
 NIQE (column ``niqe``) is the standard one, against the published pristine model. With ``eval.niqe_fitted``
 a pristine model is also fitted on the split's own originals (``niqe_model.json``) and scored as the extra
 column ``niqe_fitted``.
+
+Downstream accuracy (``eval.segmenter``, a segmenter file): the judging network segments the originals and
+every method's image at every quality; ``miou`` and ``pixel_accuracy`` join the measures (per image in
+``rpd.csv``, pooled over the set in ``rpd_mean.csv`` and the table), the per-class IoUs go to
+``segmentation.json`` (with the judge's name and sha256 and its accuracy on the originals), and
+``rate_miou.png`` / ``rate_pixel_accuracy.png`` beside the R-PD plots. The judge may differ from the
+segmenter that makes the decoder's label maps (``data.label_source=decoder``); the table says which judged.
+
+Label source: every model must have been trained on the maps ``data.label_source`` gives it (its spec's
+``label_source``; ``gt`` when absent); another is refused in one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -38,7 +51,7 @@ from pipeline.eval.fid import load_fid_inception
 from pipeline.eval.inputs import EvalInput, open_input
 from pipeline.eval.lpips import load_lpips
 from pipeline.eval.methods import Method, check_training_frames, load_methods, reconstruct
-from pipeline.eval.plots import CROPS_DIR, label_palette, plot_rpd, write_comparison
+from pipeline.eval.plots import CROPS_DIR, label_palette, plot_rate_accuracy, plot_rpd, write_comparison
 from pipeline.eval.report import (
     bdrate_report,
     describe_frames,
@@ -48,11 +61,15 @@ from pipeline.eval.report import (
     tracked_metrics,
     write_results,
 )
+from pipeline.eval.rows import MeanRow
 from pipeline.eval.scoring import Scorer, fit_niqe
+from pipeline.eval.segmentation import SegmentationScores
 from pipeline.lock import folder_lock
+from pipeline.segment.judge import LoadedSegmenter, open_segmenter
 from pipeline.tracking import Tracker
 
 NIQE_MODEL_FILE = "niqe_model.json"
+SEGMENTATION_FILE = "segmentation.json"
 
 
 def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) -> Path:
@@ -61,12 +78,35 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     data = open_input(cfg)
     if data.count == 0:
         raise ValueError(f"no images to evaluate ({data.description})")
+    judge = _open_judge(cfg.eval.segmenter, data.source_name)
     methods = load_methods(models, data.codec, data.qualities, data.label_nc, device, cfg.tracking.uri)
+    check_label_source(methods, cfg.data.label_source)
     keys = data.keys()
     check_training_frames(methods, keys, cfg.eval.allow_training_frames)
     out = Path(cfg.eval.output_dir)
     with folder_lock(out, "evaluation"):
-        return _evaluate_locked(cfg, data, methods, keys, out, tracker)
+        return _evaluate_locked(cfg, data, methods, keys, out, tracker, judge)
+
+
+def _open_judge(path: str, source_name: str) -> LoadedSegmenter | None:
+    """The judging segmenter of ``eval.segmenter`` (none when unset); refused for non-Cityscapes labels."""
+    if not path:
+        return None
+    if source_name != "cityscapes":
+        raise ValueError(f"eval.segmenter judges Cityscapes labels (train ids); the data is {source_name}")
+    return open_segmenter(path)
+
+
+def check_label_source(methods: Sequence[Method], source: str) -> None:
+    """Refuse a model trained on other label maps than ``data.label_source`` gives it."""
+    for method in methods:
+        if method.spec is not None and not method.spec.zero_semantics:
+            trained = method.spec.trained_label_source
+            if trained != source:
+                raise ValueError(
+                    f"model {method.origin} was trained on {trained} label maps, but data.label_source is "
+                    f"{source}: evaluate it with data.label_source={trained}"
+                )
 
 
 def _evaluate_locked(
@@ -76,6 +116,7 @@ def _evaluate_locked(
     keys: list[str],
     out: Path,
     tracker: Tracker | None,
+    judge: LoadedSegmenter | None = None,
 ) -> Path:
     """:func:`evaluate` once it holds the lock of ``eval.output_dir``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,10 +128,13 @@ def _evaluate_locked(
         load_lpips(cfg.eval.lpips_weights, device),
         load_fid_inception(cfg.eval.fid_weights, device),
         fitted.model if fitted is not None else None,
+        judge,
     )
     _score(data, methods, scorer, out / CROPS_DIR, cfg.eval.crops)
 
     means = mean_rows(scorer.rows, methods, data.qualities, scorer.fid, scorer.lpips_note)
+    if judge is not None:
+        means = [_pooled_accuracy(m, scorer.accuracy(m.model, m.quality)) for m in means]
     report = bdrate_report(means, data.codec, data.qualities)
     report["original_niqe"] = scorer.original_niqe
     if fitted is not None:
@@ -100,15 +144,78 @@ def _evaluate_locked(
     files += plot_rpd(out, means, data.codec, scorer.original_niqe)
     if fitted is not None:
         files.append(out / NIQE_MODEL_FILE)
+    accuracy: dict[str, Any] = {}
+    if judge is not None:
+        original = scorer.original_accuracy.scores()
+        accuracy = _accuracy_report(judge, original, means, scorer)
+        files.append(write_atomic(out / SEGMENTATION_FILE, json.dumps(accuracy, indent=2)))
+        files += plot_rate_accuracy(out, means, data.codec, judge.name, _as_measures(original))
 
     print(f"R-PD evaluation of {data.description}; standard NIQE of the originals {scorer.original_niqe:.3f}")
     print(describe_frames(cfg.eval.split, keys))
     print(format_table(means))
+    metrics = tracked_metrics(means, report)
+    if accuracy:
+        original = accuracy["original"]
+        print(
+            f"downstream accuracy judged by {judge.name if judge else ''} (mIoU, PixAcc; 19 Cityscapes "
+            f"classes, void ignored); on the originals: mIoU {_shown(original['miou'])}, "
+            f"PixAcc {_shown(original['pixel_accuracy'])}"
+        )
+        metrics.update(
+            {f"eval.original.{k}": original[k] for k in ("miou", "pixel_accuracy") if original[k] is not None}
+        )
     if report["methods"]:
         print(format_bdrate(report))
     if tracker is not None:
-        _log(tracker, files, out / CROPS_DIR, tracked_metrics(means, report))
+        _log(tracker, files, out / CROPS_DIR, metrics)
     return out
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _as_measures(scores: SegmentationScores) -> dict[str, float]:
+    return {"miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy}
+
+
+def _pooled_accuracy(mean: MeanRow, scores: SegmentationScores) -> MeanRow:
+    """``mean`` with its accuracy pooled over the set (one confusion matrix), not a mean of images'."""
+    measures = dataclasses.replace(mean.measures, **_as_measures(scores))
+    return dataclasses.replace(mean, measures=measures)
+
+
+def _accuracy_report(
+    judge: LoadedSegmenter, original: SegmentationScores, means: Sequence[MeanRow], scorer: Scorer
+) -> dict[str, Any]:
+    """``segmentation.json``: the judge, its accuracy on the originals and per model x quality (per class)."""
+
+    def entry(scores: SegmentationScores) -> dict[str, Any]:
+        values = {**_as_measures(scores), **{f"iou.{k}": v for k, v in scores.class_iou.items()}}
+        finite = {k: (v if math.isfinite(v) else None) for k, v in values.items()}  # JSON has no NaN
+        return {
+            "miou": finite["miou"],
+            "pixel_accuracy": finite["pixel_accuracy"],
+            "pixels": scores.pixels,
+            "class_iou": {k: finite[f"iou.{k}"] for k in scores.class_iou},
+        }
+
+    return {
+        "judge": {"name": judge.name, "path": str(judge.path), "sha256": judge.sha256},
+        "conventions": "cityscapesscripts: 19 train classes, void ignored, pooled over the set",
+        "original": entry(original),
+        "methods": [
+            {
+                "method": m.method,
+                "model": m.model,
+                "label": m.label,
+                "quality": m.quality,
+                **entry(scorer.accuracy(m.model, m.quality)),
+            }
+            for m in means
+        ],
+    }
 
 
 def _score(data: EvalInput, methods: Sequence[Method], scorer: Scorer, crops: Path, n_crops: int) -> None:
@@ -116,7 +223,7 @@ def _score(data: EvalInput, methods: Sequence[Method], scorer: Scorer, crops: Pa
     ``n_crops`` samples (where a model's image stands beside the codec's, or the codec is alone)."""
     palette = label_palette(data.source_name)
     for index, sample in enumerate(tqdm(data.samples(), total=data.count, desc="R-PD evaluation")):
-        scorer.add_original(sample.image)
+        scorer.add_original(sample.image, sample.label)
         for quality in data.qualities:
             outputs = []
             for method in methods:

@@ -4,6 +4,11 @@
 crops; :class:`ShardInput`), or the dataset itself (``data.*``) encoded on the fly with ``loader.codec`` and
 the label coder of ``shards.*`` (:class:`SourceInput`); ``auto`` takes the shards when
 ``<shards.output>/manifest.json`` exists.
+
+``data.label_source`` picks the label map codec-SE receives: ``gt`` the dataset's, coded losslessly (its
+bits in ``label_bpp``); ``decoder`` the prediction of the segmenter ``data.segmenter`` on the codec's
+decoded image at each quality (:class:`DecoderLabels`: no label bits, ``label_bpp`` 0). The ground truth
+stays in :attr:`EvalSample.label` either way (downstream accuracy is judged against it).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ class EvalSample:
     decoded: dict[int, np.ndarray] = field(default_factory=dict)
     bpp: dict[int, float] = field(default_factory=dict)
     label_bpp: float = 0.0
+    # label_source decoder: the decoder's label map at each quality (predicted from decoded[quality])
+    decoder_label: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def label_at(self, quality: int) -> np.ndarray:
+        """The label map a generator gets at ``quality``: the decoder's prediction, else the ground truth."""
+        return self.decoder_label.get(quality, self.label)
 
 
 class EvalInput(Protocol):
@@ -186,13 +197,50 @@ class SourceInput:
             yield sample
 
 
+class DecoderLabels:
+    """An input whose samples carry the decoder's label maps: a segmenter's prediction on each decoded image,
+    and no label bits (``label_bpp`` 0)."""
+
+    def __init__(self, data: EvalInput, segmenter_path: str) -> None:
+        from pipeline.segment.judge import open_segmenter
+
+        self.data = data
+        self.segmenter = open_segmenter(segmenter_path)
+        self.codec, self.qualities = data.codec, data.qualities
+        self.source_name, self.label_nc, self.count = data.source_name, data.label_nc, data.count
+        self.description = f"{data.description}, label maps predicted by {self.segmenter.name} at the decoder"
+
+    def keys(self) -> list[str]:
+        return self.data.keys()
+
+    def originals(self) -> Iterator[np.ndarray]:
+        return self.data.originals()
+
+    def samples(self) -> Iterator[EvalSample]:
+        for sample in self.data.samples():
+            sample.decoder_label = {q: self.segmenter.label_ids(d) for q, d in sample.decoded.items()}
+            sample.label_bpp = 0.0
+            yield sample
+
+
 def open_input(cfg: JobConfig) -> EvalInput:
-    """The evaluation input named by ``eval.input``."""
+    """The evaluation input named by ``eval.input``, with the label maps of ``data.label_source``."""
     kind = cfg.eval.input
     if kind == "auto":
         kind = "shards" if (Path(cfg.shards.output) / "manifest.json").is_file() else "source"
     if kind == "shards":
-        return ShardInput(cfg)
-    if kind == "source":
-        return SourceInput(cfg)
-    raise ValueError(f"eval.input must be auto, shards or source, got {cfg.eval.input!r}")
+        data: EvalInput = ShardInput(cfg)
+    elif kind == "source":
+        data = SourceInput(cfg)
+    else:
+        raise ValueError(f"eval.input must be auto, shards or source, got {cfg.eval.input!r}")
+    if cfg.data.label_source == "decoder":
+        if data.source_name != "cityscapes":
+            raise ValueError(
+                "data.label_source=decoder: the segmenter predicts Cityscapes labels, "
+                f"the data is {data.source_name}"
+            )
+        if not cfg.data.segmenter:
+            raise ValueError("data.label_source=decoder needs data.segmenter (a segmenter file)")
+        return DecoderLabels(data, cfg.data.segmenter)
+    return data

@@ -144,7 +144,7 @@ def reconstruct(method: Method, sample: EvalSample, quality: int) -> np.ndarray:
     decoded = sample.decoded[quality]
     if method.generator is None or method.spec is None:
         return decoded
-    return enhance_image(method.generator, method.spec, decoded, sample.label, sample.instance)
+    return enhance_image(method.generator, method.spec, decoded, sample.label_at(quality), sample.instance)
 
 
 def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:

@@ -1,7 +1,8 @@
 """Pictures of an R-PD evaluation: the rate-quality curves and side-by-side crops.
 
 Files: ``rpd_psnr.png``, ``rpd_msssim.png`` and ``rpd_niqe.png`` (one curve per method, with the originals'
-NIQE as a reference line), and ``crops/<key>_<codec>_q<quality>.png`` (the original, every method's image
+NIQE as a reference line), with a judging segmenter ``rate_miou.png`` and ``rate_pixel_accuracy.png``
+(:func:`plot_rate_accuracy`), and ``crops/<key>_<codec>_q<quality>.png`` (the original, every method's image
 and the label map, centre crops side by side).
 """
 
@@ -74,6 +75,24 @@ def plot_rpd(out: Path, means: Sequence[MeanRow], codec: str, original_niqe: flo
     paths = []
     for name, metric, label in PLOTS:
         plot_curves(out / name, means, metric, label, codec, original_niqe if metric == "niqe" else None)
+        paths.append(out / name)
+    return paths
+
+
+ACCURACY_PLOTS = (
+    ("rate_miou.png", "miou", "mIoU of the judging segmenter"),
+    ("rate_pixel_accuracy.png", "pixel_accuracy", "pixel accuracy of the judging segmenter"),
+)
+
+
+def plot_rate_accuracy(
+    out: Path, means: Sequence[MeanRow], codec: str, judge: str, original: dict[str, float]
+) -> list[Path]:
+    """Write the rate-accuracy plots (downstream accuracy over bits per pixel, one curve per method, the
+    accuracy on the originals as a reference line) into ``out``; ``judge`` names the segmenter."""
+    paths = []
+    for name, metric, label in ACCURACY_PLOTS:
+        plot_curves(out / name, means, metric, f"{label}\n({judge})", codec, original[metric])
         paths.append(out / name)
     return paths
 

@@ -41,7 +41,10 @@ class Measures:
     receive (codec + the lossless label map for methods that read labels). PSNR is capped at 100 dB; NIQE is
     the standard one; LPIPS is NaN when its weights are unavailable. An optional measure (default ``None``)
     is a column only where it was measured: ``niqe_fitted`` (NIQE against a pristine model fitted on the
-    evaluated split's originals) with ``eval.niqe_fitted``.
+    evaluated split's originals) with ``eval.niqe_fitted``; ``miou`` and ``pixel_accuracy`` (downstream
+    accuracy of the ``eval.segmenter`` network's prediction on the reconstruction, against the ground truth in
+    Cityscapes train ids, :mod:`pipeline.eval.segmentation`) with ``eval.segmenter``: of the one image in a
+    per-image row, pooled over the set (one confusion matrix, as cityscapesscripts does) in a mean row.
     """
 
     bpp_codec: float = shown("bpp_codec", 9, 4)
@@ -51,6 +54,8 @@ class Measures:
     niqe: float = shown("NIQE", 7, 3)
     niqe_fitted: float | None = shown("NIQE-fit", 8, 3, default=None)
     lpips: float = shown("LPIPS", 7, 4)
+    miou: float | None = shown("mIoU", 7, 4, default=None)
+    pixel_accuracy: float | None = shown("PixAcc", 7, 4, default=None)
 
     @classmethod
     def names(cls, optional: Sequence[str] = ()) -> list[str]:

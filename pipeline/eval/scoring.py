@@ -3,7 +3,9 @@
 :func:`score_image` is the one per-image score that evaluation and validation share: PSNR (capped at
 100 dB), MS-SSIM and standard NIQE (published pristine model). :class:`Scorer` adds what only the R-PD
 evaluation measures: the rates, LPIPS, the dataset-fitted NIQE, and the set-level FID of every
-model x quality; :func:`fit_niqe` fits that NIQE model on the evaluated split's originals.
+model x quality, and, with a judging segmenter (``eval.segmenter``), the downstream accuracy of every
+reconstruction and of the originals; :func:`fit_niqe` fits that NIQE model on the evaluated split's
+originals.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from pipeline.eval.niqe import (
     select_sharp_patches,
 )
 from pipeline.eval.rows import Measures, RPDRow
+from pipeline.eval.segmentation import ConfusionMatrix, SegmentationScores
 from pipeline.eval.weights import Unavailable
+from pipeline.segment.judge import LoadedSegmenter
+from pipeline.segment.labels import label_to_train
 
 
 @dataclass(frozen=True)
@@ -92,33 +97,62 @@ class Scorer:
         lpips: LPIPS | Unavailable,
         fid: FIDInception | Unavailable,
         niqe_model: NIQEModel | None = None,
+        judge: LoadedSegmenter | None = None,
     ) -> None:
-        """``niqe_model``: a dataset-fitted NIQE model, scored as the extra measure ``niqe_fitted``."""
+        """``niqe_model``: a dataset-fitted NIQE model, scored as the extra measure ``niqe_fitted``;
+        ``judge``: the segmenter whose predictions score downstream accuracy (``miou``, ``pixel_accuracy``)
+        against the samples' ground truth, which must be Cityscapes label ids."""
         self.codec = codec
         self.lpips = lpips
         self.fid_model = fid
         self.niqe_model = niqe_model
+        self.judge = judge
         self.rows: list[RPDRow] = []
         self.original_niqes: list[float] = []
         self._real: list[np.ndarray] = []
         self._fake: dict[tuple[str, int], list[np.ndarray]] = {}
+        self.original_accuracy = ConfusionMatrix()
+        self._accuracy: dict[tuple[str, int], ConfusionMatrix] = {}
+        self._truth: tuple[int, np.ndarray] | None = None  # (id of the label map, its train ids)
 
-    def add_original(self, image: np.ndarray) -> None:
-        """Score an original: its standard NIQE, and its features for FID."""
+    def add_original(self, image: np.ndarray, label: np.ndarray | None = None) -> None:
+        """Score an original: its standard NIQE, its features for FID and, with a judge and its ground truth
+        ``label``, the judge's accuracy on it."""
         self.original_niqes.append(niqe(image))
         if not isinstance(self.fid_model, Unavailable):
             self._real.append(self.fid_model.features(image))
+        if self.judge is not None and label is not None:
+            self.original_accuracy.add(self.judge.train_ids(image), self._train_ids(label))
+
+    def _train_ids(self, label: np.ndarray) -> np.ndarray:
+        """``label`` (label ids) in train ids, converted once per sample."""
+        if self._truth is None or self._truth[0] != id(label):
+            self._truth = (id(label), label_to_train(label))
+        return self._truth[1]
+
+    def _judged(
+        self, judge: LoadedSegmenter, sample: EvalSample, model: str, quality: int, result: np.ndarray
+    ) -> SegmentationScores:
+        """The judge's accuracy on ``result`` (pooled into the model x quality's matrix); its image's own."""
+        one = ConfusionMatrix()
+        one.add(judge.train_ids(result), self._train_ids(sample.label))
+        self._accuracy.setdefault((model, quality), ConfusionMatrix()).merge(one)
+        return one.scores()
 
     def add(self, sample: EvalSample, quality: int, method: Method, result: np.ndarray) -> RPDRow:
         """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row."""
         scores = score_image(sample.image, result)
         rate = sample.bpp[quality]
+        judge = self.judge
+        judged = None if judge is None else self._judged(judge, sample, method.model, quality, result)
         measures = Measures(
             bpp_codec=rate,
             bpp_total=rate + (sample.label_bpp if method.uses_labels else 0.0),
             **scores.as_dict(),
             niqe_fitted=None if self.niqe_model is None else niqe(result, self.niqe_model),
             lpips=math.nan if isinstance(self.lpips, Unavailable) else self.lpips(sample.image, result),
+            miou=None if judged is None else judged.miou,
+            pixel_accuracy=None if judged is None else judged.pixel_accuracy,
         )
         row = RPDRow(
             key=sample.key,
@@ -133,6 +167,10 @@ class Scorer:
         if not isinstance(self.fid_model, Unavailable):
             self._fake.setdefault((method.model, quality), []).append(self.fid_model.features(result))
         return row
+
+    def accuracy(self, model: str, quality: int) -> SegmentationScores:
+        """The judge's accuracy on ``model``'s reconstructions at ``quality``, pooled over the set."""
+        return self._accuracy[(model, quality)].scores()
 
     @property
     def original_niqe(self) -> float:

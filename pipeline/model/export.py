@@ -3,11 +3,12 @@
 Only safetensors files are supported (no pickled ``.pt`` checkpoints): loading one needs neither
 DeepSpeed nor the training config, and cannot run code.
 
-Metadata (all strings): ``format`` (``jpdse-generator``), ``format_version`` (``2``), ``spec`` (the JSON
-object of a :class:`~pipeline.model.spec.GeneratorSpec`) and, when the trainer says, ``train_frames`` (JSON
-list of the sorted sample keys trained on). Files without ``format_version`` are version 1 (plain pix2pixHD
-generators, no ``residual`` key). A file of a newer version, or whose spec holds a key this code does not
-know, is refused: guessing would rebuild another network, or run it with another rule.
+Metadata (all strings): ``format`` (``jpdse-generator``), ``format_version`` (``2``; ``3`` with a
+label source), ``spec`` (the JSON object of a :class:`~pipeline.model.spec.GeneratorSpec`) and, when the
+trainer says, ``train_frames`` (JSON list of the sorted sample keys trained on). Files without
+``format_version`` are version 1 (plain pix2pixHD generators, no ``residual`` key). A file of a newer
+version, or whose spec holds a key this code does not know, is refused: guessing would rebuild another
+network, or run it with another rule.
 
 An export's bytes depend on its content alone (the metadata is sorted), so their sha256 is the model's
 identity (:func:`weights_sha256`).
@@ -50,7 +51,8 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
 def export_generator(
     path: str | Path, generator: nn.Module, spec: GeneratorSpec, train_frames: Sequence[str] = ()
 ) -> Path:
-    """Write ``generator``'s weights and ``spec`` (format version 2) to ``path`` atomically; return the path.
+    """Write ``generator``'s weights and ``spec`` (format version 2, or 3 with a label source) to ``path``
+    atomically; return the path.
 
     ``generator`` may be wrapped (DeepSpeed engine, DDP): its ``.module`` is used. The spec must describe
     the generator; a mismatch is refused here rather than at load time.
@@ -67,7 +69,7 @@ def export_generator(
     try:
         metadata = {
             FORMAT_KEY: FORMAT,
-            VERSION_KEY: str(FORMAT_VERSION),
+            VERSION_KEY: str(spec.format_version),
             SPEC_KEY: json.dumps(spec.to_json(), sort_keys=True),
         }
     except TypeError as err:

@@ -10,7 +10,12 @@ another rule:
 * version 2: the :class:`~pipeline.config.ModelConfig` fields, the resolved ``label_nc``/``use_instance``,
   and what the trainer records: ``codec``, ``quality``, ``qualities`` (a model trained on several,
   ``loader.qualities``), ``phase``, ``steps``, ``train_split`` and ``selected`` (the best-checkpoint
-  selection, a free-form object).
+  selection, a free-form object);
+* version 3: version 2 plus the label maps the generator was trained on: ``label_source`` (``gt`` or
+  ``decoder``: the segmenter's prediction on the decoded image) and ``segmenter`` (the sha256 of that
+  segmenter's file). A spec without them is written as version 2 (:attr:`GeneratorSpec.format_version`), so
+  exports of earlier content keep their bytes, and a pipeline that predates version 3 refuses a
+  ``decoder`` generator instead of feeding it ground-truth maps. Absent, the label source is ``gt``.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -27,16 +32,17 @@ from typing import Any
 
 import torch
 
-from pipeline.config import MODEL_BOUNDS, ModelConfig, Norm
+from pipeline.config import MODEL_BOUNDS, LabelSource, ModelConfig, Norm
 from pipeline.model.inputs import IMAGE_CHANNELS, input_channels
 from pipeline.model.networks import Generator
 
-FORMAT_VERSION = 2  # the version this code writes
+FORMAT_VERSION = 3  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
 BOUNDS: dict[str, tuple[int, int]] = {**MODEL_BOUNDS, "label_nc": (1, 256)}  # label maps are 8-bit
 NORMS = typing.get_args(Norm)
+LABEL_SOURCES = typing.get_args(LabelSource)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
@@ -63,8 +69,14 @@ class GeneratorSpec:
     steps: int | None = None
     train_split: str | None = None
     selected: dict[str, Any] | None = None
+    label_source: str | None = None  # None: gt (version 2 and earlier)
+    segmenter: str | None = None  # sha256 of the segmenter file that made the maps (label_source decoder)
 
     def __post_init__(self) -> None:
+        if self.label_source not in (None, *LABEL_SOURCES):
+            raise ValueError(
+                f"generator spec label_source={self.label_source!r} is not one of {LABEL_SOURCES}"
+            )
         if self.qualities is not None:
             object.__setattr__(self, "qualities", tuple(self.qualities))
         for key, (low, high) in BOUNDS.items():
@@ -110,6 +122,17 @@ class GeneratorSpec:
         if self.qualities is not None:
             out["qualities"] = list(self.qualities)
         return out
+
+    @property
+    def format_version(self) -> int:
+        """The oldest format version that holds this spec's keys: what its export is written as."""
+        keys = set(self.to_json())
+        return next(v for v in sorted(SPEC_KEYS) if v > 1 and keys <= SPEC_KEYS[v])
+
+    @property
+    def trained_label_source(self) -> str:
+        """The label maps the generator was trained on: ``gt`` unless the spec says otherwise."""
+        return self.label_source or "gt"
 
     @property
     def uses_synthesis(self) -> bool:
@@ -161,8 +184,8 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Version 1 is closed: ModelConfig as it was then, so a field added later is
-# never taken for part of a version-1 file. Version 2 is GeneratorSpec's fields.
+# Spec keys by format version. Versions 1 and 2 are closed: ModelConfig and the spec as they were then, so a
+# field added later is never taken for part of an older file. Version 3 is GeneratorSpec's fields.
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -170,7 +193,8 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
             *("use_instance", "zero_semantics", "codec", "quality", "phase", "steps"),
         }
     ),
-    2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"label_source", "segmenter"},
+    3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
 }
 
 

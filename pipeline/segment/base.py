@@ -93,7 +93,7 @@ class Segmenter(nn.Module, ABC):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        images = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float()
+        images = torch.from_numpy(rgb.copy()).to(device).permute(2, 0, 1)[None].float()
         logits = self(images / 127.5 - 1)
         self.train(was_training)
         return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()

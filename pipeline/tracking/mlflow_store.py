@@ -1,16 +1,30 @@
 """The MLflow store sink: every call the tracker and the replay make to an MLflow tracking store, through one
-``MlflowClient`` (no global MLflow state: no active run, no global URI)."""
+``MlflowClient`` (no global MLflow state: no active run, no global URI).
+
+Every call is bounded (:func:`store_call`): against an http(s) store MLflow's retries and timeout are capped
+(the first contact gives up within seconds), a call that takes long says so on stderr, and a store that
+cannot be reached raises :class:`StoreUnavailable` (one line) instead of MLflow's nested retry errors.
+
+Runs carry their process (host, pid, its start time, pid namespace) as tags; the start of a top-level run
+marks FAILED the runs of this experiment left RUNNING by a process of this host that is gone (killed).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import socket
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.lock import _alive, _pid_start
 from pipeline.tracking.base import RunInfo, clean_params
 from pipeline.tracking.registry import (
     GENERATOR_ARTIFACT,
@@ -25,21 +39,39 @@ if TYPE_CHECKING:
 
     from pipeline.model.spec import GeneratorSpec
 
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
 # MLflow's HTTP client retries 7 times with exponential backoff by default (minutes against a dead
 # server). While the tracker talks to an http(s) store these apply, unless the user set them: the
-# first contact fails within seconds; later calls tolerate a short blip before going offline.
+# first contact fails within seconds; later calls tolerate a short blip before going offline. The
+# timeout bounds the connection and each read alike (MLflow passes one value to requests).
 FIRST_CONTACT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
+NOTICE_AFTER_S = 3.0  # a call to a remote store that takes longer says so on stderr
+# run tags naming the process that runs it, to tell a killed run from a running one
+PROCESS_TAGS = ("pipeline.host", "pipeline.pid", "pipeline.pid_start", "pipeline.pid_ns")
+
+
+_calls = threading.local()  # depth of bounded calls in this thread
+
+
+class StoreUnavailable(ConnectionError):
+    """The tracking store cannot be reached (refused, unresolvable or timed out)."""
 
 
 def _sqlite_file(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
         return None
     return Path(uri.removeprefix("sqlite:///"))
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 @contextlib.contextmanager
@@ -55,6 +87,103 @@ def _env_defaults(values: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a failure to reach the server."""
+    import requests
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause's name, e.g. ``Connection refused``, for the one-line error."""
+    text = str(err)
+    for marker in ("Connection refused", "timed out", "Name or service not known", "No route to host"):
+        if marker in text:
+            return marker.lower()
+    return type(err).__name__
+
+
+@contextlib.contextmanager
+def store_call(uri: str, what: str, *, first_contact: bool = True) -> Iterator[None]:
+    """One bounded call (or a few) to the store at ``uri``: short HTTP retries and timeout (see
+    :data:`FIRST_CONTACT_HTTP_ENV`, :data:`HTTP_ENV`; settings the user made win), a line on stderr when it
+    takes longer than :data:`NOTICE_AFTER_S`, and :class:`StoreUnavailable` when the store cannot be
+    reached. Other store errors pass unchanged."""
+    if not is_remote(uri) or getattr(_calls, "depth", 0):  # a call inside a bounded call is part of it
+        yield
+        return
+    env = FIRST_CONTACT_HTTP_ENV if first_contact else HTTP_ENV
+    _calls.depth = 1
+    with _env_defaults(env):
+        limit = os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+        retries = os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        notice = threading.Timer(
+            NOTICE_AFTER_S,
+            lambda: print(
+                f"waiting for the MLflow store at {uri} ({what}; timeout {limit} s, {retries} retries)...",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
+        notice.daemon = True
+        notice.start()
+        try:
+            yield
+        except StoreUnavailable:
+            raise
+        except Exception as err:
+            if _unreachable(err):
+                raise StoreUnavailable(
+                    f"MLflow store {uri} unreachable ({what}: {_reason(err)}); check the tracking URI "
+                    "(tracking.uri, $MLFLOW_TRACKING_URI) and that its server is up"
+                ) from err
+            raise
+        finally:
+            notice.cancel()
+            _calls.depth = 0
+
+
+def _bounded(method: F) -> F:
+    """A store method as one :func:`store_call` (the short first-contact settings until the client exists)."""
+
+    @functools.wraps(method)
+    def wrapper(self: MLflowStore, *args: Any, **kwargs: Any) -> Any:
+        with store_call(self.uri, method.__name__, first_contact=self._client is None):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """:data:`PROCESS_TAGS` of this process."""
+    pid = os.getpid()
+    values = (socket.gethostname(), str(pid), _pid_start(pid) or "", _pid_namespace())
+    return dict(zip(PROCESS_TAGS, values, strict=True))
+
+
+def _gone(tags: Mapping[str, str]) -> bool:
+    """Whether the process named by a run's :data:`PROCESS_TAGS` ran here (this host and pid namespace)
+    and is gone; a process that cannot be checked from here counts as alive."""
+    host, pid, start, namespace = (tags.get(k, "") for k in PROCESS_TAGS)
+    if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
+        return False
+    return not _alive(int(pid), start or None)
+
+
 class MLflowStore:
     """Runs of experiment ``experiment`` in the MLflow store at ``uri``; the client (and the experiment,
     got or created) come on first use. Store errors raise."""
@@ -66,6 +195,7 @@ class MLflowStore:
         self.experiment = experiment
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        self._orphans_checked = False
 
     @property
     def client(self) -> MlflowClient:
@@ -103,24 +233,26 @@ class MLflowStore:
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
-    def request_env(self) -> contextlib.AbstractContextManager[None]:
-        """HTTP retry and timeout defaults for one call of the tracker (short before the first contact)."""
-        if not self.uri.startswith(("http://", "https://")):
-            return contextlib.nullcontext()
-        return _env_defaults(HTTP_ENV if self._client is not None else FIRST_CONTACT_HTTP_ENV)
-
+    @_bounded
     def has_run(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as err:
+            if _unreachable(err):
+                raise
             return False
         return True
 
+    @_bounded
     def start_run(self, run: RunInfo, parent: RunInfo | None) -> None:
-        """Create ``run`` (nested under ``parent``) with its tags and params; sets ``run.run_id``."""
-        tags = dict(run.tags)
+        """Create ``run`` (nested under ``parent``) with its tags, this process's tags and params; sets
+        ``run.run_id``. A top-level run first marks the runs of killed processes FAILED."""
+        if parent is None and not self._orphans_checked:
+            self._orphans_checked = True
+            self.fail_orphaned_runs()
+        tags = {**run.tags, **process_tags()}
         if parent is not None and parent.run_id:
             tags["mlflow.parentRunId"] = parent.run_id
         created = self.client.create_run(
@@ -129,22 +261,51 @@ class MLflowStore:
         run.run_id = created.info.run_id
         self.log_params(run)
 
+    @_bounded
+    def fail_orphaned_runs(self) -> list[str]:
+        """Mark FAILED the runs of this experiment left RUNNING by a process of this host that is gone
+        (killed before it could end them); returns their ids."""
+        from mlflow.entities import RunStatus
+
+        host = socket.gethostname().replace("'", "")
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS[0]}` = '{host}'",
+            max_results=1000,
+        )
+        failed = [r.info.run_id for r in found if _gone(r.data.tags)]
+        end_ms = int(time.time() * 1000)
+        for run_id in failed:
+            self.client.set_tag(
+                run_id, "pipeline.failed_reason", "its process was gone (killed) at the next start"
+            )
+            self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED), end_time=end_ms)
+        if failed:
+            log.warning(
+                "marked %d run(s) of killed processes FAILED in %s: %s", len(failed), self.uri, failed
+            )
+        return failed
+
+    @_bounded
     def log_params(self, run: RunInfo) -> None:
         from mlflow.entities import Param
 
         self.client.log_batch(self._id(run), params=[Param(k, v) for k, v in run.params.items()])
 
+    @_bounded
     def log_metrics(self, run: RunInfo, metrics: Mapping[str, float], step: int, ms: int) -> None:
         from mlflow.entities import Metric
 
         self.client.log_batch(self._id(run), metrics=[Metric(k, v, ms, step) for k, v in metrics.items()])
 
+    @_bounded
     def log_artifact(self, run: RunInfo, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
             self.client.log_artifacts(self._id(run), str(path), artifact_path)
         else:
             self.client.log_artifact(self._id(run), str(path), artifact_path)
 
+    @_bounded
     def register(
         self,
         run: RunInfo,
@@ -200,6 +361,7 @@ class MLflowStore:
             client.set_registered_model_alias(name, alias, version.version)
         return f"models:/{name}/{version.version}"
 
+    @_bounded
     def end_run(self, run: RunInfo, status: str, ms: int) -> None:
         self.client.set_terminated(self._id(run), status=status, end_time=ms)
 

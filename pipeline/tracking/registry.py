@@ -7,15 +7,18 @@ this package travel with it (MLflow's ``code_paths``, which ``load_model`` puts 
 process without this repository loads and runs it with only the model's requirements installed; those are
 pinned to public versions (``torch==2.13.0``, never ``+cpu``), which the CPU and the CUDA wheels both satisfy.
 The model version carries the validation figures of the step the export was selected at
-(:func:`selected_metrics`) as tags, and its logged model as metrics.
+(:func:`selected_metrics`) as tags, and its logged model as metrics; once the main job has evaluated it on
+the held-out split, the figures of that evaluation too (:func:`set_version_evaluation`, ``eval_*``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +27,8 @@ import numpy as np
 from pipeline.tracking.base import REGISTRY_NAME, Tracker, default_tracking_uri
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
     from mlflow.models import ModelSignature
     from torch import nn
 
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 PYFUNC_LOADER = "pipeline.tracking"
 GENERATOR_ARTIFACT = "generator"
 _ALIAS = re.compile(r"^[\w\-]+$")
+_MODEL_ID = re.compile(r"(?:^|/)(m-[0-9a-f]{32})(?:/|$)")
 
 
 def check_registration(
@@ -121,6 +127,47 @@ def selected_metrics(spec: GeneratorSpec) -> dict[str, float]:
     if isinstance(step, int) and not isinstance(step, bool):
         out["selected_step"] = float(step)
     return out
+
+
+def _version_model_id(version: ModelVersion) -> str | None:
+    """The logged model behind a model version: its ``model_id``, which a SQL store does not keep, else the
+    ``m-<id>`` folder its source (the logged model's artifact location) lies in."""
+    if version.model_id:
+        return str(version.model_id)
+    found = _MODEL_ID.search(version.source or "")
+    return found.group(1) if found else None
+
+
+def set_version_evaluation(
+    uri: str,
+    figures: Mapping[str, float],
+    notes: Mapping[str, str] | None = None,
+    *,
+    tracking_uri: str = "",
+    run_id: str | None = None,
+) -> str:
+    """Put an evaluation's ``figures`` (``eval_psnr``, ...) on the model version ``uri``
+    (``models:/name/<version>`` or ``models:/name@alias``) as tags, beside the validation ones, with
+    ``notes`` (``eval_split``, ...) as tags as they are; with ``run_id`` (the evaluating run) the figures
+    are also logged there as metrics of the version's logged model. Returns ``models:/name/<version>``."""
+    from mlflow.entities import Metric
+
+    store = default_tracking_uri(tracking_uri)
+    pinned = pin_model_uri(uri, tracking_uri=store)
+    name, slash, version = pinned.removeprefix("models:/").strip("/").partition("/")
+    if not (pinned.startswith("models:/") and name and slash and version.isdigit()):
+        raise _bad_uri(uri)
+    tags = {**{k: repr(float(v)) for k, v in figures.items()}, **(notes or {})}
+    with _registry_call(uri, store, "model version tags"):
+        client = _client(store, uri)
+        model_id = _version_model_id(client.get_model_version(name, version))
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if run_id is not None and model_id and figures:
+            ms = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), ms, 0, model_id=model_id) for k, v in figures.items()]
+            client.log_batch(run_id, metrics=metrics)
+    return pinned
 
 
 def example_input(spec: GeneratorSpec, batch: int = 1) -> dict[str, np.ndarray]:
@@ -211,22 +258,58 @@ def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> 
     return GeneratorPyfunc(data_path)
 
 
+class ModelURIError(ValueError):
+    """A ``models:/`` or ``runs:/`` URI that is malformed or names nothing in the store."""
+
+
+def _bad_uri(uri: str) -> ModelURIError:
+    return ModelURIError(
+        f"bad model URI {uri!r}; expected models:/name@alias, models:/name/<version>, models:/<model id> "
+        "or runs:/<run id>/<path>"
+    )
+
+
+@contextlib.contextmanager
+def _registry_call(uri: str, store: str, what: str) -> Iterator[None]:
+    """A bounded call to the store (:func:`~pipeline.tracking.mlflow_store.store_call`) about model ``uri``;
+    the store's refusals (no such model, version or alias) become :class:`ModelURIError`."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.mlflow_store import store_call
+
+    try:
+        with store_call(store, what):
+            yield
+    except MlflowException as err:
+        message = str(err).splitlines()[0] if str(err) else err.error_code
+        raise ModelURIError(f"{uri}: {message} (store {store})") from err
+
+
+def _client(store: str, uri: str) -> MlflowClient:
+    """A client of ``store`` to look ``uri`` up in; a SQLite store that does not exist is refused (MLflow
+    would create an empty one)."""
+    from mlflow import MlflowClient
+
+    db = store.removeprefix("sqlite:///") if store.startswith("sqlite:///") else ""
+    if db and not db.endswith(":memory:") and not Path(db).is_file():
+        raise ModelURIError(f"{uri}: there is no MLflow store at {store}")
+    return MlflowClient(tracking_uri=store, registry_uri=store)
+
+
 def _model_location(uri: str, store: str) -> str:
     """Where the artifacts of ``models:/name@alias``, ``models:/name/version`` or ``models:/<model id>`` lie.
 
     Resolved with an explicit client: MLflow's own ``models:/`` download ignores the registry
     URI it is given and asks the global one.
     """
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
     ref = pin_model_uri(uri, tracking_uri=store).removeprefix("models:/").strip("/")
     name, slash, version = ref.partition("/")
-    if slash and version.isdigit():
-        return client.get_model_version_download_uri(name, version)
-    if not slash and name.startswith("m-"):
-        return client.get_logged_model(name).artifact_location
-    raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
+    with _registry_call(uri, store, "model location"):
+        if slash and version.isdigit() and name:
+            return _client(store, uri).get_model_version_download_uri(name, version)
+        if not slash and name.startswith("m-"):
+            return _client(store, uri).get_logged_model(name).artifact_location
+    raise _bad_uri(uri)
 
 
 def pin_model_uri(uri: str, *, tracking_uri: str = "") -> str:
@@ -242,12 +325,28 @@ def pin_model_uri(uri: str, *, tracking_uri: str = "") -> str:
     if not at:
         return uri
     if not name or not alias or "/" in alias:
-        raise ValueError(f"bad model URI {uri!r}; expected models:/name@alias or models:/name/version")
-    from mlflow import MlflowClient
-
+        raise _bad_uri(uri)
     store = default_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    with _registry_call(uri, store, "model alias"):
+        return f"models:/{name}/{_client(store, uri).get_model_version_by_alias(name, alias).version}"
+
+
+def check_model_uri(uri: str, *, tracking_uri: str = "") -> str:
+    """Check, without downloading, that a ``models:/`` or ``runs:/`` URI names a model in the store at
+    ``tracking_uri`` (default :func:`default_tracking_uri`); returns it pinned. Raises
+    :class:`ModelURIError` (or :class:`~pipeline.tracking.mlflow_store.StoreUnavailable`)."""
+    store = default_tracking_uri(tracking_uri)
+    if uri.startswith("runs:/"):
+        run_id, slash, path = uri.removeprefix("runs:/").partition("/")
+        if not run_id or not slash or not path.strip("/"):
+            raise _bad_uri(uri)
+        with _registry_call(uri, store, "run"):
+            _client(store, uri).get_run(run_id)
+        return uri
+    if not uri.startswith("models:/"):
+        raise _bad_uri(uri)
+    _model_location(uri, store)
+    return pin_model_uri(uri, tracking_uri=store)
 
 
 def download_model(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | None = None) -> Path:
@@ -261,9 +360,10 @@ def download_model(uri: str, *, tracking_uri: str = "", dst_dir: str | Path | No
     dst.mkdir(parents=True, exist_ok=True)
     if uri.startswith("models:/"):
         uri = _model_location(uri, store)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store
-    )
+    with _registry_call(uri, store, "model download"):
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store
+        )
     return Path(local)
 
 

@@ -77,8 +77,7 @@ class MLflowTracker(Tracker):
         """``call`` on the store; on its first failure, go offline and make it on the offline record."""
         if not self.offline:
             try:
-                with self.store.request_env():
-                    return call(self.store)
+                return call(self.store)  # every store call is bounded (mlflow_store.store_call)
             except Exception as err:
                 self._go_offline(err)
         return call(self.record)

@@ -4,7 +4,10 @@ checkpoint that looks complete but is not.
 ``<output_dir>/checkpoints/phase<N>-step<NNNNNNNN>/`` holds
 
 * ``generator/`` and ``discriminator/``: the DeepSpeed checkpoints of both engines (weights, optimizer,
-  scheduler; no ``discriminator/`` in a phase that does not train D);
+  scheduler; no ``discriminator/`` in a phase that does not train D), each a DeepSpeed checkpoint folder of
+  its own: DeepSpeed's plain-text ``latest`` tag file and the tag's sub-folder, so DeepSpeed's own
+  ``engine.load_checkpoint(".../generator")`` loads it (checkpoints written before held both engines' files
+  in ``generator/`` and ``discriminator/`` directly, without a tag file; a resume still reads them);
 * ``rng_rank<R>.pt``: each rank's RNG states and data position (:meth:`Batches.state_dict`);
 * ``trainer_state.json``: phase, step, early stop, the validation state, the config digests and each
   rank's generator digest;
@@ -32,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,11 +48,16 @@ from pipeline.config import JobConfig
 from pipeline.train.batches import Batches
 from pipeline.train.engine import DistEnv, Engines, barrier, say
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 LEGACY_LATEST = "latest"  # the pointer's name before latest.json; read when resuming an old run folder
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_generator.safetensors"  # in a checkpoint: the best validated generator so far
+GENERATOR_DIR, DISCRIMINATOR_DIR = "generator", "discriminator"  # in a checkpoint: each engine's own folder
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's tag file in an engine's folder
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,21 @@ def discard_checkpoints(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def load_engine(engine: DeepSpeedEngine, path: Path, name: str) -> None:
+    """Load engine ``name`` (:data:`GENERATOR_DIR`, :data:`DISCRIMINATOR_DIR`) of the checkpoint at ``path``:
+    through its own folder's tag file, as DeepSpeed's own ``load_checkpoint(folder)`` does, or, for a
+    checkpoint written before each engine had one, as the tag ``name`` of ``path``."""
+    own = path / name
+    if (own / DEEPSPEED_LATEST).is_file():
+        loaded, _ = engine.load_checkpoint(str(own))
+    elif any(own.glob("*model_states.pt")):
+        loaded, _ = engine.load_checkpoint(str(path), tag=name)
+    else:
+        loaded = None
+    if loaded is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint of the {name} in {own}")
+
+
 def params_digest(module: nn.Module) -> str:
     """SHA-256 of a module's parameters (names and bytes): equal digests, equal weights."""
     digest = hashlib.sha256()
@@ -190,9 +213,11 @@ class PhaseCheckpoints:
         if self.env.is_main and path.exists():
             shutil.rmtree(path)  # an incomplete save of an earlier attempt
         barrier()
-        self.engines.generator.save_checkpoint(str(path), tag="generator", save_latest=False)
+        self.engines.generator.save_checkpoint(str(path / GENERATOR_DIR), tag=tag, save_latest=True)
         if self.engines.discriminator is not None:
-            self.engines.discriminator.save_checkpoint(str(path), tag="discriminator", save_latest=False)
+            self.engines.discriminator.save_checkpoint(
+                str(path / DISCRIMINATOR_DIR), tag=tag, save_latest=True
+            )
         with atomic_path(self._rng_file(path)) as tmp:
             torch.save({**rng_state(), "data": self.batches.state_dict()}, tmp)
         digests: list[str | None] = [None] * self.env.world_size
@@ -249,9 +274,9 @@ class PhaseCheckpoints:
     def load(self, checkpoint: Checkpoint) -> Progress:
         """Restore the engines, RNG states and data position of ``checkpoint``; return its progress."""
         state = checkpoint.state
-        self.engines.generator.load_checkpoint(str(checkpoint.path), tag="generator")
+        load_engine(self.engines.generator, checkpoint.path, GENERATOR_DIR)
         if self.engines.discriminator is not None:
-            self.engines.discriminator.load_checkpoint(str(checkpoint.path), tag="discriminator")
+            load_engine(self.engines.discriminator, checkpoint.path, DISCRIMINATOR_DIR)
         progress = Progress(step=int(state["step"]), stopped_early=bool(state.get("stopped_early", False)))
         validation = dict(state.get("validation") or {})
         if self.validating and self.env.is_main and validation.get("step") is not None:

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_atomic
+from pipeline.atomic import atomic_path, temporary_names, write_atomic
 from pipeline.config import ConfigError, JobConfig, flatten
 from pipeline.data.loader import training_qualities
 from pipeline.data.manifest import DatasetInfo, dataset_info
@@ -408,6 +408,18 @@ class PhaseRunner:
         return path
 
 
+def remove_export_temporaries(out: Path) -> list[Path]:
+    """Remove what a killed export left in the phase folders (the atomic writes' temporary files); the
+    caller holds the lock of ``out``, so no other writer's file is among them."""
+    removed = []
+    for phase in (1, 2, 3):
+        for name in (GENERATOR_FILE, DISCRIMINATOR_FILE, REGISTERED_FILE):
+            for tmp in temporary_names(phase_dir(out, phase), name):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
 def _init_source(cfg: JobConfig, phase: int, phases: list[int], out: Path, env: DistEnv) -> Path | None:
     """Where phase ``phase`` starts from: nothing (phase 1), ``train.init_from`` for the first phase of
     a job that does not start at 1, else the previous phase's export."""
@@ -483,6 +495,7 @@ def _train_phases(
         )
     if env.is_main:
         checkpoint_dir(out).mkdir(parents=True, exist_ok=True)
+        remove_export_temporaries(out)
         if not resume:
             discard_checkpoints(out)
         elif latest is None:
