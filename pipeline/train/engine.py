@@ -102,11 +102,18 @@ def init_distributed() -> DistEnv:
 def distributed() -> Iterator[DistEnv]:
     """:func:`init_distributed` for the duration of a block; a process group created here is torn
     down at its end (one the caller had set up is left alone), so training can run again in the
-    same process and other code never sees a stale world of one."""
+    same process and other code never sees a stale world of one.
+
+    On a normal exit the ranks leave together (a barrier) before the group is torn down, so that no
+    rank closes its connections while another is still working (rank 0 registering a model): a gloo
+    rank torn down under a live peer can abort at exit. After an error there is no barrier; the
+    launcher stops the other ranks."""
     created = not dist.is_initialized()
     env = init_distributed()
     try:
         yield env
+        if created and env.world_size > 1:
+            dist.barrier()
     finally:
         if created and dist.is_initialized():
             import deepspeed.comm
