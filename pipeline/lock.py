@@ -33,7 +33,7 @@ class LockError(ConfigError):
     """The folder is being written by another process (or its lock file cannot be used)."""
 
 
-def _pid_start(pid: int) -> str | None:
+def pid_start(pid: int) -> str | None:
     """The start time of ``pid`` in clock ticks since boot (``/proc``), to tell a reused pid from its
     holder; None where ``/proc`` is not available."""
     try:
@@ -43,14 +43,14 @@ def _pid_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: int, started: str | None) -> bool:
+def process_alive(pid: int, started: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # another user's process: it exists
-    now = _pid_start(pid)
+    now = pid_start(pid)
     return started is None or now is None or now == started
 
 
@@ -78,7 +78,7 @@ def _stale(info: dict[str, Any] | None) -> bool:
     if info is None or info.get("host") != socket.gethostname():
         return False
     pid = info.get("pid")
-    return isinstance(pid, int) and not _alive(pid, info.get("pid_start"))
+    return isinstance(pid, int) and not process_alive(pid, info.get("pid_start"))
 
 
 def _try_create(path: Path, record: bytes) -> bool:
@@ -106,7 +106,7 @@ def acquire(folder: str | Path, command: str) -> Path:
     info = {
         "host": socket.gethostname(),
         "pid": pid,
-        "pid_start": _pid_start(pid),
+        "pid_start": pid_start(pid),
         "started": time.time(),
         "command": command,
     }

@@ -394,7 +394,8 @@ def training_manifests(cfg: JobConfig) -> list[Manifest]:
 def dataset_info(cfg: JobConfig) -> DatasetInfo:
     """``label_nc`` (the manifest's, else ``data.label_nc``) and whether the generator gets instance edges."""
     folder = Path(cfg.shards.output)
-    manifest = Manifest.read(folder) if (folder / MANIFEST).is_file() else None
+    manifests = training_manifests(cfg) if (folder / MANIFEST).is_file() else []
+    manifest = manifests[0] if manifests else None
     label_nc = manifest.dataset.label_nc if manifest else cfg.data.label_nc
     if manifest and cfg.data.label_nc not in (0, label_nc):
         raise ConfigError(
@@ -409,6 +410,6 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
     has_instances = manifest.dataset.has_instances if manifest else cfg.model.use_instance
     frames: tuple[str, ...] = ()
     if manifest and not cfg.loader.shards:
-        keys = (m.split(cfg.loader.split).keys for m in training_manifests(cfg))
+        keys = (m.split(cfg.loader.split).keys for m in manifests)
         frames = tuple(sorted(set().union(*keys)))
     return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames)

@@ -228,12 +228,7 @@ def open_input(cfg: JobConfig) -> EvalInput:
     kind = cfg.eval.input
     if kind == "auto":
         kind = "shards" if (Path(cfg.shards.output) / "manifest.json").is_file() else "source"
-    if kind == "shards":
-        data: EvalInput = ShardInput(cfg)
-    elif kind == "source":
-        data = SourceInput(cfg)
-    else:
-        raise ValueError(f"eval.input must be auto, shards or source, got {cfg.eval.input!r}")
+    data: EvalInput = ShardInput(cfg) if kind == "shards" else SourceInput(cfg)
     if cfg.data.label_source == "decoder":
         if data.source_name != "cityscapes":
             raise ValueError(

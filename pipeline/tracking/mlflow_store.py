@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline.lock import _alive, _pid_start
+from pipeline.lock import pid_start, process_alive
 from pipeline.tracking.base import RunInfo, clean_params
 from pipeline.tracking.registry import (
     GENERATOR_ARTIFACT,
@@ -171,7 +171,7 @@ def _pid_namespace() -> str:
 def process_tags() -> dict[str, str]:
     """:data:`PROCESS_TAGS` of this process."""
     pid = os.getpid()
-    values = (socket.gethostname(), str(pid), _pid_start(pid) or "", _pid_namespace())
+    values = (socket.gethostname(), str(pid), pid_start(pid) or "", _pid_namespace())
     return dict(zip(PROCESS_TAGS, values, strict=True))
 
 
@@ -181,7 +181,7 @@ def _gone(tags: Mapping[str, str]) -> bool:
     host, pid, start, namespace = (tags.get(k, "") for k in PROCESS_TAGS)
     if host != socket.gethostname() or namespace != _pid_namespace() or not pid.isdigit():
         return False
-    return not _alive(int(pid), start or None)
+    return not process_alive(int(pid), start or None)
 
 
 class MLflowStore:

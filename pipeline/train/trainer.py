@@ -84,7 +84,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.engine import DistEnv, Engines, barrier, build_engines, distributed, say
 from pipeline.train.gan_step import FiniteWatch, discriminator_terms, generator_terms, step_inputs
 from pipeline.train.preempt import STOP, Preempted
-from pipeline.train.validation import Validator, check_metric, improves, load_frames
+from pipeline.train.validation import Validator, improves, load_frames
 
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -208,8 +208,6 @@ class PhaseRunner:
         self.checkpoints = PhaseCheckpoints(
             cfg, self.env, self.out, self.phase, self.engines, self.batches, self.validating
         )
-        if self.validating:
-            check_metric(cfg.validate.metric)  # on every rank: a bad setting stops them all alike
         if self.validating and self.env.is_main:
             frames = load_frames(cfg, cfg.validate.split, cfg.validate.images)
             what = f"validate.split={cfg.validate.split!r}"

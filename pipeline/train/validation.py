@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, JobConfig, with_overrides
+from pipeline.config import ConfigError, JobConfig, ValidateMetric, with_overrides
 from pipeline.data.loader import training_qualities
 from pipeline.eval.inputs import EvalSample, ShardInput
 from pipeline.eval.scoring import Scores, mean_scores
@@ -24,15 +24,8 @@ from pipeline.model.inference import enhance_image
 from pipeline.model.networks import Generator
 from pipeline.model.spec import GeneratorSpec
 
-# what "better" means for each selectable metric
-DIRECTIONS = {"psnr": "max", "ms_ssim": "max", "niqe": "min"}
-
-
-def check_metric(name: str) -> str:
-    """The direction (``max``/``min``) of a selectable metric; a clear error for an unknown one."""
-    if name not in DIRECTIONS:
-        raise ConfigError(f"validate.metric must be one of {sorted(DIRECTIONS)}, got {name!r}")
-    return DIRECTIONS[name]
+# what "better" means for each selectable metric (validate.metric, checked by the config)
+DIRECTIONS: dict[ValidateMetric, str] = {"psnr": "max", "ms_ssim": "max", "niqe": "min"}
 
 
 def improves(value: float, best: float | None, metric: str, min_delta: float = 0.0) -> bool:
