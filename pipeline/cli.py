@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline.segment.commands import add_arguments as add_segment_arguments
 
     add_segment_arguments(p)
+    command("labels", "predict the label maps of data.label_source (decoder, encoder) beside the shards")
     p = command("tune", "Ray Tune search of the phase-2 perception-distortion loss weights")
     p.add_argument("--resume", action="store_true", help="continue the sweep in tune.output_dir")
     p.add_argument("--address", default="", help="Ray cluster to join (tune.address), e.g. auto or host:6379")
@@ -65,6 +66,12 @@ def _dispatch(args: argparse.Namespace, cfg: JobConfig) -> int:
         manifest = build_shards(cfg)
         print(format_summary(manifest))
         return 1 if (args.strict or cfg.shards.strict) and manifest.rejects else 0
+    if args.command == "labels":
+        from pipeline.data.predicted_labels import build_predicted_labels
+
+        for folder in build_predicted_labels(cfg):
+            print(folder)
+        return 0
     if args.command == "train":
         from pipeline.train.trainer import train
 

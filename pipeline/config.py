@@ -35,7 +35,7 @@ Distortion = Literal["l1", "mse"]
 LrSchedule = Literal["constant", "cosine"]
 ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
-LabelSource = Literal["gt", "decoder"]  # the label map codec-SE gets: ground truth, or predicted
+LabelSource = Literal["gt", "decoder", "encoder"]  # the label map codec-SE gets: ground truth, or predicted
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
 TuneSearch = Literal["random", "optuna"]
@@ -114,7 +114,8 @@ class DataConfig:
     # held-out splits carved out of data.splits (e.g. a validation and a test city of one split)
     holdout: list[HoldoutConfig] = field(default_factory=list)
     # gt: the dataset's label maps (coded, bits counted); decoder: the segmenter's prediction on the decoded
-    # image (0 label bits), from the segmenter file data.segmenter
+    # image (0 label bits); encoder: its prediction on the original (coded, bits counted). The segmenter is
+    # the file data.segmenter; a generator trains on the maps it will get when decoding.
     label_source: LabelSource = field(default="gt", metadata={"weights": "when set"})
     segmenter: str = field(default="", metadata={"weights": "when set"})
 

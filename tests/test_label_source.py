@@ -100,8 +100,9 @@ def test_spec_records_the_label_source_as_version_3(tmp_path: Path) -> None:
     assert "label_source" not in SPEC_KEYS[2] and "label_source" in SPEC_KEYS[3]
     with pytest.raises(ValueError, match="unknown to generator format version 2"):
         GeneratorSpec.from_json({**dec_spec.to_json()}, 2)
-    with pytest.raises(ValueError, match="label_source='encoder' is not one of"):
-        dataclasses.replace(gt_spec, label_source="encoder")
+    with pytest.raises(ValueError, match="label_source='encoder-ish' is not one of"):
+        dataclasses.replace(gt_spec, label_source="encoder-ish")
+    assert dataclasses.replace(gt_spec, label_source="encoder").format_version == 3
 
 
 # ---- the .jse container --------------------------------------------------------------------------------

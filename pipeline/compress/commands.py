@@ -16,8 +16,11 @@ dataset does (same relative path with ``.png``, else the one label map with the 
 Label source ``decoder`` (``--label-source decoder --segmenter FILE``; the default for a generator trained
 on decoder maps): no label map is read or coded; the file records the segmenter's sha256 instead, and
 decompression predicts the map from the decoded image with that segmenter (``--segmenter FILE``, checked
-against the sha256), so the rate holds 0 label bits. A generator trained on the other label source is
-refused in one line.
+against the sha256), so the rate holds 0 label bits. Label source ``encoder`` (``--label-source encoder
+--segmenter FILE``): the segmenter predicts the map from the original image at compression, and the map is
+coded like a ground-truth one; the decoder receives a coded map either way, so a file of coded maps decodes
+with a generator trained on ``gt`` or ``encoder`` maps. A generator trained on another label source than
+the compression uses is refused in one line.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 DEFAULT_CODEC = "hevc"
 DEFAULT_QUALITY = 42
-LABEL_SOURCES = ("gt", "decoder")
+LABEL_SOURCES = ("gt", "decoder", "encoder")
 
 
 class CompressError(ValueError):
@@ -109,18 +112,21 @@ def _check_model_for(model: Model, codec: str, quality: int, what: str) -> list[
     return problems
 
 
-def _check_label_source(model: Model, source: str, segmenter: str, what: str) -> None:
+def _check_label_source(model: Model, source: str, segmenter: str, what: str, coded: bool = False) -> None:
     """Refuse ``model`` unless it was trained on ``source`` maps (and, where its spec records one, by the
-    segmenter of sha256 ``segmenter``)."""
+    segmenter of sha256 ``segmenter``). ``coded``: ``source`` is a file's coded map, which may hold ground
+    truth or an encoder's prediction, so a model trained on either fits."""
     trained = model.spec.trained_label_source
     if model.spec.zero_semantics:
+        return
+    if coded and source != "decoder" and trained != "decoder":
         return
     if trained != source:
         raise CompressError(
             f"model {model.origin} was trained on {trained} label maps, but {what} has {source} label maps"
         )
     recorded = model.spec.segmenter
-    if source == "decoder" and recorded and segmenter and recorded != segmenter:
+    if source != "gt" and recorded and segmenter and recorded != segmenter:
         raise CompressError(
             f"model {model.origin} was trained on the maps of segmenter {recorded[:12]}, "
             f"{what} names segmenter {segmenter[:12]}"
@@ -128,13 +134,14 @@ def _check_label_source(model: Model, source: str, segmenter: str, what: str) ->
 
 
 def open_label_segmenter(path: str) -> LoadedSegmenter:
-    """The segmenter file that predicts decoder-side label maps (one :class:`CompressError` if unusable)."""
+    """The segmenter file that predicts the label maps of label source decoder or encoder (one
+    :class:`CompressError` if unusable)."""
     from pipeline.segment.base import SegmenterError
     from pipeline.segment.judge import open_segmenter
 
     if not path:
         raise CompressError(
-            "label source decoder needs --segmenter FILE (the segmenter that predicts the maps)"
+            "label source decoder or encoder needs --segmenter FILE (the segmenter that predicts the maps)"
         )
     try:
         return open_segmenter(path)
@@ -189,11 +196,13 @@ def compress_image(
     label_downsample: int = 1,
     model: Model | None = None,
     segmenter: LoadedSegmenter | None = None,
+    encoder: LoadedSegmenter | None = None,
 ) -> Container:
     """Compress one image and its label map to ``out`` (written atomically); returns the container.
 
     With ``segmenter`` (label source ``decoder``) no label map is read (``label_path`` is ignored): the
-    container records the segmenter's sha256 and carries no label stream."""
+    container records the segmenter's sha256 and carries no label stream. With ``encoder`` (label source
+    ``encoder``) the coded map is that segmenter's prediction on the image, not ``label_path``."""
     from pipeline.data.codecs import LabelCoder, get_codec
 
     rgb = read_image(image_path)
@@ -202,9 +211,12 @@ def compress_image(
     if segmenter is not None:
         coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
     else:
-        if label_path is None:
+        if encoder is not None:
+            label = encoder.label_ids(rgb)
+        elif label_path is None:
             raise CompressError(f"{image_path}: label source gt needs a label map (--label)")
-        label = read_label(label_path, height, width)
+        else:
+            label = read_label(label_path, height, width)
         if model is not None:
             _check_labels(label, model)
         coder = LabelCoder(label_coder, label_downsample)
@@ -324,7 +336,7 @@ def decompress_file(
                 f"{path} does not name a registry model ({named}); give --model FILE or --no-enhance"
             )
         used = models.get(origin)
-        _check_label_source(used, container.label_source, container.segmenter, "the file")
+        _check_label_source(used, container.label_source, container.segmenter, "the file", coded=True)
         recorded = container.model.sha256
         problems = []
         if recorded and used.ref.sha256 != recorded:
@@ -404,12 +416,13 @@ def compress_command(args: argparse.Namespace) -> int:
     source = args.label_source or (model.spec.trained_label_source if model is not None else "gt")
     if source not in LABEL_SOURCES:
         raise CompressError(f"--label-source must be one of {', '.join(LABEL_SOURCES)}, got {source!r}")
-    segmenter = open_label_segmenter(args.segmenter) if source == "decoder" else None
-    if segmenter is None and not args.label:
+    predictor = open_label_segmenter(args.segmenter) if source != "gt" else None
+    segmenter, encoder = (predictor, None) if source == "decoder" else (None, predictor)
+    if predictor is None and not args.label:
         raise CompressError("label source gt needs --label (a label map, or a folder of them)")
-    label = Path(args.label) if segmenter is None else None
+    label = Path(args.label) if predictor is None else None
     if model is not None:
-        _check_label_source(model, source, segmenter.sha256 if segmenter else "", "the compression")
+        _check_label_source(model, source, predictor.sha256 if predictor else "", "the compression")
     codec = args.codec or (model.spec.codec if model and model.spec.codec else DEFAULT_CODEC)
     quality = args.quality
     if quality is None:
@@ -425,6 +438,7 @@ def compress_command(args: argparse.Namespace) -> int:
         "label_downsample": args.label_downsample,
         "model": model,
         "segmenter": segmenter,
+        "encoder": encoder,
     }
     if not src.exists():
         raise CompressError(f"input not found: {src}")
@@ -499,8 +513,8 @@ def add_arguments(compress: argparse.ArgumentParser, decompress: argparse.Argume
     compress.add_argument(
         "--label-source",
         default="",
-        help="gt (code --label) or decoder (predicted at the decoder by --segmenter: 0 label bits); "
-        "default: what the model was trained on, else gt",
+        help="gt (code --label), decoder (predicted at the decoder by --segmenter: 0 label bits) or "
+        "encoder (predicted from the image by --segmenter, coded); default: the model's, else gt",
     )
     compress.add_argument("-o", "--output", required=True, help="the .jse file, or a folder in folder mode")
     compress.add_argument(
@@ -527,7 +541,7 @@ def add_arguments(compress: argparse.ArgumentParser, decompress: argparse.Argume
     decompress.add_argument("--tile", type=int, default=DEFAULT_TILE, help="largest tile side in pixels")
     decompress.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tile overlap in pixels")
     for p in (compress, decompress):
-        p.add_argument("--segmenter", default="", help="the segmenter file of label source decoder")
+        p.add_argument("--segmenter", default="", help="the segmenter file of label source decoder/encoder")
         p.add_argument(
             "--tracking-uri", default="", help="MLflow store (default: $MLFLOW_TRACKING_URI, else local)"
         )

@@ -5,6 +5,7 @@
     shard list (SimpleShardList, or ResampledShards when loader.resampled)
     -> split shards over rank x worker units -> tar samples -> split samples (only with too few shards)
     -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities)
+    -> the predicted label map in place of the dataset's (data.label_source decoder or encoder)
     -> decode PNGs with OpenCV (pixel budget from the header first), JSON
     -> instance edges, crop/flip (train), tensors -> batched
 
@@ -31,6 +32,7 @@ import json
 import logging
 import math
 import random
+import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -45,8 +47,10 @@ import webdataset as wds
 from torch import Tensor
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.data import predicted_labels
 from pipeline.data.manifest import Manifest, SplitEntry, codec_tag, training_manifests
 from pipeline.data.members import INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER, instance_from
+from pipeline.data.predicted_labels import PredictedLabelsError, PredictedReader
 from pipeline.data.sources import DEFAULT_MAX_PIXELS, png_size
 from pipeline.model.inputs import edge_map
 
@@ -55,6 +59,7 @@ INSTANCES = (INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER)  # instance.npz; instance.
 # Distinct streams of randomness derived from the same seed.
 _SHARD_ORDER, _SHUFFLE, _AUGMENT, _RESAMPLE, _QUALITY = 1, 2, 3, 4, 5
 DECODED = "__decoded__"  # the chosen codec member of a sample, e.g. hevc_q42
+LABEL_BPP = "__label_bpp__"  # the label bpp of a predicted map, in place of the manifest's
 
 
 log = logging.getLogger(__name__)
@@ -278,6 +283,23 @@ class _PickQuality(_Stage):
             yield selected
 
 
+class _PredictedLabels:
+    """The label map a generator gets when decoding (:mod:`pipeline.data.predicted_labels`) in place of the
+    dataset's: predicted from the sample's drawn decoded member (decoder) or from the original (encoder)."""
+
+    def __init__(self, reader: PredictedReader, bad: BadSamples):
+        self.reader, self.bad = reader, bad
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            try:
+                label, bpp = self.reader.lookup(sample["__url__"], sample["__key__"], sample[DECODED])
+            except (PredictedLabelsError, OSError, tarfile.TarError) as err:
+                self.bad.sample(sample, err)
+                continue
+            yield {**sample, LABEL: label, LABEL_BPP: bpp}
+
+
 def _png(key: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A PNG member with OpenCV, unchanged depth (16-bit instances), RGB order; its header's size is
     checked against ``max_pixels`` (``shards.max_pixels``) before it is decoded."""
@@ -344,7 +366,8 @@ def _arrays(sample: dict[str, Any]) -> dict[str, Any]:
     else:
         edge = np.zeros(label.shape, np.float32)
     try:
-        bpp, label_bpp = float(meta["codecs"][member]["bpp"]), float(meta["label"]["bpp"])
+        bpp = float(meta["codecs"][member]["bpp"])
+        label_bpp = float(sample[LABEL_BPP] if LABEL_BPP in sample else meta["label"]["bpp"])
     except (KeyError, TypeError) as err:
         raise LoaderError(f"sample {key}: metadata lacks codecs.{member}.bpp or label.bpp") from err
     return {
@@ -471,7 +494,11 @@ def make_dataset(
         samples.append(_SplitSamples(rank, world_size, len(urls)))
     if train and loader.shuffle > 1:
         samples.append(_Shuffle(rank, world_size, seed, loader.shuffle))
-    samples += [_PickQuality(rank, world_size, seed, members, bad), _Decode(bad, cfg.shards.max_pixels)]
+    samples.append(_PickQuality(rank, world_size, seed, members, bad))
+    predicted = predicted_labels.reader(cfg)
+    if predicted is not None:
+        samples.append(_PredictedLabels(predicted, bad))
+    samples.append(_Decode(bad, cfg.shards.max_pixels))
     if train and (crop is not None or loader.flip):
         samples.append(_Augment(rank, world_size, seed, crop, loader.flip))
     samples += [

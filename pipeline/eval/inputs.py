@@ -7,8 +7,9 @@ the label coder of ``shards.*`` (:class:`SourceInput`); ``auto`` takes the shard
 
 ``data.label_source`` picks the label map codec-SE receives: ``gt`` the dataset's, coded losslessly (its
 bits in ``label_bpp``); ``decoder`` the prediction of the segmenter ``data.segmenter`` on the codec's
-decoded image at each quality (:class:`DecoderLabels`: no label bits, ``label_bpp`` 0). The ground truth
-stays in :attr:`EvalSample.label` either way (downstream accuracy is judged against it).
+decoded image at each quality (no label bits, ``label_bpp`` 0); ``encoder`` its prediction on the original,
+coded like the ground truth (:class:`PredictedLabels`). The ground truth stays in :attr:`EvalSample.label`
+either way (downstream accuracy is judged against it).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ class EvalSample:
     decoded: dict[int, np.ndarray] = field(default_factory=dict)
     bpp: dict[int, float] = field(default_factory=dict)
     label_bpp: float = 0.0
-    # label_source decoder: the decoder's label map at each quality (predicted from decoded[quality])
-    decoder_label: dict[int, np.ndarray] = field(default_factory=dict)
+    # label_source decoder or encoder: the segmenter's label map a generator gets at each quality
+    predicted_label: dict[int, np.ndarray] = field(default_factory=dict)
 
     def label_at(self, quality: int) -> np.ndarray:
-        """The label map a generator gets at ``quality``: the decoder's prediction, else the ground truth."""
-        return self.decoder_label.get(quality, self.label)
+        """The label map a generator gets at ``quality``: the predicted one, else the ground truth."""
+        return self.predicted_label.get(quality, self.label)
 
 
 class EvalInput(Protocol):
@@ -197,18 +198,22 @@ class SourceInput:
             yield sample
 
 
-class DecoderLabels:
-    """An input whose samples carry the decoder's label maps: a segmenter's prediction on each decoded image,
-    and no label bits (``label_bpp`` 0)."""
+class PredictedLabels:
+    """An input whose samples carry a segmenter's label maps: its prediction on each decoded image (label
+    source ``decoder``: no label bits, ``label_bpp`` 0), or on the original, coded with the ``shards.*``
+    label coder (``encoder``: the coded map's bits in ``label_bpp``)."""
 
-    def __init__(self, data: EvalInput, segmenter_path: str) -> None:
+    def __init__(self, data: EvalInput, cfg: JobConfig) -> None:
+        from pipeline.data.codecs import LabelCoder
         from pipeline.segment.judge import open_segmenter
 
-        self.data = data
-        self.segmenter = open_segmenter(segmenter_path)
+        self.data, self.source = data, cfg.data.label_source
+        self.segmenter = open_segmenter(cfg.data.segmenter)
+        self.label_coder = LabelCoder(cfg.shards.label_coder, cfg.shards.label_downsample)
         self.codec, self.qualities = data.codec, data.qualities
         self.source_name, self.label_nc, self.count = data.source_name, data.label_nc, data.count
-        self.description = f"{data.description}, label maps predicted by {self.segmenter.name} at the decoder"
+        where = "the decoded images (decoder)" if self.source == "decoder" else "the originals (encoder)"
+        self.description = f"{data.description}, label maps predicted by {self.segmenter.name} from {where}"
 
     def keys(self) -> list[str]:
         return self.data.keys()
@@ -218,9 +223,29 @@ class DecoderLabels:
 
     def samples(self) -> Iterator[EvalSample]:
         for sample in self.data.samples():
-            sample.decoder_label = {q: self.segmenter.label_ids(d) for q, d in sample.decoded.items()}
-            sample.label_bpp = 0.0
+            if self.source == "decoder":
+                sample.predicted_label = {q: self.segmenter.label_ids(d) for q, d in sample.decoded.items()}
+                sample.label_bpp = 0.0
+            else:
+                label = self.segmenter.label_ids(sample.image)
+                sample.label_bpp = 8 * len(self.label_coder.encode(label)) / label.size
+                coded = self.label_coder.reconstruct(label)
+                sample.predicted_label = {q: coded for q in sample.decoded}
             yield sample
+
+
+def with_label_source(data: EvalInput, cfg: JobConfig) -> EvalInput:
+    """``data`` with the label maps of ``data.label_source`` (unchanged for ``gt``)."""
+    if cfg.data.label_source == "gt":
+        return data
+    if data.source_name != "cityscapes":
+        raise ValueError(
+            f"data.label_source={cfg.data.label_source}: the segmenter predicts Cityscapes labels, "
+            f"the data is {data.source_name}"
+        )
+    if not cfg.data.segmenter:
+        raise ValueError(f"data.label_source={cfg.data.label_source} needs data.segmenter (a segmenter file)")
+    return PredictedLabels(data, cfg)
 
 
 def open_input(cfg: JobConfig) -> EvalInput:
@@ -229,13 +254,4 @@ def open_input(cfg: JobConfig) -> EvalInput:
     if kind == "auto":
         kind = "shards" if (Path(cfg.shards.output) / "manifest.json").is_file() else "source"
     data: EvalInput = ShardInput(cfg) if kind == "shards" else SourceInput(cfg)
-    if cfg.data.label_source == "decoder":
-        if data.source_name != "cityscapes":
-            raise ValueError(
-                "data.label_source=decoder: the segmenter predicts Cityscapes labels, "
-                f"the data is {data.source_name}"
-            )
-        if not cfg.data.segmenter:
-            raise ValueError("data.label_source=decoder needs data.segmenter (a segmenter file)")
-        return DecoderLabels(data, cfg.data.segmenter)
-    return data
+    return with_label_source(data, cfg)

@@ -11,11 +11,12 @@ another rule:
   and what the trainer records: ``codec``, ``quality``, ``qualities`` (a model trained on several,
   ``loader.qualities``), ``phase``, ``steps``, ``train_split`` and ``selected`` (the best-checkpoint
   selection, a free-form object);
-* version 3: version 2 plus the label maps the generator was trained on: ``label_source`` (``gt`` or
-  ``decoder``: the segmenter's prediction on the decoded image) and ``segmenter`` (the sha256 of that
-  segmenter's file). A spec without them is written as version 2 (:attr:`GeneratorSpec.format_version`), so
-  exports of earlier content keep their bytes, and a pipeline that predates version 3 refuses a
-  ``decoder`` generator instead of feeding it ground-truth maps. Absent, the label source is ``gt``.
+* version 3: version 2 plus the label maps the generator was trained on: ``label_source`` (``gt``,
+  ``decoder``: the segmenter's prediction on the decoded image, or ``encoder``: its prediction on the
+  original, coded) and ``segmenter`` (the sha256 of that segmenter's file). A spec without them is
+  written as version 2 (:attr:`GeneratorSpec.format_version`), so exports of earlier content keep their
+  bytes, and a pipeline that predates version 3 refuses a ``decoder`` generator instead of feeding it
+  ground-truth maps. Absent, the label source is ``gt``.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import MODEL_BOUNDS, LabelSource, ModelConfig, Norm
+from pipeline.config import MODEL_BOUNDS, JobConfig, LabelSource, ModelConfig, Norm
 from pipeline.model.inputs import IMAGE_CHANNELS, input_channels
 from pipeline.model.networks import Generator
 
@@ -45,6 +46,16 @@ NORMS = typing.get_args(Norm)
 LABEL_SOURCES = typing.get_args(LabelSource)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
+
+
+def label_source_spec(cfg: JobConfig) -> dict[str, str]:
+    """The spec keys that record the label maps a generator is trained on: none for ``gt`` (a version 2
+    file), else ``label_source`` and the sha256 of the segmenter ``data.segmenter`` that predicts them."""
+    if cfg.data.label_source == "gt":
+        return {}
+    from pipeline.segment.base import weights_digest
+
+    return {"label_source": cfg.data.label_source, "segmenter": weights_digest(cfg.data.segmenter)}
 
 @dataclass(frozen=True)
 class GeneratorSpec:
@@ -70,7 +81,7 @@ class GeneratorSpec:
     train_split: str | None = None
     selected: dict[str, Any] | None = None
     label_source: str | None = None  # None: gt (version 2 and earlier)
-    segmenter: str | None = None  # sha256 of the segmenter file that made the maps (label_source decoder)
+    segmenter: str | None = None  # sha256 of the segmenter file that made the maps (decoder, encoder)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):

@@ -57,6 +57,7 @@ from pipeline.atomic import atomic_path, temporary_names, write_atomic
 from pipeline.config import ConfigError, JobConfig, flatten
 from pipeline.data.loader import training_qualities
 from pipeline.data.manifest import DatasetInfo, dataset_info
+from pipeline.data.predicted_labels import build_predicted_labels, check_predicted_labels
 from pipeline.data.splits import refuse_overlap
 from pipeline.lock import rank0_lock
 from pipeline.model.export import (
@@ -68,7 +69,7 @@ from pipeline.model.export import (
 )
 from pipeline.model.losses import GeneratorLosses
 from pipeline.model.networks import Generator, build_models, zero_correction
-from pipeline.model.spec import GeneratorSpec
+from pipeline.model.spec import GeneratorSpec, label_source_spec
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
 from pipeline.tracking.registry import check_names
 from pipeline.train.batches import Batches
@@ -392,6 +393,7 @@ class PhaseRunner:
                 phase=self.phase,
                 steps=self.progress.step,
                 train_split=self.cfg.loader.split,
+                **label_source_spec(self.cfg),
                 **extra,
             )
             d_state = {
@@ -498,7 +500,9 @@ def _train_phases(
             discard_checkpoints(out)
         elif latest is None:
             say(env, f"--resume: no complete checkpoint in {checkpoint_dir(out)}, starting afresh")
+        build_predicted_labels(cfg)
     barrier()
+    check_predicted_labels(cfg)
     exports: dict[int, Path] = {}
     for phase in phases:
         export = phase_dir(out, phase) / GENERATOR_FILE

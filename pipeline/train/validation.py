@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, JobConfig, ValidateMetric, with_overrides
 from pipeline.data.loader import training_qualities
-from pipeline.eval.inputs import EvalSample, ShardInput
+from pipeline.eval.inputs import EvalSample, ShardInput, with_label_source
 from pipeline.eval.scoring import Scores, mean_scores
 from pipeline.model.inference import enhance_image
 from pipeline.model.networks import Generator
@@ -39,7 +39,8 @@ def improves(value: float, best: float | None, metric: str, min_delta: float = 0
 
 
 def load_frames(cfg: JobConfig, split: str, images: int) -> list[EvalSample]:
-    """The first ``images`` (0: all) frames of ``split`` of the built shards at the training qualities."""
+    """The first ``images`` (0: all) frames of ``split`` of the built shards at the training qualities, with
+    the label maps of ``data.label_source``."""
     if not (Path(cfg.shards.output) / "manifest.json").is_file():
         raise ConfigError(f"validation reads built shards, but there is no manifest in {cfg.shards.output}")
     data = ShardInput(
@@ -47,7 +48,7 @@ def load_frames(cfg: JobConfig, split: str, images: int) -> list[EvalSample]:
             cfg, {"eval.split": split, "eval.max_images": images, "eval.qualities": training_qualities(cfg)}
         )
     )
-    samples = list(data.samples())
+    samples = list(with_label_source(data, cfg).samples())
     if not samples:
         raise ConfigError(f"no validation frames: {data.description}")
     return samples
@@ -80,7 +81,7 @@ class Validator:
         net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
         net = net.to(self.device).eval()
         return [
-            (s.image, enhance_image(net, self.spec, s.decoded[q], s.label, s.instance))
+            (s.image, enhance_image(net, self.spec, s.decoded[q], s.label_at(q), s.instance))
             for s in self.samples
             for q in self.qualities
         ]
