@@ -3,9 +3,10 @@
 #
 #   launch/deepspeed.sh --config configs/cityscapes_full.yaml data.root=/data/cityscapes
 #   HOSTFILE=hosts.txt launch/deepspeed.sh --config ... --resume
+#   launch/deepspeed.sh segment --config configs/cityscapes_full.yaml     # the segmenter
 #
 # DRY_RUN=1 prints the command instead of running it.
-# Arguments go to `python -m pipeline train` unchanged; --no_local_rank keeps DeepSpeed from adding
+# Arguments go to `python -m pipeline train` (or `segment`, named first) unchanged; --no_local_rank keeps DeepSpeed from adding
 # a --local_rank argument (the pipeline reads LOCAL_RANK from the environment, as under torchrun).
 # Environment:
 #   NUM_GPUS   processes per node (default: the visible GPUs, else 1; on CPU, that many processes)
@@ -17,6 +18,12 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck source=launch/slurm_lib.sh
 source "$repo/launch/slurm_lib.sh"
+# the first argument may name the command: train (the default) or segment (the segmenter, same launchers)
+command=train
+if [[ "${1:-}" == train || "${1:-}" == segment ]]; then
+  command=$1
+  shift
+fi
 
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 num_gpus=${NUM_GPUS:-$(( gpus > 0 ? gpus : 1 ))}
@@ -30,4 +37,4 @@ if [[ -n "${HOSTFILE:-}" ]]; then
 else
   args=(--num_gpus "$num_gpus" "${args[@]}")
 fi
-run_or_print deepspeed "${args[@]}" pipeline train "$@"
+run_or_print deepspeed "${args[@]}" pipeline "$command" "$@"

@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p = command("evaluate", "R-PD evaluation of codec vs codec-SE")
     p.add_argument("--model", action="append", default=[], help="generator file or models:/name@alias")
     command("run", "main job end to end: shards, three phases, evaluation, tracking")
-    p = command("segment", "train a segmenter (SegFormer) on the shards' images and label maps, export it")
+    p = command(
+        "segment",
+        "train a segmenter (segment.*; SegFormer by default) on the shards with DeepSpeed, export it",
+    )
     from pipeline.segment.commands import add_arguments as add_segment_arguments
 
     add_segment_arguments(p)
@@ -187,8 +190,13 @@ def check_command(args: argparse.Namespace, cfg: JobConfig) -> None:
         _check_codecs(cfg)
     if args.command in ("train", "evaluate", "run", "tune"):
         _check_known_codec(cfg)
-    if args.command in ("train", "tune"):
+    if args.command in ("train", "tune", "segment"):
         _check_shards(cfg)
+    if args.command == "segment":
+        from pipeline.segment.train import check_settings
+
+        _check_known_codec(cfg)
+        check_settings(cfg)
     if args.command == "evaluate":
         if cfg.eval.input == "shards" and not (Path(cfg.shards.output) / "manifest.json").is_file():
             raise ConfigError(

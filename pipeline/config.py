@@ -73,6 +73,33 @@ def _check_segmenter_path(path: str, name: str) -> None:
         raise ConfigError(f"{name} must be a segmenter file (.safetensors), got {path!r}")
 
 
+def _check_reference_codecs(names: list[str], ladders: dict[str, Any]) -> None:
+    """Refuse reference codecs the registry does not know, named twice or without a quality ladder, and
+    ladders that are not distinct integers on their codec's scale (the codec's class holds it)."""
+    from pipeline.data.codecs.base import _codec_class
+
+    if len(set(names)) != len(names):
+        raise ConfigError(f"reference_codecs names a codec twice: {names}")
+    for name in [*names, *ladders]:
+        try:
+            _codec_class(name)
+        except ValueError as err:
+            where = "reference_codecs" if name in names else "reference_qualities"
+            raise ConfigError(f"{where}: {err}") from None
+    for name in names:
+        if name not in ladders:
+            raise ConfigError(f"reference_qualities has no qualities for the reference codec {name}")
+    for name, qualities in ladders.items():
+        lo, hi = _codec_class(name).quality_range
+        plain = isinstance(qualities, list) and all(type(q) is int for q in qualities)
+        if not plain or not qualities or len(set(qualities)) != len(qualities):
+            raise ConfigError(
+                f"reference_qualities.{name} must be a list of distinct integers, got {qualities!r}"
+            )
+        if not all(lo <= q <= hi for q in qualities):
+            raise ConfigError(f"reference_qualities.{name} must lie in [{lo}, {hi}], got {qualities}")
+
+
 def _at_least(section: Any, low: float, *names: str, note: str = "") -> None:
     """Refuse a field of ``section`` below ``low``. Messages name the field within its section; the
     loader puts the section's place in front (``loader.batch_size``)."""
@@ -155,10 +182,17 @@ class ShardConfig:
     # pixel budget of one image, label or instance map (and shard member), checked from the file's header
     # before it is decoded: a larger input is a reject, never an out-of-memory
     max_pixels: int = field(default=64_000_000, metadata=NOT_WEIGHTS)
+    # a build across nodes (launch/shards_slurm.sbatch): node node_rank of num_nodes builds shards
+    # node_rank, node_rank + num_nodes, ... of the plan and writes manifest-node<r>of<N>.json; the node
+    # that completes the set merges them into manifest.json (equal to a one-node build's)
+    node_rank: int = field(default=0, metadata=NOT_WEIGHTS)
+    num_nodes: int = field(default=1, metadata=NOT_WEIGHTS)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "samples_per_shard", "label_downsample", "max_pixels")
+        _at_least(self, 1, "samples_per_shard", "label_downsample", "max_pixels", "num_nodes")
         _at_least(self, 0, "workers", note=" (0: every core)")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ConfigError(f"node_rank must be in [0, num_nodes={self.num_nodes}), got {self.node_rank}")
         if not self.codecs or any(not spec.qualities for spec in self.codecs):
             raise ConfigError("codecs needs at least one codec, each with at least one quality")
         tags = [f"{spec.name}_q{q}" for spec in self.codecs for q in spec.qualities]
@@ -292,8 +326,13 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=NOT_WEIGHTS)  # newest complete ones kept; 0: all
     # corrupt or truncated shard samples skipped (each named and logged) before training stops; 0: none
     max_bad_samples: int = field(default=0, metadata=NOT_WEIGHTS)
+    # share of training samples whose semantic channels are zeroed (phases with the decoded image in): the
+    # generator must also enhance without them, a regulariser against memorising the label maps
+    semantic_dropout: float = field(default=0.0, metadata={"weights": "when set"})
 
     def __post_init__(self) -> None:
+        if not 0 <= self.semantic_dropout < 1:
+            raise ConfigError(f"semantic_dropout must be in [0, 1), got {self.semantic_dropout}")
         _at_least(self, 0, "checkpoint_every", "log_every", "keep_checkpoints", "max_bad_samples")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")
@@ -331,9 +370,14 @@ class TrackingConfig:
     register: bool = True
     register_phase2: bool = False
     alias: str = "champion"
+    # seconds to open the TCP connection to an http(s) store on first contact: a store that does not answer
+    # fails this fast (each request afterwards is bounded by MLflow's own, longer, request timeout)
+    connect_timeout: float = 3.0
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "log_every")
+        if not self.connect_timeout > 0:
+            raise ConfigError(f"connect_timeout must be > 0 seconds, got {self.connect_timeout}")
 
 
 @dataclass
@@ -356,10 +400,19 @@ class EvalConfig:
     # a segmenter file (python -m pipeline segment): downstream accuracy (mIoU, pixel accuracy) of every
     # method at every quality; empty: not measured
     segmenter: str = ""
+    # other codecs (e.g. [avif, jxl]) scored on the same originals, without a model, at each quality of
+    # reference_qualities: a curve each on the plots, and an anchor each of the BD-rate table; empty: none
+    reference_codecs: list[str] = field(default_factory=list)
+    # the qualities of each reference codec (its own scale); the defaults span the PSNR of HEVC QP 32-47
+    # (about 29-36.5 dB at 512x256 on the Cityscapes sample)
+    reference_qualities: dict[str, list[int]] = field(
+        default_factory=lambda: {"avif": [0, 15, 30, 50], "jxl": [0, 15, 30, 60]}
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_images", "crops")
         _check_segmenter_path(self.segmenter, "segmenter")
+        _check_reference_codecs(self.reference_codecs, self.reference_qualities)
 
 
 @dataclass
@@ -380,8 +433,10 @@ class TuneConfig:
     niqe_weight: float = 1.0  # val_score = val_psnr - niqe_weight * val_niqe
     grace_period: int = 0  # ASHA: steps before a trial can be stopped; 0: report_every
     reduction_factor: float = 2.0  # ASHA
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0  # with workers_per_trial > 1: each worker's
+    gpus_per_trial: float = 0.0  # with workers_per_trial > 1: each worker's
+    # > 1: each trial trains on this many workers (Ray Train's TorchTrainer: gloo on CPU, NCCL on GPU)
+    workers_per_trial: int = 1
     max_concurrent_trials: int = 1
     # random: Ray's BasicVariantGenerator (seeded by train.seed); optuna: OptunaSearch (pip install optuna)
     search_alg: TuneSearch = "random"
@@ -402,7 +457,9 @@ class TuneConfig:
                 f"mode must be {mode!r} for {self.metric} (PSNR and the score are "
                 f"higher-better, NIQE lower-better), got {self.mode!r}"
             )
-        _at_least(self, 1, "num_samples", "max_steps", "report_every", "max_concurrent_trials")
+        _at_least(
+            self, 1, "num_samples", "max_steps", "report_every", "max_concurrent_trials", "workers_per_trial"
+        )
         _at_least(self, 0, "eval_images", note=" (0: all)")
         _at_least(self, 0, "max_failures")
         _at_least(self, 1, "keep_checkpoints")
@@ -415,6 +472,51 @@ class TuneConfig:
             raise ConfigError(f"grace_period must lie in [0, max_steps], got {self.grace_period}")
         if self.reduction_factor <= 1:
             raise ConfigError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+
+
+@dataclass
+class SegmentConfig:
+    """``python -m pipeline segment``: a segmenter trained on the shards (``loader.*``: split, crops, batch
+    size, ``loader.qualities``) through the generator's engine, checkpoints, tracking and registry.
+
+    Its checkpoints resume only under the same :meth:`JobConfig.segment_digest` (the fields here not
+    marked :data:`NOT_WEIGHTS`, the data and the loader).
+    """
+
+    # segmenter.safetensors and the checkpoints
+    output_dir: str = field(default="runs/segment", metadata=NOT_WEIGHTS)
+    architecture: str = "segformer"  # a registered segmenter (pipeline.segment.base)
+    # the architecture's constructor options, e.g. {variant: b1} for SegFormer (its default: b0)
+    options: dict[str, Any] = field(default_factory=dict)
+    # ImageNet encoder weights (a file, or a save_pretrained folder); empty: the local cache, else random
+    backbone: str = ""
+    init_from: str = ""  # start from these weights (a segmenter file or state dict of the same network)
+    steps: int = field(default=1000, metadata=NOT_WEIGHTS)
+    lr: float = 6e-4  # AdamW, linear warm-up then linear decay to zero (SegFormer's recipe)
+    weight_decay: float = 0.01
+    warmup: int = 50
+    originals: float = 0.5  # share of samples trained on the original image (the rest: decoded)
+    seed: int = 0
+    # DeepSpeed JSON (precision, ZeRO, clipping; the optimiser and schedule are the ones above);
+    # empty: train.deepspeed_config
+    deepspeed_config: str = ""
+    checkpoint_every: int = field(default=100, metadata=NOT_WEIGHTS)  # 0: at the end only
+    keep_checkpoints: int = field(default=2, metadata=NOT_WEIGHTS)  # 0: all
+    log_every: int = field(default=10, metadata=NOT_WEIGHTS)  # 0: at the end only
+    # registered-model name of the export (with tracking.alias); empty: not registered
+    register_name: str = field(default="cityscapes-segmenter", metadata=NOT_WEIGHTS)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "steps")
+        _at_least(self, 0, "warmup", "weight_decay", "checkpoint_every", "keep_checkpoints", "log_every")
+        if self.warmup >= self.steps:
+            raise ConfigError(f"warmup must be < steps ({self.steps}), got {self.warmup}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.originals <= 1:
+            raise ConfigError(f"originals must lie in [0, 1], got {self.originals}")
+        if not self.architecture:
+            raise ConfigError("architecture is empty")
 
 
 @dataclass
@@ -451,6 +553,7 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=NOT_WEIGHTS)
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=NOT_WEIGHTS)
     tune: TuneConfig = field(default_factory=TuneConfig, metadata=NOT_WEIGHTS)
+    segment: SegmentConfig = field(default_factory=SegmentConfig, metadata=NOT_WEIGHTS)
 
     def phase(self, number: int) -> PhaseConfig:
         if number not in (1, 2, 3):
@@ -485,6 +588,19 @@ class JobConfig:
         rest = {**tree, "shards": shards} if shards else tree  # fields added since, if weights depend on them
         if rest:
             parts.append(rest)
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def segment_digest(self) -> str:
+        """A hash of what a segmenter's trained weights depend on: the ``segment`` fields not marked
+        :data:`NOT_WEIGHTS`, its DeepSpeed file, the data and the loader. Its checkpoints resume only under
+        the same digest."""
+        parts = [
+            _weights_tree(self.segment),
+            self.segment.deepspeed_config or self.train.deepspeed_config,
+            _weights_tree(self.data),
+            _weights_tree(self.loader),
+        ]
         text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from pipeline.config import JobConfig, from_dict
+from pipeline.config import JobConfig, from_dict, with_overrides
 from pipeline.segment import base as segment_base
 from pipeline.segment.base import (
     Segmenter,
@@ -25,8 +26,8 @@ from pipeline.segment.base import (
     save_segmenter,
     weights_digest,
 )
-from pipeline.segment.recipe import SegmentTraining
 from pipeline.segment.train import train_segmenter
+from pipeline.tracking import Tracker
 
 
 class TinySegmenter(Segmenter):
@@ -66,21 +67,21 @@ def cfg(small_shards: Path, cityscapes_root: Path) -> JobConfig:
     )
 
 
-def quiet_segformer(**options: object) -> Segmenter:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_segmenter("segformer", **options)
+def segment_job(cfg: JobConfig, out: Path, **segment: object) -> JobConfig:
+    """``cfg`` with a segmenter run into ``out`` (no tracking)."""
+    return with_overrides(
+        cfg,
+        {
+            "segment.output_dir": str(out),
+            "tracking.enabled": False,
+            **{f"segment.{k}": v for k, v in segment.items()},
+        },
+    )
 
 
 def test_interface_trains_exports_and_reloads(tiny_registered: type, cfg: JobConfig, tmp_path: Path) -> None:
-    run = SegmentTraining(
-        output=str(tmp_path / "tiny.safetensors"),
-        architecture="tiny-test",
-        options={"width": 4},
-        steps=6,
-        warmup=2,
-    )
-    path = train_segmenter(cfg, run, progress=False)
+    run = segment_job(cfg, tmp_path / "a", architecture="tiny-test", options={"width": 4}, steps=6, warmup=2)
+    path = train_segmenter(run, tracker=Tracker())
     spec = read_spec(path)
     assert (
         spec["architecture"] == "tiny-test" and spec["num_classes"] == 19 and spec["options"] == {"width": 4}
@@ -92,10 +93,11 @@ def test_interface_trains_exports_and_reloads(tiny_registered: type, cfg: JobCon
     assert train_ids.shape == (32, 48) and train_ids.dtype == np.uint8 and train_ids.max() < 19
     assert model.predict_label_ids(image).max() <= 33
     assert len(weights_digest(path)) == 64
-    # same seed, same steps: the same file
+    # same seed, same steps, another folder: the same file, byte for byte (its sha256 is its identity)
     again = train_segmenter(
-        cfg, SegmentTraining(**{**run.__dict__, "output": str(tmp_path / "b.safetensors")}), progress=False
+        with_overrides(run, {"segment.output_dir": str(tmp_path / "b")}), tracker=Tracker()
     )
+    assert again != path and weights_digest(again) == weights_digest(path)
     first, second = load_segmenter(path).state_dict(), load_segmenter(again).state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
 
@@ -112,10 +114,7 @@ def test_wrong_architecture_or_class_count_is_refused(tiny_registered: type, tmp
     # an external state dict of the wrong class count
     external = tmp_path / "external.safetensors"
     save_file(TinySegmenter(num_classes=7).state_dict(), str(external))
-    run = SegmentTraining(
-        output=str(tmp_path / "x.safetensors"), architecture="tiny-test", options={}, init_from=str(external)
-    )
-    model = build_segmenter(run.architecture)
+    model = build_segmenter("tiny-test")
     with pytest.raises(
         SegmenterError, match=r"does not fit a tiny-test segmenter with 19 classes .*mis-shaped"
     ):
@@ -154,14 +153,31 @@ def test_segformer_backbone_from_a_local_file_or_a_warning(
 
 
 @pytest.mark.slow
-def test_segformer_trains_exports_and_loads_in_a_fresh_process(cfg: JobConfig, tmp_path: Path) -> None:
-    from pipeline.segment import segformer
-
-    run = SegmentTraining(output=str(tmp_path / "seg.safetensors"), steps=2, warmup=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = train_segmenter(cfg, run, progress=False)
-    assert read_spec(path)["options"] == {"variant": "b0"} and segformer.SegFormer.architecture == "segformer"
+def test_segformer_trains_exports_and_loads_in_a_fresh_process(small_shards: Path, tmp_path: Path) -> None:
+    """``python -m pipeline segment`` with the default SegFormer-B0 (random encoder: no weights here), then
+    the file loads in another fresh process and predicts what it predicts here."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "seg"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "segment",
+        f"shards.output={small_shards}",
+        "loader.crop=[64, 128]",
+        "loader.shuffle=4",
+        "segment.steps=2",
+        "segment.warmup=1",
+        f"segment.output_dir={out}",
+        "tracking.enabled=false",
+    ]
+    trained = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False
+    )
+    assert trained.returncode == 0, trained.stderr
+    path = out / "segmenter.safetensors"
+    assert json.loads(trained.stdout[trained.stdout.index("{") :])["sha256"] == weights_digest(path)
+    assert read_spec(path)["options"] == {"variant": "b0"}
     image = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     np.save(tmp_path / "image.npy", image)
     expected = load_segmenter(path, architecture="segformer").predict(image)
@@ -171,8 +187,7 @@ def test_segformer_trains_exports_and_loads_in_a_fresh_process(cfg: JobConfig, t
         "m = load_segmenter(sys.argv[1], architecture='segformer', num_classes=19)\n"
         "np.save(sys.argv[3], m.predict(np.load(sys.argv[2])))\n"
     )
-    out = tmp_path / "pred.npy"
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    pred = tmp_path / "pred.npy"
     done = subprocess.run(
         [
             sys.executable,
@@ -182,7 +197,7 @@ def test_segformer_trains_exports_and_loads_in_a_fresh_process(cfg: JobConfig, t
             script,
             str(path),
             str(tmp_path / "image.npy"),
-            str(out),
+            str(pred),
         ],
         capture_output=True,
         text=True,
@@ -191,30 +206,4 @@ def test_segformer_trains_exports_and_loads_in_a_fresh_process(cfg: JobConfig, t
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert np.array_equal(np.load(out), expected)
-
-
-def test_segment_command_refuses_a_wrong_file_in_one_line(
-    cfg: JobConfig, tmp_path: Path, tiny_registered: type, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import argparse
-
-    from pipeline.segment.commands import add_arguments, run
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    wrong = save_segmenter(TinySegmenter(num_classes=7), tmp_path / "seven.safetensors")
-    args = parser.parse_args(
-        [
-            "--architecture",
-            "tiny-test",
-            "--init-from",
-            str(wrong),
-            "--output",
-            str(tmp_path / "o.safetensors"),
-        ]
-    )
-    with pytest.raises(SystemExit) as info:
-        run(args, cfg)
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "19 classes" in message
+    assert np.array_equal(np.load(pred), expected)

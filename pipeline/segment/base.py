@@ -147,7 +147,12 @@ def save_segmenter(model: Segmenter, path: str | Path, extra: dict[str, Any] | N
         "format_version": str(FORMAT_VERSION),
         "spec": json.dumps(spec, sort_keys=True),
     }
-    return write_atomic(path, save(tensors, metadata=metadata))
+    # safetensors writes the metadata in hash-map order; sorted, the file's bytes (its sha256, the identity
+    # compressed files and the registry record) depend on its content alone
+    from pipeline.model.export import _deterministic_header
+
+    header, data = _deterministic_header(save(tensors, metadata=metadata))
+    return write_atomic(path, header + data)
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:

@@ -69,6 +69,13 @@ class Tracker:
         """Register an exported generator under ``name``; returns ``models:/name/version`` or None."""
         return None
 
+    def register_segmenter(
+        self, segmenter_file: str | Path, name: str, *, alias: str | None = None
+    ) -> str | None:
+        """Register a segmenter file (:mod:`pipeline.segment.registry`) under ``name``, its version tagged
+        with the file's sha256; returns ``models:/name/version`` or None."""
+        return None
+
 
 @dataclass
 class RunInfo:
@@ -105,6 +112,11 @@ class Sink(Protocol):
         signature: ModelSignature | None = None,
     ) -> str | None:
         """Register ``generator_file`` under ``run``; returns ``models:/name/version`` (None offline)."""
+
+    def register_segmenter(
+        self, run: RunInfo, segmenter_file: Path, name: str, alias: str | None
+    ) -> str | None:
+        """Register a segmenter file under ``run``; returns ``models:/name/version`` (None offline)."""
 
     def end_run(self, run: RunInfo, status: str, ms: int) -> None: ...
 

@@ -4,7 +4,7 @@
 One record per top-level run, ``<offline dir>/<run name>-<time>-<random>.jsonl``; each line is one event:
 ``start_run`` (key, name, parent key, store run id if the store had created it, experiment, params, tags,
 time), ``metrics`` (key, metrics, step, time), ``artifact`` (key, path, artifact_path), ``register`` (key,
-file, name, alias, spec) or ``end_run`` (key, status, time).
+file, name, alias, spec), ``register_segmenter`` (key, file, name, alias) or ``end_run`` (key, status, time).
 """
 
 from __future__ import annotations
@@ -88,6 +88,17 @@ class OfflineRecord:
                 "name": name,
                 "alias": alias,
                 "spec": spec.to_json(),
+            }
+        )
+
+    def register_segmenter(self, run: RunInfo, segmenter_file: Path, name: str, alias: str | None) -> None:
+        self._write(
+            {
+                "event": "register_segmenter",
+                "key": run.key,
+                "file": str(segmenter_file),
+                "name": name,
+                "alias": alias,
             }
         )
 
@@ -176,6 +187,8 @@ def replay_offline(record_path: str | Path, tracker_uri: str = "", *, experiment
 
             spec = GeneratorSpec.from_json(event["spec"], FORMAT_VERSION)
             store.register(runs[key], Path(event["file"]), event["name"], event.get("alias"), spec)
+        elif kind == "register_segmenter":
+            store.register_segmenter(runs[key], Path(event["file"]), event["name"], event.get("alias"))
         elif kind == "end_run":
             store.end_run(runs[key], event["status"], int(event["time"]))
             ended.add(key)

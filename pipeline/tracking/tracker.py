@@ -23,9 +23,9 @@ from pipeline.tracking.base import (
     now_ms,
     source_tags,
 )
-from pipeline.tracking.mlflow_store import MLflowStore
+from pipeline.tracking.mlflow_store import DEFAULT_CONNECT_TIMEOUT, MLflowStore
 from pipeline.tracking.offline import OfflineRecord
-from pipeline.tracking.registry import check_registration, generator_signature
+from pipeline.tracking.registry import check_names, check_registration, generator_signature
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -43,8 +43,15 @@ class MLflowTracker(Tracker):
     Nested runs carry the ``mlflow.parentRunId`` tag, as MLflow's own nested runs do.
     """
 
-    def __init__(self, uri: str, experiment: str, *, offline_dir: str | Path | None = None) -> None:
-        self.store = MLflowStore(uri, experiment)
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        *,
+        offline_dir: str | Path | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self.store = MLflowStore(uri, experiment, connect_timeout)
         self.record = OfflineRecord(
             Path(offline_dir) if offline_dir else Path.cwd() / "mlruns" / "offline", experiment
         )
@@ -175,9 +182,30 @@ class MLflowTracker(Tracker):
         signature = None if self.offline else generator_signature(generator_file)
         return self._send(lambda sink: sink.register(run, generator_file, name, alias, spec, signature))
 
+    def register_segmenter(
+        self, segmenter_file: str | Path, name: str, *, alias: str | None = None
+    ) -> str | None:
+        """Register a segmenter file under the current run (or a run ``register-<name>`` of its own);
+        returns ``models:/name/version``, or None when the store is unreachable (then the registration
+        is in the offline record)."""
+        from pipeline.segment.base import read_spec
+
+        segmenter_file = Path(segmenter_file).resolve()
+        read_spec(segmenter_file)  # a missing or foreign file raises here, not in the store
+        check_names(name, alias)
+        if not self._stack:
+            with self.start_run(f"register-{name}", tags={"registered_model": name}):
+                return self.register_segmenter(segmenter_file, name, alias=alias)
+        run = self._stack[-1]
+        return self._send(lambda sink: sink.register_segmenter(run, segmenter_file, name, alias))
+
 
 def make_tracker(cfg: JobConfig, *, rank: int = 0) -> Tracker:
     """The job's tracker: MLflow on rank 0 when ``cfg.tracking.enabled``, the no-op tracker otherwise."""
     if rank != 0 or not cfg.tracking.enabled:
         return Tracker()
-    return MLflowTracker(default_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    return MLflowTracker(
+        default_tracking_uri(cfg.tracking.uri),
+        cfg.tracking.experiment,
+        connect_timeout=cfg.tracking.connect_timeout,
+    )

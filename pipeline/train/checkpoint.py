@@ -124,7 +124,7 @@ def discard_checkpoints(out: Path) -> None:
     root = checkpoint_dir(out)
     for name in (LATEST, LEGACY_LATEST):
         (root / name).unlink(missing_ok=True)
-    for old in root.glob("phase*-step*"):
+    for old in root.glob("*-step[0-9]*"):
         shutil.rmtree(old, ignore_errors=True)
     for tmp in temporary_names(root, LATEST) + temporary_names(root, LEGACY_LATEST):
         tmp.unlink(missing_ok=True)
@@ -185,7 +185,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class PhaseCheckpoints:
     """Saves and restores one phase's checkpoints: both engines, every rank's RNG and data position, the
-    loop's :class:`Progress`. ``save`` and ``load`` are collectives: every rank calls them."""
+    loop's :class:`Progress`. ``save`` and ``load`` are collectives: every rank calls them.
+
+    The segmenter's training uses it too (:mod:`pipeline.segment.train`): one engine (``generator``, no
+    discriminator), its own ``stem`` (tags ``<stem>-step<NNNNNNNN>``) and ``training_digest`` (by default
+    ``phase<N>`` and the config's training digest)."""
 
     def __init__(
         self,
@@ -196,12 +200,17 @@ class PhaseCheckpoints:
         engines: Engines,
         batches: Batches,
         validating: bool,
+        *,
+        stem: str = "",
+        training_digest: str = "",
     ) -> None:
         self.cfg, self.env, self.root, self.phase = cfg, env, checkpoint_dir(out), phase
         self.engines, self.batches, self.validating = engines, batches, validating
+        self.stem = stem or f"phase{phase}"
+        self.training_digest = training_digest or cfg.training_digest()
 
     def tag(self, step: int) -> str:
-        return f"phase{self.phase}-step{step:08d}"
+        return f"{self.stem}-step{step:08d}"
 
     def _rng_file(self, path: Path) -> Path:
         return path / f"rng_rank{self.env.rank}.pt"
@@ -247,7 +256,7 @@ class PhaseCheckpoints:
                 "samples_seen": int(samples),
                 "world_size": self.env.world_size,
                 "config_digest": self.cfg.digest(),
-                "training_digest": self.cfg.training_digest(),
+                "training_digest": self.training_digest,
                 "generator_sha256": digests,
                 "time": time.time(),
             }
@@ -304,5 +313,6 @@ class PhaseCheckpoints:
         if self.env.is_main:
             for tmp in temporary_names(self.root, LATEST):  # a pointer update cut short
                 tmp.unlink(missing_ok=True)
-        say(self.env, f"resuming phase {self.phase} at step {progress.step} from {checkpoint.path}")
+        what = f"phase {self.phase}" if self.stem == f"phase{self.phase}" else self.stem
+        say(self.env, f"resuming {what} at step {progress.step} from {checkpoint.path}")
         return progress

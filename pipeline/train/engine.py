@@ -1,4 +1,5 @@
-"""Distributed set-up and the two DeepSpeed engines (generator, discriminator).
+"""Distributed set-up and the DeepSpeed engines: the generator's two (generator, discriminator) and the
+segmenter's one (:mod:`pipeline.segment.train`).
 
 The entry point is launcher-agnostic: ``torchrun``, the ``deepspeed`` launcher (with
 ``--no_local_rank``) and ``srun`` + ``torchrun`` all export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
@@ -133,16 +134,13 @@ def say(env: DistEnv, message: str) -> None:
         sys.stdout.flush()
 
 
-def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.device) -> dict[str, Any]:
-    """``cfg.train.deepspeed_config`` with the job's batch size and the phase's Adam settings.
-
-    The optimizer is pix2pixHD's: Adam without weight decay (DeepSpeed's "Adam" otherwise means AdamW
-    with decay 0.01). On CPU it is ``torch.optim.Adam`` (``torch_adam``), DeepSpeed's fused kernels
-    being CUDA-only.
-    """
-    path = resolve_path(cfg.train.deepspeed_config)
+def read_deepspeed_config(setting: str, device: torch.device, key: str) -> dict[str, Any]:
+    """The DeepSpeed JSON file ``setting`` (config key ``key``), checked for what every engine here needs
+    (ZeRO stage 0-2: the bare networks need whole parameters; fp16/bf16 only on a GPU), without its
+    ``train_batch_size`` (the micro-batch is the loader's batch size)."""
+    path = resolve_path(setting)
     if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+        raise ConfigError(f"{key}: file not found: {path}")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -160,6 +158,17 @@ def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.devic
             f"{path}: fp16/bf16 engines need a GPU; use configs/deepspeed/zero0_fp32.json on CPU"
         )
     ds.pop("train_batch_size", None)
+    return ds
+
+
+def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.device) -> dict[str, Any]:
+    """``cfg.train.deepspeed_config`` with the job's batch size and the phase's Adam settings.
+
+    The optimizer is pix2pixHD's: Adam without weight decay (DeepSpeed's "Adam" otherwise means AdamW
+    with decay 0.01). On CPU it is ``torch.optim.Adam`` (``torch_adam``), DeepSpeed's fused kernels
+    being CUDA-only.
+    """
+    ds = read_deepspeed_config(cfg.train.deepspeed_config, device, "train.deepspeed_config")
     ds["train_micro_batch_size_per_gpu"] = cfg.loader.batch_size
     optimizer = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
     params = optimizer.setdefault("params", {})
@@ -171,7 +180,10 @@ def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.devic
         params["torch_adam"] = True
     if phase_cfg.lr_schedule == "cosine":
         if "scheduler" in ds:
-            raise ConfigError(f"{path} has a scheduler of its own; drop it or set lr_schedule: constant")
+            raise ConfigError(
+                f"{resolve_path(cfg.train.deepspeed_config)} has a scheduler of its own; "
+                "drop it or set lr_schedule: constant"
+            )
         ds["scheduler"] = {
             "type": "WarmupCosineLR",
             "params": {
@@ -194,7 +206,8 @@ def engine_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     return torch.float32
 
 
-def _initialize(module: nn.Module, config: dict[str, Any]) -> DeepSpeedEngine:
+def initialize_engine(module: nn.Module, config: dict[str, Any]) -> DeepSpeedEngine:
+    """``module`` in a DeepSpeed engine of ``config`` (its trainable parameters optimised)."""
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -216,10 +229,10 @@ def build_engines(
     """
     env = env or init_distributed()
     config = deepspeed_config(cfg, phase_cfg, env.device)
-    g_engine = _initialize(generator, config)
+    g_engine = initialize_engine(generator, config)
     dtype = engine_dtype(g_engine)
     if phase_cfg.train_discriminator:
-        d_engine = _initialize(discriminator, config)
+        d_engine = initialize_engine(discriminator, config)
         return Engines(g_engine, d_engine, d_engine.module, dtype)
     discriminator.requires_grad_(False)
     discriminator.eval()
