@@ -262,6 +262,7 @@ def decode_container(
         raise CompressError(str(err)) from None
     size = (container.width, container.height)
     try:
+        codec.check_size(container.codec_bitstream, container.width, container.height)
         rgb = codec.decode(container.codec_bitstream)
     except Exception as err:  # a corrupt stream may fail anywhere in a decoder: one line, no traceback
         raise CompressError(f"corrupt {container.codec} bitstream: {str(err).splitlines()[0]}") from None
@@ -279,6 +280,7 @@ def decode_container(
             )
         return rgb, segmenter.label_ids(rgb)
     try:
+        coder.check_size(container.label_bitstream, size)
         label = coder.decode(container.label_bitstream, size)
     except Exception as err:
         raise CompressError(f"corrupt label bitstream: {str(err).splitlines()[0]}") from None

@@ -336,7 +336,7 @@ class _Decode:
                     for name, value in sample.items()
                 }
                 decoded[META] = json.loads(sample[META])
-                arrays = _arrays(decoded)
+                arrays = _arrays(decoded, self.max_pixels)
             except (
                 LoaderError,
                 ValueError,
@@ -351,7 +351,7 @@ class _Decode:
             yield arrays
 
 
-def _arrays(sample: dict[str, Any]) -> dict[str, Any]:
+def _arrays(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Decoded members -> aligned ``H x W [x C]`` arrays plus metadata; edges from the full instance map."""
     key, member = sample["__key__"], sample[DECODED]
     image, decoded, label = sample[IMAGE], sample[f"{member}.png"], sample[LABEL]
@@ -360,7 +360,7 @@ def _arrays(sample: dict[str, Any]) -> dict[str, Any]:
         raise LoaderError(
             f"sample {key}: sizes differ: image {image.shape}, {member} {decoded.shape}, label {label.shape}"
         )
-    instance = instance_from(sample)
+    instance = instance_from(sample, max_pixels)
     if instance is not None:
         edge = edge_map(torch.from_numpy(instance.astype(np.int32))).numpy()
     else:

@@ -6,16 +6,26 @@ in the output folder and renamed when complete; then a sidecar ``<split>-NNNNNN.
 its keys, rejects and per-sample rates. A rerun skips every shard whose sidecar matches the
 planned keys and build settings, so a killed build resumes where it stopped and still ends
 with every input exactly once: in a shard or in the manifest's ``rejects``.
+
+Across nodes (``shards.num_nodes`` > 1, ``launch/shards_slurm.sbatch``), every node plans the same shards
+and node ``r`` builds shards ``r, r + N, r + 2N, ...`` of the plan (every split's, in order) into the same
+``shards.output``, under the names a one-node build gives them; it then writes its part as
+``manifest-node<r>of<N>.json`` (the plan, the build settings and its shards' sidecars). The node that
+finds every part written merges them (:func:`merge_node_manifests`) into ``manifest.json``, equal to a
+one-node build's on the same inputs. A rerun of a node resumes it, and merges again; a one-node build
+over the folder finds every shard complete and only writes the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import re
+import socket
 import statistics
 import threading
 import time
@@ -48,9 +58,13 @@ from pipeline.data.manifest import (
 from pipeline.data.members import INSTANCE_MEMBER, encode_instance, relative_source
 from pipeline.data.sources import BadSample, Sample, fit, open_source
 from pipeline.data.splits import plan_splits
-from pipeline.lock import folder_lock
+from pipeline.lock import LOCK_FILE, folder_lock, process_alive, read_holder
 
 log = logging.getLogger(__name__)
+
+NODE_LOCKS = ".nodes"  # <shards.output>/.nodes/<r>of<N>/: the lock of node r of a multi-node build
+NODE_FORMAT = "jpdse-shards-node"
+NODE_VERSION = 1
 
 
 class ShardError(ConfigError):
@@ -345,8 +359,11 @@ def _refuse_other_build(out: Path, ctx: _Context) -> None:
         )
 
 
-def _clean(out: Path, jobs: list[_ShardJob]) -> None:
-    """Remove temporary files of killed runs and shards of the built splits that the plan no longer has."""
+def _clean(out: Path, jobs: list[_ShardJob], own: list[_ShardJob] | None = None) -> None:
+    """Remove temporary files of killed runs and shards of the built splits that the plan no longer has.
+
+    ``own``: a node of a multi-node build removes only the temporaries of its own shards (the other nodes'
+    temporaries are theirs, being written now)."""
     planned = {job.name for job in jobs}
     splits = {job.split for job in jobs}
     pattern = re.compile(r"^(?P<name>(?P<split>.+)-\d{6})\.(tar|json)$")
@@ -360,6 +377,8 @@ def _clean(out: Path, jobs: list[_ShardJob]) -> None:
         if match["split"] in splits and match["name"] not in planned:
             log.info("removing %s: not part of this build's plan", path)
             path.unlink(missing_ok=True)
+    if own is not None:
+        written = {f"{job.name}.{ext}" for job in own for ext in ("tar", "json")}
     for name in written:
         for tmp in temporary_names(out, name):
             tmp.unlink(missing_ok=True)
@@ -439,11 +458,21 @@ def _context(cfg: JobConfig) -> _Context:
     return _Context(cfg.data, codecs, s.label_coder, s.label_downsample, s.store_bitstreams, s.max_pixels)
 
 
+def _cores() -> int:
+    """The cores this process may run on (a SLURM task's or container's share, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def build_shards(cfg: JobConfig) -> Manifest:
     """Build (or finish) the shards of every split in ``cfg.data.splits``; returns the written manifest.
 
-    With ``shards.workers`` > 1 the encoders run in spawned processes, so a script calling this
-    needs the usual ``if __name__ == "__main__":`` guard.
+    With ``shards.num_nodes`` > 1 this builds node ``shards.node_rank``'s part (module docstring) and returns
+    the merged manifest when this node completed the set, else this node's part (not written as
+    ``manifest.json``). With ``shards.workers`` > 1 the encoders run in spawned processes, so a script
+    calling this needs the usual ``if __name__ == "__main__":`` guard.
     """
     ctx = _context(cfg)
     worker = _worker(ctx)  # fails early on a bad source, codec or label coder
@@ -453,21 +482,25 @@ def build_shards(cfg: JobConfig) -> Manifest:
             raise ShardError(f"shards.codecs: {name} quality must be in [{lo}, {hi}], got {quality}")
     jobs = _plan(worker, cfg.shards.samples_per_shard)
     out = Path(cfg.shards.output)
+    if cfg.shards.num_nodes > 1:
+        return _build_node(cfg, ctx, worker, jobs, out)
     with folder_lock(out, "shard build"):
-        return _build_locked(cfg, ctx, worker, jobs, out)
+        _refuse_live_nodes(out)
+        _refuse_other_build(out, ctx)
+        _clean(out, jobs)
+        sidecars = _run_jobs(cfg, ctx, out, jobs)
+        manifest = _manifest(cfg, ctx, worker.label_coder.method, _dataset_entry(cfg, worker), sidecars, out)
+        manifest.write()
+        return manifest
 
 
-def _build_locked(
-    cfg: JobConfig, ctx: _Context, worker: _Worker, jobs: list[_ShardJob], out: Path
-) -> Manifest:
-    """:func:`build_shards` once it holds the folder's lock."""
-    _refuse_other_build(out, ctx)
-    _clean(out, jobs)
+def _run_jobs(cfg: JobConfig, ctx: _Context, out: Path, jobs: list[_ShardJob]) -> list[dict[str, Any]]:
+    """Build the shards of ``jobs`` not complete on disk yet; returns every job's sidecar, in order."""
     sidecars = {job.name: sc for job in jobs if (sc := _completed(out, job)) is not None}
     pending = [job for job in jobs if job.name not in sidecars]
     if sidecars:
         log.info("%d of %d shards already complete in %s", len(sidecars), len(jobs), out)
-    workers = cfg.shards.workers or os.cpu_count() or 1
+    workers = cfg.shards.workers or _cores()
     with tqdm(total=sum(len(j.samples) for j in pending), desc="shards", unit="sample", disable=None) as bar:
         if cfg.shards.use_ray:
             run = _run_ray(ctx, out, pending, workers, bar)
@@ -477,12 +510,183 @@ def _build_locked(
             run = _run_pool(ctx, out, pending, workers, bar)
         for sidecar in run:
             sidecars[sidecar["shard"]] = sidecar
-    manifest = _manifest(cfg, worker, [sidecars[job.name] for job in jobs], out)
-    manifest.write()
-    return manifest
+    return [sidecars[job.name] for job in jobs]
 
 
-def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], out: Path) -> Manifest:
+def _one_node(cfg: JobConfig) -> JobConfig:
+    """``cfg`` as a one-node build's: what the manifest of a multi-node build records."""
+    tree = cfg.to_dict()
+    tree["shards"].update(node_rank=0, num_nodes=1)
+    return from_dict(tree)
+
+
+def _dataset_entry(cfg: JobConfig, worker: _Worker) -> DatasetEntry:
+    source = worker.source
+    return DatasetEntry(
+        source=source.name,
+        root=str(source.root),
+        label_nc=source.label_nc,
+        label_names=tuple(source.label_names),
+        has_instances=source.has_instances,
+        width=cfg.data.width,
+        height=cfg.data.height,
+    )
+
+
+def node_manifest_name(rank: int, nodes: int) -> str:
+    """The part of node ``rank`` of a ``nodes``-node build, beside the shards."""
+    return f"manifest-node{rank}of{nodes}.json"
+
+
+def _live_holder(folder: Path) -> str:
+    """Who holds ``folder``'s lock, if a live process (or one on another host) does; else ``""``."""
+    holder = read_holder(folder)
+    if holder is None:
+        return ""
+    pid = holder.get("pid")
+    here = holder.get("host") == socket.gethostname() and isinstance(pid, int)
+    if here and not process_alive(pid, holder.get("pid_start")):
+        return ""
+    return f"{holder.get('command', '?')} (pid {pid} on {holder.get('host', '?')})"
+
+
+def _refuse_live_nodes(out: Path) -> None:
+    """A one-node build refuses a folder that nodes of a multi-node build are writing."""
+    for lock in sorted((out / NODE_LOCKS).glob(f"*/{LOCK_FILE}")):
+        holder = _live_holder(lock.parent)
+        if holder:
+            raise ShardError(f"{out} is being built by {holder}; wait for it, or delete {lock} if it is gone")
+
+
+def _build_node(cfg: JobConfig, ctx: _Context, worker: _Worker, jobs: list[_ShardJob], out: Path) -> Manifest:
+    """Node ``shards.node_rank``'s part of a multi-node build (module docstring)."""
+    rank, nodes = cfg.shards.node_rank, cfg.shards.num_nodes
+    mine = jobs[rank::nodes]
+    out.mkdir(parents=True, exist_ok=True)
+    holder = _live_holder(out)
+    if holder:  # a one-node build (or a merge) holds the whole folder
+        raise ShardError(f"{out} is in use by {holder}; wait for it to finish")
+    single = _one_node(cfg)
+    lock_folder = out / NODE_LOCKS / f"{rank}of{nodes}"
+    part_path = out / node_manifest_name(rank, nodes)
+    with folder_lock(lock_folder, f"shard build, node {rank} of {nodes}"):
+        _refuse_other_build(out, ctx)
+        part_path.unlink(missing_ok=True)  # an earlier run's part must not vouch for this run's shards
+        _clean(out, jobs, own=mine)
+        sidecars = _run_jobs(cfg, ctx, out, mine)
+        dataset = _dataset_entry(cfg, worker)
+        part = {
+            "format": NODE_FORMAT,
+            "version": NODE_VERSION,
+            "node_rank": rank,
+            "num_nodes": nodes,
+            "plan": [[job.name, job.fingerprint] for job in jobs],
+            "config": single.to_dict(),
+            "dataset": dataset.to_json(),
+            "label_coder": worker.label_coder.method,
+            "build": {"settings": ctx.settings(), "hash": ctx.fingerprint()},
+            "shards": sidecars,
+        }
+        _write_json(part_path, part)
+    for folder in (lock_folder, lock_folder.parent):
+        with contextlib.suppress(OSError):  # another node's lock is still there
+            folder.rmdir()
+    merged = merge_node_manifests(out, nodes, expected=json.loads(json.dumps(part)))
+    if merged is not None:
+        merged.write()
+        log.info("node %d of %d completed the set: merged %d parts into %s", rank, nodes, nodes, MANIFEST)
+        return merged
+    log.info("node %d of %d done; %s is written by the node that completes the set", rank, nodes, MANIFEST)
+    return _manifest(cfg, ctx, worker.label_coder.method, dataset, sidecars, out)
+
+
+_AGREED = ("plan", "config", "dataset", "build", "label_coder")  # what every node's part must share
+
+
+def merge_node_manifests(
+    folder: str | Path, nodes: int, expected: dict[str, Any] | None = None
+) -> Manifest | None:
+    """The manifest of a ``nodes``-node build in ``folder`` from its nodes' parts (not written); None while
+    a part is missing. Refused (:class:`ShardError`) when the parts disagree (plan, settings, config) or a
+    shard on disk is not the one its node recorded. ``expected``: the calling node's own part; a part that
+    disagrees with it is an earlier build's, not yet rewritten by its node, and counts as missing."""
+    out = Path(folder)
+    parts = []
+    for rank in range(nodes):
+        path = out / node_manifest_name(rank, nodes)
+        try:
+            part = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise ShardError(f"{path} is unreadable ({err}); rerun node {rank} of the build") from err
+        if not isinstance(part, dict) or part.get("format") != NODE_FORMAT:
+            raise ShardError(f"{path} is not a node's part of a shard build")
+        if part.get("version") != NODE_VERSION:
+            raise ShardError(f"{path}: version {part.get('version')!r}, this code merges {NODE_VERSION}")
+        if expected is not None and any(part.get(key) != expected.get(key) for key in _AGREED):
+            return None
+        parts.append(part)
+    first = parts[0]
+    for rank, part in enumerate(parts):
+        for key in _AGREED:
+            if part.get(key) != first.get(key):
+                raise ShardError(
+                    f"{out}: node {rank} of {nodes} has another {key} than node 0 (do all nodes see the same "
+                    "data.root and config?); rerun the build with one config"
+                )
+        if part.get("node_rank") != rank or part.get("num_nodes") != nodes:
+            raise ShardError(f"{out / node_manifest_name(rank, nodes)} is the part of another node")
+    try:
+        plan = [(str(name), str(fingerprint)) for name, fingerprint in first["plan"]]
+        by_name = {sc["shard"]: sc for part in parts for sc in part["shards"]}
+        sidecars = []
+        for index, (name, fingerprint) in enumerate(plan):
+            sidecar = by_name.get(name)
+            if sidecar is None or sidecar.get("fingerprint") != fingerprint:
+                raise ShardError(
+                    f"{out}: shard {name} is not in node {index % nodes}'s part; rerun node {index % nodes}"
+                )
+            _check_on_disk(out, sidecar)
+            sidecars.append(sidecar)
+        if len(by_name) != len(plan):
+            raise ShardError(f"{out}: the nodes' parts hold shards the plan does not have")
+        cfg = from_dict(first["config"])
+        dataset = DatasetEntry.from_json(first["dataset"])
+        build = BuildEntry.from_json(first["build"])
+    except ShardError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:
+        raise ShardError(f"{out}: a node's part is malformed ({err!r}); rerun the build") from err
+    ctx = _context(cfg)
+    if ctx.fingerprint() != build.hash:
+        raise ShardError(f"{out}: the nodes' config does not give the build hash they recorded")
+    return _manifest(cfg, ctx, str(first["label_coder"]), dataset, sidecars, out)
+
+
+def _check_on_disk(out: Path, sidecar: dict[str, Any]) -> None:
+    """Refuse a shard whose files on disk are no longer the ones its node recorded."""
+    name = sidecar["shard"]
+    try:
+        on_disk = json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ShardError(
+            f"{out}: the sidecar of shard {name} is unreadable ({err}); rerun the build"
+        ) from err
+    tar = out / f"{name}.tar"
+    size = tar.stat().st_size if tar.is_file() else None
+    if on_disk != sidecar or size != sidecar.get("tar_bytes"):
+        raise ShardError(f"{out}: shard {name} changed after its node recorded it; rerun the build")
+
+
+def _manifest(
+    cfg: JobConfig,
+    ctx: _Context,
+    label_coder: str,
+    dataset: DatasetEntry,
+    sidecars: list[dict[str, Any]],
+    out: Path,
+) -> Manifest:
     built: dict[str, tuple[list[str], list[str]]] = {}  # split: (tars, keys)
     for sc in sidecars:
         tars, keys = built.setdefault(sc["split"], ([], []))
@@ -491,7 +695,7 @@ def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], o
             keys += sc["keys"]
     stats = [row for sc in sidecars for row in sc["stats"]]
     codecs = {}
-    for name, quality, _ in worker.ctx.codecs:
+    for name, quality, _ in ctx.codecs:
         tag = codec_tag(name, quality)
         values = [row["codecs"][tag] for row in stats]
         codecs[tag] = CodecEntry(
@@ -502,22 +706,12 @@ def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], o
             bpp_max=max(values) if values else None,
         )
     label_bpp = [row["label_bpp"] for row in stats]
-    coders = sorted({row["label_coder"] for row in stats}) or [worker.label_coder.method]
-    source = worker.source
-    build = BuildEntry(worker.ctx.settings(), worker.ctx.fingerprint())
+    coders = sorted({row["label_coder"] for row in stats}) or [label_coder]
     return Manifest(
         version=VERSION,
         config=cfg.to_dict(),
         config_hash=cfg.digest(),
-        dataset=DatasetEntry(
-            source=source.name,
-            root=str(source.root),
-            label_nc=source.label_nc,
-            label_names=tuple(source.label_names),
-            has_instances=source.has_instances,
-            width=cfg.data.width,
-            height=cfg.data.height,
-        ),
+        dataset=dataset,
         splits={
             split: SplitEntry(tuple(tars), len(keys), tuple(keys)) for split, (tars, keys) in built.items()
         },
@@ -529,15 +723,18 @@ def _manifest(cfg: JobConfig, worker: _Worker, sidecars: list[dict[str, Any]], o
         ),
         rejects=tuple(Reject.from_json(reject) for sc in sidecars for reject in sc["rejects"]),
         folder=out,
-        build=build,
+        build=BuildEntry(ctx.settings(), ctx.fingerprint()),
     )
 
 
 def format_summary(manifest: Manifest, max_reasons: int = 5) -> str:
     """A few lines for people: samples and shards per split, rates, rejects."""
     ds = manifest.dataset
+    shards = manifest.config["shards"]
+    nodes = shards.get("num_nodes", 1)
+    part = f"node {shards.get('node_rank', 0)} of {nodes}'s part of the " if nodes > 1 else ""
     lines = [
-        f"shards in {manifest.config['shards']['output']} (config {manifest.config_hash}): "
+        f"{part}shards in {manifest.config['shards']['output']} (config {manifest.config_hash}): "
         f"{ds.source} at {ds.width}x{ds.height}, label_nc {ds.label_nc}, "
         f"instances {'yes' if ds.has_instances else 'no'}"
     ]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.data.members import INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER, decode_instance
 
 
@@ -87,6 +87,7 @@ class ShardInput:
         from pipeline.data.manifest import Manifest
 
         self.root = Path(cfg.shards.output)
+        self.max_pixels = cfg.shards.max_pixels
         manifest = Manifest.read(self.root)
         split = cfg.eval.split
         entry = manifest.split(split)
@@ -130,7 +131,7 @@ class ShardInput:
             )
             instance = None  # instance.npz; instance.png in shards written before it
             if INSTANCE_MEMBER in raw:
-                instance = decode_instance(raw[INSTANCE_MEMBER])
+                instance = decode_instance(raw[INSTANCE_MEMBER], self.max_pixels)
             elif LEGACY_INSTANCE_MEMBER in raw:
                 instance = _decode_png(raw[LEGACY_INSTANCE_MEMBER], cv2.IMREAD_UNCHANGED, f"{key} instance")
             sample = EvalSample(
@@ -157,7 +158,7 @@ class SourceInput:
         from pipeline.data.codecs import LabelCoder, get_codec
         from pipeline.data.sources import open_source
 
-        self.source = open_source(cfg.data)
+        self.source = open_source(cfg.data, cfg.shards.max_pixels)
         self.width, self.height = cfg.data.width, cfg.data.height
         self.codec = cfg.loader.codec
         specs = [c for c in cfg.shards.codecs if c.name == self.codec]
@@ -177,14 +178,26 @@ class SourceInput:
         """The keys of the evaluated samples, in order."""
         return [item.key for item in self.items]
 
+    def _load(self, item: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One sample at the working size; a bad one (undecodable, over shards.max_pixels) is one line."""
+        from pipeline.data.sources import BadSample
+
+        try:
+            return self.source.load(item, self.width, self.height)
+        except BadSample as err:
+            raise ConfigError(
+                f"eval.input=source: sample {item.key}: {err}; fix or remove it, or evaluate built shards "
+                "(eval.input=shards: the shard builder rejects it)"
+            ) from None
+
     def originals(self) -> Iterator[np.ndarray]:
         for item in self.items:
-            yield self.source.load(item, self.width, self.height)[0]
+            yield self._load(item)[0]
 
     def samples(self) -> Iterator[EvalSample]:
         pixels = self.width * self.height
         for item in self.items:
-            image, label, instance = self.source.load(item, self.width, self.height)
+            image, label, instance = self._load(item)
             sample = EvalSample(
                 key=item.key,
                 image=image,

@@ -4,6 +4,9 @@
 Every call is bounded (:func:`store_call`): against an http(s) store MLflow's retries and timeout are capped
 (the first contact gives up within seconds), a call that takes long says so on stderr, and a store that
 cannot be reached raises :class:`StoreUnavailable` (one line) instead of MLflow's nested retry errors.
+MLflow gives requests one timeout for the connection and each read alike; so the first contact first opens
+a plain TCP connection to the store (or to the proxy requests would use) under its own, shorter, connect
+timeout (``tracking.connect_timeout``): a store that does not answer the connect fails within it.
 
 Runs carry their process (host, pid, its start time, pid namespace) as tags; the start of a top-level run
 marks FAILED the runs of this experiment left RUNNING by a process of this host that is gone (killed).
@@ -20,10 +23,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.config import TrackingConfig
 from pipeline.lock import pid_start, process_alive
 from pipeline.tracking.base import RunInfo, clean_params
 from pipeline.tracking.registry import (
@@ -53,6 +58,7 @@ HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
 NOTICE_AFTER_S = 3.0  # a call to a remote store that takes longer says so on stderr
+DEFAULT_CONNECT_TIMEOUT = TrackingConfig.__dataclass_fields__["connect_timeout"].default
 # run tags naming the process that runs it, to tell a killed run from a running one
 PROCESS_TAGS = ("pipeline.host", "pipeline.pid", "pipeline.pid_start", "pipeline.pid_ns")
 
@@ -107,18 +113,68 @@ def _reason(err: BaseException) -> str:
     for marker in ("Connection refused", "timed out", "Name or service not known", "No route to host"):
         if marker in text:
             return marker.lower()
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
     return type(err).__name__
 
 
+def _unavailable(uri: str, what: str, reason: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"MLflow store {uri} unreachable ({what}: {reason}); check the tracking URI "
+        "(tracking.uri, $MLFLOW_TRACKING_URI) and that its server is up"
+    )
+
+
+def _endpoint(uri: str) -> tuple[str, int]:
+    """The host and port a request to ``uri`` connects to: the proxy's when requests would use one."""
+    import requests
+
+    proxy = requests.utils.select_proxy(uri, requests.utils.get_environ_proxies(uri))
+    target = urllib.parse.urlsplit(requests.utils.prepend_scheme_if_needed(proxy, "http") if proxy else uri)
+    if not target.hostname:
+        raise _unavailable(uri, "connect", "no host in the URI")
+    return target.hostname, target.port or (443 if target.scheme == "https" else 80)
+
+
+def check_connect(uri: str, timeout: float = DEFAULT_CONNECT_TIMEOUT, what: str = "connect") -> None:
+    """Open and close a TCP connection to the store at ``uri`` (name resolution included) within ``timeout``
+    seconds, or raise :class:`StoreUnavailable`: the first contact's fast failure for a store that does not
+    answer (MLflow's own timeout bounds each request as a whole, reads included, so it is longer)."""
+    host, port = _endpoint(uri)
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=connect, name="store-connect", daemon=True)  # a slow DNS is bounded too
+    thread.start()
+    thread.join(timeout)
+    silent = f"no answer to connect within {timeout:g} s (tracking.connect_timeout)"
+    if not outcome:
+        raise _unavailable(uri, what, silent)
+    if outcome[0] is not None:
+        err = outcome[0]
+        raise _unavailable(uri, what, silent if isinstance(err, TimeoutError) else _reason(err)) from err
+
+
 @contextlib.contextmanager
-def store_call(uri: str, what: str, *, first_contact: bool = True) -> Iterator[None]:
-    """One bounded call (or a few) to the store at ``uri``: short HTTP retries and timeout (see
+def store_call(
+    uri: str, what: str, *, first_contact: bool = True, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> Iterator[None]:
+    """One bounded call (or a few) to the store at ``uri``: on first contact a TCP connect within
+    ``connect_timeout`` (:func:`check_connect`), short HTTP retries and timeout (see
     :data:`FIRST_CONTACT_HTTP_ENV`, :data:`HTTP_ENV`; settings the user made win), a line on stderr when it
     takes longer than :data:`NOTICE_AFTER_S`, and :class:`StoreUnavailable` when the store cannot be
     reached. Other store errors pass unchanged."""
     if not is_remote(uri) or getattr(_calls, "depth", 0):  # a call inside a bounded call is part of it
         yield
         return
+    if first_contact:
+        check_connect(uri, connect_timeout, what)
     env = FIRST_CONTACT_HTTP_ENV if first_contact else HTTP_ENV
     _calls.depth = 1
     with _env_defaults(env):
@@ -140,10 +196,7 @@ def store_call(uri: str, what: str, *, first_contact: bool = True) -> Iterator[N
             raise
         except Exception as err:
             if _unreachable(err):
-                raise StoreUnavailable(
-                    f"MLflow store {uri} unreachable ({what}: {_reason(err)}); check the tracking URI "
-                    "(tracking.uri, $MLFLOW_TRACKING_URI) and that its server is up"
-                ) from err
+                raise _unavailable(uri, what, _reason(err)) from err
             raise
         finally:
             notice.cancel()
@@ -155,7 +208,8 @@ def _bounded(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: MLflowStore, *args: Any, **kwargs: Any) -> Any:
-        with store_call(self.uri, method.__name__, first_contact=self._client is None):
+        first = self._client is None
+        with store_call(self.uri, method.__name__, first_contact=first, connect_timeout=self.connect_timeout):
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -186,12 +240,16 @@ def _gone(tags: Mapping[str, str]) -> bool:
 
 class MLflowStore:
     """Runs of experiment ``experiment`` in the MLflow store at ``uri``; the client (and the experiment,
-    got or created) come on first use. Store errors raise."""
+    got or created) come on first use, after a TCP connect within ``connect_timeout`` seconds
+    (``tracking.connect_timeout``) to an http(s) store. Store errors raise."""
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    def __init__(self, uri: str, experiment: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         if not experiment:
             raise ValueError("an MLflow experiment name is needed")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout}")
         self.uri = uri
+        self.connect_timeout = connect_timeout
         self.experiment = experiment
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
@@ -350,6 +408,51 @@ class MLflowStore:
         try:
             client.create_registered_model(
                 name, description="JPD-SE generator (pipeline.model.export safetensors)"
+            )
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
+        )
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+        return f"models:/{name}/{version.version}"
+
+    @_bounded
+    def register_segmenter(self, run: RunInfo, segmenter_file: Path, name: str, alias: str | None) -> str:
+        """Log a segmenter file as a pyfunc model of ``run`` (:mod:`pipeline.segment.registry`), register
+        it with its sha256, architecture and class count as version tags, set ``alias``; returns
+        ``models:/name/version``."""
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.exceptions import MlflowException
+
+        from pipeline.segment.base import read_spec, weights_digest
+        from pipeline.segment.registry import SEGMENTER_ARTIFACT, save_segmenter_pyfunc
+
+        client, run_id = self.client, self._id(run)
+        spec = read_spec(segmenter_file)
+        tags = {
+            "sha256": weights_digest(segmenter_file),
+            **{k: str(spec[k]) for k in ("architecture", "num_classes", "label_space")},
+        }
+        logged = client.create_logged_model(
+            self.experiment_id,
+            name=SEGMENTER_ARTIFACT,
+            source_run_id=run_id,
+            tags=tags,
+            params=clean_params(spec),
+            model_type="jpd-se-segmenter",
+        )
+        with tempfile.TemporaryDirectory(prefix="jpdse-model-") as tmp:
+            local = Path(tmp) / "model"
+            save_segmenter_pyfunc(local, segmenter_file, run_id=run_id, model_id=logged.model_id)
+            client.log_model_artifacts(logged.model_id, str(local))
+        client.finalize_logged_model(logged.model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        try:
+            client.create_registered_model(
+                name, description="semantic segmenter (pipeline.segment, train ids)"
             )
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":

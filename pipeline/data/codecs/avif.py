@@ -8,6 +8,7 @@ import struct
 import numpy as np
 
 from pipeline.data.codecs.base import Codec, CodecError, CodecUnavailable, register_codec
+from pipeline.data.codecs.headers import av1_size
 from pipeline.data.codecs.heif import _box, _full_box, find_box, single_image_file
 
 # What every file of this codec carries and its decoder can take as given: three 8-bit channels
@@ -97,6 +98,19 @@ class AVIFCodec(Codec):
         if struct.unpack_from(">H", iloc, 6)[0] != 1:
             raise CodecError("avif: unexpected AVIF layout: more than one item")
         return _HEADER.pack(width, height, av1c) + find_box(avif, [b"mdat"])
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        """The size header's ``(width, height)``, once the AV1 sequence header's maximum frame size (what the
+        decoder allocates) is checked to be the same."""
+        if len(data) <= _HEADER.size or data[4] != 0x81:
+            raise CodecError("avif: not a bitstream of this codec (size header + av1C + AV1 OBUs expected)")
+        width, height, _ = _HEADER.unpack_from(data)
+        coded = av1_size(data[_HEADER.size :])
+        if coded != (width, height):
+            raise CodecError(
+                f"avif: the AV1 sequence codes {coded[0]}x{coded[1]} for a {width}x{height} image"
+            )
+        return width, height
 
     def _decode(self, data: bytes) -> np.ndarray:
         from PIL import Image

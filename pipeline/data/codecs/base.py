@@ -93,6 +93,25 @@ class Codec(ABC):
         """Whether this machine has what the codec needs (external binaries, libraries)."""
         return True
 
+    def stream_size(self, data: bytes) -> tuple[int, int] | None:
+        """``(width, height)`` of the image :meth:`decode` returns, read from the bitstream's own header
+        without decoding (a few bytes: :mod:`pipeline.data.codecs.headers`); None for a codec that cannot
+        tell cheaply. A missing or malformed header raises :class:`CodecError`."""
+        return None
+
+    def check_size(self, data: bytes, width: int, height: int) -> None:
+        """Refuse (:class:`CodecError`) a bitstream whose header states another size than ``width x height``
+        (what its container records) before it is decoded, so that an untrusted stream cannot make the
+        decoder allocate more than the container's bounded size."""
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
+            raise CodecError(f"{self.name}: expected a non-empty bitstream (bytes)")
+        size = self.stream_size(bytes(data))
+        if size is not None and tuple(size) != (width, height):
+            raise CodecError(
+                f"{self.name}: the bitstream's header says {size[0]}x{size[1]}, "
+                f"the container {width}x{height}"
+            )
+
     @abstractmethod
     def _encode(self, rgb: np.ndarray, quality: int) -> bytes: ...
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from pipeline.data.codecs.base import Codec, CodecError, CodecUnavailable, register_codec
+from pipeline.data.codecs.headers import bpg_size
 from pipeline.data.codecs.opencv import rgb_to_bgr
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class BPGCodec(Codec):
                 f"or pass get_codec('bpg', {tool}='/path/to/{tool}'), e.g. as codec options in the config"
             )
         return found
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        return bpg_size(data)
 
     def is_available(self) -> bool:
         try:

@@ -54,14 +54,14 @@ def find_box(data: bytes, path: list[bytes], start: int = 0, end: int | None = N
 class _BitReader:
     """MSB-first reader of an HEVC RBSP (emulation-prevention bytes already removed)."""
 
-    def __init__(self, data: bytes, bit: int = 0):
-        self.data, self.bit = data, bit
+    def __init__(self, data: bytes, bit: int = 0, what: str = "HEVC parameter set"):
+        self.data, self.bit, self.what = data, bit, what
 
     def u(self, n: int) -> int:
         value = 0
         for _ in range(n):
             if self.bit >= 8 * len(self.data):
-                raise CodecError("truncated HEVC parameter set")
+                raise CodecError(f"truncated {self.what}")
             value = (value << 1) | ((self.data[self.bit >> 3] >> (7 - (self.bit & 7))) & 1)
             self.bit += 1
         return value
@@ -71,7 +71,7 @@ class _BitReader:
         while self.u(1) == 0:
             zeros += 1
             if zeros > 31:
-                raise CodecError("bad Exp-Golomb code in HEVC parameter set")
+                raise CodecError(f"bad Exp-Golomb code in {self.what}")
         return (1 << zeros) - 1 + self.u(zeros)
 
 
@@ -98,6 +98,16 @@ class _SPSInfo:
     bit_depth_chroma: int
     width: int  # after the conformance window
     height: int
+
+
+def sps_size(stream: bytes) -> tuple[int, int]:
+    """The picture size (after the conformance window) of the one SPS of an Annex-B HEVC stream."""
+    nals = [nal.rstrip(b"\x00") for nal in stream.split(b"\x00\x00\x01")[1:]]
+    sps = [nal for nal in nals if len(nal) > 2 and nal_type(nal) == NAL_SPS]
+    if len(sps) != 1:
+        raise CodecError(f"the HEVC stream has {len(sps)} SPS, expected one")
+    info = _parse_sps(sps[0])
+    return info.width, info.height
 
 
 def _parse_sps(nal: bytes) -> _SPSInfo:

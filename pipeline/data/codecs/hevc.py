@@ -19,7 +19,12 @@ from pipeline.data.codecs.heif import (
     hvcc_nals,
     length_prefixed_nals,
     nal_type,
+    sps_size,
 )
+
+# libheif codes an image smaller than 64 pixels per side, or of odd size, in a padded picture (measured:
+# 1x1 and 17x9 -> 64x64, 65x33 -> 66x64); the SPS may exceed the size header by that much, no more.
+MIN_PICTURE, PADDING = 64, 16
 
 
 @register_codec
@@ -82,6 +87,20 @@ class HEVCCodec(Codec):
         nals = hvcc_nals(hvcc) + length_prefixed_nals(mdat, (hvcc[21] & 3) + 1)
         stream = b"".join(START_CODE + nal for nal in nals if nal_type(nal) not in NAL_SEI)
         return struct.pack(">HH", width, height) + stream
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        """The size header's ``(width, height)``, once the SPS's picture (what libde265 allocates) is checked
+        to hold it with no more than libheif's padding."""
+        if len(data) < 4 + len(START_CODE) or not data[4:].startswith(START_CODE):
+            raise CodecError("hevc: not a bitstream of this codec (size header + Annex-B stream expected)")
+        width, height = struct.unpack_from(">HH", data)
+        coded_w, coded_h = sps_size(data[4:])
+        for coded, size in ((coded_w, width), (coded_h, height)):
+            if not size <= coded <= max(MIN_PICTURE, size + PADDING):
+                raise CodecError(
+                    f"hevc: the SPS codes a {coded_w}x{coded_h} picture for a {width}x{height} image"
+                )
+        return width, height
 
     def _decode(self, data: bytes) -> np.ndarray:
         if len(data) < 4 + len(START_CODE) or not data[4:].startswith(START_CODE):

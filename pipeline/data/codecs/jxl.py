@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data.codecs.base import Codec, CodecError, CodecUnavailable, register_codec
+from pipeline.data.codecs.headers import jxl_size
 
 
 @register_codec
@@ -56,3 +57,7 @@ class JPEGXLCodec(Codec):
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise CodecError(f"jxl: decoded a {rgb.dtype} array of shape {rgb.shape}, not 8-bit RGB")
         return np.ascontiguousarray(rgb)
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        """The codestream's ``SizeHeader`` (this codec writes no orientation, so it is the decoded size)."""
+        return jxl_size(data)

@@ -10,6 +10,9 @@ import cv2
 import numpy as np
 
 from pipeline.data.codecs.base import CodecError, CodecUnavailable
+from pipeline.data.codecs.headers import jxl_size, png_size, webp_size
+
+_HEADER_SIZE = {"jxl": jxl_size, "webp": webp_size, "png": png_size}  # each method's header reader
 
 
 def _jxl_available() -> bool:
@@ -132,6 +135,24 @@ class LabelCoder:
                 f"a {coded.shape[1]}x{coded.shape[0]} coded map does not fit {width}x{height} at 1/{k}"
             )
         return self._upsample(coded, height, width)
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        """``(width, height)`` of the coded (sub-sampled) grid as the bitstream's header states it, without
+        decoding; :class:`CodecError` when the header is not this method's."""
+        return _HEADER_SIZE[self._method](bytes(data))
+
+    def check_size(self, data: bytes, size: tuple[int, int]) -> None:
+        """Refuse (:class:`CodecError`) a bitstream whose coded grid does not fit ``size = (width, height)``
+        at 1/``downsample`` before it is decoded (the container's recorded size bounds the allocation)."""
+        width, height = size
+        k = self.downsample
+        expected = (-(-width // k), -(-height // k))
+        coded = self.stream_size(data)
+        if coded != expected:
+            raise CodecError(
+                f"{self._method} label map: the header says {coded[0]}x{coded[1]}, the container's "
+                f"{width}x{height} at 1/{k} needs {expected[0]}x{expected[1]}"
+            )
 
     def reconstruct(self, label: np.ndarray) -> np.ndarray:
         """What ``decode(encode(label), size)`` returns: the nearest-neighbour sub-sampled map."""

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from pipeline.data.codecs.base import Codec, CodecError, register_codec
+from pipeline.data.codecs.headers import j2k_size, jpeg_size, webp_size
 from pipeline.data.codecs.heif import find_box
 
 
@@ -46,6 +47,9 @@ class JPEGCodec(Codec):
     def _decode(self, data: bytes) -> np.ndarray:
         return _imdecode_rgb(data, "JPEG")
 
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        return jpeg_size(data)
+
 
 @register_codec
 class WebPCodec(Codec):
@@ -59,6 +63,9 @@ class WebPCodec(Codec):
 
     def _decode(self, data: bytes) -> np.ndarray:
         return _imdecode_rgb(data, "WebP")
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        return webp_size(data)
 
 
 @contextmanager
@@ -93,3 +100,6 @@ class JPEG2000Codec(Codec):
     def _decode(self, data: bytes) -> np.ndarray:
         with _quiet_opencv():
             return _imdecode_rgb(data, "J2K")
+
+    def stream_size(self, data: bytes) -> tuple[int, int]:
+        return j2k_size(data)
