@@ -12,11 +12,21 @@ From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs
    the training frames (to show over-fitting, ``eval.allow_training_frames``).
 
 It prints, per QP: bpp (codec bits, and total with the lossless label map), PSNR, MS-SSIM and NIQE of the
-codec, codec-SE and the ablation; the PSNR gains on held-out and on training frames side by side; and the
-BD-rates against HEVC on codec bits and on total bits. The elapsed wall time of every stage is printed too;
-the budget (``--budget-min``, default 15) is what the whole script must fit in on 2 cores.
+codec, codec-SE and the ablation; the PSNR gains on held-out and on training frames side by side; the
+BD-rates against HEVC on codec bits and on total bits; and the held-out BD-rates of HEVC, codec-SE and the
+ablation against the reference codecs (``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time
+of every stage is printed too; the budget (``--budget-min``, default 15) is what the whole script must fit
+in on 2 cores.
+
+With ``--segmenter FILE`` (a segmenter trained on the training frames, ``python -m pipeline segment``) a
+third model is trained beside them on the label maps that segmenter predicts from the decoded image
+(``data.label_source=decoder``: 0 label bits), the same segmenter judges downstream accuracy (mIoU against the
+ground truth, ``eval.segmenter``), and a second table gives per QP the PSNR gains of codec-SE on ground-truth
+maps and on decoder maps, each at its total bits, and the mIoU of every reconstruction. Three models share
+the 2 cores then, so the run takes about half as long again.
 
 Usage:  python bench/bench_quality.py [--steps N] [--keep DIR] [--extra-size WxH|none] [--set KEY=VALUE]
+                                      [--segmenter FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from typing import Any
 from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides
 from pipeline.data.shards import build_shards
 from pipeline.eval.evaluate import evaluate
+from pipeline.eval.report import format_reference_bdrate
 from pipeline.model.export import read_spec
 
 QUALITIES = [32, 37, 42, 47]
@@ -77,11 +88,15 @@ def overrides(work: Path, steps: int) -> list[str]:
     ]
 
 
-def train_both(cfg_args: list[str], work: Path) -> dict[str, Path]:
-    """codec-SE and the ablation in two processes, one thread each: both cores, same budget."""
+def train_all(cfg_args: list[str], work: Path, segmenter: Path | None) -> dict[str, Path]:
+    """codec-SE and the ablation (and codec-SE on decoder maps, with a segmenter) in one process and one
+    thread each, with the same budget."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs, logs = {}, {}
-    for name, extra in (("codec-SE", []), ("ablation", ["model.zero_semantics=true"])):
+    variants = [("codec-SE", []), ("ablation", ["model.zero_semantics=true"])]
+    if segmenter is not None:
+        variants.append(("codec-SE-dec", ["data.label_source=decoder", f"data.segmenter={segmenter}"]))
+    for name, extra in variants:
         out = work / "train" / name
         logs[name] = (work / f"train-{name}.log").open("w")
         command = [sys.executable, "-m", "pipeline", "train", "--phases", "3", *cfg_args,
@@ -138,8 +153,44 @@ def table(held: dict, train: dict, report: dict) -> str:
     return "\n".join(lines)
 
 
-def scored(cfg: JobConfig, models: list[Path], split: str, out: Path, on_training: bool) -> Path:
-    args = {"eval.split": split, "eval.output_dir": str(out), "eval.crops": 0}
+def reference_table(report: dict[str, Any]) -> str:
+    """The BD-rates of every curve of ``report`` (its ``bdrate.json``) against each reference codec."""
+    if not report.get("references"):
+        return "no reference codecs (eval.reference_codecs is empty)"
+    return format_reference_bdrate(report)
+
+
+def decoder_table(held: dict, held_dec: dict, report: dict, report_dec: dict, accuracy: dict) -> str:
+    """Codec-SE on ground-truth maps and on decoder maps, each at its total bits, with the mIoU of every
+    reconstruction (the judge is the segmenter that made the decoder maps)."""
+    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    lines = [
+        f"decoder label maps (0 label bits) beside ground-truth maps, held-out; mIoU judged by "
+        f"{accuracy['judge']['name']}; original frames' mIoU {accuracy['original']['miou']:.4f}",
+        f"{'QP':>3} {'bpp':>6} {'bpp+map':>7} | {'dPSNR SE':>8} {'SE-dec':>7} {'abl':>7} | "
+        f"{'mIoU hevc':>9} {'SE':>7} {'SE-dec':>7} {'abl':>7}",
+    ]
+    for q in QUALITIES:
+        h, s, a, d = held[("hevc", q)], held[(se, q)], held[(ab, q)], held_dec[(se, q)]
+        gains = " ".join(f"{f(m, 'psnr') - f(h, 'psnr'):>+{w}.3f}" for m, w in ((s, 8), (d, 7), (a, 7)))
+        mious = " ".join(f"{f(m, 'miou'):>{w}.4f}" for m, w in ((h, 9), (s, 7), (d, 7), (a, 7)))
+        lines.append(f"{q:>3} {f(h, 'bpp_codec'):>6.4f} {f(s, 'bpp_total'):>7.4f} | {gains} | {mious}")
+    lines.append("BD-rate (PSNR) vs HEVC on total bits (codec bits + label map):")
+    for name, entry in (
+        (f"{se} (gt maps)", report["methods"][se]),
+        (f"{se} (decoder maps)", report_dec["methods"][se]),
+    ):
+        rate = entry["bd_rate_pct"]["psnr/bpp_total"] if entry["available"] else None
+        lines.append(
+            f"  {name:<24} " + (f"{rate:+7.2f} %" if rate is not None else entry.get("reason", "n/a"))
+        )
+    return "\n".join(lines)
+
+
+def scored(cfg: JobConfig, models: list[Path], split: str, out: Path, on_training: bool, **more: Any) -> Path:
+    args = {"eval.split": split, "eval.output_dir": str(out), "eval.crops": 0, **more}
+    if on_training:  # the reference codecs are compared on the held-out frames only
+        args["eval.reference_codecs"] = []
     run = with_overrides(cfg, {**args, "eval.allow_training_frames": on_training})
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the table below says it all
         return evaluate(run, [str(m) for m in models])
@@ -156,6 +207,9 @@ def main() -> None:
         help="WxH: the training frames also built at this size (loader.extra_shards); 'none': not",
     )
     parser.add_argument("--set", action="append", default=[], help="one more config override (repeatable)")
+    parser.add_argument(
+        "--segmenter", type=Path, help="segmenter file: judge mIoU and train codec-SE on its decoder maps"
+    )
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"  # the figures below, not progress bars
     start = time.perf_counter()
@@ -179,9 +233,10 @@ def main() -> None:
             cfg_args.append(f"loader.extra_shards=[{extra}]")
             print(f"  training frames also at {args.extra_size} (loader.extra_shards)")
         print(f"  built in {time.perf_counter() - start:.0f} s")
-        print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (2 processes x 1 thread)")
+        segmenter = args.segmenter.resolve() if args.segmenter else None
+        print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (1 process x 1 thread per model)")
         t = time.perf_counter()
-        exports = train_both(cfg_args, work)
+        exports = train_all(cfg_args, work, segmenter)
         print(f"  trained in {time.perf_counter() - t:.0f} s")
         for name, path in exports.items():
             spec = read_spec(path)
@@ -189,14 +244,26 @@ def main() -> None:
             print(f"  {name}: exported step {chosen.get('step', spec.steps)} of {spec.steps} "
                   f"(best validation PSNR on munster)")  # fmt: skip
         t = time.perf_counter()
-        models = list(exports.values())
-        held = scored(cfg, models, "test", work / "eval-test", on_training=False)
+        models = [exports["codec-SE"], exports["ablation"]]
+        judge = {"eval.segmenter": str(segmenter)} if segmenter else {}
+        held = scored(cfg, models, "test", work / "eval-test", on_training=False, **judge)
         train = scored(cfg, models, "val", work / "eval-train", on_training=True)
+        held_dec = None
+        if segmenter is not None:
+            source = {"data.label_source": "decoder", "data.segmenter": str(segmenter), **judge}
+            held_dec = scored(cfg, [exports["codec-SE-dec"]], "test", work / "eval-test-dec", False, **source)
         print(f"  evaluated in {time.perf_counter() - t:.0f} s")
         report = json.loads((held / "bdrate.json").read_text())
         print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames (lindau); "
               "train: the 10 frankfurt training frames")  # fmt: skip
         print(table(means(held), means(train), report))
+        print(reference_table(report))
+        if held_dec is not None:
+            report_dec = json.loads((held_dec / "bdrate.json").read_text())
+            accuracy = json.loads((held / "segmentation.json").read_text())
+            print(decoder_table(means(held), means(held_dec), report, report_dec, accuracy))
+            print("codec-SE on decoder maps against the reference codecs:")
+            print(reference_table(report_dec))
         total = (time.perf_counter() - start) / 60
         verdict = "within" if total <= args.budget_min else "OVER"
         print(f"total {total:.1f} min ({verdict} the {args.budget_min:g}-minute budget)")

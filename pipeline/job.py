@@ -27,7 +27,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
-from pipeline.eval.evaluate import evaluate
+from pipeline.eval.evaluate import check_reference_codecs, evaluate
 from pipeline.eval.report import MEANS_FILE
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
@@ -155,6 +155,7 @@ def run(cfg: JobConfig) -> Path:
 
 
 def _run(cfg: JobConfig) -> Path:
+    check_reference_codecs(cfg)  # before any work: a missing one would fail only at the end
     manifest = build_shards(cfg)
     print(format_summary(manifest), flush=True)
     for warning in check_disjoint(manifest, cfg):

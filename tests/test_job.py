@@ -46,9 +46,10 @@ def test_main_job_end_to_end(
     by_method: dict[str, dict[int, dict[str, str]]] = {}
     for row in means:
         by_method.setdefault(row["method"], {})[int(row["quality"])] = row
-    assert set(by_method) == {"hevc", "hevc-SE", "hevc-SE (no semantics)"}
+    references = {"avif": [0, 15, 30, 50], "jxl": [0, 15, 30, 60]}  # eval.reference_codecs of default.yaml
+    assert set(by_method) == {"hevc", "hevc-SE", "hevc-SE (no semantics)", *references}
     for method, rows in by_method.items():
-        assert set(rows) == set(qualities), method
+        assert set(rows) == set(references.get(method, qualities)), method
         assert all(int(r["images"]) == 10 for r in rows.values())  # the lindau frames, not the training ones
     for q in qualities:  # held-out frames: codec-SE is never below its codec (step 0 is the codec itself)
         for method in ("hevc-SE", "hevc-SE (no semantics)"):
@@ -58,6 +59,9 @@ def test_main_job_end_to_end(
         entry = report["methods"][method]
         assert entry["available"] and entry["bd_rate_pct"]["psnr/bpp_total"] is not None
     assert report["frames"]["split"] == "test" and report["frames"]["count"] == 10
+    for reference in references:  # codec-SE against each reference codec, on total bits, in the printed table
+        assert report["references"][reference]["methods"]["hevc-SE"]["available"]
+    assert "BD-rate against the reference codecs" in out
     for q in qualities:
         for name in (f"hevc_q{q}", f"hevc_q{q}_nosem"):
             assert (tmp_path / "runs" / "train" / name / "phase3" / "generator.safetensors").is_file()

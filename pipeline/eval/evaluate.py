@@ -30,6 +30,13 @@ segmenter that makes the decoder's label maps (``data.label_source=decoder``); t
 
 Label source: every model must have been trained on the maps ``data.label_source`` gives it (its spec's
 ``label_source``; ``gt`` when absent); another is refused in one line.
+
+Reference codecs (``eval.reference_codecs``, each at the qualities of ``eval.reference_qualities``): other
+codecs encode the same originals, without a model, and are scored with the same measures (accuracy
+included). Their rows (method, model and codec: the codec's name; quality on its own scale) join ``rpd.csv``
+and ``rpd_mean.csv``, each is a curve of its own on every plot, and ``bdrate.json`` (``references``) and the
+printed table give the BD-rate of the codec, codec-SE and the ablation against each, on codec and on total
+bits. A reference codec this machine lacks, or the evaluated codec named as one, is refused before any work.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -50,12 +58,20 @@ from pipeline.data.manifest import key_file_name
 from pipeline.eval.fid import load_fid_inception
 from pipeline.eval.inputs import EvalInput, open_input
 from pipeline.eval.lpips import load_lpips
-from pipeline.eval.methods import Method, check_training_frames, load_methods, reconstruct
+from pipeline.eval.methods import (
+    Method,
+    check_training_frames,
+    encode_reference,
+    load_methods,
+    reconstruct,
+    reference_methods,
+)
 from pipeline.eval.plots import CROPS_DIR, label_palette, plot_rate_accuracy, plot_rpd, write_comparison
 from pipeline.eval.report import (
     bdrate_report,
     describe_frames,
     format_bdrate,
+    format_references,
     format_table,
     mean_rows,
     tracked_metrics,
@@ -78,6 +94,7 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     data = open_input(cfg)
     if data.count == 0:
         raise ValueError(f"no images to evaluate ({data.description})")
+    references = reference_methods(cfg.eval.reference_codecs, cfg.eval.reference_qualities, data.codec)
     judge = _open_judge(cfg.eval.segmenter, data.source_name)
     methods = load_methods(models, data.codec, data.qualities, data.label_nc, device, cfg.tracking.uri)
     check_label_source(methods, cfg.data.label_source)
@@ -85,7 +102,12 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     check_training_frames(methods, keys, cfg.eval.allow_training_frames)
     out = Path(cfg.eval.output_dir)
     with folder_lock(out, "evaluation"):
-        return _evaluate_locked(cfg, data, methods, keys, out, tracker, judge)
+        return _evaluate_locked(cfg, data, methods, keys, out, tracker, judge, references)
+
+
+def check_reference_codecs(cfg: JobConfig) -> None:
+    """Refuse, before any work, reference codecs that this machine lacks or that are ``loader.codec``."""
+    reference_methods(cfg.eval.reference_codecs, cfg.eval.reference_qualities, cfg.loader.codec)
 
 
 def _open_judge(path: str, source_name: str) -> LoadedSegmenter | None:
@@ -117,8 +139,10 @@ def _evaluate_locked(
     out: Path,
     tracker: Tracker | None,
     judge: LoadedSegmenter | None = None,
+    references: Sequence[Method] = (),
 ) -> Path:
-    """:func:`evaluate` once it holds the lock of ``eval.output_dir``."""
+    """:func:`evaluate` once it holds the lock of ``eval.output_dir``; ``references``: the reference
+    codecs' methods (:func:`pipeline.eval.methods.reference_methods`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fitted = fit_niqe(data, f"{cfg.data.width}x{cfg.data.height}") if cfg.eval.niqe_fitted else None
     if fitted is not None:
@@ -130,18 +154,19 @@ def _evaluate_locked(
         fitted.model if fitted is not None else None,
         judge,
     )
-    _score(data, methods, scorer, out / CROPS_DIR, cfg.eval.crops)
+    _score(data, methods, scorer, out / CROPS_DIR, cfg.eval.crops, references)
 
-    means = mean_rows(scorer.rows, methods, data.qualities, scorer.fid, scorer.lpips_note)
+    means = mean_rows(scorer.rows, [*methods, *references], data.qualities, scorer.fid, scorer.lpips_note)
     if judge is not None:
         means = [_pooled_accuracy(m, scorer.accuracy(m.model, m.quality)) for m in means]
-    report = bdrate_report(means, data.codec, data.qualities)
+    names = list(dict.fromkeys(m.name for m in references))
+    report = bdrate_report(means, data.codec, data.qualities, names)
     report["original_niqe"] = scorer.original_niqe
     if fitted is not None:
         report["original_niqe_fitted"] = fitted.original_niqe
     report["frames"] = {"split": cfg.eval.split, "count": len(keys), "keys": keys}
     files = write_results(out, scorer.rows, means, report)
-    files += plot_rpd(out, means, data.codec, scorer.original_niqe)
+    files += plot_rpd(out, means, data.codec, scorer.original_niqe, names)
     if fitted is not None:
         files.append(out / NIQE_MODEL_FILE)
     accuracy: dict[str, Any] = {}
@@ -149,11 +174,13 @@ def _evaluate_locked(
         original = scorer.original_accuracy.scores()
         accuracy = _accuracy_report(judge, original, means, scorer)
         files.append(write_atomic(out / SEGMENTATION_FILE, json.dumps(accuracy, indent=2)))
-        files += plot_rate_accuracy(out, means, data.codec, judge.name, _as_measures(original))
+        files += plot_rate_accuracy(out, means, data.codec, judge.name, _as_measures(original), names)
 
     print(f"R-PD evaluation of {data.description}; standard NIQE of the originals {scorer.original_niqe:.3f}")
     print(describe_frames(cfg.eval.split, keys))
     print(format_table(means))
+    if references:
+        print(format_references(references))
     metrics = tracked_metrics(means, report)
     if accuracy:
         original = accuracy["original"]
@@ -165,7 +192,7 @@ def _evaluate_locked(
         metrics.update(
             {f"eval.original.{k}": original[k] for k in ("miou", "pixel_accuracy") if original[k] is not None}
         )
-    if report["methods"]:
+    if report["methods"] or report["references"]:
         print(format_bdrate(report))
     if tracker is not None:
         _log(tracker, files, out / CROPS_DIR, metrics)
@@ -218,9 +245,17 @@ def _accuracy_report(
     }
 
 
-def _score(data: EvalInput, methods: Sequence[Method], scorer: Scorer, crops: Path, n_crops: int) -> None:
-    """Score every method's image of every sample at every quality; write the crops of the first
-    ``n_crops`` samples (where a model's image stands beside the codec's, or the codec is alone)."""
+def _score(
+    data: EvalInput,
+    methods: Sequence[Method],
+    scorer: Scorer,
+    crops: Path,
+    n_crops: int,
+    references: Sequence[Method] = (),
+) -> None:
+    """Score every method's image of every sample at every quality, and every reference codec's at each of
+    its own; write the crops of the first ``n_crops`` samples (where a model's image stands beside the
+    codec's, or the codec is alone; a reference codec's images at its qualities side by side)."""
     palette = label_palette(data.source_name)
     for index, sample in enumerate(tqdm(data.samples(), total=data.count, desc="R-PD evaluation")):
         scorer.add_original(sample.image, sample.label)
@@ -235,6 +270,15 @@ def _score(data: EvalInput, methods: Sequence[Method], scorer: Scorer, crops: Pa
             if index < n_crops and (len(outputs) > 1 or len(methods) == 1):
                 path = crops / key_file_name(sample.key, f"_{data.codec}_q{quality}.png")
                 write_comparison(path, sample.image, sample.label, outputs, palette)
+        encoded: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for method in references:
+            quality, result = encode_reference(method, sample)
+            scorer.add(sample, quality, method, result.decoded, bpp=result.bpp)
+            title = f"{method.name} q{quality} {result.bpp:.3f} bpp"
+            encoded.setdefault(method.name, []).append((title, result.decoded))
+        for name, outputs in encoded.items() if index < n_crops else ():
+            path = crops / key_file_name(sample.key, f"_{name}.png")
+            write_comparison(path, sample.image, sample.label, outputs, palette)
 
 
 def _log(tracker: Tracker, files: Sequence[Path], crops: Path, metrics: dict[str, float]) -> None:

@@ -9,6 +9,10 @@ so a (curve, quality) pair is always one model. A file given twice (same sha256)
 
 Frames: a model that records its training frames (:func:`pipeline.model.export.read_train_frames`) is never
 scored on them unless allowed (then its results are flagged ``on_training_frames``).
+
+Reference codecs (``eval.reference_codecs``, :func:`reference_methods`): other codecs that encode the same
+originals themselves, without a model, one method per quality of their own scale; each is a curve of its own
+(named after the codec) and an anchor of the BD-rate table.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
 from pipeline.eval.inputs import EvalSample
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
 from pipeline.model.inference import enhance_image
@@ -43,6 +49,7 @@ class Method:
     label: str = ""  # short unique name for tables and legends
     train_frames: list[str] | None = None  # None: the model does not record them
     on_training_frames: bool = False
+    encoder: Codec | None = None  # a reference codec: it encodes the original itself, at ``quality``
 
     @property
     def uses_labels(self) -> bool:
@@ -136,6 +143,30 @@ def _split_shared_points(methods: list[Method], suffixes: dict[str, tuple[list[s
                 break
         for method, suffix in zip(group, names, strict=True):
             method.name = f"{method.name} [{suffix}]"
+
+
+def reference_methods(names: list[str], ladders: dict[str, list[int]], codec: str) -> list[Method]:
+    """One method per reference codec of ``names`` and quality of its ladder (``eval.reference_qualities``),
+    in order of rising quality. The evaluated ``codec`` itself and codecs this machine lacks are refused in
+    one line, before any work."""
+    methods = []
+    for name in names:
+        if name == codec:
+            raise ConfigError(f"eval.reference_codecs holds {name}, the evaluated codec (loader.codec)")
+        try:
+            encoder = get_codec(name, single_thread=True)
+        except (ValueError, CodecUnavailable) as err:
+            raise ConfigError(f"eval.reference_codecs: codec {name!r}: {err}") from None
+        ladder = sorted(ladders[name])
+        methods += [Method(name=name, quality=q, model=name, label=name, encoder=encoder) for q in ladder]
+    return methods
+
+
+def encode_reference(method: Method, sample: EvalSample) -> tuple[int, CodecResult]:
+    """A reference codec's quality and its round trip of ``sample``'s original at that quality."""
+    if method.encoder is None or method.quality is None:
+        raise ValueError(f"{method.name} is not a reference codec's point")
+    return method.quality, method.encoder.roundtrip(sample.image, method.quality)
 
 
 def reconstruct(method: Method, sample: EvalSample, quality: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 Files: ``rpd_psnr.png``, ``rpd_msssim.png`` and ``rpd_niqe.png`` (one curve per method, with the originals'
 NIQE as a reference line), with a judging segmenter ``rate_miou.png`` and ``rate_pixel_accuracy.png``
 (:func:`plot_rate_accuracy`), and ``crops/<key>_<codec>_q<quality>.png`` (the original, every method's image
-and the label map, centre crops side by side).
+and the label map, centre crops side by side; ``crops/<key>_<reference>.png``: a reference codec's images at
+each of its qualities). The reference codecs (``eval.reference_codecs``) are curves of their own.
 """
 
 from __future__ import annotations
@@ -34,23 +35,26 @@ def plot_curves(
     label: str,
     codec: str,
     reference: float | None = None,
+    references: Sequence[str] = (),
 ) -> None:
     """R-PD curves of ``metric`` (axis ``label``) over bits per pixel, one per method (the codec's
-    first), against the total rate (solid) and, where it differs, the codec rate alone (dashed);
-    ``reference``: a horizontal line for the original images."""
+    first, then the reference codecs', dash-dotted), against the total rate (solid) and, where it differs,
+    the codec rate alone (dashed); ``reference``: a horizontal line for the original images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for name in sorted({m.method for m in means}, key=lambda n: (n != codec, n)):
+    for name in sorted({m.method for m in means}, key=lambda n: (n != codec, n not in references, n)):
         pts = sorted((m for m in means if m.method == name), key=lambda m: m.measures.bpp_codec)
-        legend = name  # a model curve lists its models, one per quality
-        for p in pts if name != codec else []:
+        plain = name == codec or name in references  # a codec's curve, without models
+        legend = name if name not in references else f"{name} (reference codec)"
+        for p in pts if not plain else []:  # a model curve lists its models, one per quality
             legend += f"\n  q{p.quality}: {p.label}" + (" (TRAINING FRAMES)" if p.on_training_frames else "")
         values = [getattr(p.measures, metric) for p in pts]
-        line = ax.plot([p.measures.bpp_total for p in pts], values, marker="o", label=legend)[0]
+        style = {"marker": "s", "linestyle": "-."} if name in references else {"marker": "o"}
+        line = ax.plot([p.measures.bpp_total for p in pts], values, label=legend, **style)[0]
         if any(p.measures.bpp_total != p.measures.bpp_codec for p in pts):
             ax.plot(
                 [p.measures.bpp_codec for p in pts],
@@ -70,11 +74,14 @@ def plot_curves(
     plt.close(fig)
 
 
-def plot_rpd(out: Path, means: Sequence[MeanRow], codec: str, original_niqe: float) -> list[Path]:
-    """Write the R-PD plots into ``out``; return their paths."""
+def plot_rpd(
+    out: Path, means: Sequence[MeanRow], codec: str, original_niqe: float, references: Sequence[str] = ()
+) -> list[Path]:
+    """Write the R-PD plots into ``out`` (``references``: the reference codecs); return their paths."""
     paths = []
     for name, metric, label in PLOTS:
-        plot_curves(out / name, means, metric, label, codec, original_niqe if metric == "niqe" else None)
+        niqe = original_niqe if metric == "niqe" else None
+        plot_curves(out / name, means, metric, label, codec, niqe, references)
         paths.append(out / name)
     return paths
 
@@ -86,13 +93,18 @@ ACCURACY_PLOTS = (
 
 
 def plot_rate_accuracy(
-    out: Path, means: Sequence[MeanRow], codec: str, judge: str, original: dict[str, float]
+    out: Path,
+    means: Sequence[MeanRow],
+    codec: str,
+    judge: str,
+    original: dict[str, float],
+    references: Sequence[str] = (),
 ) -> list[Path]:
     """Write the rate-accuracy plots (downstream accuracy over bits per pixel, one curve per method, the
     accuracy on the originals as a reference line) into ``out``; ``judge`` names the segmenter."""
     paths = []
     for name, metric, label in ACCURACY_PLOTS:
-        plot_curves(out / name, means, metric, f"{label}\n({judge})", codec, original[metric])
+        plot_curves(out / name, means, metric, f"{label}\n({judge})", codec, original[metric], references)
         paths.append(out / name)
     return paths
 

@@ -3,8 +3,10 @@ summary and the tracked metrics.
 
 Files: ``rpd.csv`` (one row per image x method x quality), ``rpd_mean.csv`` (one row per model x quality:
 plain means of the rows, plus set-level FID) and ``bdrate.json`` (BD-rate/BD-PSNR of each codec-SE curve
-against the codec, per-quality deltas, the originals' NIQE and the scored frames). MS-SSIM BD-rates use
-MS-SSIM in dB, ``-10 log10(1 - MS-SSIM)``.
+against the codec, per-quality deltas, the originals' NIQE and the scored frames; under ``references``, the
+BD-rates of the codec, codec-SE and the ablation against each reference codec of ``eval.reference_codecs``).
+MS-SSIM BD-rates use MS-SSIM in dB, ``-10 log10(1 - MS-SSIM)``. A reference codec's rows carry its own name
+as method, model and codec, and its own quality scale.
 """
 
 from __future__ import annotations
@@ -65,8 +67,12 @@ def _ms_ssim_db(value: float) -> float:
     return -10.0 * math.log10(1.0 - value) if value < 1.0 else math.inf
 
 
-def bdrate_report(means: Sequence[MeanRow], codec: str, qualities: Sequence[int]) -> dict[str, Any]:
-    """BD-rate/BD-PSNR of each codec-SE curve against the codec (pchip), plus per-quality deltas."""
+def bdrate_report(
+    means: Sequence[MeanRow], codec: str, qualities: Sequence[int], references: Sequence[str] = ()
+) -> dict[str, Any]:
+    """BD-rate/BD-PSNR of each codec-SE curve against the codec (pchip), plus per-quality deltas; and under
+    ``references``, of every curve that is not a reference codec's (the codec's, codec-SE's, the ablation's)
+    against each reference codec of ``references``."""
     anchor = {m.quality: m.measures for m in means if m.method == codec}
     report: dict[str, Any] = {
         "anchor": codec,
@@ -75,8 +81,10 @@ def bdrate_report(means: Sequence[MeanRow], codec: str, qualities: Sequence[int]
         "distortion": {"psnr": "dB (capped at 100)", "ms_ssim": "dB: -10 log10(1 - MS-SSIM)"},
         "keys": "bd_rate_pct: % rate change at equal quality; bd_quality_db: quality change at equal rate",
         "methods": {},
+        "references": {},
     }
-    for name in sorted({m.method for m in means} - {codec}):
+    anchor_points = [anchor[q] for q in sorted(anchor)]
+    for name in sorted({m.method for m in means} - {codec, *references}):
         points = sorted((m for m in means if m.method == name), key=lambda m: m.quality)
         entry: dict[str, Any] = {
             "per_quality": [
@@ -94,32 +102,57 @@ def bdrate_report(means: Sequence[MeanRow], codec: str, qualities: Sequence[int]
                 for p in points
             ]
         }
-        if len(points) < MIN_POINTS or len(anchor) < MIN_POINTS:
-            entry["available"] = False
-            entry["reason"] = (
-                f"BD-rate needs >= {MIN_POINTS} qualities per curve; {name} has {len(points)} and {codec} "
-                f"{len(anchor)}. per_quality holds the deltas at equal codec bitstream instead."
-            )
-        else:
-            entry["available"] = True
-            entry["bd_rate_pct"], entry["bd_quality_db"] = {}, {}
-            a_sorted = [anchor[q] for q in sorted(anchor)]
-            tests = [p.measures for p in points]
-            for metric, convert in (("psnr", float), ("ms_ssim", _ms_ssim_db)):
-                d_anchor = [convert(getattr(m, metric)) for m in a_sorted]
-                d_test = [convert(getattr(m, metric)) for m in tests]
-                for rate in ("bpp_codec", "bpp_total"):
-                    r_anchor = [m.bpp_codec for m in a_sorted]
-                    r_test = [getattr(m, rate) for m in tests]
-                    key = f"{metric}/{rate}"
-                    try:
-                        entry["bd_rate_pct"][key] = bd_rate(r_anchor, d_anchor, r_test, d_test)
-                        entry["bd_quality_db"][key] = bd_psnr(r_anchor, d_anchor, r_test, d_test)
-                    except ValueError as err:
-                        entry["bd_rate_pct"][key] = entry["bd_quality_db"][key] = None
-                        entry.setdefault("errors", {})[key] = str(err)
+        entry.update(_bd_entry(anchor_points, [p.measures for p in points], name, codec))
+        if not entry["available"]:
+            entry["reason"] += " per_quality holds the deltas at equal codec bitstream instead."
         report["methods"][name] = entry
+    curves = sorted({m.method for m in means} - set(references), key=lambda n: (n != codec, n))
+    for reference in references:
+        ref_points = sorted((m for m in means if m.method == reference), key=lambda m: m.quality)
+        report["references"][reference] = {
+            "qualities": [p.quality for p in ref_points],
+            "bpp": [p.measures.bpp_codec for p in ref_points],
+            "methods": {
+                name: _bd_entry(
+                    [p.measures for p in ref_points],
+                    [p.measures for p in sorted((m for m in means if m.method == name), key=_by_rate)],
+                    name,
+                    reference,
+                )
+                for name in curves
+            },
+        }
     return report
+
+
+def _by_rate(mean: MeanRow) -> float:
+    return mean.measures.bpp_codec
+
+
+def _bd_entry(anchor: Sequence[Measures], tests: Sequence[Measures], name: str, anchor_name: str) -> dict:
+    """BD-rate and BD-quality of ``tests`` against ``anchor`` (the anchor's codec bits, as it reads no label
+    map) on PSNR and MS-SSIM (in dB), each on codec bits and on total bits; or why they are unavailable."""
+    if len(tests) < MIN_POINTS or len(anchor) < MIN_POINTS:
+        reason = (
+            f"BD-rate needs >= {MIN_POINTS} qualities per curve; {name} has {len(tests)} and {anchor_name} "
+            f"{len(anchor)}."
+        )
+        return {"available": False, "reason": reason}
+    entry: dict[str, Any] = {"available": True, "bd_rate_pct": {}, "bd_quality_db": {}}
+    for metric, convert in (("psnr", float), ("ms_ssim", _ms_ssim_db)):
+        d_anchor = [convert(getattr(m, metric)) for m in anchor]
+        d_test = [convert(getattr(m, metric)) for m in tests]
+        for rate in ("bpp_codec", "bpp_total"):
+            r_anchor = [m.bpp_codec for m in anchor]
+            r_test = [getattr(m, rate) for m in tests]
+            key = f"{metric}/{rate}"
+            try:
+                entry["bd_rate_pct"][key] = bd_rate(r_anchor, d_anchor, r_test, d_test)
+                entry["bd_quality_db"][key] = bd_psnr(r_anchor, d_anchor, r_test, d_test)
+            except ValueError as err:
+                entry["bd_rate_pct"][key] = entry["bd_quality_db"][key] = None
+                entry.setdefault("errors", {})[key] = str(err)
+    return entry
 
 
 def write_results(
@@ -172,6 +205,18 @@ def format_table(means: Sequence[MeanRow]) -> str:
     return "\n".join(lines)
 
 
+def format_references(references: Sequence[Method]) -> str:
+    """Which reference codecs the table holds, at which qualities (each on its own scale)."""
+    ladders: dict[str, list[str]] = {}
+    better: dict[str, str] = {}
+    for method in references:
+        ladders.setdefault(method.name, []).append(f"q{method.quality}")
+        higher = method.encoder is None or method.encoder.higher_quality_is_better
+        better[method.name] = "higher" if higher else "lower"
+    listed = ", ".join(f"{name} {'/'.join(qs)} ({better[name]} is better)" for name, qs in ladders.items())
+    return f"reference codecs (no model; q on each codec's own scale): {listed}"
+
+
 def format_bdrate(report: dict[str, Any]) -> str:
     """The BD-rates of :func:`bdrate_report` for people, one line per curve (and one per failed key)."""
     lines = []
@@ -179,6 +224,34 @@ def format_bdrate(report: dict[str, Any]) -> str:
         result = entry["bd_rate_pct"] if entry["available"] else entry["reason"]
         lines.append(f"BD-rate {name} vs {report['anchor']}: {result}")
         lines += [f"  {key}: not computed: {error}" for key, error in entry.get("errors", {}).items()]
+    if report.get("references"):
+        lines.append(format_reference_bdrate(report))
+    return "\n".join(lines)
+
+
+BD_KEYS = ("psnr/bpp_codec", "psnr/bpp_total", "ms_ssim/bpp_codec", "ms_ssim/bpp_total")
+
+
+def format_reference_bdrate(report: dict[str, Any]) -> str:
+    """The BD-rates against each reference codec for people: one line per curve x reference codec."""
+    width = max(len("curve"), *(len(n) for e in report["references"].values() for n in e["methods"]))
+    titles = ("PSNR codec", "PSNR total", "MS-SSIM codec", "MS-SSIM total")
+    lines = [
+        "BD-rate against the reference codecs (% bits at equal quality; negative: fewer bits than the "
+        "reference; codec: the codec's bits, total: with the label map):",
+        f"  {'curve':<{width}} {'vs':<6} " + " ".join(f"{t:>13}" for t in titles),
+    ]
+    for reference, block in report["references"].items():
+        for name, entry in block["methods"].items():
+            head = f"  {name:<{width}} {reference:<6} "
+            if not entry["available"]:
+                lines.append(head + entry["reason"])
+                continue
+            rates = entry["bd_rate_pct"]
+            cells = [("n/a" if rates[k] is None else f"{rates[k]:+.2f} %") for k in BD_KEYS]
+            lines.append(head + " ".join(f"{c:>13}" for c in cells))
+    if any("n/a" in line for line in lines[2:]):
+        lines.append("  n/a: not computed; bdrate.json says why (e.g. the curves share no quality interval)")
     return "\n".join(lines)
 
 
@@ -195,7 +268,8 @@ def _metric_prefix(mean: MeanRow) -> str:
 
 def tracked_metrics(means: Sequence[MeanRow], report: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of every mean row (``eval.<method>.<label>.q<quality>.<measure>``) and the
-    BD-rates (``eval.bdrate.<curve>.<distortion>_<rate>``)."""
+    BD-rates (``eval.bdrate.<curve>.<distortion>_<rate>``; against a reference codec
+    ``eval.bdrate_vs_<reference>.<curve>.<distortion>_<rate>``)."""
     scalars = {
         f"{_metric_prefix(m)}.{name}": value
         for m in means
@@ -206,4 +280,9 @@ def tracked_metrics(means: Sequence[MeanRow], report: dict[str, Any]) -> dict[st
         for key, value in (entry.get("bd_rate_pct") or {}).items():
             if value is not None:
                 scalars[f"eval.bdrate.{slug(name)}.{slug(key)}"] = float(value)
+    for reference, block in report.get("references", {}).items():
+        for name, entry in block["methods"].items():
+            for key, value in (entry.get("bd_rate_pct") or {}).items():
+                if value is not None:
+                    scalars[f"eval.bdrate_vs_{slug(reference)}.{slug(name)}.{slug(key)}"] = float(value)
     return scalars

@@ -139,10 +139,13 @@ class Scorer:
         self._accuracy.setdefault((model, quality), ConfusionMatrix()).merge(one)
         return one.scores()
 
-    def add(self, sample: EvalSample, quality: int, method: Method, result: np.ndarray) -> RPDRow:
-        """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row."""
+    def add(
+        self, sample: EvalSample, quality: int, method: Method, result: np.ndarray, bpp: float | None = None
+    ) -> RPDRow:
+        """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row. ``bpp``:
+        the rate of a reference codec's own bitstream (default: the evaluated codec's at ``quality``)."""
         scores = score_image(sample.image, result)
-        rate = sample.bpp[quality]
+        rate = sample.bpp[quality] if bpp is None else bpp
         judge = self.judge
         judged = None if judge is None else self._judged(judge, sample, method.model, quality, result)
         measures = Measures(
@@ -158,7 +161,7 @@ class Scorer:
             key=sample.key,
             method=method.name,
             model=method.model,
-            codec=self.codec,
+            codec=self.codec if method.encoder is None else method.encoder.name,
             quality=quality,
             measures=measures,
             on_training_frames=method.on_training_frames,
