@@ -53,7 +53,9 @@ def step_inputs(
 ) -> StepInputs:
     """The batch on ``device``, without a host sync: the images are copied asynchronously (the loader
     pins them on a GPU machine), the label map goes to :func:`generator_input` as the loader gave it (on
-    the CPU, where its ids are checked) and is moved there."""
+    the CPU, where its ids are checked) and is moved there. With ``train.semantic_dropout`` a sample's
+    semantic channels are zeroed with that probability (the generator's input only: the discriminator
+    keeps its conditioning)."""
     g_in = generator_input(
         batch["label"],
         batch["edge"].to(device, non_blocking=True),
@@ -64,8 +66,13 @@ def step_inputs(
         visual_input=phase_cfg.visual_input,
     ).to(dtype)
     semantic_nc = semantic_channels(data.label_nc, data.use_instance)
+    semantics = g_in[:, :semantic_nc]
+    dropout = cfg.train.semantic_dropout
+    if dropout and phase_cfg.visual_input:
+        keep = (torch.rand(g_in.shape[0], device=g_in.device) >= dropout).to(dtype).view(-1, 1, 1, 1)
+        g_in = torch.cat([semantics * keep, g_in[:, semantic_nc:]], dim=1)
     real = batch["image"].to(device, non_blocking=True)
-    return StepInputs(g_in, g_in[:, :semantic_nc], real, synthesis=not phase_cfg.visual_input)
+    return StepInputs(g_in, semantics, real, synthesis=not phase_cfg.visual_input)
 
 
 def generator_terms(
