@@ -246,6 +246,7 @@ def test_bad_search_spaces_are_refused(space: str, message: str) -> None:
         (["tune.max_steps=10", "tune.grace_period=20"], r"tune.grace_period must lie in \[0, max_steps\]"),
         (["tune.reduction_factor=1"], "tune.reduction_factor must be > 1"),
         (["tune.cpus_per_trial=0"], "tune.cpus_per_trial must be > 0"),
+        (["tune.workers_per_trial=0"], "tune.workers_per_trial must be >= 1"),
         (["tune.eval_images=-1"], r"tune.eval_images must be >= 0 \(0: all\)"),
     ],
 )

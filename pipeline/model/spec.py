@@ -47,7 +47,6 @@ LABEL_SOURCES = typing.get_args(LabelSource)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
-
 def label_source_spec(cfg: JobConfig) -> dict[str, str]:
     """The spec keys that record the label maps a generator is trained on: none for ``gt`` (a version 2
     file), else ``label_source`` and the sha256 of the segmenter ``data.segmenter`` that predicts them."""
@@ -56,6 +55,7 @@ def label_source_spec(cfg: JobConfig) -> dict[str, str]:
     from pipeline.segment.base import weights_digest
 
     return {"label_source": cfg.data.label_source, "segmenter": weights_digest(cfg.data.segmenter)}
+
 
 @dataclass(frozen=True)
 class GeneratorSpec:

@@ -23,13 +23,15 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 METRIC_PREFIXES = ("val_", "loss.")
+METRIC_KEYS = ("world_size",)  # a multi-worker trial's (tune.workers_per_trial)
 
 
 def _own_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The trial's own metrics out of a Ray result (Ray adds timings, hostnames, the config ...)."""
     out = {}
     for key, value in result.items():
-        if key.startswith(METRIC_PREFIXES) and isinstance(value, int | float) and math.isfinite(value):
+        own = key.startswith(METRIC_PREFIXES) or key in METRIC_KEYS
+        if own and isinstance(value, int | float) and math.isfinite(value):
             out[key] = float(value)
     return out
 

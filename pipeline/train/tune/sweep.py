@@ -26,6 +26,11 @@ Layout: ``<tune.output_dir>/<tune.name>/`` is Ray's experiment folder; each tria
 holds Ray's results, its Ray checkpoints (``checkpoint_NNNNNN/``) and ``train/``, the trial's own
 ``train.output_dir``. On a cluster ``tune.output_dir`` must be a folder every node sees.
 
+Multi-worker trials (``tune.workers_per_trial > 1``, :mod:`.workers`): each trial is the driver of a
+Ray Train run of that many workers (``tune.cpus_per_trial``/``gpus_per_trial`` each, the driver one CPU
+of its own) training the same DeepSpeed job as ``torchrun`` ranks would; rank 0 scores and hands its
+reports and checkpoints to the driver, which reports them to Tune as above.
+
 Tracking: one sweep run in the driver; Ray's MLflow integration (:class:`.mlflow_runs.TrialRuns`, in the
 driver) opens one run per trial nested under it, with the trial's values as params and its reports as
 metrics at their phase-2 step. Trials themselves log nothing to MLflow, so a trial's worker ending (ASHA,
@@ -280,19 +285,29 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 @contextlib.contextmanager
-def checkpoint_of(out: Path, step: int) -> Iterator[Checkpoint]:
-    """The trainer's checkpoint of ``step`` under ``out`` as a Ray checkpoint (a private snapshot folder
-    holding the ``latest.json`` pointer and that checkpoint; Ray persists it during ``report``)."""
-    from ray.tune import Checkpoint
-
+def checkpoint_snapshot(out: Path, step: int, parent: Path | None = None) -> Iterator[Path]:
+    """A private snapshot folder (in ``parent``, default the system's temporary folder) of the trainer's
+    checkpoint of ``step`` under ``out``: the ``latest.json`` pointer and that checkpoint."""
     latest = read_latest(out)
     if latest is None or latest.step != step:
         found = "none" if latest is None else f"step {latest.step}"
         raise RuntimeError(f"no trainer checkpoint of step {step} under {checkpoint_dir(out)} ({found})")
-    with tempfile.TemporaryDirectory(prefix="ray-ckpt-") as tmp:
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ray-ckpt-", dir=parent) as tmp:
         shutil.copytree(latest.path, Path(tmp) / latest.path.name, copy_function=_link_or_copy)
         shutil.copy2(checkpoint_dir(out) / LATEST, Path(tmp) / LATEST)
-        yield Checkpoint.from_directory(tmp)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def checkpoint_of(out: Path, step: int) -> Iterator[Checkpoint]:
+    """The trainer's checkpoint of ``step`` under ``out`` as a Ray checkpoint (a snapshot, see
+    :func:`checkpoint_snapshot`; Ray persists it during ``report``)."""
+    from ray.tune import Checkpoint
+
+    with checkpoint_snapshot(out, step) as folder:
+        yield Checkpoint.from_directory(folder)
 
 
 def restore_checkpoint(checkpoint: Checkpoint | None, out: Path) -> int | None:
@@ -311,12 +326,18 @@ def restore_checkpoint(checkpoint: Checkpoint | None, out: Path) -> int | None:
 
 def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     """One trial, in a Ray worker: phase 2 with the trial's values, evaluated and reported to Tune, from
-    the trial's Ray checkpoint when Ray restores it (a retry after a failure, a resumed sweep)."""
+    the trial's Ray checkpoint when Ray restores it (a retry after a failure, a resumed sweep). With
+    ``tune.workers_per_trial > 1`` this is the driver of a Ray Train run (:mod:`.workers`)."""
     from ray import tune as ray_tune
 
     context = ray_tune.get_context()
     out = Path(setup.experiment) / Path(context.get_trial_dir()).name / TRAIN_DIR
     cfg = with_overrides(from_dict(setup.base), {**config, "train.output_dir": str(out)})
+    if cfg.tune.workers_per_trial > 1:
+        from pipeline.train.tune.workers import run_workers
+
+        run_workers(cfg, config, setup, out, restore_checkpoint(ray_tune.get_checkpoint(), out))
+        return
     evaluate = Evaluator(cfg, setup.samples, setup.codec)
     start = restore_checkpoint(ray_tune.get_checkpoint(), out)
     every = cfg.tune.report_every
@@ -520,6 +541,10 @@ def _tune(
     settings = cfg.tune
     base = trial_base(cfg)
     space = search_space(base)
+    if settings.workers_per_trial > 1:
+        from pipeline.train.tune.workers import trainer_class
+
+        trainer_class()
     restore = resume and ray_tune.Tuner.can_restore(str(experiment))
     if resume and not restore:
         print(f"[tune] --resume: no experiment to restore in {experiment}, starting afresh")
@@ -545,10 +570,11 @@ def _tune(
         name, tags = _sweep_run_tags(base, experiment, restore)
         with tracker.start_run(name, params={**base.flat(), **params}, tags=tags):
             setup = _Setup(base.to_dict(), str(experiment), samples, driver.validator.codec)
-            trainable = ray_tune.with_resources(
-                ray_tune.with_parameters(trial_fn, setup=setup),
-                {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-            )
+            # a multi-worker trial is a driver of Ray's default size; its workers ask for the resources
+            resources = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+            if settings.workers_per_trial > 1:
+                resources = {"cpu": 1}
+            trainable = ray_tune.with_resources(ray_tune.with_parameters(trial_fn, setup=setup), resources)
             if restore:
                 tuner = ray_tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
             else:
