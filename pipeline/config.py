@@ -76,13 +76,13 @@ def _check_segmenter_path(path: str, name: str) -> None:
 def _check_reference_codecs(names: list[str], ladders: dict[str, Any]) -> None:
     """Refuse reference codecs the registry does not know, named twice or without a quality ladder, and
     ladders that are not distinct integers on their codec's scale (the codec's class holds it)."""
-    from pipeline.data.codecs.base import _codec_class
+    from pipeline.data.codecs.base import codec_class
 
     if len(set(names)) != len(names):
         raise ConfigError(f"reference_codecs names a codec twice: {names}")
     for name in [*names, *ladders]:
         try:
-            _codec_class(name)
+            codec_class(name)
         except ValueError as err:
             where = "reference_codecs" if name in names else "reference_qualities"
             raise ConfigError(f"{where}: {err}") from None
@@ -90,7 +90,7 @@ def _check_reference_codecs(names: list[str], ladders: dict[str, Any]) -> None:
         if name not in ladders:
             raise ConfigError(f"reference_qualities has no qualities for the reference codec {name}")
     for name, qualities in ladders.items():
-        lo, hi = _codec_class(name).quality_range
+        lo, hi = codec_class(name).quality_range
         plain = isinstance(qualities, list) and all(type(q) is int for q in qualities)
         if not plain or not qualities or len(set(qualities)) != len(qualities):
             raise ConfigError(

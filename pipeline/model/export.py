@@ -81,7 +81,7 @@ def export_generator(
         k: (v.float() if v.is_floating_point() else v).detach().to("cpu").contiguous()
         for k, v in net.state_dict().items()
     }
-    header, data = _deterministic_header(save(tensors, metadata=metadata))
+    header, data = deterministic_header(save(tensors, metadata=metadata))
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         f.write(header)
         f.write(data)
@@ -140,7 +140,7 @@ def _checked_metadata(path: str | Path) -> tuple[dict[str, str], GeneratorSpec]:
         raise ValueError(f"{path}: {err}") from err
 
 
-def _deterministic_header(blob: bytes) -> tuple[bytes, memoryview]:
+def deterministic_header(blob: bytes) -> tuple[bytes, memoryview]:
     """A safetensors file's bytes split into its header, with the metadata sorted, and its data.
 
     safetensors writes the metadata in hash-map order, which changes from process to process; sorted, the

@@ -149,9 +149,9 @@ def save_segmenter(model: Segmenter, path: str | Path, extra: dict[str, Any] | N
     }
     # safetensors writes the metadata in hash-map order; sorted, the file's bytes (its sha256, the identity
     # compressed files and the registry record) depend on its content alone
-    from pipeline.model.export import _deterministic_header
+    from pipeline.model.export import deterministic_header
 
-    header, data = _deterministic_header(save(tensors, metadata=metadata))
+    header, data = deterministic_header(save(tensors, metadata=metadata))
     return write_atomic(path, header + data)
 
 

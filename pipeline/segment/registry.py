@@ -66,13 +66,13 @@ def segmenter_signature() -> ModelSignature:
     return ModelSignature(inputs=Schema([images]), outputs=Schema([train_ids]))
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
     """The generator pyfunc's pinned requirements and :data:`EXTRA_PACKAGES` (public versions)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import Version
 
-    from pipeline.tracking.registry import _pip_requirements as generator_requirements
+    from pipeline.tracking.registry import pip_requirements as generator_requirements
 
     out = generator_requirements()
     for package in EXTRA_PACKAGES:
@@ -88,17 +88,17 @@ def save_segmenter_pyfunc(folder: Path, segmenter_file: Path, *, run_id: str, mo
     import mlflow
     from mlflow.models import Model
 
-    from pipeline.tracking.registry import _copy_code
+    from pipeline.tracking.registry import copy_code
 
     with tempfile.TemporaryDirectory(prefix="jpdse-code-") as code:
         mlflow.pyfunc.save_model(
             str(folder),
             loader_module=SEGMENTER_LOADER,
             data_path=str(segmenter_file),
-            code_paths=[str(_copy_code(Path(code)))],
+            code_paths=[str(copy_code(Path(code)))],
             signature=segmenter_signature(),
             input_example=example_input(),
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(),
             model_config=read_spec(segmenter_file),
             mlflow_model=Model(run_id=run_id, model_id=model_id),
         )

@@ -80,7 +80,7 @@ def register_generator(
 PYFUNC_PACKAGES = ("mlflow", "torch", "safetensors", "numpy", "pyyaml")
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
     """Pinned requirements of the pyfunc model (given, so MLflow does not infer them in a subprocess).
 
     Public versions only: a local label (``2.13.0+cpu``) exists on one wheel index alone, while
@@ -99,7 +99,7 @@ def _pip_requirements() -> list[str]:
     return out
 
 
-def _copy_code(dst: Path) -> Path:
+def copy_code(dst: Path) -> Path:
     """The package's Python sources (no data, no caches) copied under ``dst/pipeline``, for ``code_paths``."""
     import pipeline
 
@@ -231,10 +231,10 @@ def save_pyfunc_model(
             str(folder),
             loader_module=PYFUNC_LOADER,
             data_path=str(generator_file),
-            code_paths=[str(_copy_code(Path(code)))],
+            code_paths=[str(copy_code(Path(code)))],
             signature=signature,
             input_example=example_input(spec),
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(),
             model_config=spec.to_json(),
             mlflow_model=Model(run_id=run_id, model_id=model_id),
         )

@@ -136,7 +136,7 @@ def available_codecs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _codec_class(name: str) -> type[Codec]:
+def codec_class(name: str) -> type[Codec]:
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -149,7 +149,7 @@ def get_codec(name: str, *, single_thread: bool = False, **options: object) -> C
     ``single_thread`` adds the codec's options that keep it on one core (options given win), for
     callers that parallelise over processes instead.
     """
-    cls = _codec_class(name)
+    cls = codec_class(name)
     if single_thread:
         options = {**cls.single_thread_options, **options}
     try:
