@@ -438,7 +438,7 @@ class TuneConfig:
     # > 1: each trial trains on this many workers (Ray Train's TorchTrainer: gloo on CPU, NCCL on GPU)
     workers_per_trial: int = 1
     max_concurrent_trials: int = 1
-    # random: Ray's BasicVariantGenerator (seeded by train.seed); optuna: OptunaSearch (pip install optuna)
+    # random: Ray's BasicVariantGenerator; optuna: OptunaSearch (TPE); both seeded by train.seed
     search_alg: TuneSearch = "random"
     # asha: stops weak trials at the report_every rungs; median: MedianStoppingRule; fifo: none stopped
     scheduler: TuneScheduler = "asha"
