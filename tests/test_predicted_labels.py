@@ -109,7 +109,7 @@ def test_decoder_maps_are_the_segmenters_prediction_on_the_drawn_decoded_image(
     check_predicted_labels(cfg)
     index = json.loads((folder / INDEX).read_text())
     assert index["segmenter"] == weights_digest(segmenter_file) and index["source"] == "decoder"
-    assert index["members"] == [f"hevc_q{q}" for q in QUALITIES]
+    assert all(entry["members"] == [f"hevc_q{q}" for q in QUALITIES] for entry in index["shards"].values())
     segmenter = load_segmenter(segmenter_file)
     batches = _batches(cfg)
     assert len(batches) == sum(entry["samples"] for entry in index["shards"].values())
@@ -266,3 +266,20 @@ def test_encoder_compression_codes_the_predicted_map(
     assert (
         "was trained on gt label maps, but the compression has encoder label maps" in capsys.readouterr().err
     )
+
+
+def test_a_later_config_with_more_qualities_redoes_the_shards_with_all_of_them(
+    shards: Path, segmenter_file: Path, tmp_path: Path
+) -> None:
+    one = _cfg(shards, segmenter_file, "decoder", tmp_path / "run", "loader.qualities=[42]")
+    (folder,) = build_predicted_labels(one, progress=False)
+    check_predicted_labels(one)
+    both = _cfg(shards, segmenter_file, "decoder", tmp_path / "run")
+    with pytest.raises(PredictedLabelsError, match=r"for members \['hevc_q37'\]"):
+        check_predicted_labels(both)
+    build_predicted_labels(both, progress=False)
+    check_predicted_labels(both)
+    check_predicted_labels(one)  # what was there stays
+    index = json.loads((folder / INDEX).read_text())
+    assert all(entry["members"] == ["hevc_q37", "hevc_q42"] for entry in index["shards"].values())
+    assert len(_batches(both)) == sum(entry["samples"] for entry in index["shards"].values())

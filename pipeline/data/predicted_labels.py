@@ -12,11 +12,13 @@ Layout, for every shard folder training reads (``shards.output`` and ``loader.ex
     <shard folder>/labels-<source>-<segmenter sha256[:12]>/
         <shard file name>     a tar with the shard's keys: <key>.<member>.label.png (uint8 label ids),
                               member = the codec member (hevc_q42) for decoder, ``image`` for encoder
-        predicted.json        source, segmenter sha256, and per finished shard its samples (and for
-                              encoder each key's label bpp); written after each shard
+        predicted.json        source, segmenter sha256, and per finished shard its samples and the
+                              decoded members it holds (decoder) or each key's label bpp (encoder);
+                              written after each shard
 
 Each tar is written atomically and listed in ``predicted.json`` only once complete, so an interrupted
-build resumes at the first unfinished shard. Another segmenter gets another folder.
+build resumes at the first unfinished shard; a shard done for fewer qualities than a later config asks for
+is redone with all of them. Another segmenter gets another folder.
 """
 
 from __future__ import annotations
@@ -129,6 +131,8 @@ def _predict_shard(cfg: JobConfig, shard: Path, target: Path, members: list[str]
 
     coder = LabelCoder(cfg.shards.label_coder, cfg.shards.label_downsample)
     entry: dict[str, Any] = {"samples": 0}
+    if cfg.data.label_source == "decoder":
+        entry["members"] = members
     bpp: dict[str, float] = {}
     with atomic_path(target) as tmp, tarfile.open(tmp, "w") as tar:
         for key, sample in _shard_samples(shard):
@@ -178,6 +182,16 @@ def _segmenter_sha(cfg: JobConfig) -> str:
     return weights_digest(path)
 
 
+def _lacking(cfg: JobConfig, entry: dict[str, Any] | None, members: list[str]) -> list[str] | None:
+    """What a shard's index entry lacks: None when it is complete, else the missing decoded members (all of
+    them, or ``[]`` for an encoder shard, when the shard was never done)."""
+    if entry is None:
+        return members if cfg.data.label_source == "decoder" else []
+    if cfg.data.label_source != "decoder":
+        return None
+    return sorted(set(members) - set(entry.get("members", []))) or None
+
+
 def build_predicted_labels(cfg: JobConfig, progress: bool = True) -> list[Path]:
     """Predict the maps of ``data.label_source`` for every training shard not done yet; returns the
     folders. Nothing to do for ``gt``."""
@@ -197,15 +211,17 @@ def build_predicted_labels(cfg: JobConfig, progress: bool = True) -> list[Path]:
             todo = [
                 s
                 for s in shards
-                if s.name not in index["shards"] or not (predicted.folder / s.name).is_file()
+                if _lacking(cfg, index["shards"].get(s.name), members)
+                or not (predicted.folder / s.name).is_file()
             ]
             bar = tqdm(todo, desc=f"{cfg.data.label_source} label maps", unit="shard", disable=not progress)
             for shard in bar:
                 predictor = predictor or open_segmenter(cfg.data.segmenter)
+                # a shard done for other qualities is redone with those and the new ones
+                wanted = sorted(set(members) | set(index["shards"].get(shard.name, {}).get("members", [])))
                 index["shards"][shard.name] = _predict_shard(
-                    cfg, shard, predicted.folder / shard.name, members, predictor
+                    cfg, shard, predicted.folder / shard.name, wanted, predictor
                 )
-                index["members"] = sorted(set(index.get("members", [])) | set(members))
                 write_atomic(predicted.folder / INDEX, json.dumps(index, indent=1, sort_keys=True))
         folders.append(predicted.folder)
     return folders
@@ -224,11 +240,13 @@ def check_predicted_labels(cfg: JobConfig) -> None:
             f"{cfg.data.label_source} does not get; set model.use_instance=false"
         )
     sha256 = _segmenter_sha(cfg)
-    members = set(codec_members(cfg)) if cfg.data.label_source == "decoder" else set()
+    members = codec_members(cfg)
     for predicted, shards in _targets(cfg, sha256):
         index = predicted.index()
         missing = [s.name for s in shards if s.name not in index["shards"]]
-        lacking = sorted(members - set(index.get("members", [])))
+        lacking = sorted(
+            {m for s in shards for m in _lacking(cfg, index["shards"].get(s.name), members) or []}
+        )
         if missing or lacking:
             what = f"shards {missing[:3]}" if missing else f"members {lacking}"
             raise PredictedLabelsError(
