@@ -505,6 +505,9 @@ class SegmentConfig:
     log_every: int = field(default=10, metadata=NOT_WEIGHTS)  # 0: at the end only
     # registered-model name of the export (with tracking.alias); empty: not registered
     register_name: str = field(default="cityscapes-segmenter", metadata=NOT_WEIGHTS)
+    # python -m pipeline run also trains (or, finished, reuses) this segmenter and, per quality, codec-SE on
+    # its decoder label maps (0 label bits), evaluated beside codec-SE on gt maps (pipeline/job.py)
+    in_main_job: bool = field(default=False, metadata=NOT_WEIGHTS)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "steps")

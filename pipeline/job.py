@@ -7,6 +7,20 @@ generator: a prior drawn from zeroed semantics would be a constant), so the sema
 measured, not assumed. Training, checkpoint selection and the reported figures use three disjoint splits
 (``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.data.splits`). Each registered
 model's version then gets its held-out figures (:func:`tag_registered_models`).
+
+With ``segment.in_main_job`` the job also trains the segmenter of the ``segment`` section on the training
+split (all the job's qualities: ``loader.qualities``, else every built one; a finished run in
+``segment.output_dir`` is reused) and, per quality, codec-SE on that segmenter's decoder label maps
+(``data.label_source=decoder``: 0 label bits; the maps of every quality are predicted beside the shards
+first). That model trains phases 2-3 from the identity generator with the ablation's budget, not from the
+semantic prior: the prior learnt ground-truth maps, and a prior of its own would cost another phase 1; and
+without instance edges, which a decoder does not have. It is not registered: a registered-model name has
+no label-source part, so it would become a new version of ``<codec>-se-q<quality>`` and take its alias; its
+export is logged with its run. Its folder names the segmenter (``<codec>_q<quality>_decoder-<sha256[:12]>``),
+so another segmenter trains another model. It is evaluated on its own (:func:`decoder_eval_dir`, a nested
+tracking run), the segmenter judging downstream accuracy in both evaluations unless ``eval.segmenter`` names
+another judge, and :func:`decoder_summary` sets codec-SE on ground-truth maps, on decoder maps and the
+ablation side by side.
 """
 
 from __future__ import annotations
@@ -18,19 +32,23 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.data.codecs import LabelCoder
 from pipeline.data.manifest import Manifest
+from pipeline.data.predicted_labels import build_predicted_labels
 from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import check_reference_codecs, evaluate
-from pipeline.eval.report import MEANS_FILE
+from pipeline.eval.report import MEANS_FILE, slug
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
+from pipeline.segment.base import weights_digest
+from pipeline.segment.train import check_settings, train_segmenter
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
 from pipeline.tracking.registry import set_version_evaluation
 from pipeline.train.trainer import REGISTERED_FILE, train
@@ -52,16 +70,146 @@ def job_qualities(cfg: JobConfig, manifest: Manifest) -> list[int]:
     return manifest.qualities(cfg.loader.codec, cfg.eval.qualities, setting="eval.qualities")
 
 
-def _for_quality(cfg: JobConfig, quality: int, prior: Path | None, ablation: bool) -> JobConfig:
+def _for_quality(
+    cfg: JobConfig, quality: int, prior: Path | None, ablation: bool, segmenter: Path | None = None
+) -> JobConfig:
+    """The phases 2-3 config of one model; with ``segmenter``: codec-SE on its decoder maps, unregistered."""
     name = f"{cfg.loader.codec}_q{quality}" + ("_nosem" if ablation else "")
+    data, tracking, model = cfg.data, cfg.tracking, replace(cfg.model, zero_semantics=ablation)
+    if segmenter is not None:  # a decoder has no instance maps either
+        name += f"_decoder-{weights_digest(segmenter)[:12]}"
+        data = replace(cfg.data, label_source="decoder", segmenter=str(segmenter))
+        tracking = replace(cfg.tracking, register=False)
+        model = replace(model, use_instance=False)
     return replace(
         cfg,
+        data=data,
+        tracking=tracking,
         loader=replace(cfg.loader, quality=quality),
-        model=replace(cfg.model, zero_semantics=ablation),
+        model=model,
         train=replace(
             cfg.train, output_dir=str(Path(cfg.train.output_dir) / name), init_from=str(prior or "")
         ),
     )
+
+
+def check_decoder_variant(cfg: JobConfig) -> None:
+    """Refuse, before any work, ``segment.in_main_job`` settings the job cannot honour."""
+    if not cfg.segment.in_main_job:
+        return
+    if cfg.data.label_source != "gt":
+        raise ConfigError(
+            "segment.in_main_job trains codec-SE on gt maps and on the decoder maps of the segmenter it "
+            f"trains: data.label_source must be gt, got {cfg.data.label_source}"
+        )
+    check_settings(cfg)
+
+
+def segmenter_config(cfg: JobConfig, qualities: list[int]) -> JobConfig:
+    """The segmenter's training config: the training split's originals and decoded images of every job
+    quality (``loader.qualities`` when set)."""
+    loader = replace(cfg.loader, quality=qualities[0], qualities=cfg.loader.qualities or list(qualities))
+    return replace(cfg, loader=loader)
+
+
+def decoder_eval_dir(cfg: JobConfig) -> Path:
+    """The evaluation of codec-SE on decoder maps: ``eval.output_dir`` with ``-decoder`` appended."""
+    out = Path(cfg.eval.output_dir).resolve()
+    return out.with_name(out.name + "-decoder")
+
+
+def _decoder_eval_config(cfg: JobConfig, segmenter: Path) -> JobConfig:
+    data = replace(cfg.data, label_source="decoder", segmenter=str(segmenter))
+    return replace(cfg, data=data, eval=replace(cfg.eval, output_dir=str(decoder_eval_dir(cfg))))
+
+
+def _means(folder: Path) -> dict[tuple[str, int], dict[str, str]]:
+    with (folder / MEANS_FILE).open() as f:
+        return {(row["method"], int(row["quality"])): row for row in csv.DictReader(f)}
+
+
+def _number(row: dict[str, str], column: str) -> float:
+    """A cell of ``rpd_mean.csv``; NaN when empty or absent."""
+    try:
+        return float(row.get(column) or "nan")
+    except ValueError:
+        return math.nan
+
+
+def _bd_rate(report: dict[str, Any], method: str, reference: str | None) -> float | None:
+    """The PSNR BD-rate on total bits of ``method`` in ``report`` (its ``bdrate.json``): against the codec,
+    or against ``reference``; None when it was not computed."""
+    if reference is None:
+        entry = report["methods"].get(method)
+    else:
+        entry = report.get("references", {}).get(reference, {}).get("methods", {}).get(method)
+    if not entry or not entry.get("available"):
+        return None
+    return entry["bd_rate_pct"].get("psnr/bpp_total")
+
+
+def decoder_summary(codec: str, gt: Path, decoder: Path, segmenter: Path) -> tuple[str, dict[str, float]]:
+    """Codec-SE on ground-truth maps (evaluation folder ``gt``), on the decoder maps of ``segmenter``
+    (folder ``decoder``) and the ablation, per quality: bpp, PSNR gain over the codec and mIoU (when judged);
+    then the PSNR BD-rate of each on total bits against the codec and each reference codec. Returns the table
+    and its BD-rates as metrics (``job.bdrate_psnr_total[_vs_<reference>].<curve>``)."""
+    means = {gt: _means(gt), decoder: _means(decoder)}
+    reports = {folder: json.loads((folder / "bdrate.json").read_text()) for folder in (gt, decoder)}
+    se, ablation = f"{codec}-SE", f"{codec}-SE (no semantics)"
+    # (name, folder, method): the curves compared, each from its own evaluation
+    curves = [(f"{se} (gt maps)", gt, se), (f"{se} (decoder maps)", decoder, se), (ablation, gt, ablation)]
+    judged = (gt / "segmentation.json").is_file()
+    frames = reports[gt]["frames"]
+    head = (
+        f"codec-SE on ground-truth label maps and on decoder label maps (0 label bits), {frames['count']} "
+        f"{frames['split']} frames\n  decoder maps: {segmenter} on the decoded image"
+    )
+    if judged:
+        head += f"; mIoU judged by {json.loads((gt / 'segmentation.json').read_text())['judge']['name']}"
+    columns = (
+        f"  {'quality':>7} {'bpp codec':>9} {'total gt':>9} {'total dec':>9} | {'dPSNR gt':>8} {'dec':>7}"
+    )
+    columns += f" {'no sem':>7}" + (
+        f" | {'mIoU codec':>10} {'gt':>7} {'dec':>7} {'no sem':>7}" if judged else ""
+    )
+    lines = [head, columns]
+    for q in sorted(quality for method, quality in means[gt] if method == codec):
+        codec_row = means[gt][(codec, q)]
+        rows = [means[folder][(method, q)] for _, folder, method in curves]
+        # each gain against the codec row of its own evaluation (the same frames and bitstreams)
+        gains = [
+            _number(row, "psnr") - _number(means[folder][(codec, q)], "psnr")
+            for row, (_, folder, _) in zip(rows, curves, strict=True)
+        ]
+        line = f"  {q:>7} {_number(codec_row, 'bpp_codec'):>9.4f} "
+        line += f"{_number(rows[0], 'bpp_total'):>9.4f} {_number(rows[1], 'bpp_total'):>9.4f} | "
+        line += f"{gains[0]:>+8.3f} {gains[1]:>+7.3f} {gains[2]:>+7.3f}"
+        if judged:
+            mious = [_number(row, "miou") for row in (codec_row, *rows)]
+            line += f" | {mious[0]:>10.4f} " + " ".join(f"{m:>7.4f}" for m in mious[1:])
+        lines.append(line)
+
+    references = list(reports[gt].get("references", {}))
+    anchors: list[str | None] = [None, *references]  # None: the codec
+    width = max(len(name) for name, _, _ in curves)
+    lines.append("PSNR BD-rate on total bits (codec + label map; % bits at equal PSNR, negative: fewer):")
+    lines.append(f"  {'curve':<{width}} " + " ".join(f"{'vs ' + (a or codec):>12}" for a in anchors))
+    metrics: dict[str, float] = {}
+    for name, folder, method in [*curves, (codec, gt, codec)]:
+        cells = []
+        for anchor in anchors:
+            if method == codec and anchor is None:
+                cells.append("-")
+                continue
+            rate = _bd_rate(reports[folder], method, anchor)
+            cells.append("n/a" if rate is None else f"{rate:+.2f} %")
+            if rate is not None:
+                suffix = "" if anchor is None else f"_vs_{slug(anchor)}"
+                metrics[f"job.bdrate_psnr_total{suffix}.{slug(name)}"] = float(rate)
+        lines.append(f"  {name:<{width}} " + " ".join(f"{c:>12}" for c in cells))
+    if any("n/a" in line for line in lines[-len(curves) - 1 :]):
+        lines.append(f"  n/a: not computed; bdrate.json in {gt} and {decoder} says why")
+    return "\n".join(lines), metrics
 
 
 def label_costs(cfg: JobConfig, factors: tuple[int, ...] = (1, 2)) -> dict[int, float]:
@@ -156,6 +304,7 @@ def run(cfg: JobConfig) -> Path:
 
 def _run(cfg: JobConfig) -> Path:
     check_reference_codecs(cfg)  # before any work: a missing one would fail only at the end
+    check_decoder_variant(cfg)
     manifest = build_shards(cfg)
     print(format_summary(manifest), flush=True)
     for warning in check_disjoint(manifest, cfg):
@@ -163,18 +312,34 @@ def _run(cfg: JobConfig) -> Path:
     qualities = job_qualities(cfg, manifest)
     tracker = make_tracker(cfg)
     with tracker.start_run(cfg.name, params=cfg.flat(), tags={**run_tags(cfg), "job": "main"}):
+        segmenter = None
+        if cfg.segment.in_main_job:
+            segmenter = train_segmenter(segmenter_config(cfg, qualities), resume=True, tracker=tracker)
+            # the same judge for both evaluations: eval.segmenter, else the segmenter of the decoder maps
+            cfg = replace(cfg, eval=replace(cfg.eval, segmenter=cfg.eval.segmenter or str(segmenter)))
         prior_dir = str(Path(cfg.train.output_dir) / "prior")
         # Phase 1 zeroes the decoded image; any built quality satisfies the loader.
         loader = replace(cfg.loader, quality=qualities[0])
         prior_cfg = replace(cfg, loader=loader, train=replace(cfg.train, output_dir=prior_dir))
         prior = train(prior_cfg, [1], resume=True, tracker=tracker, run_name="semantic-prior")[1]
-        exports = []
+        exports, decoder_exports = [], []
+        if segmenter is not None:  # the maps of every quality at once (a finished shard gets no more later)
+            all_members = replace(cfg.loader, qualities=list(qualities))
+            build_predicted_labels(
+                replace(_for_quality(cfg, qualities[0], None, False, segmenter), loader=all_members)
+            )
         for q in qualities:
             qcfg = _for_quality(cfg, q, prior, ablation=False)
             exports.append(train(qcfg, [2, 3], resume=True, tracker=tracker, run_name=f"train-q{q}")[3])
             acfg = _for_quality(cfg, q, None, ablation=True)
             run_name = f"train-q{q}-nosem"
             exports.append(train(acfg, [2, 3], resume=True, tracker=tracker, run_name=run_name)[3])
+            if segmenter is not None:
+                dcfg = _for_quality(cfg, q, None, ablation=False, segmenter=segmenter)
+                run_name = f"train-q{q}-decoder"
+                decoder_exports.append(
+                    train(dcfg, [2, 3], resume=True, tracker=tracker, run_name=run_name)[3]
+                )
         results = evaluate(cfg, models=[str(e) for e in exports], tracker=tracker)
         with (results / "rpd_mean.csv").open() as f:
             codec_bpp = {
@@ -183,11 +348,23 @@ def _run(cfg: JobConfig) -> Path:
                 if row["method"] == cfg.loader.codec
             }
         print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample))
+        decoder_results = None
+        if segmenter is not None:
+            dec_cfg = _decoder_eval_config(cfg, segmenter)
+            tags = {**run_tags(cfg), "label_source": "decoder"}
+            with tracker.start_run("evaluate-decoder-maps", params=dec_cfg.flat(), tags=tags):
+                decoder_results = evaluate(dec_cfg, models=[str(e) for e in decoder_exports], tracker=tracker)
+            summary, metrics = decoder_summary(cfg.loader.codec, results, decoder_results, segmenter)
+            print(summary)
+            tracker.log_metrics(metrics)
         if cfg.tracking.enabled:
             for version in tag_registered_models(cfg, exports, results, tracker.active_run_id):
                 print(f"[job] held-out figures set on {version}")
     print(f"\nR-PD results: {results.resolve()} (rpd_mean.csv, rpd_*.png, bdrate.json, crops/)")
-    print(f"Generators:   {', '.join(str(e) for e in exports)}")
+    if decoder_results is not None:
+        print(f"Decoder maps: {decoder_results} (codec-SE on the segmenter's maps, 0 label bits)")
+        print(f"Segmenter:    {segmenter}")
+    print(f"Generators:   {', '.join(str(e) for e in [*exports, *decoder_exports])}")
     if cfg.tracking.enabled:
         uri = default_tracking_uri(cfg.tracking.uri)
         print(f"MLflow:       {sys.executable} -m mlflow ui --backend-store-uri {shlex.quote(uri)}")

@@ -1,14 +1,20 @@
-"""The main job end to end, at a tiny size: shards, shared prior, per-quality phases, evaluation, registry."""
+"""The main job end to end, at a tiny size: shards, shared prior, per-quality phases, evaluation, registry;
+with segment.in_main_job also the segmenter and codec-SE on its decoder label maps beside the gt maps' one."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
+from torch import Tensor, nn
 
 from pipeline.cli import main
+from pipeline.model.export import read_spec
+from pipeline.segment import base as segment_base
+from pipeline.segment.base import Segmenter, register_segmenter, weights_digest
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +101,124 @@ def test_main_job_end_to_end(
     # A rerun resumes: every phase is already complete, nothing is trained again.
     assert main(["run", *overrides]) == 0
     assert "phase 3 already complete" in capsys.readouterr().out
+
+
+class TinyJobSegmenter(Segmenter):
+    """A one-layer segmenter: the decoder-map variant of the job at test speed."""
+
+    architecture = "tiny-job-segmenter"
+
+    def __init__(self, num_classes: int = 19) -> None:
+        super().__init__(num_classes)
+        self.net = nn.Conv2d(3, num_classes, 3, padding=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+
+def test_main_job_sets_decoder_label_maps_beside_gt_maps(
+    tmp_path: Path, cityscapes_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """segment.in_main_job: the job trains the segmenter and per quality codec-SE on its decoder maps,
+    evaluates them (0 label bits, mIoU) beside the gt maps' model and prints both total-bit BD-rates."""
+    segment_base.available_segmenters()  # the built-in ones registered before the registry is copied
+    monkeypatch.setattr(segment_base, "_REGISTRY", dict(segment_base._REGISTRY))
+    register_segmenter(TinyJobSegmenter)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    qualities = (32, 37, 42, 47)
+    overrides = [
+        f"data.root={cityscapes_root}",
+        "data.width=256",
+        "data.height=128",
+        "shards.output=shards",
+        "shards.workers=1",
+        f"shards.codecs=[{{name: hevc, qualities: {list(qualities)}}}]",
+        "loader.crop=[64, 64]",
+        "phase1.steps=1",
+        "phase2.steps=1",
+        "phase3.steps=1",
+        "train.checkpoint_every=1",
+        "validate.every=1",
+        "eval.crops=0",
+        "eval.reference_codecs=[jxl]",  # one reference codec keeps the test short
+        "segment.in_main_job=true",
+        f"segment.architecture={TinyJobSegmenter.architecture}",
+        "segment.steps=2",
+        "segment.warmup=1",
+        "segment.checkpoint_every=0",
+        "segment.log_every=0",
+    ]
+    # the job trains its own gt and decoder variants: another label source in the job config is refused
+    assert main(["run", *overrides, "data.label_source=decoder", "data.segmenter=seg.safetensors"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: segment.in_main_job trains codec-SE on gt maps and on the decoder maps of the segmenter it "
+        "trains: data.label_source must be gt, got decoder"
+    )
+    assert not (tmp_path / "shards").exists()
+
+    assert main(["run", *overrides]) == 0
+    out = capsys.readouterr().out
+    segmenter = tmp_path / "runs" / "segment" / "segmenter.safetensors"
+    assert "segmenter done:" in out and segmenter.is_file()
+    sha = weights_digest(segmenter)
+
+    def means(folder: str) -> dict[tuple[str, int], dict[str, str]]:
+        with open(tmp_path / "runs" / folder / "rpd_mean.csv") as f:
+            return {(r["method"], int(r["quality"])): r for r in csv.DictReader(f)}
+
+    gt, decoder = means("eval"), means("eval-decoder")
+    for q in qualities:
+        export = (
+            tmp_path / "runs" / "train" / f"hevc_q{q}_decoder-{sha[:12]}" / "phase3" / "generator.safetensors"
+        )
+        spec = read_spec(export)
+        assert spec.trained_label_source == "decoder" and spec.segmenter == sha
+        dec = decoder[("hevc-SE", q)]
+        assert float(dec["bpp_total"]) == float(dec["bpp_codec"])  # decoder maps: 0 label bits
+        assert float(gt[("hevc-SE", q)]["bpp_total"]) > float(gt[("hevc-SE", q)]["bpp_codec"])
+        assert float(dec["bpp_codec"]) == pytest.approx(float(gt[("hevc", q)]["bpp_codec"]))
+        for row in (dec, gt[("hevc-SE", q)], gt[("hevc-SE (no semantics)", q)], gt[("hevc", q)]):
+            assert 0 <= float(row["miou"]) <= 1  # the segmenter judges both evaluations
+    assert {m for m, _ in decoder} == {"hevc", "hevc-SE", "jxl"}
+    judge = json.loads((tmp_path / "runs" / "eval" / "segmentation.json").read_text())["judge"]
+    assert judge["sha256"] == sha
+
+    summary = out[out.index("codec-SE on ground-truth label maps and on decoder label maps") :]
+    assert "(0 label bits), 10 test frames\n  decoder maps: " in summary
+    assert f"{segmenter} on the decoded image; mIoU judged by {TinyJobSegmenter.architecture}" in summary
+    for q in qualities:
+        assert re.search(rf"^\s+{q}\s+\d\.\d{{4}}\s", summary, flags=re.M), q
+    report = json.loads((tmp_path / "runs" / "eval" / "bdrate.json").read_text())
+    report_dec = json.loads((tmp_path / "runs" / "eval-decoder" / "bdrate.json").read_text())
+    for curve, entry in (("hevc-SE (gt maps)", report), ("hevc-SE (decoder maps)", report_dec)):
+        rate = entry["methods"]["hevc-SE"]["bd_rate_pct"]["psnr/bpp_total"]
+        line = re.search(rf"^  {re.escape(curve)}\s+(\S+ %)\s+(\S+ %)$", summary, flags=re.M)
+        assert line and line.group(1) == f"{rate:+.2f} %", curve  # against hevc and jxl
+        jxl = entry["references"]["jxl"]["methods"]["hevc-SE"]["bd_rate_pct"]["psnr/bpp_total"]
+        assert line.group(2) == f"{jxl:+.2f} %"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    # the decoder models are not registered: hevc-se-q<QP> holds the gt model alone
+    names = {m.name for m in client.search_registered_models()}
+    assert {f"hevc-se-q{q}" for q in qualities} <= names and "cityscapes-segmenter" in names
+    for q in qualities:
+        assert [int(v.version) for v in client.search_model_versions(f"name='hevc-se-q{q}'")] == [1]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    by_name = {r.info.run_name: r for r in runs}
+    assert {"cityscapes-hevc-segment", "train-q42-decoder", "evaluate-decoder-maps"} <= set(by_name)
+    job = by_name["cityscapes-hevc"].data.metrics
+    assert (
+        "job.bdrate_psnr_total.hevc-SE_gt_maps" in job and "job.bdrate_psnr_total.hevc-SE_decoder_maps" in job
+    )
+
+    # A rerun resumes: the segmenter and every phase are reused, nothing is trained again.
+    assert main(["run", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "segmenter already trained (2 steps)" in out and "segmenter done:" not in out
+    assert out.count("phase 3 already complete") == 3 * len(qualities)
+    assert "codec-SE on ground-truth label maps and on decoder label maps" in out
