@@ -4,9 +4,13 @@ with segment.in_main_job also the segmenter and codec-SE on its decoder label ma
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
+import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 from torch import Tensor, nn
@@ -19,29 +23,48 @@ from pipeline.segment.base import Segmenter, register_segmenter, weights_digest
 pytestmark = pytest.mark.slow
 
 
-def test_main_job_end_to_end(
-    tmp_path: Path, cityscapes_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
+# test_main_job_end_to_end's job; the decoder-map test starts from its shards (the same shard settings)
+MAIN_JOB = [
+    "data.width=256",
+    "data.height=128",
+    "shards.output=shards",
+    "shards.workers=1",
+    "shards.codecs=[{name: hevc, qualities: [32, 37, 42, 47]}]",
+    "loader.crop=[64, 64]",
+    "phase1.steps=1",
+    "phase2.steps=1",
+    "phase3.steps=1",
+    "train.checkpoint_every=1",
+    "validate.every=1",
+    "eval.crops=1",
+]
+
+
+def job_environment(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Run the job in ``folder`` with its MLflow store there (the default ``mlruns/mlflow.db``)."""
+    monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    overrides = [
-        f"data.root={cityscapes_root}",
-        "data.width=256",
-        "data.height=128",
-        "shards.output=shards",
-        "shards.workers=1",
-        "shards.codecs=[{name: hevc, qualities: [32, 37, 42, 47]}]",
-        "loader.crop=[64, 64]",
-        "phase1.steps=2",
-        "phase2.steps=2",
-        "phase3.steps=2",
-        "train.checkpoint_every=2",
-        "validate.every=1",
-        "eval.crops=1",
-    ]
-    assert main(["run", *overrides]) == 0
-    out = capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path) -> dict[str, Any]:
+    """The main job run once, in its own folder, for both tests of this module (shards, models, store)."""
+    folder = tmp_path_factory.mktemp("main-job")
+    overrides = [f"data.root={cityscapes_root}", *MAIN_JOB]
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, redirect_stdout(printed):
+        job_environment(monkeypatch, folder)
+        code = main(["run", *overrides])
+    return {"folder": folder, "overrides": overrides, "code": code, "out": printed.getvalue()}
+
+
+def test_main_job_end_to_end(
+    main_job: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp_path, overrides = main_job["folder"], main_job["overrides"]
+    assert main_job["code"] == 0
+    out = main_job["out"]
     assert "mlflow ui --backend-store-uri" in out and "mlruns/mlflow.db" in out
 
     assert "10 frames of split 'test'" in out
@@ -99,6 +122,7 @@ def test_main_job_end_to_end(
     assert expected <= names
 
     # A rerun resumes: every phase is already complete, nothing is trained again.
+    job_environment(monkeypatch, tmp_path)
     assert main(["run", *overrides]) == 0
     assert "phase 3 already complete" in capsys.readouterr().out
 
@@ -117,16 +141,18 @@ class TinyJobSegmenter(Segmenter):
 
 
 def test_main_job_sets_decoder_label_maps_beside_gt_maps(
-    tmp_path: Path, cityscapes_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    main_job: dict[str, Any],
+    tmp_path: Path,
+    cityscapes_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """segment.in_main_job: the job trains the segmenter and per quality codec-SE on its decoder maps,
     evaluates them (0 label bits, mIoU) beside the gt maps' model and prints both total-bit BD-rates."""
     segment_base.available_segmenters()  # the built-in ones registered before the registry is copied
     monkeypatch.setattr(segment_base, "_REGISTRY", dict(segment_base._REGISTRY))
     register_segmenter(TinyJobSegmenter)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    job_environment(monkeypatch, tmp_path)
     qualities = (32, 37, 42, 47)
     overrides = [
         f"data.root={cityscapes_root}",
@@ -159,6 +185,8 @@ def test_main_job_sets_decoder_label_maps_beside_gt_maps(
     )
     assert not (tmp_path / "shards").exists()
 
+    # the shards of the same settings, already built by the other test's job: this job finds them complete
+    shutil.copytree(main_job["folder"] / "shards", tmp_path / "shards")
     assert main(["run", *overrides]) == 0
     out = capsys.readouterr().out
     segmenter = tmp_path / "runs" / "segment" / "segmenter.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -156,7 +157,10 @@ def test_segformer_backbone_from_a_local_file_or_a_warning(
 def test_segformer_trains_exports_and_loads_in_a_fresh_process(small_shards: Path, tmp_path: Path) -> None:
     """``python -m pipeline segment`` with the default SegFormer-B0 (random encoder: no weights here), then
     the file loads in another fresh process and predicts what it predicts here."""
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    # the interpreter's own bin first, as in an activated environment: DeepSpeed builds its CPU shared-memory
+    # op with the ninja found on PATH, and another ninja's log makes it rebuild the op (a minute of C++)
+    path = os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    env = {"OMP_NUM_THREADS": "1", "PATH": path, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "seg"
     command = [
         sys.executable,
