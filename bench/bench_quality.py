@@ -54,7 +54,8 @@ from pipeline.model.export import read_spec
 QUALITIES = [32, 37, 42, 47]
 # The CPU recipe: a small residual generator (one down-sampling, no normalisation), trained on all four
 # QPs at once (one QP drawn per sample), distortion only (phase 3, MSE, Adam 1e-3 with a cosine decay),
-# from the identity.
+# from the identity, with half the samples' semantics dropped (train.semantic_dropout: chosen on the
+# munster validation frames, +0.163 dB over HEVC against +0.144 dB without it).
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
@@ -64,6 +65,7 @@ RECIPE = [
     "loader.crop=[128, 256]",
     "loader.batch_size=2",
     "loss.distortion=mse",
+    "train.semantic_dropout=0.5",
     "phase3.lr=1e-3",
     "phase3.lr_schedule=cosine",
     "train.betas=[0.9, 0.999]",
