@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from torch import Tensor, nn
 
 from pipeline.cli import main
@@ -287,7 +288,12 @@ def test_stopped_or_killed_runs_resume_bit_identically(
     tiny: None, small_shards: Path, tmp_path: Path
 ) -> None:
     steps = ["segment.steps=8", "segment.checkpoint_every=2"]
-    whole = train_segmenter(load_config(None, [*overrides(small_shards, tmp_path / "whole"), *steps]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the child processes: float sums depend on the thread count
+    try:
+        whole = train_segmenter(load_config(None, [*overrides(small_shards, tmp_path / "whole"), *steps]))
+    finally:
+        torch.set_num_threads(threads)
     expected = whole.read_bytes()
 
     # SIGTERM (preemption, torchrun passing on SLURM's warning) after step 3: step 3 is saved, exit 128+15

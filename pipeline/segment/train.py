@@ -54,7 +54,7 @@ from pipeline.segment.base import (
 from pipeline.segment.labels import _LABEL_TO_TRAIN, IGNORE
 from pipeline.tracking import Tracker, make_tracker, run_tags
 from pipeline.tracking.registry import check_names
-from pipeline.train.batches import Batches
+from pipeline.train.batches import Batches, all_samples, due
 from pipeline.train.checkpoint import (
     Checkpoint,
     PhaseCheckpoints,
@@ -198,7 +198,7 @@ class SegmentRunner:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        self.last_log = (time.perf_counter(), self._all_samples())
+        self.last_log = (time.perf_counter(), all_samples(self.batches))
         while self.progress.step < self.seg.steps:
             loss = self._train_step()
             self.bar.update(1)
@@ -277,20 +277,14 @@ class SegmentRunner:
             raise FloatingPointError(f"segmenter: non-finite loss by step {self.progress.step}")
 
     def _due(self, every: int) -> bool:
-        step = self.progress.step
-        return step == self.seg.steps or (every > 0 and step % every == 0)
-
-    def _all_samples(self) -> int:
-        samples = torch.tensor(self.batches.samples, dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(samples)
-        return int(samples)
+        return due(self.progress.step, self.seg.steps, every)
 
     def _log(self, loss: Tensor) -> None:
         """The rank mean of the step's loss, the learning rate and the samples/s of all ranks."""
         self._check_finite()
         value = loss.clone()
         dist.all_reduce(value)
-        samples = self._all_samples()
+        samples = all_samples(self.batches)
         elapsed = max(time.perf_counter() - self.last_log[0], 1e-9)
         logged = {
             "loss": float(value) / self.env.world_size,
@@ -306,7 +300,7 @@ class SegmentRunner:
         self._check_finite()
         self.checkpoints.save(self.progress)
         self.saved_step = self.progress.step
-        self.last_log = (time.perf_counter(), self._all_samples())
+        self.last_log = (time.perf_counter(), all_samples(self.batches))
 
     def _export(self) -> Path:
         """Rank 0 writes the segmenter file (float32, CPU); every rank returns its path."""

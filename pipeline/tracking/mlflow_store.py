@@ -376,7 +376,6 @@ class MLflowStore:
         """Log ``generator_file`` as a pyfunc model of ``run``, register it, set ``alias``; returns
         ``models:/name/version``."""
         from mlflow.entities import LoggedModelOutput
-        from mlflow.exceptions import MlflowException
 
         client, run_id = self.client, self._id(run)
         signature = signature or generator_signature(generator_file)
@@ -405,19 +404,8 @@ class MLflowStore:
             linked = [Metric(k, v, ms, step, model_id=logged.model_id) for k, v in metrics.items()]
             client.log_batch(run_id, metrics=linked)
             tags.update({k: repr(v) for k, v in metrics.items()})
-        try:
-            client.create_registered_model(
-                name, description="JPD-SE generator (pipeline.model.export safetensors)"
-            )
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(
-            name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
-        )
-        if alias:
-            client.set_registered_model_alias(name, alias, version.version)
-        return f"models:/{name}/{version.version}"
+        description = "JPD-SE generator (pipeline.model.export safetensors)"
+        return self._new_version(name, description, logged, run_id, tags, alias)
 
     @_bounded
     def register_segmenter(self, run: RunInfo, segmenter_file: Path, name: str, alias: str | None) -> str:
@@ -425,7 +413,6 @@ class MLflowStore:
         it with its sha256, architecture and class count as version tags, set ``alias``; returns
         ``models:/name/version``."""
         from mlflow.entities import LoggedModelOutput
-        from mlflow.exceptions import MlflowException
 
         from pipeline.segment.base import read_spec, weights_digest
         from pipeline.segment.registry import SEGMENTER_ARTIFACT, save_segmenter_pyfunc
@@ -450,10 +437,19 @@ class MLflowStore:
             client.log_model_artifacts(logged.model_id, str(local))
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        description = "semantic segmenter (pipeline.segment, train ids)"
+        return self._new_version(name, description, logged, run_id, tags, alias)
+
+    def _new_version(
+        self, name: str, description: str, logged: Any, run_id: str, tags: dict[str, str], alias: str | None
+    ) -> str:
+        """A new version of registered model ``name`` (made when missing) from the logged model, with
+        ``tags`` and, when given, ``alias``; returns ``models:/name/version``."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
         try:
-            client.create_registered_model(
-                name, description="semantic segmenter (pipeline.segment, train ids)"
-            )
+            client.create_registered_model(name, description=description)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

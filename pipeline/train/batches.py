@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, TypedDict
 
+import torch
+import torch.distributed as dist
+
 from pipeline.config import JobConfig
 from pipeline.data.loader import make_loader
 from pipeline.train.engine import DistEnv
@@ -63,3 +66,15 @@ class Batches:
         for _ in range(int(position["batches_in_epoch"])):
             self.next()
         self.samples = int(position["samples"])
+
+
+def due(step: int, last: int, every: int) -> bool:
+    """Whether something done every ``every`` steps (0: only at the last step ``last``) is due at ``step``."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def all_samples(batches: Batches) -> int:
+    """Samples consumed by all ranks so far (a collective: every rank must call it)."""
+    samples = torch.tensor(batches.samples, dtype=torch.int64, device=batches.env.device)
+    dist.all_reduce(samples)
+    return int(samples)

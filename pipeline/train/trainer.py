@@ -72,7 +72,7 @@ from pipeline.model.networks import Generator, build_models, zero_correction
 from pipeline.model.spec import GeneratorSpec, label_source_spec
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
 from pipeline.tracking.registry import check_names
-from pipeline.train.batches import Batches
+from pipeline.train.batches import Batches, all_samples, due
 from pipeline.train.checkpoint import (
     Checkpoint,
     PhaseCheckpoints,
@@ -187,7 +187,7 @@ class PhaseRunner:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        self.last_log = (time.perf_counter(), self._all_samples())
+        self.last_log = (time.perf_counter(), all_samples(self.batches))
         if self.validating and self.progress.step == 0:
             self._validate()
 
@@ -276,15 +276,7 @@ class PhaseRunner:
         return self.progress.step >= self.phase_cfg.steps or self.progress.stopped_early
 
     def _due(self, every: int) -> bool:
-        """Whether something done every ``every`` steps (0: only at the end) is due at this step."""
-        step = self.progress.step
-        return step == self.phase_cfg.steps or (every > 0 and step % every == 0)
-
-    def _all_samples(self) -> int:
-        """Samples consumed by all ranks in this phase (a collective: every rank must call it)."""
-        samples = torch.tensor(self.batches.samples, dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(samples)
-        return int(samples)
+        return due(self.progress.step, self.phase_cfg.steps, every)
 
     def _log(self, losses: dict[str, Tensor]) -> None:
         """Rank means of the step's losses and the samples/s of all ranks since the last log line."""
@@ -293,7 +285,7 @@ class PhaseRunner:
         values = torch.stack([losses[n].float() for n in names]).to(self.env.device)
         dist.all_reduce(values)
         values = (values / self.env.world_size).cpu()
-        samples = self._all_samples()
+        samples = all_samples(self.batches)
         elapsed = max(time.perf_counter() - self.last_log[0], 1e-9)
         logged = {n: float(v) for n, v in zip(names, values, strict=True)}
         logged["samples_per_s"] = (samples - self.last_log[1]) / elapsed
@@ -361,7 +353,7 @@ class PhaseRunner:
         self.watch.check(self.phase)
         self.checkpoints.save(self.progress)
         self.saved_step = self.progress.step
-        self.last_log = (time.perf_counter(), self._all_samples())  # samples/s leaves checkpointing out
+        self.last_log = (time.perf_counter(), all_samples(self.batches))  # samples/s leaves checkpointing out
 
     def _export(self) -> Path:
         """Export the best validated generator (the last one without validation) and D beside it."""
