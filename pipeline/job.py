@@ -50,8 +50,8 @@ from pipeline.model.export import read_spec, weights_sha256
 from pipeline.segment.base import weights_digest
 from pipeline.segment.train import check_settings, train_segmenter
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
-from pipeline.tracking.registry import set_version_evaluation
-from pipeline.train.trainer import REGISTERED_FILE, train
+from pipeline.tracking.registry import REGISTERED_FILE, set_version_evaluation
+from pipeline.train.trainer import train
 
 # rpd_mean.csv column -> the model version's figure (eval_<name>); dPSNR and the other deltas are against the
 # codec's own row at the same quality

@@ -26,7 +26,6 @@ launcher the trainer runs under (single process, ``torchrun``, the ``deepspeed``
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 import warnings
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.atomic import temporary_names, write_atomic
+from pipeline.atomic import temporary_names
 from pipeline.config import ConfigError, JobConfig
 from pipeline.lock import rank0_lock
 from pipeline.segment.base import (
@@ -53,7 +52,7 @@ from pipeline.segment.base import (
 )
 from pipeline.segment.labels import _LABEL_TO_TRAIN, IGNORE
 from pipeline.tracking import Tracker, make_tracker, run_tags
-from pipeline.tracking.registry import check_names
+from pipeline.tracking.registry import REGISTERED_FILE, check_names, is_registered, mark_registered
 from pipeline.train.batches import Batches, all_samples, due
 from pipeline.train.checkpoint import (
     Checkpoint,
@@ -77,7 +76,6 @@ from pipeline.train.engine import (
 from pipeline.train.preempt import STOP, Preempted
 
 SEGMENTER_FILE = "segmenter.safetensors"
-REGISTERED_FILE = "registered.json"  # beside the export: the registration that completed the run
 STEM = "segment"  # checkpoint tags: segment-step<NNNNNNNN>
 # what the export's spec records of the settings (paths where the run writes and logging left out)
 RECIPE = (
@@ -344,12 +342,7 @@ def _registered(cfg: JobConfig, export: Path) -> bool:
     name = registered_name(cfg)
     if name is None:
         return True
-    try:
-        marker = json.loads((export.parent / REGISTERED_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    wanted = {"name": name, "alias": cfg.tracking.alias or None, "sha256": weights_digest(export)}
-    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in wanted.items())
+    return is_registered(export, name, cfg.tracking.alias or None, weights_digest(export))
 
 
 def _register(cfg: JobConfig, tracker: Tracker, export: Path) -> str | None:
@@ -361,8 +354,7 @@ def _register(cfg: JobConfig, tracker: Tracker, export: Path) -> str | None:
     uri = tracker.register_segmenter(export, name, alias=alias)
     if uri:
         print(f"[segment] registered {uri}" + (f" as @{alias}" if alias else ""))
-        marker = {"uri": uri, "name": name, "alias": alias, "sha256": weights_digest(export)}
-        write_atomic(export.parent / REGISTERED_FILE, json.dumps(marker, sort_keys=True))
+        mark_registered(export, uri, name, alias, weights_digest(export))
     return uri
 
 

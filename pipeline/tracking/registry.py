@@ -14,6 +14,7 @@ the held-out split, the figures of that evaluation too (:func:`set_version_evalu
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import tempfile
@@ -24,7 +25,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.atomic import write_atomic
 from pipeline.tracking.base import REGISTRY_NAME, Tracker, default_tracking_uri
+
+REGISTERED_FILE = "registered.json"  # beside an export: the registration that completed its run or phase
+
+
+def is_registered(export: Path, name: str, alias: str | None, sha256: str) -> bool:
+    """Whether the ``registered.json`` marker beside ``export`` records this registration (name, alias and
+    the file's sha256): a run killed between its export and the registry registers on resume."""
+    try:
+        marker = json.loads((export.parent / REGISTERED_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = {"name": name, "alias": alias, "sha256": sha256}
+    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in wanted.items())
+
+
+def mark_registered(export: Path, uri: str, name: str, alias: str | None, sha256: str) -> None:
+    """Write the ``registered.json`` marker beside ``export`` (atomically): the registration is done."""
+    marker = {"uri": uri, "name": name, "alias": alias, "sha256": sha256}
+    write_atomic(export.parent / REGISTERED_FILE, json.dumps(marker, sort_keys=True))
+
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

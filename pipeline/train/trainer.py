@@ -39,7 +39,6 @@ phase are done, its phase continues from its step with the same RNG states and d
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, temporary_names, write_atomic
+from pipeline.atomic import atomic_path, temporary_names
 from pipeline.config import ConfigError, JobConfig, flatten
 from pipeline.data.loader import training_qualities
 from pipeline.data.manifest import DatasetInfo, dataset_info
@@ -71,7 +70,7 @@ from pipeline.model.losses import GeneratorLosses
 from pipeline.model.networks import Generator, build_models, zero_correction
 from pipeline.model.spec import GeneratorSpec, label_source_spec
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
-from pipeline.tracking.registry import check_names
+from pipeline.tracking.registry import REGISTERED_FILE, check_names, is_registered, mark_registered
 from pipeline.train.batches import Batches, all_samples, due
 from pipeline.train.checkpoint import (
     Checkpoint,
@@ -89,7 +88,6 @@ from pipeline.train.validation import Validator, improves, load_frames
 
 GENERATOR_FILE = "generator.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
-REGISTERED_FILE = "registered.json"  # beside an export: the registration that completed its phase
 
 
 @dataclass(frozen=True)
@@ -555,12 +553,7 @@ def _registered(cfg: JobConfig, phase: int, export: Path) -> bool:
     name = _registered_name(cfg, phase)
     if name is None:
         return True
-    try:
-        marker = json.loads((export.parent / REGISTERED_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    wanted = {"name": name, "alias": cfg.tracking.alias or None, "sha256": weights_sha256(export)}
-    return isinstance(marker, dict) and all(marker.get(k) == v for k, v in wanted.items())
+    return is_registered(export, name, cfg.tracking.alias or None, weights_sha256(export))
 
 
 def _register(cfg: JobConfig, tracker: Tracker, phase: int, export: Path) -> None:
@@ -573,5 +566,4 @@ def _register(cfg: JobConfig, tracker: Tracker, phase: int, export: Path) -> Non
     uri = tracker.register_generator(export, name, alias=alias, spec=read_spec(export))
     if uri:
         print(f"[train] registered {uri}" + (f" as @{alias}" if alias else ""))
-        marker = {"uri": uri, "name": name, "alias": alias, "sha256": weights_sha256(export)}
-        write_atomic(export.parent / REGISTERED_FILE, json.dumps(marker, sort_keys=True))
+        mark_registered(export, uri, name, alias, weights_sha256(export))
