@@ -47,7 +47,6 @@ from pipeline.eval.evaluate import check_reference_codecs, evaluate
 from pipeline.eval.report import MEANS_FILE, slug
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
-from pipeline.segment.base import weights_digest
 from pipeline.segment.train import check_settings, train_segmenter
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
 from pipeline.tracking.registry import REGISTERED_FILE, set_version_evaluation
@@ -77,7 +76,7 @@ def _for_quality(
     name = f"{cfg.loader.codec}_q{quality}" + ("_nosem" if ablation else "")
     data, tracking, model = cfg.data, cfg.tracking, replace(cfg.model, zero_semantics=ablation)
     if segmenter is not None:  # a decoder has no instance maps either
-        name += f"_decoder-{weights_digest(segmenter)[:12]}"
+        name += f"_decoder-{weights_sha256(segmenter)[:12]}"
         data = replace(cfg.data, label_source="decoder", segmenter=str(segmenter))
         tracking = replace(cfg.tracking, register=False)
         model = replace(model, use_instance=False)
@@ -323,7 +322,7 @@ def _run(cfg: JobConfig) -> Path:
         prior_cfg = replace(cfg, loader=loader, train=replace(cfg.train, output_dir=prior_dir))
         prior = train(prior_cfg, [1], resume=True, tracker=tracker, run_name="semantic-prior")[1]
         exports, decoder_exports = [], []
-        if segmenter is not None:  # the maps of every quality at once (a finished shard gets no more later)
+        if segmenter is not None:  # every quality's maps in one pass, not a redo of the shards per quality
             all_members = replace(cfg.loader, qualities=list(qualities))
             build_predicted_labels(
                 replace(_for_quality(cfg, qualities[0], None, False, segmenter), loader=all_members)

@@ -16,9 +16,9 @@ import pytest
 from torch import Tensor, nn
 
 from pipeline.cli import main
-from pipeline.model.export import read_spec
+from pipeline.model.export import read_spec, weights_sha256
 from pipeline.segment import base as segment_base
-from pipeline.segment.base import Segmenter, register_segmenter, weights_digest
+from pipeline.segment.base import Segmenter, register_segmenter
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +191,7 @@ def test_main_job_sets_decoder_label_maps_beside_gt_maps(
     out = capsys.readouterr().out
     segmenter = tmp_path / "runs" / "segment" / "segmenter.safetensors"
     assert "segmenter done:" in out and segmenter.is_file()
-    sha = weights_digest(segmenter)
+    sha = weights_sha256(segmenter)
 
     def means(folder: str) -> dict[tuple[str, int], dict[str, str]]:
         with open(tmp_path / "runs" / folder / "rpd_mean.csv") as f:

@@ -22,10 +22,10 @@ from pipeline.config import ConfigError, JobConfig, from_dict
 from pipeline.eval.evaluate import evaluate
 from pipeline.eval.rows import MEAN_COLUMNS
 from pipeline.eval.segmentation import segmentation_scores
-from pipeline.model.export import export_generator, load_generator
+from pipeline.model.export import export_generator, load_generator, weights_sha256
 from pipeline.model.spec import SPEC_KEYS, GeneratorSpec
 from pipeline.segment import base as segment_base
-from pipeline.segment.base import Segmenter, register_segmenter, save_segmenter, weights_digest
+from pipeline.segment.base import Segmenter, register_segmenter, save_segmenter
 from pipeline.segment.labels import label_to_train
 
 LABEL_NC = 34  # Cityscapes label ids
@@ -142,7 +142,7 @@ def frame(tmp_path: Path, cityscapes_root: Path) -> Path:
 def test_decoder_round_trip_reads_no_label_file_and_is_deterministic(
     segmenter_file: Path, frame: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    sha = weights_digest(segmenter_file)
+    sha = weights_sha256(segmenter_file)
     model = _generator_file(tmp_path / "dec.safetensors", 0, label_source="decoder", segmenter=sha)
 
     def no_label_file(*args: object) -> None:
@@ -293,7 +293,7 @@ def test_evaluation_reports_downstream_accuracy(
     assert {"miou", "pixel_accuracy"} <= set(means[0]) and set(MEAN_COLUMNS) <= set(means[0])
     assert sorted(m["method"] for m in means) == ["hevc", "hevc-SE", "hevc-SE (no semantics)"]
     report = json.loads((out / "segmentation.json").read_text())
-    assert report["judge"]["sha256"] == weights_digest(segmenter_file)
+    assert report["judge"]["sha256"] == weights_sha256(segmenter_file)
     assert len(report["methods"]) == 3 and len(report["original"]["class_iou"]) == 19
     # pooled over the set as cityscapesscripts does: recomputed here from the judge's predictions
     judge = load_segmenter(segmenter_file)
@@ -319,7 +319,7 @@ def test_evaluation_reports_downstream_accuracy(
 
 
 def test_evaluation_with_decoder_maps(segmenter_file: Path, eval_cfg: JobConfig, tmp_path: Path) -> None:
-    sha = weights_digest(segmenter_file)
+    sha = weights_sha256(segmenter_file)
     gt_model = _generator_file(tmp_path / "gt.safetensors", 0)
     dec_model = _generator_file(tmp_path / "dec.safetensors", 0, label_source="decoder", segmenter=sha)
     data = dataclasses.replace(eval_cfg.data, label_source="decoder", segmenter=str(segmenter_file))

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from test_label_source import JudgeSegmenter as TinySegmenter
+from torch import Tensor
 
 from pipeline.cli import main
 from pipeline.compress.container import read_container
@@ -27,33 +28,14 @@ from pipeline.data.predicted_labels import (
     check_predicted_labels,
 )
 from pipeline.eval.inputs import open_input
-from pipeline.model.export import export_generator, read_spec
+from pipeline.model.export import export_generator, read_spec, weights_sha256
 from pipeline.model.spec import GeneratorSpec
 from pipeline.segment import base as segment_base
-from pipeline.segment.base import (
-    Segmenter,
-    load_segmenter,
-    register_segmenter,
-    save_segmenter,
-    weights_digest,
-)
+from pipeline.segment.base import load_segmenter, register_segmenter, save_segmenter
 from pipeline.tracking import Tracker
 from pipeline.train import trainer
 
 QUALITIES = [37, 42]
-
-
-class TinySegmenter(Segmenter):
-    """Fast on the CPU, and its maps differ from the ground truth and between qualities."""
-
-    architecture = "tiny-predictor"
-
-    def __init__(self, num_classes: int = 19) -> None:
-        super().__init__(num_classes)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net(images)
 
 
 @pytest.fixture
@@ -108,7 +90,7 @@ def test_decoder_maps_are_the_segmenters_prediction_on_the_drawn_decoded_image(
     (folder,) = build_predicted_labels(cfg, progress=False)
     check_predicted_labels(cfg)
     index = json.loads((folder / INDEX).read_text())
-    assert index["segmenter"] == weights_digest(segmenter_file) and index["source"] == "decoder"
+    assert index["segmenter"] == weights_sha256(segmenter_file) and index["source"] == "decoder"
     assert all(entry["members"] == [f"hevc_q{q}" for q in QUALITIES] for entry in index["shards"].values())
     segmenter = load_segmenter(segmenter_file)
     batches = _batches(cfg)
@@ -161,7 +143,7 @@ def test_an_interrupted_build_resumes_and_another_segmenter_gets_its_own_maps(
     torch.manual_seed(9)
     other = save_segmenter(TinySegmenter(), tmp_path / "other.safetensors")
     (second,) = build_predicted_labels(_cfg(shards, other, "decoder", tmp_path / "run"), progress=False)
-    assert second != folder and second.name.endswith(weights_digest(other)[:12])
+    assert second != folder and second.name.endswith(weights_sha256(other)[:12])
 
 
 def test_settings_that_cannot_give_the_decoder_its_maps_are_refused(
@@ -195,7 +177,7 @@ def test_training_on_decoder_maps_records_them_in_the_export(
     cfg = _cfg(shards, segmenter_file, "decoder", tmp_path / "run", *extra)
     export = trainer.train(cfg, [3], tracker=Tracker())[3]
     spec = read_spec(export)
-    assert spec.label_source == "decoder" and spec.segmenter == weights_digest(segmenter_file)
+    assert spec.label_source == "decoder" and spec.segmenter == weights_sha256(segmenter_file)
     assert spec.format_version == 3
     assert any(shards.glob("labels-decoder-*/predicted.json"))  # the trainer built the maps it needs
 
@@ -230,7 +212,7 @@ def test_encoder_compression_codes_the_predicted_map(
     image = sorted((cityscapes_root / "leftImg8bit").rglob("*_leftImg8bit.png"))[0]
     frame = tmp_path / "frame.png"
     cv2.imwrite(str(frame), cv2.resize(cv2.imread(str(image)), (256, 128), interpolation=cv2.INTER_AREA))
-    sha = weights_digest(segmenter_file)
+    sha = weights_sha256(segmenter_file)
     enc_model = _generator(tmp_path / "enc.safetensors", label_source="encoder", segmenter=sha)
     gt_model = _generator(tmp_path / "gt.safetensors")
     dec_model = _generator(tmp_path / "dec.safetensors", label_source="decoder", segmenter=sha)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipeline.config import JobConfig, from_dict, with_overrides
+from pipeline.model.export import weights_sha256
 from pipeline.segment import base as segment_base
 from pipeline.segment.base import (
     Segmenter,
@@ -25,7 +26,6 @@ from pipeline.segment.base import (
     read_spec,
     register_segmenter,
     save_segmenter,
-    weights_digest,
 )
 from pipeline.segment.train import train_segmenter
 from pipeline.tracking import Tracker
@@ -93,12 +93,12 @@ def test_interface_trains_exports_and_reloads(tiny_registered: type, cfg: JobCon
     train_ids = model.predict(image)
     assert train_ids.shape == (32, 48) and train_ids.dtype == np.uint8 and train_ids.max() < 19
     assert model.predict_label_ids(image).max() <= 33
-    assert len(weights_digest(path)) == 64
+    assert len(weights_sha256(path)) == 64
     # same seed, same steps, another folder: the same file, byte for byte (its sha256 is its identity)
     again = train_segmenter(
         with_overrides(run, {"segment.output_dir": str(tmp_path / "b")}), tracker=Tracker()
     )
-    assert again != path and weights_digest(again) == weights_digest(path)
+    assert again != path and weights_sha256(again) == weights_sha256(path)
     first, second = load_segmenter(path).state_dict(), load_segmenter(again).state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
 
@@ -180,7 +180,7 @@ def test_segformer_trains_exports_and_loads_in_a_fresh_process(small_shards: Pat
     )
     assert trained.returncode == 0, trained.stderr
     path = out / "segmenter.safetensors"
-    assert json.loads(trained.stdout[trained.stdout.index("{") :])["sha256"] == weights_digest(path)
+    assert json.loads(trained.stdout[trained.stdout.index("{") :])["sha256"] == weights_sha256(path)
     assert read_spec(path)["options"] == {"variant": "b0"}
     image = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     np.save(tmp_path / "image.npy", image)

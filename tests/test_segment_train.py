@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, JobConfig, from_dict, load_config
+from pipeline.model.export import weights_sha256
 from pipeline.segment import base as segment_base
-from pipeline.segment.base import Segmenter, read_spec, register_segmenter, save_segmenter, weights_digest
+from pipeline.segment.base import Segmenter, read_spec, register_segmenter, save_segmenter
 from pipeline.segment.train import REGISTERED_FILE, SEGMENTER_FILE, engine_config, train_segmenter
 from pipeline.tracking import Tracker
 from pipeline.train.checkpoint import read_latest
@@ -164,7 +165,7 @@ def test_trains_checkpoints_exports_and_registers(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "segmenter")}
     assert {f"segmenter/{SEGMENTER_FILE}", "segmenter/MLmodel"} <= artifacts  # the file, the logged model
     version = client.get_model_version_by_alias("cityscapes-segmenter", "champion")
-    assert version.tags["sha256"] == weights_digest(path) and version.tags["architecture"] == TINY
+    assert version.tags["sha256"] == weights_sha256(path) and version.tags["architecture"] == TINY
     marker = json.loads((out / REGISTERED_FILE).read_text())
     assert marker["uri"] == f"models:/cityscapes-segmenter/{version.version}"
     # the registered pyfunc maps RGB images to train ids
@@ -191,7 +192,7 @@ def test_a_run_killed_before_registration_registers_on_resume(
     assert train_segmenter(job(small_shards, out, store, steps=3, warmup=1), resume=True) == path
     client = MlflowClient(store, registry_uri=store)
     (version,) = client.search_model_versions("name='cityscapes-segmenter'")
-    assert version.tags["sha256"] == weights_digest(path)
+    assert version.tags["sha256"] == weights_sha256(path)
 
 
 @pytest.mark.parametrize(

@@ -172,14 +172,14 @@ def _targets(cfg: JobConfig, sha256: str) -> list[tuple[Predicted, list[Path]]]:
 
 
 def _segmenter_sha(cfg: JobConfig) -> str:
-    from pipeline.segment.base import weights_digest
+    from pipeline.model.export import weights_sha256
 
     if not cfg.data.segmenter:
         raise PredictedLabelsError(f"data.label_source={cfg.data.label_source} needs data.segmenter")
     path = Path(cfg.data.segmenter)
     if not path.is_file():
         raise PredictedLabelsError(f"data.segmenter: no such file {path}")
-    return weights_digest(path)
+    return weights_sha256(path)
 
 
 def _lacking(cfg: JobConfig, entry: dict[str, Any] | None, members: list[str]) -> list[str] | None:

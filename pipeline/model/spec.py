@@ -52,9 +52,9 @@ def label_source_spec(cfg: JobConfig) -> dict[str, str]:
     file), else ``label_source`` and the sha256 of the segmenter ``data.segmenter`` that predicts them."""
     if cfg.data.label_source == "gt":
         return {}
-    from pipeline.segment.base import weights_digest
+    from pipeline.model.export import weights_sha256
 
-    return {"label_source": cfg.data.label_source, "segmenter": weights_digest(cfg.data.segmenter)}
+    return {"label_source": cfg.data.label_source, "segmenter": weights_sha256(cfg.data.segmenter)}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ or class count than asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from abc import ABC, abstractmethod
@@ -234,12 +233,3 @@ def load_weights(model: Segmenter, path: str | Path) -> None:
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped; {first})"
         )
     model.load_state_dict(state)
-
-
-def weights_digest(path: str | Path) -> str:
-    """SHA-256 of a segmenter file: what compressed files and generators record as its identity."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, cfg: JobConfig) -> int:
     """Train, export, register; prints the file, its sha256 and its spec. A segmenter file or option that
     cannot be used is a :class:`ConfigError` (one line, exit 2)."""
-    from pipeline.segment.base import SegmenterError, read_spec, weights_digest
+    from pipeline.model.export import weights_sha256
+    from pipeline.segment.base import SegmenterError, read_spec
     from pipeline.segment.train import train_segmenter
 
     try:
@@ -28,5 +29,5 @@ def run(args: argparse.Namespace, cfg: JobConfig) -> int:
         raise ConfigError(f"segment: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:  # once per job, not once per rank
         spec = read_spec(path)
-        print(json.dumps({"file": str(path), "sha256": weights_digest(path), **spec}, indent=1))
+        print(json.dumps({"file": str(path), "sha256": weights_sha256(path), **spec}, indent=1))
     return 0

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.segment.base import Segmenter, load_segmenter, read_spec, weights_digest
+from pipeline.model.export import weights_sha256
+from pipeline.segment.base import Segmenter, load_segmenter, read_spec
 
 
 @dataclass(frozen=True)
@@ -48,4 +49,4 @@ def open_segmenter(path: str | Path) -> LoadedSegmenter:
     """The segmenter in ``path`` (19 Cityscapes train classes; refused in one line otherwise), loaded once
     per content: the same file changed on disk is loaded again."""
     path = Path(path).resolve()
-    return _load(path, weights_digest(path) if path.is_file() else "")
+    return _load(path, weights_sha256(path) if path.is_file() else "")

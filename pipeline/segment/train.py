@@ -42,13 +42,13 @@ from tqdm import tqdm
 from pipeline.atomic import temporary_names
 from pipeline.config import ConfigError, JobConfig
 from pipeline.lock import rank0_lock
+from pipeline.model.export import weights_sha256
 from pipeline.segment.base import (
     Segmenter,
     available_segmenters,
     build_segmenter,
     load_weights,
     save_segmenter,
-    weights_digest,
 )
 from pipeline.segment.labels import _LABEL_TO_TRAIN, IGNORE
 from pipeline.tracking import Tracker, make_tracker, run_tags
@@ -342,7 +342,7 @@ def _registered(cfg: JobConfig, export: Path) -> bool:
     name = registered_name(cfg)
     if name is None:
         return True
-    return is_registered(export, name, cfg.tracking.alias or None, weights_digest(export))
+    return is_registered(export, name, cfg.tracking.alias or None, weights_sha256(export))
 
 
 def _register(cfg: JobConfig, tracker: Tracker, export: Path) -> str | None:
@@ -354,7 +354,7 @@ def _register(cfg: JobConfig, tracker: Tracker, export: Path) -> str | None:
     uri = tracker.register_segmenter(export, name, alias=alias)
     if uri:
         print(f"[segment] registered {uri}" + (f" as @{alias}" if alias else ""))
-        mark_registered(export, uri, name, alias, weights_digest(export))
+        mark_registered(export, uri, name, alias, weights_sha256(export))
     return uri
 
 

@@ -375,26 +375,15 @@ class MLflowStore:
     ) -> str:
         """Log ``generator_file`` as a pyfunc model of ``run``, register it, set ``alias``; returns
         ``models:/name/version``."""
-        from mlflow.entities import LoggedModelOutput
-
         client, run_id = self.client, self._id(run)
         signature = signature or generator_signature(generator_file)
         params = spec.to_json()
         tags = {k: str(params[k]) for k in ("codec", "quality", "phase") if k in params}
-        logged = client.create_logged_model(
-            self.experiment_id,
-            name=GENERATOR_ARTIFACT,
-            source_run_id=run_id,
-            tags=tags,
-            params=clean_params(params),
-            model_type="jpd-se-generator",
-        )
-        with tempfile.TemporaryDirectory(prefix="jpdse-model-") as tmp:
-            local = Path(tmp) / "model"
-            save_pyfunc_model(local, generator_file, spec, signature, run_id=run_id, model_id=logged.model_id)
-            client.log_model_artifacts(logged.model_id, str(local))
-        client.finalize_logged_model(logged.model_id, "READY")
-        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+
+        def write(local: Path, model_id: str) -> None:
+            save_pyfunc_model(local, generator_file, spec, signature, run_id=run_id, model_id=model_id)
+
+        logged = self._logged_model(run_id, GENERATOR_ARTIFACT, "jpd-se-generator", tags, params, write)
         # the validation figures the export was selected by (at its step): logged-model metrics, version tags
         metrics = selected_metrics(spec)
         if metrics:
@@ -412,33 +401,54 @@ class MLflowStore:
         """Log a segmenter file as a pyfunc model of ``run`` (:mod:`pipeline.segment.registry`), register
         it with its sha256, architecture and class count as version tags, set ``alias``; returns
         ``models:/name/version``."""
-        from mlflow.entities import LoggedModelOutput
 
-        from pipeline.segment.base import read_spec, weights_digest
+        from pipeline.model.export import weights_sha256
+        from pipeline.segment.base import read_spec
         from pipeline.segment.registry import SEGMENTER_ARTIFACT, save_segmenter_pyfunc
 
-        client, run_id = self.client, self._id(run)
+        run_id = self._id(run)
         spec = read_spec(segmenter_file)
         tags = {
-            "sha256": weights_digest(segmenter_file),
+            "sha256": weights_sha256(segmenter_file),
             **{k: str(spec[k]) for k in ("architecture", "num_classes", "label_space")},
         }
+
+        def write(local: Path, model_id: str) -> None:
+            save_segmenter_pyfunc(local, segmenter_file, run_id=run_id, model_id=model_id)
+
+        logged = self._logged_model(run_id, SEGMENTER_ARTIFACT, "jpd-se-segmenter", tags, spec, write)
+        description = "semantic segmenter (pipeline.segment, train ids)"
+        return self._new_version(name, description, logged, run_id, tags, alias)
+
+    def _logged_model(
+        self,
+        run_id: str,
+        artifact: str,
+        model_type: str,
+        tags: dict[str, str],
+        params: dict[str, Any],
+        write: Callable[[Path, str], None],
+    ) -> Any:
+        """A READY logged model of ``run_id``: ``write(folder, model_id)`` saves the pyfunc model, which is
+        logged as its artifacts."""
+        from mlflow.entities import LoggedModelOutput
+
+        client = self.client
         logged = client.create_logged_model(
             self.experiment_id,
-            name=SEGMENTER_ARTIFACT,
+            name=artifact,
             source_run_id=run_id,
             tags=tags,
-            params=clean_params(spec),
-            model_type="jpd-se-segmenter",
+            params=clean_params(params),
+            model_type=model_type,
         )
         with tempfile.TemporaryDirectory(prefix="jpdse-model-") as tmp:
             local = Path(tmp) / "model"
-            save_segmenter_pyfunc(local, segmenter_file, run_id=run_id, model_id=logged.model_id)
+            write(local, logged.model_id)
             client.log_model_artifacts(logged.model_id, str(local))
         client.finalize_logged_model(logged.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        description = "semantic segmenter (pipeline.segment, train ids)"
-        return self._new_version(name, description, logged, run_id, tags, alias)
+        return logged
 
     def _new_version(
         self, name: str, description: str, logged: Any, run_id: str, tags: dict[str, str], alias: str | None
