@@ -31,7 +31,7 @@ Source = Literal["cityscapes", "ade20k", "folder"]
 LabelCoderMethod = Literal["auto", "jxl", "webp", "png"]
 Norm = Literal["instance", "batch", "none"]
 GanMode = Literal["lsgan", "hinge"]
-Distortion = Literal["l1", "mse"]
+Distortion = Literal["l1", "mse", "psnr"]
 LrSchedule = Literal["constant", "cosine"]
 ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
@@ -329,10 +329,15 @@ class TrainConfig:
     # share of training samples whose semantic channels are zeroed (phases with the decoded image in): the
     # generator must also enhance without them, a regulariser against memorising the label maps
     semantic_dropout: float = field(default=0.0, metadata={"weights": "when set"})
+    # > 0: validation, best-step selection, export and sweeps take an exponential moving average of the
+    # generator's weights with this decay (e.g. 0.999) instead of the last step's (pipeline.train.ema)
+    ema_decay: float = field(default=0.0, metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
         if not 0 <= self.semantic_dropout < 1:
             raise ConfigError(f"semantic_dropout must be in [0, 1), got {self.semantic_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         _at_least(self, 0, "checkpoint_every", "log_every", "keep_checkpoints", "max_bad_samples")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")

@@ -14,9 +14,9 @@ split (all the job's qualities: ``loader.qualities``, else every built one; a fi
 (``data.label_source=decoder``: 0 label bits; the maps of every quality are predicted beside the shards
 first). That model trains phases 2-3 from the identity generator with the ablation's budget, not from the
 semantic prior: the prior learnt ground-truth maps, and a prior of its own would cost another phase 1; and
-without instance edges, which a decoder does not have. It is not registered: a registered-model name has
-no label-source part, so it would become a new version of ``<codec>-se-q<quality>`` and take its alias; its
-export is logged with its run. Its folder names the segmenter (``<codec>_q<quality>_decoder-<sha256[:12]>``),
+without instance edges, which a decoder does not have. It is registered as ``<codec>-se-decoder-q<quality>``
+(its spec names the segmenter's sha256) and tagged with its own held-out figures. Its folder names the
+segmenter (``<codec>_q<quality>_decoder-<sha256[:12]>``),
 so another segmenter trains another model. It is evaluated on its own (:func:`decoder_eval_dir`, a nested
 tracking run), the segmenter judging downstream accuracy in both evaluations unless ``eval.segmenter`` names
 another judge, and :func:`decoder_summary` sets codec-SE on ground-truth maps, on decoder maps and the
@@ -72,18 +72,16 @@ def job_qualities(cfg: JobConfig, manifest: Manifest) -> list[int]:
 def _for_quality(
     cfg: JobConfig, quality: int, prior: Path | None, ablation: bool, segmenter: Path | None = None
 ) -> JobConfig:
-    """The phases 2-3 config of one model; with ``segmenter``: codec-SE on its decoder maps, unregistered."""
+    """The phases 2-3 config of one model; with ``segmenter``: codec-SE on its decoder maps."""
     name = f"{cfg.loader.codec}_q{quality}" + ("_nosem" if ablation else "")
-    data, tracking, model = cfg.data, cfg.tracking, replace(cfg.model, zero_semantics=ablation)
+    data, model = cfg.data, replace(cfg.model, zero_semantics=ablation)
     if segmenter is not None:  # a decoder has no instance maps either
         name += f"_decoder-{weights_sha256(segmenter)[:12]}"
         data = replace(cfg.data, label_source="decoder", segmenter=str(segmenter))
-        tracking = replace(cfg.tracking, register=False)
         model = replace(model, use_instance=False)
     return replace(
         cfg,
         data=data,
-        tracking=tracking,
         loader=replace(cfg.loader, quality=quality),
         model=model,
         train=replace(
@@ -357,7 +355,10 @@ def _run(cfg: JobConfig) -> Path:
             print(summary)
             tracker.log_metrics(metrics)
         if cfg.tracking.enabled:
-            for version in tag_registered_models(cfg, exports, results, tracker.active_run_id):
+            tagged = tag_registered_models(cfg, exports, results, tracker.active_run_id)
+            if decoder_results is not None:
+                tagged += tag_registered_models(cfg, decoder_exports, decoder_results, tracker.active_run_id)
+            for version in tagged:
                 print(f"[job] held-out figures set on {version}")
     print(f"\nR-PD results: {results.resolve()} (rpd_mean.csv, rpd_*.png, bdrate.json, crops/)")
     if decoder_results is not None:

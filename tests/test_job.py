@@ -231,11 +231,13 @@ def test_main_job_sets_decoder_label_maps_beside_gt_maps(
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    # the decoder models are not registered: hevc-se-q<QP> holds the gt model alone
+    # the decoder models have names of their own: hevc-se-q<QP> holds the gt model alone
     names = {m.name for m in client.search_registered_models()}
     assert {f"hevc-se-q{q}" for q in qualities} <= names and "cityscapes-segmenter" in names
     for q in qualities:
         assert [int(v.version) for v in client.search_model_versions(f"name='hevc-se-q{q}'")] == [1]
+        (decoder,) = client.search_model_versions(f"name='hevc-se-decoder-q{q}'")
+        assert "eval_psnr" in decoder.tags  # its own held-out figures
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     by_name = {r.info.run_name: r for r in runs}
     assert {"cityscapes-hevc-segment", "train-q42-decoder", "evaluate-decoder-maps"} <= set(by_name)

@@ -92,6 +92,13 @@ def test_distortion() -> None:
     a, b = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.5)
     assert distortion_loss("l1")(a, b).item() == pytest.approx(0.5)
     assert distortion_loss("mse")(a, b).item() == pytest.approx(0.25)
+    # per sample: errors 0.5 (MSE 0.25, -6.02 dB) and 0.05 (MSE 0.0025, -26.02 dB), averaged
+    c = torch.cat([b, torch.full((1, 3, 4, 4), 0.05)])
+    assert distortion_loss("psnr")(torch.zeros(2, 3, 4, 4), c).item() == pytest.approx(-16.0206, abs=1e-3)
+    # each sample weighs by its own error: the good one's gradient is 10x the poor one's per unit of error
+    fake = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    distortion_loss("psnr")(fake, c).backward()
+    assert (fake.grad[1].abs().mean() / fake.grad[0].abs().mean()).item() == pytest.approx(10.0, rel=1e-4)
     with pytest.raises(ValueError, match="distortion"):
         distortion_loss("l2")
 

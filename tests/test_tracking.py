@@ -192,6 +192,9 @@ def test_run_tags_and_names(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"
     assert registry_name("hevc", 42) == "hevc-se-q42"
     assert registry_name("jpeg2000", 30, zero_semantics=True) == "jpeg2000-nosem-q30"
+    assert registry_name("hevc", 42, label_source="decoder") == "hevc-se-decoder-q42"
+    assert registry_name("hevc", 42, label_source="encoder") == "hevc-se-encoder-q42"
+    assert registry_name("hevc", 42, zero_semantics=True, label_source="decoder") == "hevc-nosem-q42"
     with pytest.raises(ValueError, match="registered-model name"):
         registry_name("hevc/../x", 42)
 

@@ -419,3 +419,36 @@ def test_a_non_finite_loss_stops_training_before_anything_is_saved(
     names = ["latest.json", "phase3-step00000002"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names
     assert not (tmp_path / "phase3").exists() and tracker.metrics == []
+
+
+def test_the_weight_average_is_scored_exported_and_resumed(
+    shards: Path, vgg_file: Path, tmp_path: Path, initial_generators: list
+) -> None:
+    """train.ema_decay: the callbacks' ``scored`` network and the export are the moving average of the
+    steps' weights from the starting point (warm-up ``(1 + s) / (10 + s)``, then the decay), and a phase
+    resumed half-way exports the same average as an uninterrupted one."""
+    decay = 0.2  # the warm-up's 2/11 at step 1, the decay from step 2 on
+    raw: dict[int, dict[str, torch.Tensor]] = {}
+    scored: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(event: trainer.StepEvent) -> None:
+        raw[event.step] = {k: v.detach().clone() for k, v in event.generator.state_dict().items()}
+        scored[event.step] = {k: v.detach().clone() for k, v in event.scored.state_dict().items()}
+
+    ema = f"train.ema_decay={decay}"
+    full = make_cfg(shards, vgg_file, tmp_path / "full", "phase2.steps=4", "train.checkpoint_every=2", ema)
+    reference = trainer.train(full, [2], tracker=Tracker(), on_step=keep)[2]
+    expected = {k: v.float() for k, v in initial_generators[0].items()}
+    for step in range(1, 5):
+        weight = 1 - min(decay, (1 + step) / (10 + step))
+        expected = {k: v + weight * (raw[step][k] - v) for k, v in expected.items()}
+        assert all(torch.allclose(scored[step][k], expected[k], atol=1e-7) for k in expected)
+    assert not same(scored[4], raw[4])
+    assert all(torch.allclose(weights(reference)[k], expected[k], atol=1e-7) for k in expected)
+
+    part = make_cfg(shards, vgg_file, tmp_path / "part", "phase2.steps=2", "train.checkpoint_every=2", ema)
+    trainer.train(part, [2], tracker=Tracker())
+    rest = make_cfg(shards, vgg_file, tmp_path / "part", "phase2.steps=4", "train.checkpoint_every=2", ema)
+    assert same(weights(trainer.train(rest, [2], resume=True, tracker=Tracker())[2]), weights(reference))
+    with pytest.raises(ConfigError, match="ema_decay must be in"):
+        make_cfg(shards, vgg_file, tmp_path, "train.ema_decay=1")

@@ -26,7 +26,6 @@ launcher the trainer runs under (single process, ``torchrun``, the ``deepspeed``
 from __future__ import annotations
 
 import copy
-import sys
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -37,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pipeline.atomic import temporary_names
 from pipeline.config import ConfigError, JobConfig
@@ -70,6 +68,7 @@ from pipeline.train.engine import (
     distributed,
     engine_dtype,
     initialize_engine,
+    progress_bar,
     read_deepspeed_config,
     say,
 )
@@ -187,15 +186,7 @@ class SegmentRunner:
             self.saved_step = self.progress.step
         else:
             seed_everything(self.seg.seed + self.env.rank)
-        self.bar = tqdm(
-            total=self.seg.steps,
-            initial=self.progress.step,
-            desc="segmenter",
-            unit="step",
-            disable=not self.env.is_main,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        self.bar = progress_bar(self.env, self.seg.steps, self.progress.step, "segmenter")
         self.last_log = (time.perf_counter(), all_samples(self.batches))
         while self.progress.step < self.seg.steps:
             loss = self._train_step()

@@ -165,9 +165,13 @@ def run_tags(cfg: JobConfig, phase: int | None = None) -> dict[str, str]:
     return tags
 
 
-def registry_name(codec: str, quality: int, zero_semantics: bool = False) -> str:
-    """Registered-model name of a generator: ``hevc-se-q42`` (``hevc-nosem-q42`` without semantics)."""
-    name = f"{codec}-{'nosem' if zero_semantics else 'se'}-q{int(quality)}"
+def registry_name(codec: str, quality: int, zero_semantics: bool = False, label_source: str = "gt") -> str:
+    """Registered-model name of a generator: ``hevc-se-q42`` on ground-truth maps, ``hevc-se-decoder-q42``
+    and ``hevc-se-encoder-q42`` on predicted ones (``data.label_source``: a model of one source does not
+    decode with another's maps, so each has its own versions and aliases), ``hevc-nosem-q42`` without
+    semantics (whatever the source)."""
+    kind = "nosem" if zero_semantics else "se" if label_source == "gt" else f"se-{label_source}"
+    name = f"{codec}-{kind}-q{int(quality)}"
     if not REGISTRY_NAME.match(name):
         raise ValueError(f"codec name {codec!r} gives an invalid registered-model name {name!r}")
     return name

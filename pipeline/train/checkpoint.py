@@ -12,6 +12,7 @@ checkpoint that looks complete but is not.
 * ``trainer_state.json``: phase, step, early stop, the validation state, the config digests and each
   rank's generator digest;
 * ``best_generator.safetensors``: the best validated generator so far (when the phase validates).
+* ``average_generator.safetensors``: the generator's weight average (with ``train.ema_decay``).
 
 ``checkpoints/latest.json`` (``tag``, ``phase``, ``step``, ``history``) names the newest complete one (run
 folders written before it was renamed hold it as ``checkpoints/latest``, which is still read: the name that
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from pipeline.atomic import atomic_path, temporary_names, write_atomic
 from pipeline.config import JobConfig
 from pipeline.train.batches import Batches
+from pipeline.train.ema import WeightAverage
 from pipeline.train.engine import DistEnv, Engines, barrier, say
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ LATEST = "latest.json"
 LEGACY_LATEST = "latest"  # the pointer's name before latest.json; read when resuming an old run folder
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best_generator.safetensors"  # in a checkpoint: the best validated generator so far
+AVERAGE_FILE = "average_generator.safetensors"  # in a checkpoint: the generator's weight average
 GENERATOR_DIR, DISCRIMINATOR_DIR = "generator", "discriminator"  # in a checkpoint: each engine's own folder
 DEEPSPEED_LATEST = "latest"  # DeepSpeed's tag file in an engine's folder
 
@@ -203,8 +206,10 @@ class PhaseCheckpoints:
         *,
         stem: str = "",
         training_digest: str = "",
+        average: WeightAverage | None = None,
     ) -> None:
         self.cfg, self.env, self.root, self.phase = cfg, env, checkpoint_dir(out), phase
+        self.average = average
         self.engines, self.batches, self.validating = engines, batches, validating
         self.stem = stem or f"phase{phase}"
         self.training_digest = training_digest or cfg.training_digest()
@@ -243,6 +248,9 @@ class PhaseCheckpoints:
             if progress.best_weights is not None:
                 with atomic_path(path / BEST_FILE) as tmp:
                     save_file(progress.best_weights, str(tmp))
+            if self.average is not None:
+                with atomic_path(path / AVERAGE_FILE) as tmp:
+                    save_file(self.average.state_dict(), str(tmp))
             position = self.batches.state_dict()
             state = {
                 "phase": self.phase,
@@ -292,6 +300,8 @@ class PhaseCheckpoints:
             progress.bad_validations = int(validation.pop("bad_validations", 0))
             progress.best = validation
             progress.best_weights = load_file(str(checkpoint.path / BEST_FILE))
+        if self.average is not None:  # every rank: a sweep's callbacks score it on each
+            self.average.load_state_dict(load_file(str(checkpoint.path / AVERAGE_FILE)))
         rng_file = self._rng_file(checkpoint.path)
         if state["world_size"] == self.env.world_size and rng_file.is_file():
             rank_state = torch.load(rng_file, weights_only=True)

@@ -127,6 +127,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def progress_bar(env: DistEnv, total: int, initial: int, desc: str) -> tqdm:
+    """The steps' progress bar, drawn on rank 0 only; ``TQDM_DISABLE=1`` turns it off there too (for logs
+    written to files, where the ``[train]`` lines say it all)."""
+    shown: dict[str, Any] = {} if env.is_main else {"disable": True}
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, **shown
+    )
+
+
 def say(env: DistEnv, message: str) -> None:
     """Print ``[train] message`` once, on rank 0 (above a progress bar, if one is drawn)."""
     if env.is_main:

@@ -39,7 +39,6 @@ phase are done, its phase continues from its step with the same RNG states and d
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, temporary_names
 from pipeline.config import ConfigError, JobConfig, flatten
@@ -81,7 +79,8 @@ from pipeline.train.checkpoint import (
     read_latest,
     seed_everything,
 )
-from pipeline.train.engine import DistEnv, Engines, barrier, build_engines, distributed, say
+from pipeline.train.ema import WeightAverage
+from pipeline.train.engine import DistEnv, Engines, barrier, build_engines, distributed, progress_bar, say
 from pipeline.train.gan_step import FiniteWatch, discriminator_terms, generator_terms, step_inputs
 from pipeline.train.preempt import STOP, Preempted
 from pipeline.train.validation import Validator, improves, load_frames
@@ -98,6 +97,8 @@ class StepEvent:
     step: int
     steps: int  # the phase's total
     generator: nn.Module  # the bare generator network (in training mode; the callback must not step it)
+    # what validation scores and the phase exports: the weight average (train.ema_decay), else ``generator``
+    scored: nn.Module
     losses: dict[str, Tensor]  # this rank's loss terms of the step
 
 
@@ -153,9 +154,10 @@ class PhaseRunner:
                 self._save()
             if self.on_step is not None:
                 generator = self.engines.generator.module
-                self.on_step(
-                    StepEvent(self.phase, self.progress.step, self.phase_cfg.steps, generator, losses)
+                event = StepEvent(
+                    self.phase, self.progress.step, self.phase_cfg.steps, generator, self._scored(), losses
                 )
+                self.on_step(event)
             signum = STOP.due(self.progress.step, self.env.device)
             if signum and not self._finished():  # SIGUSR1/SIGTERM: checkpoint before the job is killed
                 self.bar.close()
@@ -176,15 +178,7 @@ class PhaseRunner:
             self.saved_step = self.progress.step
         else:
             seed_everything(self.cfg.train.seed + self.env.rank)
-        self.bar = tqdm(
-            total=self.phase_cfg.steps,
-            initial=self.progress.step,
-            desc=f"phase {self.phase}",
-            unit="step",
-            disable=not self.env.is_main,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        self.bar = progress_bar(self.env, self.phase_cfg.steps, self.progress.step, f"phase {self.phase}")
         self.last_log = (time.perf_counter(), all_samples(self.batches))
         if self.validating and self.progress.step == 0:
             self._validate()
@@ -202,10 +196,19 @@ class PhaseRunner:
             self.env.device
         )
         self.accumulation = self.engines.generator.gradient_accumulation_steps()
+        decay = cfg.train.ema_decay
+        self.average = WeightAverage(self.engines.generator.module, decay) if decay > 0 else None
         self.batches = Batches(cfg, self.env, self.phase)
         self.watch = FiniteWatch()
         self.checkpoints = PhaseCheckpoints(
-            cfg, self.env, self.out, self.phase, self.engines, self.batches, self.validating
+            cfg,
+            self.env,
+            self.out,
+            self.phase,
+            self.engines,
+            self.batches,
+            self.validating,
+            average=self.average,
         )
         if self.validating and self.env.is_main:
             frames = load_frames(cfg, cfg.validate.split, cfg.validate.images)
@@ -265,8 +268,14 @@ class PhaseRunner:
             for key, value in self._micro_step(self.batches.next()).items():
                 totals[key] = totals.get(key, 0) + value / self.accumulation
         self.progress.step += 1
+        if self.average is not None:
+            self.average.update(self.engines.generator.module, self.progress.step)
         self.watch.observe(self.progress.step, totals)
         return totals
+
+    def _scored(self) -> nn.Module:
+        """The generator validation scores and the phase exports: the weight average, when there is one."""
+        return self.average.module if self.average is not None else self.engines.generator.module
 
     # ---- around the steps -------------------------------------------------------------------------
 
@@ -312,7 +321,7 @@ class PhaseRunner:
         """Rank 0's part of :meth:`_validate`; returns whether the phase is to stop early."""
         assert self.validator is not None
         progress, metric = self.progress, self.cfg.validate.metric
-        scores = self.validator(self.engines.generator.module)
+        scores = self.validator(self._scored())
         if improves(scores[metric], progress.best.get("value"), metric, self.cfg.validate.min_delta):
             progress.best = {
                 "step": progress.step,
@@ -321,8 +330,7 @@ class PhaseRunner:
                 "scores": scores,
             }
             progress.best_weights = {
-                k: v.detach().float().cpu().clone()
-                for k, v in self.engines.generator.module.state_dict().items()
+                k: v.detach().float().cpu().clone() for k, v in self._scored().state_dict().items()
             }
             progress.bad_validations = 0
         else:
@@ -362,7 +370,7 @@ class PhaseRunner:
             extra: dict[str, Any] = {}
             if self.cfg.loader.qualities and self.phase_cfg.visual_input:
                 extra["qualities"] = training_qualities(self.cfg)
-            generator: nn.Module = self.engines.generator
+            generator: nn.Module = self.engines.generator if self.average is None else self.average.module
             best = self.progress.best
             if self.progress.best_weights is not None:
                 generator = Generator(**self.engines.generator.module.hparams)
@@ -532,7 +540,9 @@ def _registered_name(cfg: JobConfig, phase: int) -> str | None:
     wanted = phase == 3 or (phase == 2 and tracking.register_phase2)
     if not (tracking.enabled and tracking.register and wanted):
         return None
-    name = registry_name(cfg.loader.codec, cfg.loader.quality, cfg.model.zero_semantics)
+    name = registry_name(
+        cfg.loader.codec, cfg.loader.quality, cfg.model.zero_semantics, cfg.data.label_source
+    )
     return name + "-perceptual" if phase == 2 else name
 
 

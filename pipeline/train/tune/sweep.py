@@ -345,7 +345,7 @@ def run_trial(config: dict[str, Any], setup: _Setup) -> None:
     def on_step(event: StepEvent) -> None:
         if event.phase != 2 or event.step >= event.steps or event.step % every:
             return
-        scores = evaluate(event.generator)
+        scores = evaluate(event.scored)
         losses = {f"loss.{k}": float(v) for k, v in event.losses.items()}
         with checkpoint_of(out, event.step) as checkpoint:
             # ASHA may stop the trial here: Ray then ends this worker (its MLflow run is the driver's)

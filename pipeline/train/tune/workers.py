@@ -125,7 +125,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     def on_step(event: StepEvent) -> None:
         if evaluate is None or event.phase != 2 or event.step >= event.steps or event.step % every:
             return
-        scores = evaluate(event.generator)
+        scores = evaluate(event.scored)
         losses = {f"loss.{k}": float(v) for k, v in event.losses.items()}
         metrics = {"step": event.step, "start_step": start or 0, "world_size": dist.get_world_size()}
         with checkpoint_snapshot(out, event.step, out / SNAPSHOT_DIR) as folder:
