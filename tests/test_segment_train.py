@@ -307,6 +307,7 @@ def test_stopped_or_killed_runs_resume_bit_identically(
     resumed = segment_process([*argv, "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming segment at step 3" in resumed.stdout
+    assert "segmenter step 4 loss=" in resumed.stdout  # progress without a progress bar (log_every 2)
     assert (out / SEGMENTER_FILE).read_bytes() == expected
 
     # SIGKILL after step 5: nothing saved at the kill, the resume starts from step 4's checkpoint

@@ -283,6 +283,10 @@ class SegmentRunner:
         if self.env.is_main:
             self.tracker.log_metrics(logged, step=self.progress.step)
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items()}, refresh=False)
+            say(
+                self.env,
+                f"segmenter step {self.progress.step} " + " ".join(f"{k}={v:.4g}" for k, v in logged.items()),
+            )
         self.last_log = (time.perf_counter(), samples)
 
     def _save(self) -> None:
