@@ -100,8 +100,8 @@ class NegativePSNR(nn.Module):
 
     Its gradient weighs each sample by the inverse of its own squared error, so the samples of a good
     quality (small errors) count as much as those of a poor one: what it maximises is the mean PSNR gain
-    over a batch mixing qualities, where plain MSE is dominated by the poorest quality. ``eps`` caps a
-    sample's PSNR at 100 dB (peak 1).
+    over a batch mixing qualities, where plain MSE is dominated by the poorest quality. The value is the
+    PSNR of the value range 1 (images in [-1, 1] add a constant 6.02 dB); ``eps`` caps it at 100 dB.
     """
 
     def __init__(self, eps: float = 1e-10) -> None:

@@ -25,14 +25,14 @@ class WeightAverage:
         self.decay = decay
         self.module = copy.deepcopy(network).float().eval().requires_grad_(False)
 
-    def weight(self, step: int) -> float:
-        """The decay at optimizer step ``step`` (1 after the first step)."""
+    def decay_at(self, step: int) -> float:
+        """The decay at optimizer step ``step`` (1 after the first step): the warm-up, then ``decay``."""
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def update(self, network: nn.Module, step: int) -> None:
         """Fold the network's weights after optimizer step ``step`` into the average (buffers are copied)."""
-        decay = self.weight(step)
+        decay = self.decay_at(step)
         current = network.state_dict()
         for name, average in self.module.state_dict().items():
             value = current[name].detach()
