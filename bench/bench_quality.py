@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ from typing import Any
 from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides
 from pipeline.data.shards import build_shards
 from pipeline.eval.evaluate import evaluate
-from pipeline.eval.report import format_reference_bdrate
+from pipeline.eval.report import format_reference_bdrate, means_by_curve
 from pipeline.model.export import read_spec
 
 QUALITIES = [32, 37, 42, 47]
@@ -115,11 +114,6 @@ def train_all(cfg_args: list[str], work: Path, segmenter: Path | None) -> dict[s
         logs[name].close()
         exports[name] = out / "phase3" / "generator.safetensors"
     return exports
-
-
-def means(folder: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    with (folder / "rpd_mean.csv").open() as f:
-        return {(r["method"], int(r["quality"])): r for r in csv.DictReader(f)}
 
 
 def f(row: dict[str, Any], key: str) -> float:
@@ -261,12 +255,12 @@ def main() -> None:
         report = json.loads((held / "bdrate.json").read_text())
         print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames (lindau); "
               "train: the 10 frankfurt training frames")  # fmt: skip
-        print(table(means(held), means(train), report))
+        print(table(means_by_curve(held), means_by_curve(train), report))
         print(reference_table(report))
         if held_dec is not None:
             report_dec = json.loads((held_dec / "bdrate.json").read_text())
             accuracy = json.loads((held / "segmentation.json").read_text())
-            print(decoder_table(means(held), means(held_dec), report, report_dec, accuracy))
+            print(decoder_table(means_by_curve(held), means_by_curve(held_dec), report, report_dec, accuracy))
             print("codec-SE on decoder maps against the reference codecs:")
             print(reference_table(report_dec))
         total = (time.perf_counter() - start) / 60

@@ -25,7 +25,6 @@ ablation side by side.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shlex
@@ -44,7 +43,7 @@ from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import check_reference_codecs, evaluate
-from pipeline.eval.report import MEANS_FILE, slug
+from pipeline.eval.report import MEANS_FILE, means_by_curve, read_means, slug
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
 from pipeline.segment.train import check_settings, train_segmenter
@@ -120,11 +119,6 @@ def _decoder_eval_config(cfg: JobConfig, segmenter: Path) -> JobConfig:
     return replace(cfg, data=data, eval=replace(cfg.eval, output_dir=str(decoder_eval_dir(cfg))))
 
 
-def _means(folder: Path) -> dict[tuple[str, int], dict[str, str]]:
-    with (folder / MEANS_FILE).open() as f:
-        return {(row["method"], int(row["quality"])): row for row in csv.DictReader(f)}
-
-
 def _number(row: dict[str, str], column: str) -> float:
     """A cell of ``rpd_mean.csv``; NaN when empty or absent."""
     try:
@@ -150,7 +144,7 @@ def decoder_summary(codec: str, gt: Path, decoder: Path, segmenter: Path) -> tup
     (folder ``decoder``) and the ablation, per quality: bpp, PSNR gain over the codec and mIoU (when judged);
     then the PSNR BD-rate of each on total bits against the codec and each reference codec. Returns the table
     and its BD-rates as metrics (``job.bdrate_psnr_total[_vs_<reference>].<curve>``)."""
-    means = {gt: _means(gt), decoder: _means(decoder)}
+    means = {gt: means_by_curve(gt), decoder: means_by_curve(decoder)}
     reports = {folder: json.loads((folder / "bdrate.json").read_text()) for folder in (gt, decoder)}
     se, ablation = f"{codec}-SE", f"{codec}-SE (no semantics)"
     # (name, folder, method): the curves compared, each from its own evaluation
@@ -261,8 +255,7 @@ def tag_registered_models(
     quality) on its model version, beside the validation figures it was registered with; returns the
     versions so tagged. An export counts as registered when its ``registered.json`` marker names these
     weights."""
-    with (results / MEANS_FILE).open() as f:
-        means = list(csv.DictReader(f))
+    means = read_means(results)
     tagged = []
     for export in exports:
         try:
@@ -338,12 +331,11 @@ def _run(cfg: JobConfig) -> Path:
                     train(dcfg, [2, 3], resume=True, tracker=tracker, run_name=run_name)[3]
                 )
         results = evaluate(cfg, models=[str(e) for e in exports], tracker=tracker)
-        with (results / "rpd_mean.csv").open() as f:
-            codec_bpp = {
-                int(row["quality"]): float(row["bpp_codec"])
-                for row in csv.DictReader(f)
-                if row["method"] == cfg.loader.codec
-            }
+        codec_bpp = {
+            quality: float(row["bpp_codec"])
+            for (method, quality), row in means_by_curve(results).items()
+            if method == cfg.loader.codec
+        }
         print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample))
         decoder_results = None
         if segmenter is not None:

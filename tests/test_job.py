@@ -156,17 +156,7 @@ def test_main_job_sets_decoder_label_maps_beside_gt_maps(
     qualities = (32, 37, 42, 47)
     overrides = [
         f"data.root={cityscapes_root}",
-        "data.width=256",
-        "data.height=128",
-        "shards.output=shards",
-        "shards.workers=1",
-        f"shards.codecs=[{{name: hevc, qualities: {list(qualities)}}}]",
-        "loader.crop=[64, 64]",
-        "phase1.steps=1",
-        "phase2.steps=1",
-        "phase3.steps=1",
-        "train.checkpoint_every=1",
-        "validate.every=1",
+        *MAIN_JOB,  # its shards settings, so that the shards are reused
         "eval.crops=0",
         "eval.reference_codecs=[jxl]",  # one reference codec keeps the test short
         "segment.in_main_job=true",

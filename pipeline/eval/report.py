@@ -11,6 +11,7 @@ as method, model and codec, and its own quality scale.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -27,6 +28,18 @@ ROWS_FILE = "rpd.csv"
 MEANS_FILE = "rpd_mean.csv"
 BDRATE_FILE = "bdrate.json"
 SHOWN_KEYS = 10  # frame keys printed in full; more are abbreviated
+
+
+def read_means(folder: Path) -> list[dict[str, str]]:
+    """The rows of an evaluation folder's ``rpd_mean.csv``, cells as written."""
+    with (folder / MEANS_FILE).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def means_by_curve(folder: Path) -> dict[tuple[str, int], dict[str, str]]:
+    """:func:`read_means` keyed by ``(method, quality)``: one model per method and quality, as in the main
+    job and the benchmarks."""
+    return {(row["method"], int(row["quality"])): row for row in read_means(folder)}
 
 
 def mean_rows(
