@@ -162,6 +162,10 @@ def test_ranks_and_workers_disjoint_and_complete(
         assert len(manifest.splits["val"].shards) >= 2
         expected = set(_originals(cfg))
     loaders = [make_loader(cfg, rank=rank, world_size=2, seed=5) for rank in range(2)]
+    # workers from a fork server: a fork of this (threaded) process could copy a held lock and hang
+    assert all(
+        loader.pipeline[0].multiprocessing_context.get_start_method() == "forkserver" for loader in loaders
+    )
     for _epoch in range(2):  # shard order changes per epoch, identically on every rank
         per_rank = []
         for rank, loader in enumerate(loaders):

@@ -521,6 +521,9 @@ def make_loader(
 
     Iterating it again starts the next epoch (new shard order, shuffle and crops). In resampled
     mode one pass is a nominal epoch when the manifest gives the split's sample count, else endless.
+    The workers start from a fork server, not by forking the training process: a fork copies the locks of
+    that process's threads (OpenCV's and torch's pools, DeepSpeed's, MLflow's) in whatever state they are,
+    and a worker that finds one held waits forever.
     """
     dataset = make_dataset(cfg, split, rank=rank, world_size=world_size, train=train, seed=seed)
     workers = cfg.loader.num_workers
@@ -530,6 +533,7 @@ def make_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
+        multiprocessing_context="forkserver" if workers > 0 else None,
     )
     if cfg.loader.resampled and not cfg.loader.shards:
         name = split or cfg.loader.split
