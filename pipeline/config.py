@@ -259,6 +259,10 @@ class ModelConfig:
     # clamp(decoded + correction) with the correction initialised at zero: codec-SE starts at the codec.
     # False: pix2pixHD's tanh output (the paper's generator).
     residual: bool = True
+    # one more input channel, constant over the frame: the quality the decoded image was coded at, as its
+    # place on the codec's scale (pipeline.model.inputs.quality_level); for one model serving several
+    # qualities (loader.qualities), which then knows how strong the artifacts are
+    quality_input: bool = field(default=False, metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "ngf", "ndf", "n_layers_d", "num_d")

@@ -83,6 +83,7 @@ def test_batch_format(built: tuple[JobConfig, Manifest]) -> None:
     assert batch["image"].dtype == batch["decoded"].dtype == batch["edge"].dtype == torch.float32
     assert batch["label"].dtype == torch.int64
     assert batch["bpp"].dtype == batch["label_bpp"].dtype == torch.float32 and batch["bpp"].shape == (4,)
+    assert batch["quality"].dtype == torch.int64 and batch["quality"].tolist() == [42] * 4
     for name in ("image", "decoded"):
         assert -1.0 <= batch[name].min() < -0.5 and 0.5 < batch[name].max() <= 1.0
     assert set(batch["edge"].unique().tolist()) == {0.0, 1.0}
@@ -211,6 +212,7 @@ def test_several_qualities_are_drawn_per_sample(built: tuple[JobConfig, Manifest
                     assert batch["bpp"][i].item() == pytest.approx(
                         originals[key]["json"]["codecs"][member[0][:-4]]["bpp"]
                     )
+                    assert batch["quality"][i].item() == {"hevc_q37.png": 37, f"{MEMBER}.png": 42}[member[0]]
                     out.append((key, member[0]))
         return out
 

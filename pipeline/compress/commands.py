@@ -350,7 +350,9 @@ def decompress_file(
             )
         _check_labels(label, used)
         check_tiling(used.spec, tile, overlap)
-        rgb = enhance_tiled(used.generator, used.spec, rgb, label, tile=tile, overlap=overlap)
+        rgb = enhance_tiled(
+            used.generator, used.spec, rgb, label, container.quality, tile=tile, overlap=overlap
+        )
     write_png(out, rgb)
     return container, used
 

@@ -130,16 +130,18 @@ def enhance_tiled(
     spec: GeneratorSpec,
     decoded: np.ndarray,
     label: np.ndarray,
+    quality: int | None = None,
     *,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
 ) -> np.ndarray:
-    """Enhance one uint8 ``H x W x 3`` frame with its ``H x W`` label map, in tiles when it is larger than
-    ``tile`` pixels on a side (see the module docstring); returns uint8 ``H x W x 3``."""
+    """Enhance one uint8 ``H x W x 3`` frame with its ``H x W`` label map (coded at ``quality``, which a
+    ``quality_input`` model needs), in tiles when it is larger than ``tile`` pixels on a side (see the
+    module docstring); returns uint8 ``H x W x 3``."""
     check_tiling(spec, tile, overlap)
     height, width = label.shape
     if height <= tile and width <= tile:
-        return enhance_image(generator, spec, decoded, label)
+        return enhance_image(generator, spec, decoded, label, quality=quality)
     stride = 2**spec.n_downsample
     tiles = []
     for top in tile_starts(height, tile, overlap):
@@ -159,7 +161,7 @@ def enhance_tiled(
         dec = dec.permute(2, 0, 1)[None].float().div(127.5).sub(1)
         lab = torch.from_numpy(label[top:bottom, left:right].astype(np.int64))[None]
         edge = torch.zeros(1, 1, *lab.shape[-2:]) if spec.use_instance else None
-        return enhance_batch(generator, spec, lab, dec, edge)[0].clamp(-1, 1)
+        return enhance_batch(generator, spec, lab, dec, edge, quality)[0].clamp(-1, 1)
 
     norms = _FrameNorms(generator) if spec.norm == "instance" else None
     try:

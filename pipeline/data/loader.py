@@ -367,9 +367,12 @@ def _arrays(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> dic
         edge = np.zeros(label.shape, np.float32)
     try:
         bpp = float(meta["codecs"][member]["bpp"])
+        quality = int(meta["codecs"][member]["quality"])
         label_bpp = float(sample[LABEL_BPP] if LABEL_BPP in sample else meta["label"]["bpp"])
     except (KeyError, TypeError) as err:
-        raise LoaderError(f"sample {key}: metadata lacks codecs.{member}.bpp or label.bpp") from err
+        raise LoaderError(
+            f"sample {key}: metadata lacks codecs.{member}.bpp, codecs.{member}.quality or label.bpp"
+        ) from err
     return {
         "image": image,
         "decoded": decoded,
@@ -377,6 +380,7 @@ def _arrays(sample: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> dic
         "edge": edge,
         "bpp": bpp,
         "label_bpp": label_bpp,
+        "quality": quality,
         "key": key,
     }
 
@@ -432,6 +436,7 @@ def to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
         "edge": torch.from_numpy(np.ascontiguousarray(sample["edge"], dtype=np.float32))[None],
         "bpp": sample["bpp"],
         "label_bpp": sample["label_bpp"],
+        "quality": sample["quality"],
         "key": sample["key"],
     }
 
@@ -451,6 +456,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["label"] = batch["label"].long()
     for name in ("bpp", "label_bpp"):
         batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.float32)
+    batch["quality"] = torch.tensor([s["quality"] for s in samples], dtype=torch.long)
     batch["key"] = [s["key"] for s in samples]
     return batch
 

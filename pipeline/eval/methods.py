@@ -175,7 +175,8 @@ def reconstruct(method: Method, sample: EvalSample, quality: int) -> np.ndarray:
     decoded = sample.decoded[quality]
     if method.generator is None or method.spec is None:
         return decoded
-    return enhance_image(method.generator, method.spec, decoded, sample.label_at(quality), sample.instance)
+    label = sample.label_at(quality)
+    return enhance_image(method.generator, method.spec, decoded, label, sample.instance, quality)
 
 
 def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:

@@ -6,9 +6,11 @@ a checkpoint or ranks a sweep's trials, and the registered model a user calls mu
 or the numbers that chose a model would describe another one. The rules, all from the
 :class:`~pipeline.model.spec.GeneratorSpec`:
 
-* the input is ``one-hot(label) ⊕ edge ⊕ decoded`` (:func:`pipeline.model.inputs.generator_input`); the
-  decoded image is zeroed unless ``spec.visual_input`` (phase 1's prior never saw it), the semantic
-  channels are zeroed for a ``zero_semantics`` model;
+* the input is ``one-hot(label) ⊕ edge ⊕ quality ⊕ decoded``
+  (:func:`pipeline.model.inputs.generator_input`; the quality channel for a ``quality_input`` model only,
+  which needs the quality the frame was coded at); the decoded image is zeroed unless
+  ``spec.visual_input`` (phase 1's prior never saw it), the semantic channels are zeroed for a
+  ``zero_semantics`` model;
 * a frame whose size is not a multiple of the generator's stride (``2 ** n_downsample``) is padded at the
   bottom and right, the decoded image by reflection (by replication when the padding is wider than the
   image), label and edge maps by replication, and the output is cropped back;
@@ -49,13 +51,17 @@ def enhance_batch(
     label: Tensor | np.ndarray,
     decoded: Tensor | np.ndarray,
     edge: Tensor | np.ndarray | None = None,
+    quality: int | Tensor | np.ndarray | None = None,
 ) -> Tensor:
     """Run ``generator`` (described by ``spec``) on a batch; returns ``B x 3 x H x W`` float32 in [-1, 1]
     on the generator's device.
 
     ``label``: int ``B x H x W`` ids in ``[0, label_nc)`` (checked when given on the CPU); ``decoded``:
-    ``B x 3 x H x W`` in [-1, 1]; ``edge``: ``B x 1 x H x W``, required when ``spec.use_instance``.
+    ``B x 3 x H x W`` in [-1, 1]; ``edge``: ``B x 1 x H x W``, required when ``spec.use_instance``;
+    ``quality``: the codec quality the frames were coded at (one, or one per frame), required when
+    ``spec.quality_input``.
     """
+    level = spec.quality_channel(None if quality is None else torch.as_tensor(quality))
     device = next(generator.parameters()).device
     label = torch.as_tensor(label)
     decoded = torch.as_tensor(decoded, dtype=torch.float32).to(device)
@@ -78,6 +84,7 @@ def enhance_batch(
             use_instance=spec.use_instance,
             zero_semantics=spec.zero_semantics,
             visual_input=spec.visual_input,
+            quality=level,
         )
         return generator(x, synthesis=spec.uses_synthesis)[..., :height, :width]
 
@@ -88,9 +95,11 @@ def enhance_image(
     decoded: np.ndarray,
     label: np.ndarray,
     instance: np.ndarray | None = None,
+    quality: int | None = None,
 ) -> np.ndarray:
     """Enhance one frame: ``decoded`` uint8 ``H x W x 3`` RGB, ``label`` ``H x W`` ids, ``instance``
-    ``H x W`` ids (a model with ``use_instance`` sees its edges; none given: no edges); returns the uint8
+    ``H x W`` ids (a model with ``use_instance`` sees its edges; none given: no edges), ``quality`` the
+    codec quality ``decoded`` was coded at (needed by a ``quality_input`` model); returns the uint8
     ``H x W x 3`` RGB output."""
     dec = torch.from_numpy(np.array(decoded, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
     lab = torch.from_numpy(label.astype(np.int64))[None]
@@ -100,5 +109,5 @@ def enhance_image(
             edge = torch.zeros(1, 1, *label.shape)
         else:
             edge = edge_map(torch.from_numpy(instance.astype(np.int64)))[None, None]
-    out = enhance_batch(generator, spec, lab, dec, edge)[0]
+    out = enhance_batch(generator, spec, lab, dec, edge, quality)[0]
     return out.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()

@@ -1,9 +1,10 @@
 """The JPD-SE generator input and the discriminator's conditioning.
 
-The generator sees ``one-hot labels (label_nc) ⊕ instance edges (1, with instances) ⊕ decoded RGB (3)``.
-Ablations keep the same channels and zero some of them, so every phase and ablation shares one
-architecture: ``visual_input=False`` zeroes the decoded image (phase 1), ``zero_semantics=True`` zeroes
-the one-hot and edge channels (the no-semantics baseline).
+The generator sees ``one-hot labels (label_nc) ⊕ instance edges (1, with instances) ⊕ quality (1, with
+model.quality_input) ⊕ decoded RGB (3)``. Ablations keep the same channels and zero some of them, so every
+phase and ablation shares one architecture: ``visual_input=False`` zeroes the decoded image and the
+quality (phase 1: no decoded image, so no quality either), ``zero_semantics=True`` zeroes the one-hot and
+edge channels (the no-semantics baseline). The quality channel is :func:`quality_level` everywhere.
 
 The discriminator is conditioned like pix2pixHD's: it sees the semantic channels of the generator input
 ⊕ an image (generated or real)::
@@ -27,9 +28,22 @@ def semantic_channels(label_nc: int, use_instance: bool) -> int:
     return label_nc + int(use_instance)
 
 
-def input_channels(label_nc: int, use_instance: bool) -> int:
+def input_channels(label_nc: int, use_instance: bool, quality_input: bool = False) -> int:
     """Channels of :func:`generator_input`'s output."""
-    return semantic_channels(label_nc, use_instance) + IMAGE_CHANNELS
+    return semantic_channels(label_nc, use_instance) + int(quality_input) + IMAGE_CHANNELS
+
+
+def quality_level(codec: str, quality: int | float | Tensor) -> Tensor:
+    """``quality`` as its place on ``codec``'s scale: ``(quality - lo) / (hi - lo)`` for the codec's
+    ``quality_range`` ``[lo, hi]`` (HEVC QP 42: 42 / 51), float32, the shape of ``quality``. Qualities
+    outside the range are refused."""
+    from pipeline.data.codecs.base import codec_class
+
+    low, high = codec_class(codec).quality_range
+    given = torch.as_tensor(quality)
+    if given.numel() and (given.min() < low or given.max() > high):
+        raise ValueError(f"{codec} quality must lie in [{low}, {high}], got {given.flatten().tolist()}")
+    return (given.to(torch.float32) - low) / (high - low)
 
 
 def edge_map(instance: Tensor) -> Tensor:
@@ -75,13 +89,17 @@ def generator_input(
     use_instance: bool,
     zero_semantics: bool,
     visual_input: bool,
+    quality: Tensor | None = None,
 ) -> Tensor:
-    """Assemble ``one-hot(label) ⊕ edge ⊕ decoded`` (``B x input_channels x H x W``) on ``decoded``'s device.
+    """Assemble ``one-hot(label) ⊕ edge ⊕ quality ⊕ decoded`` (``B x input_channels x H x W``) on
+    ``decoded``'s device.
 
     ``label``: int ``B x H x W`` (or ``B x 1 x H x W``) ids in ``[0, label_nc)``, checked when it is on the
     CPU (see :func:`check_label_ids`); ``edge``: ``B x 1 x H x W``, required when ``use_instance`` and
-    ignored otherwise; ``decoded``: ``B x 3 x H x W`` in [-1, 1]. ``zero_semantics`` zeroes the one-hot
-    and edge channels, ``visual_input=False`` the decoded ones.
+    ignored otherwise; ``decoded``: ``B x 3 x H x W`` in [-1, 1]; ``quality``: each sample's
+    :func:`quality_level` (``B`` values, or one for all), a generator with ``model.quality_input`` only
+    (none: no quality channel). ``zero_semantics`` zeroes the one-hot and edge channels,
+    ``visual_input=False`` the quality and decoded ones.
     """
     if label_nc <= 0:
         raise ValueError(f"label_nc must be positive, got {label_nc}")
@@ -109,6 +127,11 @@ def generator_input(
         parts.append(edge.to(decoded.device, decoded.dtype))
     if zero_semantics:
         parts = [torch.zeros_like(p) for p in parts]
+    if quality is not None:
+        level = torch.as_tensor(quality, dtype=decoded.dtype).to(decoded.device).reshape(-1, 1, 1, 1)
+        if level.shape[0] not in (1, batch):
+            raise ValueError(f"quality must hold 1 or {batch} values, got {level.shape[0]}")
+        parts.append(level.expand(batch, 1, height, width) * float(visual_input))
     parts.append(decoded if visual_input else torch.zeros_like(decoded))
     return torch.cat(parts, dim=1)
 

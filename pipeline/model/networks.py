@@ -241,7 +241,7 @@ def build_models(
     if label_nc <= 0:
         raise ValueError(f"label_nc must be positive, got {label_nc}")
     generator = Generator(
-        input_channels(label_nc, use_instance),
+        input_channels(label_nc, use_instance, model_cfg.quality_input),
         IMAGE_CHANNELS,
         ngf=model_cfg.ngf,
         n_downsample=model_cfg.n_downsample,

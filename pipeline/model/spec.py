@@ -16,7 +16,10 @@ another rule:
   original, coded) and ``segmenter`` (the sha256 of that segmenter's file). A spec without them is
   written as version 2 (:attr:`GeneratorSpec.format_version`), so exports of earlier content keep their
   bytes, and a pipeline that predates version 3 refuses a ``decoder`` generator instead of feeding it
-  ground-truth maps. Absent, the label source is ``gt``.
+  ground-truth maps. Absent, the label source is ``gt``;
+* version 4: version 3 plus ``quality_input`` (the generator sees the codec quality,
+  :func:`pipeline.model.inputs.quality_level` of ``codec``). A spec without it is written as version 3 or
+  older, and a pipeline that predates version 4 refuses a generator that needs the quality.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -32,12 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from pipeline.config import MODEL_BOUNDS, JobConfig, LabelSource, ModelConfig, Norm
-from pipeline.model.inputs import IMAGE_CHANNELS, input_channels
+from pipeline.model.inputs import IMAGE_CHANNELS, input_channels, quality_level
 from pipeline.model.networks import Generator
 
-FORMAT_VERSION = 3  # the newest version this code reads and writes
+FORMAT_VERSION = 4  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -82,6 +86,7 @@ class GeneratorSpec:
     selected: dict[str, Any] | None = None
     label_source: str | None = None  # None: gt (version 2 and earlier)
     segmenter: str | None = None  # sha256 of the segmenter file that made the maps (decoder, encoder)
+    quality_input: bool | None = None  # None: no quality channel (version 3 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -90,6 +95,10 @@ class GeneratorSpec:
             )
         if self.qualities is not None:
             object.__setattr__(self, "qualities", tuple(self.qualities))
+        if self.quality_input is False:  # the same spec as without the key: written as before it existed
+            object.__setattr__(self, "quality_input", None)
+        if self.quality_input and self.codec is None:
+            raise ValueError("generator spec quality_input needs the codec whose scale the quality is on")
         for key, (low, high) in BOUNDS.items():
             value = getattr(self, key)
             if value is not None and not low <= value <= high:
@@ -145,6 +154,19 @@ class GeneratorSpec:
         """The label maps the generator was trained on: ``gt`` unless the spec says otherwise."""
         return self.label_source or "gt"
 
+    def quality_channel(self, quality: int | Tensor | None) -> Tensor | None:
+        """What :func:`~pipeline.model.inputs.generator_input` takes as ``quality`` for this generator: the
+        :func:`~pipeline.model.inputs.quality_level` of ``quality`` on ``codec``'s scale when the generator
+        sees the quality (refused when none is given), else ``None``."""
+        if not self.quality_input:
+            return None
+        if quality is None:
+            raise ValueError(
+                f"this generator sees the {self.codec} quality its input was coded at (model.quality_input); "
+                "give that quality"
+            )
+        return quality_level(str(self.codec), quality)
+
     @property
     def uses_synthesis(self) -> bool:
         """Whether to run the generator with ``synthesis=True``: phase-1 exports (the semantic prior) draw
@@ -167,7 +189,7 @@ class GeneratorSpec:
     def generator_kwargs(self) -> dict[str, Any]:
         """:class:`~pipeline.model.networks.Generator`'s arguments (its ``hparams``)."""
         return {
-            "input_nc": input_channels(self.label_nc, self.use_instance),
+            "input_nc": input_channels(self.label_nc, self.use_instance, bool(self.quality_input)),
             "output_nc": IMAGE_CHANNELS,
             "ngf": self.ngf,
             "n_downsample": self.n_downsample,
@@ -195,8 +217,8 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Versions 1 and 2 are closed: ModelConfig and the spec as they were then, so a
-# field added later is never taken for part of an older file. Version 3 is GeneratorSpec's fields.
+# Spec keys by format version. Versions 1 to 3 are closed: ModelConfig and the spec as they were then, so a
+# field added later is never taken for part of an older file. Version 4 is GeneratorSpec's fields.
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -204,8 +226,10 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
             *("use_instance", "zero_semantics", "codec", "quality", "phase", "steps"),
         }
     ),
-    2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"label_source", "segmenter"},
-    3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
+    - {"label_source", "segmenter", "quality_input"},
+    3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"quality_input"},
+    4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
 }
 
 

@@ -201,21 +201,27 @@ def example_input(spec: GeneratorSpec, batch: int = 1) -> dict[str, np.ndarray]:
     }
     if spec.use_instance:
         inputs["edge"] = np.zeros((batch, 1, side, side), np.float32)
+    if spec.quality_input:
+        from pipeline.data.codecs.base import codec_class
+
+        inputs["quality"] = np.full(batch, codec_class(str(spec.codec)).quality_range[0], np.int64)
     return inputs
 
 
 def predict(generator: nn.Module, spec: GeneratorSpec, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
     """Run an exported generator on numpy inputs (:func:`pipeline.model.inference.enhance_batch`):
     ``label`` int ``B x H x W``, ``decoded`` float32 ``B x 3 x H x W`` in [-1, 1], ``edge`` float32
-    ``B x 1 x H x W`` (with instances). Returns the enhanced image, float32 ``B x 3 x H x W`` in [-1, 1]."""
+    ``B x 1 x H x W`` (with instances), ``quality`` int ``B`` (the codec quality of each frame, for a
+    ``quality_input`` model). Returns the enhanced image, float32 ``B x 3 x H x W`` in [-1, 1]."""
     from pipeline.model.inference import enhance_batch
 
-    needed = ("label", "decoded", "edge") if spec.use_instance else ("label", "decoded")
+    needed = ["label", "decoded"] + ["edge"] * spec.use_instance + ["quality"] * bool(spec.quality_input)
     missing = [k for k in needed if k not in inputs]
     if missing:
-        raise ValueError(f"generator input lacks {missing}; it takes {list(needed)}")
+        raise ValueError(f"generator input lacks {missing}; it takes {needed}")
     edge = inputs["edge"] if spec.use_instance else None
-    return enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge).cpu().numpy()
+    quality = inputs["quality"] if spec.quality_input else None
+    return enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge, quality).cpu().numpy()
 
 
 def generator_signature(generator_file: Path) -> ModelSignature:
@@ -229,8 +235,11 @@ def generator_signature(generator_file: Path) -> ModelSignature:
     inputs = example_input(spec)
     inferred = infer_signature(inputs, predict(generator, spec, inputs))
 
-    def free(schema: Schema) -> Schema:
-        return Schema([TensorSpec(s.type, (*s.shape[:-2], -1, -1), s.name) for s in schema.inputs])
+    def free(schema: Schema) -> Schema:  # images: free height and width; per-frame values as they are
+        return Schema(
+            [TensorSpec(s.type, (*s.shape[:-2], -1, -1) if len(s.shape) > 2 else s.shape, s.name)
+             for s in schema.inputs]
+        )  # fmt: skip
 
     return ModelSignature(inputs=free(inferred.inputs), outputs=free(inferred.outputs))
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.config import JobConfig, PhaseConfig
 from pipeline.data.manifest import DatasetInfo
-from pipeline.model.inputs import discriminator_input, generator_input, semantic_channels
+from pipeline.model.inputs import discriminator_input, generator_input, quality_level, semantic_channels
 from pipeline.model.losses import GeneratorLosses, discriminator_loss
 
 
@@ -64,6 +64,7 @@ def step_inputs(
         use_instance=data.use_instance,
         zero_semantics=cfg.model.zero_semantics,
         visual_input=phase_cfg.visual_input,
+        quality=quality_level(cfg.loader.codec, batch["quality"]) if cfg.model.quality_input else None,
     ).to(dtype)
     semantic_nc = semantic_channels(data.label_nc, data.use_instance)
     semantics = g_in[:, :semantic_nc]

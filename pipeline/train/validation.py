@@ -81,7 +81,7 @@ class Validator:
         net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
         net = net.to(self.device).eval()
         return [
-            (s.image, enhance_image(net, self.spec, s.decoded[q], s.label_at(q), s.instance))
+            (s.image, enhance_image(net, self.spec, s.decoded[q], s.label_at(q), s.instance, q))
             for s in self.samples
             for q in self.qualities
         ]
