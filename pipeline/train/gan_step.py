@@ -72,6 +72,9 @@ def step_inputs(
     if dropout and phase_cfg.visual_input:
         keep = (torch.rand(g_in.shape[0], device=g_in.device) >= dropout).to(dtype).view(-1, 1, 1, 1)
         g_in = torch.cat([semantics * keep, g_in[:, semantic_nc:]], dim=1)
+    # channels-last: every convolution after it runs on the faster NHWC kernels (oneDNN, cuDNN), the
+    # weights stay contiguous for DeepSpeed
+    g_in = g_in.contiguous(memory_format=torch.channels_last)
     real = batch["image"].to(device, non_blocking=True)
     return StepInputs(g_in, semantics, real, synthesis=not phase_cfg.visual_input)
 
