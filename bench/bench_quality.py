@@ -213,7 +213,9 @@ def main() -> None:
         "--segmenter", type=Path, help="segmenter file: judge mIoU and train codec-SE on its decoder maps"
     )
     args = parser.parse_args()
-    os.environ["TQDM_DISABLE"] = "1"  # the figures below, not progress bars
+    # the training processes inherit it and log lines, not progress bars; this process imported tqdm
+    # already, which reads it at import, so the evaluation's bars still go to stderr (stdout is the record)
+    os.environ["TQDM_DISABLE"] = "1"
     start = time.perf_counter()
     print(
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
