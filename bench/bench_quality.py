@@ -44,11 +44,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides
-from pipeline.data.shards import build_shards
-from pipeline.eval.evaluate import evaluate
-from pipeline.eval.report import format_reference_bdrate, means_by_curve
-from pipeline.model.export import read_spec
+# No progress bars, here (the evaluation) and in the training processes started below, which inherit the
+# variable: tqdm reads it once, when the pipeline imports it, hence before those imports.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides  # noqa: E402
+from pipeline.data.shards import build_shards  # noqa: E402
+from pipeline.eval.evaluate import evaluate  # noqa: E402
+from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa: E402
+from pipeline.model.export import read_spec  # noqa: E402
 
 QUALITIES = [32, 37, 42, 47]
 # The CPU recipe: a small residual generator (one down-sampling, no normalisation), trained on all four
@@ -213,9 +217,6 @@ def main() -> None:
         "--segmenter", type=Path, help="segmenter file: judge mIoU and train codec-SE on its decoder maps"
     )
     args = parser.parse_args()
-    # the training processes inherit it and log lines, not progress bars; this process imported tqdm
-    # already, which reads it at import, so the evaluation's bars still go to stderr (stdout is the record)
-    os.environ["TQDM_DISABLE"] = "1"
     start = time.perf_counter()
     print(
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
