@@ -13,6 +13,8 @@ From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs
 
 It prints, per QP: bpp (codec bits, and total with the lossless label map), PSNR, MS-SSIM and NIQE of the
 codec, codec-SE and the ablation; the PSNR gains on held-out and on training frames side by side; the
+held-out gains frame by frame (codec-SE and the ablation against HEVC, codec-SE against the ablation: mean,
+95 % interval over the frames, worst frame, frames that gained; :mod:`pipeline.eval.gains`); the
 BD-rates against HEVC on codec bits and on total bits; and the held-out BD-rates of HEVC, codec-SE and the
 ablation against the reference codecs (``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time
 of every stage is printed too; the budget (``--budget-min``, default 15) is what the whole script must fit
@@ -51,6 +53,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides  # noqa: E402
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
+from pipeline.eval.gains import Gain, format_gains  # noqa: E402
 from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
 
@@ -262,6 +265,8 @@ def main() -> None:
         print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames (lindau); "
               "train: the 10 frankfurt training frames")  # fmt: skip
         print(table(means_by_curve(held), means_by_curve(train), report))
+        print("held-out gains frame by frame (of one training run each):")
+        print(format_gains([Gain.from_dict(g) for g in report["frame_gains"]]))
         print(reference_table(report))
         if held_dec is not None:
             report_dec = json.loads((held_dec / "bdrate.json").read_text())

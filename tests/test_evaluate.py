@@ -189,6 +189,23 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path], capsys: pytest
     keys = list(dict.fromkeys(r["key"] for r in rows))
     assert report["frames"] == {"split": "val", "count": images, "keys": keys}
     assert math.isfinite(report["original_niqe"]) and math.isfinite(report["original_niqe_fitted"])
+    # frame-paired gains: each curve against the codec where both were scored, codec-SE against its
+    # ablation at the one quality both have
+    pairs = {(g["test"], g["anchor"], g["quality"], g["measure"]): g for g in report["frame_gains"]}
+    assert {k[:3] for k in pairs} == {
+        ("hevc-SE", "hevc", 37),
+        ("hevc-SE", "hevc", 45),
+        ("hevc-SE (no semantics)", "hevc", 45),
+        ("hevc-SE", "hevc-SE (no semantics)", 45),
+    }
+    gain = pairs[("hevc-SE", "hevc-SE (no semantics)", 45, "psnr")]
+    by_method = {(r["method"], r["key"]): float(r["psnr"]) for r in rows if r["quality"] == "45"}
+    diffs = [
+        by_method[("hevc-SE", k)] - by_method[("hevc-SE (no semantics)", k)]
+        for k in dict.fromkeys(r["key"] for r in rows)
+    ]
+    assert gain["frames"] == images and gain["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+    assert "hevc-SE - hevc-SE (no semantics)" in printed
     assert f"scored {images} frames of split 'val': {', '.join(keys)}" in printed
     for mean in means:
         assert mean["label"] in printed

@@ -56,6 +56,7 @@ from pipeline.atomic import write_atomic
 from pipeline.config import JobConfig
 from pipeline.data.manifest import key_file_name
 from pipeline.eval.fid import load_fid_inception
+from pipeline.eval.gains import format_gains, frame_gains
 from pipeline.eval.inputs import EvalInput, open_input
 from pipeline.eval.lpips import load_lpips
 from pipeline.eval.methods import (
@@ -165,6 +166,8 @@ def _evaluate_locked(
     if fitted is not None:
         report["original_niqe_fitted"] = fitted.original_niqe
     report["frames"] = {"split": cfg.eval.split, "count": len(keys), "keys": keys}
+    gains = frame_gains(scorer.rows, data.codec, data.qualities)
+    report["frame_gains"] = [g.as_dict() for g in gains]
     files = write_results(out, scorer.rows, means, report)
     files += plot_rpd(out, means, data.codec, scorer.original_niqe, names)
     if fitted is not None:
@@ -179,6 +182,8 @@ def _evaluate_locked(
     print(f"R-PD evaluation of {data.description}; standard NIQE of the originals {scorer.original_niqe:.3f}")
     print(describe_frames(cfg.eval.split, keys))
     print(format_table(means))
+    if gains:
+        print(format_gains(gains))
     if references:
         print(format_references(references))
     metrics = tracked_metrics(means, report)
