@@ -206,6 +206,9 @@ def test_evaluate_end_to_end(setup: tuple[JobConfig, dict, Path], capsys: pytest
     ]
     assert gain["frames"] == images and gain["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
     assert "hevc-SE - hevc-SE (no semantics)" in printed
+    tracked = tracker.metrics["eval.gain.hevc-SE.vs.hevc-SE_no_semantics.q45.psnr"]
+    assert tracked == pytest.approx(gain["mean"])
+    assert "eval.gain.hevc-SE.vs.hevc.q37.niqe_ci95" in tracker.metrics
     assert f"scored {images} frames of split 'val': {', '.join(keys)}" in printed
     for mean in means:
         assert mean["label"] in printed

@@ -282,7 +282,8 @@ def _metric_prefix(mean: MeanRow) -> str:
 def tracked_metrics(means: Sequence[MeanRow], report: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of every mean row (``eval.<method>.<label>.q<quality>.<measure>``) and the
     BD-rates (``eval.bdrate.<curve>.<distortion>_<rate>``; against a reference codec
-    ``eval.bdrate_vs_<reference>.<curve>.<distortion>_<rate>``)."""
+    ``eval.bdrate_vs_<reference>.<curve>.<distortion>_<rate>``), and the frame-paired gains
+    (``eval.gain.<curve>.vs.<anchor>.q<quality>.<measure>`` and ``...<measure>_ci95``)."""
     scalars = {
         f"{_metric_prefix(m)}.{name}": value
         for m in means
@@ -298,4 +299,10 @@ def tracked_metrics(means: Sequence[MeanRow], report: dict[str, Any]) -> dict[st
             for key, value in (entry.get("bd_rate_pct") or {}).items():
                 if value is not None:
                     scalars[f"eval.bdrate_vs_{slug(reference)}.{slug(name)}.{slug(key)}"] = float(value)
+    for gain in report.get("frame_gains", []):
+        pair = f"{slug(gain['test'])}.vs.{slug(gain['anchor'])}"
+        prefix = f"eval.gain.{pair}.q{gain['quality']}.{gain['measure']}"
+        scalars[prefix] = float(gain["mean"])
+        if gain["ci95"] is not None:
+            scalars[f"{prefix}_ci95"] = float(gain["ci95"])
     return scalars
