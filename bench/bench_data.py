@@ -113,6 +113,7 @@ def _on_the_fly_rate(cfg: JobConfig, limit: int, single_thread: bool) -> float:
             "edge": edge,
             "bpp": result.bpp,
             "label_bpp": 0.0,
+            "quality": cfg.loader.quality,
             "key": sample.key,
         }
         collate([to_tensors(augment(arrays, rng, tuple(cfg.loader.crop), True))])
