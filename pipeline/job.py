@@ -43,7 +43,7 @@ from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import check_reference_codecs, evaluate
-from pipeline.eval.report import MEANS_FILE, means_by_curve, read_means, slug
+from pipeline.eval.report import BDRATE_FILE, MEANS_FILE, means_by_curve, read_means, slug
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
 from pipeline.segment.train import check_settings, train_segmenter
@@ -230,10 +230,18 @@ def format_label_costs(costs: dict[int, float], codec_bpp: dict[int, float], use
     return "\n".join(lines)
 
 
-def evaluation_figures(means: list[dict[str, str]], model: str, codec: str, quality: int) -> dict[str, float]:
+def evaluation_figures(
+    means: list[dict[str, str]],
+    model: str,
+    codec: str,
+    quality: int,
+    frame_gains: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
     """The held-out figures of ``model`` (its identity in ``rpd_mean.csv``) at ``quality``: mean PSNR,
     MS-SSIM, NIQE and bpp (codec + label map; ``eval_bpp_codec`` the codec alone), and their deltas
-    against the codec; empty when the table has no row of it."""
+    against the codec, with, from ``frame_gains`` (``bdrate.json``), the half widths of the PSNR and NIQE
+    deltas' 95 % intervals over the frames and how many frames gained PSNR; empty when the table has no row
+    of it."""
 
     def row(match: str, column: str) -> dict[str, str] | None:
         return next((r for r in means if r[column] == match and int(r["quality"]) == quality), None)
@@ -245,6 +253,13 @@ def evaluation_figures(means: list[dict[str, str]], model: str, codec: str, qual
     figures.update({"eval_quality": float(quality), "eval_images": float(own["images"])})
     if anchor is not None:
         figures.update({f"eval_{name}": float(own[c]) - float(anchor[c]) for c, name in EVAL_DELTAS.items()})
+    for gain in frame_gains or []:
+        if (gain["test"], gain["anchor"], gain["quality"]) != (own["method"], codec, quality):
+            continue
+        if gain["ci95"] is not None:
+            figures[f"eval_delta_{gain['measure']}_ci95"] = float(gain["ci95"])
+        if gain["measure"] == "psnr":
+            figures["eval_frames_improved"] = float(gain["improved"])
     return {k: v for k, v in figures.items() if not math.isnan(v)}
 
 
@@ -256,6 +271,10 @@ def tag_registered_models(
     versions so tagged. An export counts as registered when its ``registered.json`` marker names these
     weights."""
     means = read_means(results)
+    try:
+        gains = json.loads((results / BDRATE_FILE).read_text()).get("frame_gains", [])
+    except (OSError, ValueError):
+        gains = []
     tagged = []
     for export in exports:
         try:
@@ -268,7 +287,7 @@ def tag_registered_models(
         quality = read_spec(export).quality
         if quality is None:
             continue
-        figures = evaluation_figures(means, f"{export}#{sha[:12]}", cfg.loader.codec, quality)
+        figures = evaluation_figures(means, f"{export}#{sha[:12]}", cfg.loader.codec, quality, gains)
         if not figures:
             print(f"[job] WARNING: {export} has no row in {results / MEANS_FILE}; {marker['uri']} not tagged")
             continue

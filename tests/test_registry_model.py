@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from pipeline.cli import main
 from pipeline.compress.container import read_container
 from pipeline.config import from_dict
-from pipeline.eval.report import MEANS_FILE
+from pipeline.eval.report import BDRATE_FILE, MEANS_FILE
 from pipeline.eval.rows import MeanRow, Measures, csv_text
 from pipeline.job import tag_registered_models
 from pipeline.model.export import export_generator, weights_sha256
@@ -259,6 +259,15 @@ def test_the_main_job_puts_held_out_figures_on_each_registered_version(
     means = [_mean_row("hevc", "hevc", 30.0, 0.1)]
     means += [_mean_row("hevc-SE", f"{e}#{sha[:12]}", 30.75, 0.125) for e in exports]
     (results / MEANS_FILE).write_text(csv_text(MeanRow, means))
+    gain = {"test": "hevc-SE", "anchor": "hevc", "quality": 42, "frames": 3, "worst": 0.5, "best": 1.0}
+    other = {"measure": "psnr", "mean": 9.0, "ci95": 9.0, "improved": 0}  # not this model's point
+    frame_gains = [
+        {**gain, "measure": "psnr", "mean": 0.75, "ci95": 0.4, "improved": 3},
+        {**gain, "measure": "niqe", "mean": 0.0, "ci95": 0.2, "improved": 1},
+        {**gain, **other, "quality": 37},
+        {**gain, **other, "anchor": "hevc-SE (no semantics)"},
+    ]
+    (results / BDRATE_FILE).write_text(json.dumps({"frame_gains": frame_gains}))
     cfg = from_dict({"tracking": {"uri": uri}, "loader": {"codec": "hevc"}, "eval": {"split": "test"}})
 
     client = MlflowClient(uri, registry_uri=uri)
@@ -279,6 +288,9 @@ def test_the_main_job_puts_held_out_figures_on_each_registered_version(
             "eval_delta_psnr": 0.75,
             "eval_delta_ms_ssim": 0.0,
             "eval_delta_niqe": 0.0,
+            "eval_delta_psnr_ci95": 0.4,
+            "eval_delta_niqe_ci95": 0.2,
+            "eval_frames_improved": 3,
         }  # fmt: skip
     )
     assert version.tags["eval_split"] == "test" and version.tags["eval_results"] == str(results.resolve())
