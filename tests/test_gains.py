@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from pipeline.eval.gains import Gain, format_gains, frame_gains, paired, pairs
+from pipeline.eval.report import tracked_metrics
 from pipeline.eval.rows import Measures, RPDRow
 
 
@@ -74,3 +75,9 @@ def test_frame_gains_keep_the_qualities_both_curves_have() -> None:
     text = format_gains(gains)
     assert "hevc-SE - hevc" in text and "+0.200" in text and "2/2" in text
     assert frame_gains([r for r in rows if r.method == "hevc"], "hevc", [37, 42]) == []
+
+
+def test_tracked_gains_leave_out_what_is_not_a_number() -> None:
+    rows = [row("a", "hevc", 37, 30.0, niqe=math.nan), row("a", "hevc-SE", 37, 30.5)]
+    report = {"methods": {}, "frame_gains": [g.as_dict() for g in frame_gains(rows, "hevc", [37])]}
+    assert tracked_metrics([], report) == {"eval.gain.hevc-SE.vs.hevc.q37.psnr": pytest.approx(0.5)}

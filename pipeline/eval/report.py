@@ -302,7 +302,7 @@ def tracked_metrics(means: Sequence[MeanRow], report: dict[str, Any]) -> dict[st
     for gain in report.get("frame_gains", []):
         pair = f"{slug(gain['test'])}.vs.{slug(gain['anchor'])}"
         prefix = f"eval.gain.{pair}.q{gain['quality']}.{gain['measure']}"
-        scalars[prefix] = float(gain["mean"])
-        if gain["ci95"] is not None:
-            scalars[f"{prefix}_ci95"] = float(gain["ci95"])
+        for name, key in ((prefix, "mean"), (f"{prefix}_ci95", "ci95")):
+            if gain[key] is not None:  # NaN (a NaN measure, or one frame's interval) is stored as None
+                scalars[name] = float(gain[key])
     return scalars
