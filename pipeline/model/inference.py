@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.inputs import edge_map, generator_input
+from pipeline.model.inputs import Qualities, edge_map, generator_input
 from pipeline.model.spec import GeneratorSpec
 
 
@@ -51,7 +51,7 @@ def enhance_batch(
     label: Tensor | np.ndarray,
     decoded: Tensor | np.ndarray,
     edge: Tensor | np.ndarray | None = None,
-    quality: int | Tensor | np.ndarray | None = None,
+    quality: Qualities | None = None,
 ) -> Tensor:
     """Run ``generator`` (described by ``spec``) on a batch; returns ``B x 3 x H x W`` float32 in [-1, 1]
     on the generator's device.
@@ -61,7 +61,7 @@ def enhance_batch(
     ``quality``: the codec quality the frames were coded at (one, or one per frame), required when
     ``spec.quality_input``.
     """
-    level = spec.quality_channel(None if quality is None else torch.as_tensor(quality))
+    level = spec.quality_channel(quality)
     device = next(generator.parameters()).device
     label = torch.as_tensor(label)
     decoded = torch.as_tensor(decoded, dtype=torch.float32).to(device)

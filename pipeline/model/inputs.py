@@ -17,6 +17,7 @@ The discriminator is conditioned like pix2pixHD's: it sees the semantic channels
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,7 +34,11 @@ def input_channels(label_nc: int, use_instance: bool, quality_input: bool = Fals
     return semantic_channels(label_nc, use_instance) + int(quality_input) + IMAGE_CHANNELS
 
 
-def quality_level(codec: str, quality: int | float | Tensor) -> Tensor:
+# one codec quality, or one per frame, as callers hold it
+Qualities = int | float | Tensor | np.ndarray
+
+
+def quality_level(codec: str, quality: Qualities) -> Tensor:
     """``quality`` as its place on ``codec``'s scale: ``(quality - lo) / (hi - lo)`` for the codec's
     ``quality_range`` ``[lo, hi]`` (HEVC QP 42: 42 / 51), float32, the shape of ``quality``. Qualities
     outside the range are refused."""

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import MODEL_BOUNDS, JobConfig, LabelSource, ModelConfig, Norm
-from pipeline.model.inputs import IMAGE_CHANNELS, input_channels, quality_level
+from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, input_channels, quality_level
 from pipeline.model.networks import Generator
 
 FORMAT_VERSION = 4  # the newest version this code reads and writes
@@ -154,7 +154,7 @@ class GeneratorSpec:
         """The label maps the generator was trained on: ``gt`` unless the spec says otherwise."""
         return self.label_source or "gt"
 
-    def quality_channel(self, quality: int | Tensor | None) -> Tensor | None:
+    def quality_channel(self, quality: Qualities | None) -> Tensor | None:
         """What :func:`~pipeline.model.inputs.generator_input` takes as ``quality`` for this generator: the
         :func:`~pipeline.model.inputs.quality_level` of ``quality`` on ``codec``'s scale when the generator
         sees the quality (refused when none is given), else ``None``."""
