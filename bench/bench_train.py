@@ -123,7 +123,7 @@ class PlainLoop:
         self.cfg, self.data, self.device = cfg, data, device
         self.phase_cfg = cfg.phase(PHASE)
         seed_everything(cfg.train.seed + PHASE)  # what PhaseRunner._build does: same initial weights
-        generator, discriminator = build_models(cfg.model, data.label_nc, data.use_instance)
+        generator, discriminator = build_models(cfg.model, data.class_nc, data.use_instance)
         self.generator, self.discriminator = generator.to(device), discriminator.to(device)
         self.losses = GeneratorLosses.from_config(self.phase_cfg.loss, cfg.loss, cfg.model).to(device)
         params = ds["optimizer"]["params"]

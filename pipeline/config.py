@@ -35,6 +35,7 @@ Distortion = Literal["l1", "mse", "psnr"]
 LrSchedule = Literal["constant", "cosine"]
 ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
+SemanticClasses = Literal["labels", "categories"]
 LabelSource = Literal["gt", "decoder", "encoder"]  # the label map codec-SE gets: ground truth, or predicted
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
@@ -263,6 +264,9 @@ class ModelConfig:
     # place on the codec's scale (pipeline.model.inputs.quality_level); for one model serving several
     # qualities (loader.qualities), which then knows how strong the artifacts are
     quality_input: bool = field(default=False, metadata=WEIGHTS_WHEN_SET)
+    # what the one-hot channels hold: every label id of the source's table (labels), or the category each id
+    # belongs to (categories: Cityscapes' 8, from cityscapesscripts); the label ids are mapped at the input
+    semantic_classes: SemanticClasses = field(default="labels", metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "ngf", "ndf", "n_layers_d", "num_d")

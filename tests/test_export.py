@@ -158,8 +158,11 @@ def test_unknown_spec_keys_and_newer_versions_are_refused(tmp_path: Path) -> Non
         load_generator(unknown)
     with pytest.raises(ValueError, match="attention"):
         read_train_frames(unknown)
-    newer = write_raw(tmp_path / "newer.safetensors", generator, spec, format=FORMAT, format_version="5")
-    with pytest.raises(ValueError, match="format_version 5 is newer than this pipeline reads"):
+    version = FORMAT_VERSION + 1
+    newer = write_raw(
+        tmp_path / "newer.safetensors", generator, spec, format=FORMAT, format_version=f"{version}"
+    )
+    with pytest.raises(ValueError, match=f"format_version {version} is newer than this pipeline reads"):
         load_generator(newer)
     foreign = write_raw(tmp_path / "foreign.safetensors", generator, spec, format="other", format_version="2")
     with pytest.raises(ValueError, match="'format' is 'other'"):
@@ -201,7 +204,7 @@ def test_unversioned_files_load_as_version_1(tmp_path: Path) -> None:
 
 def test_version_2_spec_keys_follow_model_config(tmp_path: Path) -> None:
     generator, spec = trained_like("instance")
-    added_later = {"quality_input"}  # version 4, written only when on
+    added_later = {"quality_input", "semantic_classes"}  # versions 4 and 5, written only when set
     assert set(f.name for f in dataclasses.fields(ModelConfig)) - added_later <= set(spec.to_json())
     selected = {"step": 40, "metric": "psnr", "value": 31.2}
     path = export_generator(

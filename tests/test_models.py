@@ -227,7 +227,7 @@ def test_bad_configuration_is_refused() -> None:
         Generator(4, ngf=4, n_downsample=2, n_blocks=0)(torch.zeros(1, 4, 18, 16))
     with pytest.raises(ValueError, match="expects B x 7"):
         MultiscaleDiscriminator(7, ndf=4, n_layers=1, num_d=1)(torch.zeros(1, 6, 16, 16))
-    with pytest.raises(ValueError, match="label_nc"):
+    with pytest.raises(ValueError, match="class_nc"):
         build_models(TINY, 0, use_instance=True)
     with pytest.raises(ValueError, match="residual"):
         Generator(2, residual=True)

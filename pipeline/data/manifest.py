@@ -372,6 +372,15 @@ class DatasetInfo:
     label_nc: int
     use_instance: bool
     train_frames: tuple[str, ...] = ()  # keys of loader.split; empty when shards are given by pattern
+    # the class of every label id the generator sees (model.semantic_classes: categories); None: the ids
+    label_classes: tuple[int, ...] | None = None
+
+    @property
+    def class_nc(self) -> int:
+        """The generator's one-hot channels."""
+        from pipeline.model.inputs import class_count
+
+        return class_count(self.label_nc, self.label_classes)
 
 
 def training_manifests(cfg: JobConfig) -> list[Manifest]:
@@ -392,7 +401,9 @@ def training_manifests(cfg: JobConfig) -> list[Manifest]:
 
 
 def dataset_info(cfg: JobConfig) -> DatasetInfo:
-    """``label_nc`` (the manifest's, else ``data.label_nc``) and whether the generator gets instance edges."""
+    """``label_nc`` (the manifest's, else ``data.label_nc``), whether the generator gets instance edges, and
+    with ``model.semantic_classes: categories`` the category of every label id (of the manifest's dataset,
+    else ``data.source``)."""
     folder = Path(cfg.shards.output)
     manifests = training_manifests(cfg) if (folder / MANIFEST).is_file() else []
     manifest = manifests[0] if manifests else None
@@ -412,4 +423,9 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
     if manifest and not cfg.loader.shards:
         keys = (m.split(cfg.loader.split).keys for m in manifests)
         frames = tuple(sorted(set().union(*keys)))
-    return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames)
+    classes = None
+    if cfg.model.semantic_classes == "categories":
+        from pipeline.data.sources import label_categories
+
+        classes = label_categories(manifest.dataset.source if manifest else cfg.data.source, int(label_nc))
+    return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames, classes)

@@ -320,6 +320,22 @@ class FolderSource(Source):
         return found[0] if len(found) == 1 else None
 
 
+def label_categories(source: str, label_nc: int) -> tuple[int, ...]:
+    """The category of every label id ``0..label_nc-1`` of the dataset ``source`` (``model.semantic_classes:
+    categories``). Cityscapes: cityscapesscripts' ``categoryId`` (void, flat, construction, object, nature,
+    sky, human, vehicle); ids beyond its table (a larger ``data.label_nc``) are void. Refused for a source
+    without a category table."""
+    if source != "cityscapes":
+        raise SourceError(
+            f"model.semantic_classes=categories needs a dataset with a category table (cityscapes); "
+            f"{source!r} has none, use model.semantic_classes=labels"
+        )
+    from cityscapesscripts.helpers.labels import labels
+
+    table = {lab.id: lab.categoryId for lab in labels if lab.id >= 0}
+    return tuple(table.get(i, 0) for i in range(label_nc))
+
+
 def open_source(data: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     """The source named by ``data.source`` at ``data.root``, reading files of up to ``max_pixels`` pixels."""
     if not data.root:

@@ -81,6 +81,7 @@ def enhance_batch(
             edge if spec.use_instance else None,
             decoded,
             label_nc=spec.label_nc,
+            label_classes=spec.label_classes,
             use_instance=spec.use_instance,
             zero_semantics=spec.zero_semantics,
             visual_input=spec.visual_input,

@@ -1,7 +1,9 @@
 """The JPD-SE generator input and the discriminator's conditioning.
 
-The generator sees ``one-hot labels (label_nc) ⊕ instance edges (1, with instances) ⊕ quality (1, with
-model.quality_input) ⊕ decoded RGB (3)``. Ablations keep the same channels and zero some of them, so every
+The generator sees ``one-hot classes ⊕ instance edges (1, with instances) ⊕ quality (1, with
+model.quality_input) ⊕ decoded RGB (3)``. The classes are the label ids (``label_nc`` channels), or with
+``label_classes`` (``model.semantic_classes: categories``) the class each id is mapped to first
+(:func:`class_count` channels). Ablations keep the same channels and zero some of them, so every
 phase and ablation shares one architecture: ``visual_input=False`` zeroes the decoded image and the
 quality (phase 1: no decoded image, so no quality either), ``zero_semantics=True`` zeroes the one-hot and
 edge channels (the no-semantics baseline). The quality channel is :func:`quality_level` everywhere.
@@ -9,13 +11,15 @@ edge channels (the no-semantics baseline). The quality channel is :func:`quality
 The discriminator is conditioned like pix2pixHD's: it sees the semantic channels of the generator input
 ⊕ an image (generated or real)::
 
-    g_in = generator_input(label, edge, decoded, label_nc=nc, use_instance=inst, ...)
+    g_in = generator_input(label, edge, decoded, label_nc=nc, use_instance=inst, label_classes=lut, ...)
     fake = generator(g_in)
-    semantics = g_in[:, : semantic_channels(nc, inst)]
+    semantics = g_in[:, : semantic_channels(class_count(nc, lut), inst)]
     pred_fake = discriminator(discriminator_input(semantics, fake))
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,14 +28,21 @@ from torch import Tensor
 IMAGE_CHANNELS = 3
 
 
-def semantic_channels(label_nc: int, use_instance: bool) -> int:
-    """Channels of the semantic conditioning: one-hot labels plus the instance edge map."""
-    return label_nc + int(use_instance)
+def class_count(label_nc: int, label_classes: Sequence[int] | None) -> int:
+    """The one-hot channels: ``label_nc``, or with ``label_classes`` (the class of every label id) its
+    ``max + 1``."""
+    return max(label_classes) + 1 if label_classes else label_nc
 
 
-def input_channels(label_nc: int, use_instance: bool, quality_input: bool = False) -> int:
-    """Channels of :func:`generator_input`'s output."""
-    return semantic_channels(label_nc, use_instance) + int(quality_input) + IMAGE_CHANNELS
+def semantic_channels(class_nc: int, use_instance: bool) -> int:
+    """Channels of the semantic conditioning: the one-hot classes (:func:`class_count`) plus the instance
+    edge map."""
+    return class_nc + int(use_instance)
+
+
+def input_channels(class_nc: int, use_instance: bool, quality_input: bool = False) -> int:
+    """Channels of :func:`generator_input`'s output (``class_nc``: :func:`class_count`)."""
+    return semantic_channels(class_nc, use_instance) + int(quality_input) + IMAGE_CHANNELS
 
 
 # one codec quality, or one per frame, as callers hold it
@@ -95,6 +106,7 @@ def generator_input(
     zero_semantics: bool,
     visual_input: bool,
     quality: Tensor | None = None,
+    label_classes: Sequence[int] | None = None,
 ) -> Tensor:
     """Assemble ``one-hot(label) ⊕ edge ⊕ quality ⊕ decoded`` (``B x input_channels x H x W``) on
     ``decoded``'s device.
@@ -103,8 +115,9 @@ def generator_input(
     CPU (see :func:`check_label_ids`); ``edge``: ``B x 1 x H x W``, required when ``use_instance`` and
     ignored otherwise; ``decoded``: ``B x 3 x H x W`` in [-1, 1]; ``quality``: each sample's
     :func:`quality_level` (``B`` values, or one for all), a generator with ``model.quality_input`` only
-    (none: no quality channel). ``zero_semantics`` zeroes the one-hot and edge channels,
-    ``visual_input=False`` the quality and decoded ones.
+    (none: no quality channel); ``label_classes``: the class of every id ``0..label_nc-1``, which the
+    one-hot then holds instead of the id (:func:`class_count` channels). ``zero_semantics`` zeroes the
+    one-hot and edge channels, ``visual_input=False`` the quality and decoded ones.
     """
     if label_nc <= 0:
         raise ValueError(f"label_nc must be positive, got {label_nc}")
@@ -121,7 +134,15 @@ def generator_input(
         )
     check_label_ids(label, label_nc)
     label = label.to(decoded.device, torch.long)
-    onehot = torch.zeros(batch, label_nc, height, width, dtype=decoded.dtype, device=decoded.device)
+    if label_classes is not None:
+        if len(label_classes) != label_nc or min(label_classes, default=0) < 0:
+            raise ValueError(
+                f"label_classes must give a class >= 0 to each of the {label_nc} label ids, "
+                f"got {len(label_classes)} entries"
+            )
+        label = torch.as_tensor(label_classes, dtype=torch.long, device=decoded.device)[label]
+    class_nc = class_count(label_nc, label_classes)
+    onehot = torch.zeros(batch, class_nc, height, width, dtype=decoded.dtype, device=decoded.device)
     onehot.scatter_(1, label.unsqueeze(1), 1.0)
     parts = [onehot]
     if use_instance:

@@ -235,13 +235,14 @@ def init_weights(module: nn.Module) -> None:
 
 
 def build_models(
-    model_cfg: ModelConfig, label_nc: int, use_instance: bool
+    model_cfg: ModelConfig, class_nc: int, use_instance: bool
 ) -> tuple[Generator, MultiscaleDiscriminator]:
-    """The generator and discriminator for ``label_nc`` classes (the caller resolves ``label_nc``)."""
-    if label_nc <= 0:
-        raise ValueError(f"label_nc must be positive, got {label_nc}")
+    """The generator and discriminator for ``class_nc`` one-hot classes (the caller resolves them: the
+    data's ``label_nc``, or its categories, :func:`pipeline.model.inputs.class_count`)."""
+    if class_nc <= 0:
+        raise ValueError(f"class_nc must be positive, got {class_nc}")
     generator = Generator(
-        input_channels(label_nc, use_instance, model_cfg.quality_input),
+        input_channels(class_nc, use_instance, model_cfg.quality_input),
         IMAGE_CHANNELS,
         ngf=model_cfg.ngf,
         n_downsample=model_cfg.n_downsample,
@@ -250,7 +251,7 @@ def build_models(
         residual=model_cfg.residual,
     )
     discriminator = MultiscaleDiscriminator(
-        semantic_channels(label_nc, use_instance) + IMAGE_CHANNELS,
+        semantic_channels(class_nc, use_instance) + IMAGE_CHANNELS,
         ndf=model_cfg.ndf,
         n_layers=model_cfg.n_layers_d,
         num_d=model_cfg.num_d,

@@ -19,7 +19,11 @@ another rule:
   ground-truth maps. Absent, the label source is ``gt``;
 * version 4: version 3 plus ``quality_input`` (the generator sees the codec quality,
   :func:`pipeline.model.inputs.quality_level` of ``codec``). A spec without it is written as version 3 or
-  older, and a pipeline that predates version 4 refuses a generator that needs the quality.
+  older, and a pipeline that predates version 4 refuses a generator that needs the quality;
+* version 5: version 4 plus ``semantic_classes`` (``categories``) and ``label_classes`` (the class of
+  every label id ``0..label_nc-1``: what the one-hot holds, :func:`pipeline.model.inputs.generator_input`).
+  A spec without them (label ids, ``model.semantic_classes: labels``) is written as version 4 or older, and
+  a pipeline that predates version 5 refuses a generator that needs its labels mapped.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -37,17 +41,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.config import MODEL_BOUNDS, JobConfig, LabelSource, ModelConfig, Norm
-from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, input_channels, quality_level
+from pipeline.config import MODEL_BOUNDS, JobConfig, LabelSource, ModelConfig, Norm, SemanticClasses
+from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
 from pipeline.model.networks import Generator
 
-FORMAT_VERSION = 4  # the newest version this code reads and writes
+FORMAT_VERSION = 5  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
 BOUNDS: dict[str, tuple[int, int]] = {**MODEL_BOUNDS, "label_nc": (1, 256)}  # label maps are 8-bit
 NORMS = typing.get_args(Norm)
 LABEL_SOURCES = typing.get_args(LabelSource)
+SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
@@ -87,6 +92,8 @@ class GeneratorSpec:
     label_source: str | None = None  # None: gt (version 2 and earlier)
     segmenter: str | None = None  # sha256 of the segmenter file that made the maps (decoder, encoder)
     quality_input: bool | None = None  # None: no quality channel (version 3 and earlier)
+    semantic_classes: str | None = None  # None: label ids (version 4 and earlier)
+    label_classes: tuple[int, ...] | None = None  # the class of each label id, with semantic_classes
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -99,12 +106,35 @@ class GeneratorSpec:
             object.__setattr__(self, "quality_input", None)
         if self.quality_input and self.codec is None:
             raise ValueError("generator spec quality_input needs the codec whose scale the quality is on")
+        self._check_classes()
         for key, (low, high) in BOUNDS.items():
             value = getattr(self, key)
             if value is not None and not low <= value <= high:
                 raise ValueError(f"generator spec {key}={value} is outside [{low}, {high}]")
         if self.norm not in NORMS:
             raise ValueError(f"generator spec norm={self.norm!r} is not one of {list(NORMS)}")
+
+    def _check_classes(self) -> None:
+        if self.semantic_classes == "labels":  # the same spec as without the key
+            object.__setattr__(self, "semantic_classes", None)
+        if self.semantic_classes not in (None, *SEMANTIC_CLASSES):
+            raise ValueError(
+                f"generator spec semantic_classes={self.semantic_classes!r} is not one of {SEMANTIC_CLASSES}"
+            )
+        if (self.semantic_classes is None) != (self.label_classes is None):
+            raise ValueError(
+                "generator spec semantic_classes and label_classes come together (the classes the label ids "
+                f"are mapped to), got {self.semantic_classes!r} and {self.label_classes!r}"
+            )
+        if self.label_classes is not None:
+            object.__setattr__(self, "label_classes", tuple(self.label_classes))
+            if len(self.label_classes) != self.label_nc or not all(
+                0 <= c < self.label_nc for c in self.label_classes
+            ):
+                raise ValueError(
+                    f"generator spec label_classes must give each of the {self.label_nc} label ids a class "
+                    f"in [0, {self.label_nc}), got {list(self.label_classes)}"
+                )
 
     @classmethod
     def from_config(
@@ -139,8 +169,9 @@ class GeneratorSpec:
     def to_json(self) -> dict[str, Any]:
         """The JSON object of the current format version (``None`` fields left out)."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        if self.qualities is not None:
-            out["qualities"] = list(self.qualities)
+        for key in ("qualities", "label_classes"):
+            if out.get(key) is not None:
+                out[key] = list(out[key])
         return out
 
     @property
@@ -186,10 +217,15 @@ class GeneratorSpec:
         return () if self.quality is None else (self.quality,)
 
     @property
+    def class_nc(self) -> int:
+        """The one-hot channels: ``label_nc``, or the classes of ``label_classes``."""
+        return class_count(self.label_nc, self.label_classes)
+
+    @property
     def generator_kwargs(self) -> dict[str, Any]:
         """:class:`~pipeline.model.networks.Generator`'s arguments (its ``hparams``)."""
         return {
-            "input_nc": input_channels(self.label_nc, self.use_instance, bool(self.quality_input)),
+            "input_nc": input_channels(self.class_nc, self.use_instance, bool(self.quality_input)),
             "output_nc": IMAGE_CHANNELS,
             "ngf": self.ngf,
             "n_downsample": self.n_downsample,
@@ -217,8 +253,8 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Versions 1 to 3 are closed: ModelConfig and the spec as they were then, so a
-# field added later is never taken for part of an older file. Version 4 is GeneratorSpec's fields.
+# Spec keys by format version. Versions 1 to 4 are closed: ModelConfig and the spec as they were then, so a
+# field added later is never taken for part of an older file. Version 5 is GeneratorSpec's fields.
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -227,9 +263,11 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
         }
     ),
     2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"label_source", "segmenter", "quality_input"},
-    3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"quality_input"},
-    4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes"},
+    3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
+    - {"quality_input", "semantic_classes", "label_classes"},
+    4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"semantic_classes", "label_classes"},
+    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
 }
 
 

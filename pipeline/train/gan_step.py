@@ -61,12 +61,13 @@ def step_inputs(
         batch["edge"].to(device, non_blocking=True),
         batch["decoded"].to(device, non_blocking=True),
         label_nc=data.label_nc,
+        label_classes=data.label_classes,
         use_instance=data.use_instance,
         zero_semantics=cfg.model.zero_semantics,
         visual_input=phase_cfg.visual_input,
         quality=quality_level(cfg.loader.codec, batch["quality"]) if cfg.model.quality_input else None,
     ).to(dtype)
-    semantic_nc = semantic_channels(data.label_nc, data.use_instance)
+    semantic_nc = semantic_channels(data.class_nc, data.use_instance)
     semantics = g_in[:, :semantic_nc]
     dropout = cfg.train.semantic_dropout
     if dropout and phase_cfg.visual_input:

@@ -188,7 +188,7 @@ class PhaseRunner:
     def _build(self) -> None:
         cfg, data = self.cfg, self.data
         seed_everything(cfg.train.seed + self.phase)  # identical initial weights on every rank
-        generator, discriminator = build_models(cfg.model, data.label_nc, data.use_instance)
+        generator, discriminator = build_models(cfg.model, data.class_nc, data.use_instance)
         if self.init is not None:
             self._load_init(generator, discriminator)
         self.engines: Engines = build_engines(generator, discriminator, cfg, self.phase_cfg, self.env)
@@ -214,7 +214,7 @@ class PhaseRunner:
             frames = load_frames(cfg, cfg.validate.split, cfg.validate.images)
             what = f"validate.split={cfg.validate.split!r}"
             refuse_overlap(what, (f.key for f in frames), self.train_frames, cfg.loader.split)
-            self.validator = Validator(cfg, data.label_nc, data.use_instance, frames)
+            self.validator = Validator(cfg, data, frames)
 
     def _load_init(self, generator: Generator, discriminator: nn.Module) -> None:
         assert self.init is not None
@@ -223,6 +223,12 @@ class PhaseRunner:
             raise ConfigError(
                 f"{self.init} holds generator {previous.hparams} (label_nc={spec.label_nc}, "
                 f"use_instance={spec.use_instance}) but phase {self.phase} builds {generator.hparams}"
+            )
+        if spec.label_classes != self.data.label_classes:
+            raise ConfigError(
+                f"{self.init} was trained on semantic_classes={spec.semantic_classes or 'labels'} but phase "
+                f"{self.phase} maps the label ids to {self.data.label_classes or 'themselves'}; train every "
+                "phase with the same model.semantic_classes"
             )
         generator.load_state_dict(previous.state_dict())
         if generator.residual and spec.phase == 1:
@@ -386,6 +392,7 @@ class PhaseRunner:
                 self.cfg.model,
                 self.data.label_nc,
                 self.data.use_instance,
+                label_classes=self.data.label_classes,
                 codec=self.cfg.loader.codec,
                 quality=self.cfg.loader.quality,
                 phase=self.phase,

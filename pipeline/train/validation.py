@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, JobConfig, ValidateMetric, with_overrides
 from pipeline.data.loader import training_qualities
+from pipeline.data.manifest import DatasetInfo
 from pipeline.eval.inputs import EvalSample, ShardInput, with_label_source
 from pipeline.eval.scoring import Scores, mean_scores
 from pipeline.model.inference import enhance_image
@@ -60,15 +61,20 @@ class Validator:
     def __init__(
         self,
         cfg: JobConfig,
-        label_nc: int,
-        use_instance: bool,
+        data: DatasetInfo,
         samples: list[EvalSample],
         codec: Scores | None = None,
     ) -> None:
         """``codec``: the codec's scores on ``samples`` when already known (a sweep scores them once)."""
         self.qualities = training_qualities(cfg)
         self.spec = GeneratorSpec.from_config(
-            cfg.model, label_nc, use_instance, codec=cfg.loader.codec, quality=cfg.loader.quality, phase=2
+            cfg.model,
+            data.label_nc,
+            data.use_instance,
+            label_classes=data.label_classes,
+            codec=cfg.loader.codec,
+            quality=cfg.loader.quality,
+            phase=2,
         )
         self.samples = samples
         self.keys = [s.key for s in samples]

@@ -258,7 +258,7 @@ class Evaluator:
 
     def __init__(self, cfg: JobConfig, samples: list[EvalSample], codec: Scores | None = None) -> None:
         data = dataset_info(cfg)
-        self.validator = Validator(cfg, data.label_nc, data.use_instance, samples, codec)
+        self.validator = Validator(cfg, data, samples, codec)
         self.device = self.validator.device
         self.niqe_weight = cfg.tune.niqe_weight
 
