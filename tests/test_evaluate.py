@@ -20,12 +20,14 @@ import torch
 from pipeline import tracking
 from pipeline.config import JobConfig, ModelConfig, from_dict
 from pipeline.data.shards import build_shards
+from pipeline.data.sources import label_categories
 from pipeline.eval.evaluate import evaluate
 from pipeline.eval.inputs import EvalSample, ShardInput
 from pipeline.eval.methods import Method, load_methods, reconstruct
 from pipeline.eval.report import bdrate_report, describe_frames, slug
 from pipeline.eval.rows import MEAN_COLUMNS, ROW_COLUMNS, MeanRow, Measures
 from pipeline.model.export import export_generator, weights_sha256
+from pipeline.model.inputs import class_count
 from pipeline.model.networks import Generator, build_models
 from pipeline.model.spec import GeneratorSpec
 from pipeline.tracking import Tracker
@@ -274,6 +276,33 @@ def test_a_model_of_several_qualities_is_one_point_at_each(
     means = [r for r in _read_csv(out / "rpd_mean.csv") if r["method"] == "hevc-SE"]
     assert sorted(int(r["quality"]) for r in means) == QUALITIES
     assert len({r["model"] for r in means}) == 1 and all(int(r["images"]) == 2 for r in means)
+
+
+def test_a_model_on_categories_is_charged_its_class_map(
+    setup: tuple[JobConfig, dict, Path], tmp_path: Path
+) -> None:
+    """A model that sees categories (model.semantic_classes) is charged the class map its decoder receives
+    (pipeline.eval.label_rate), fewer bits than the label map a label-id model of the same quality is."""
+    cfg, manifest, models = setup
+    label_nc = int(manifest.dataset.label_nc)
+    classes = label_categories("cityscapes", label_nc)
+    model = dataclasses.replace(TINY, semantic_classes="categories")
+    generator, _ = build_models(model, class_count(label_nc, classes), True)
+    spec = GeneratorSpec.from_config(
+        model, label_nc, True, label_classes=classes, codec="hevc", quality=45, phase=3
+    )
+    path = export_generator(tmp_path / "cat45.safetensors", generator, spec)
+    out = evaluate(
+        _with_eval(cfg, output_dir=str(tmp_path / "out")), [str(path), str(models / "se45.safetensors")]
+    )
+    maps: dict[str, list[float]] = {}
+    for row in _read_csv(out / "rpd.csv"):
+        if row["method"].startswith("hevc-SE") and int(row["quality"]) == 45:
+            maps.setdefault(row["model"].split("#")[0], []).append(
+                float(row["bpp_total"]) - float(row["bpp_codec"])
+            )
+    cat, ids = maps[str(path)], maps[str(models / "se45.safetensors")]
+    assert len(cat) == len(ids) == 2 and all(0 < c < i for c, i in zip(cat, ids, strict=True))
 
 
 def test_registry_uris_go_through_tracking(

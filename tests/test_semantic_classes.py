@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from cityscapesscripts.helpers.labels import name2label
 
+from pipeline.cli import main
+from pipeline.compress.container import read_container
 from pipeline.config import ModelConfig
+from pipeline.data.codecs import LabelCoder, get_codec
 from pipeline.data.sources import SourceError, label_categories
+from pipeline.eval.inputs import EvalSample
+from pipeline.eval.label_rate import LabelRates
+from pipeline.eval.methods import Method
 from pipeline.model.export import export_generator, load_generator, read_spec
 from pipeline.model.inference import enhance_image
-from pipeline.model.inputs import class_count, generator_input, input_channels
+from pipeline.model.inputs import class_count, class_map, generator_input, input_channels
 from pipeline.model.networks import build_models
 from pipeline.model.spec import SPEC_KEYS, GeneratorSpec
 
@@ -120,3 +128,58 @@ def test_training_on_categories(small_shards: Path, tmp_path: Path) -> None:
     mixed = config(tmp_path / "mixed", "model.semantic_classes=categories", f"train.init_from={ids}")
     with pytest.raises(ConfigError, match="holds generator"):
         trainer.train(mixed, [3], tracker=Tracker())
+
+
+def test_the_class_map_keeps_the_classes_only() -> None:
+    label = np.array([[ROAD, SIDEWALK, CAR], [SKY, 0, 4]], np.uint8)
+    coarse = class_map(label, CATEGORIES)
+    assert coarse.dtype == np.uint8 and coarse.tolist() == [[ROAD, ROAD, CAR], [SKY, 0, 0]]
+    assert [CATEGORIES[i] for i in coarse.ravel()] == [CATEGORIES[i] for i in label.ravel()]
+
+
+def cityscapes_label(cityscapes_root: Path) -> np.ndarray:
+    path = sorted((cityscapes_root / "gtFine").rglob("*_gtFine_labelIds.png"))[0]
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return cv2.resize(label, (256, 128), interpolation=cv2.INTER_NEAREST)
+
+
+def test_a_model_on_categories_is_charged_its_class_map(cityscapes_root: Path) -> None:
+    """The total rate of a categories model counts the bits of the class map its decoder receives: fewer
+    than the label map's, which a label-id model is charged; nothing without semantics or sent maps."""
+    coder = LabelCoder("png")
+    label = cityscapes_label(cityscapes_root)
+    ids_bpp = 8 * len(coder.encode(label)) / label.size
+    sample = EvalSample("k", np.zeros((*label.shape, 3), np.uint8), label, None, label_bpp=ids_bpp)
+    data = SimpleNamespace(label_coder=coder)
+    rates = LabelRates(data)  # type: ignore[arg-type]
+    _, spec = trained_like()
+    labels = dataclasses.replace(spec, semantic_classes=None, label_classes=None)
+    categories = rates(sample, 42, Method("hevc-SE", 42, spec=spec))
+    assert categories == 8 * len(coder.encode(class_map(label, CATEGORIES))) / label.size
+    assert 0 < categories < ids_bpp
+    assert rates(sample, 42, Method("hevc-SE", 42, spec=labels)) == ids_bpp
+    assert rates(sample, 42, Method("abl", 42, spec=dataclasses.replace(spec, zero_semantics=True))) == 0
+    decoder_maps = dataclasses.replace(sample, label_bpp=0.0)
+    assert rates(decoder_maps, 42, Method("hevc-SE", 42, spec=spec)) == 0
+
+
+def test_compress_sends_the_class_map(cityscapes_root: Path, tmp_path: Path) -> None:
+    """The container carries the class map, and decompressing gives the frame enhanced from the label map."""
+    generator, spec = trained_like()
+    model = export_generator(tmp_path / "g.safetensors", generator, dataclasses.replace(spec, quality=42))
+    image = next((cityscapes_root / "leftImg8bit").rglob("*_leftImg8bit.png"))
+    rgb = cv2.resize(cv2.imread(str(image)), (256, 128), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(tmp_path / "x.png"), rgb)
+    label = cityscapes_label(cityscapes_root)
+    cv2.imwrite(str(tmp_path / "x_label.png"), label)
+    out, png = tmp_path / "x.jse", tmp_path / "out.png"
+    args = ["compress", str(tmp_path / "x.png"), "--label", str(tmp_path / "x_label.png"), "-o", str(out)]
+    assert main([*args, "--model", str(model)]) == 0
+    container = read_container(out)
+    coder = LabelCoder(container.label_coder)
+    assert np.array_equal(coder.decode(container.label_bitstream), class_map(label, CATEGORIES))
+    assert len(container.label_bitstream) < len(coder.encode(label))
+    assert main(["decompress", str(out), "-o", str(png), "--model", str(model)]) == 0
+    decoded = get_codec("hevc").roundtrip(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB), 42).decoded
+    expected = enhance_image(generator, spec, decoded, label, quality=42)
+    assert np.array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), expected)

@@ -46,6 +46,7 @@ from pipeline.compress.container import (
     read_container,
 )
 from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
+from pipeline.model.inputs import class_map
 
 if TYPE_CHECKING:
     import torch
@@ -219,6 +220,8 @@ def compress_image(
             label = read_label(label_path, height, width)
         if model is not None:
             _check_labels(label, model)
+            if model.spec.label_classes is not None:  # its decoder needs the classes only
+                label = class_map(label, model.spec.label_classes)
         coder = LabelCoder(label_coder, label_downsample)
         coded = {
             "label_coder": coder.method,

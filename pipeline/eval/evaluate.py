@@ -58,6 +58,7 @@ from pipeline.data.manifest import key_file_name
 from pipeline.eval.fid import load_fid_inception
 from pipeline.eval.gains import format_gains, frame_gains
 from pipeline.eval.inputs import EvalInput, open_input
+from pipeline.eval.label_rate import LabelRates
 from pipeline.eval.lpips import load_lpips
 from pipeline.eval.methods import (
     Method,
@@ -262,6 +263,7 @@ def _score(
     its own; write the crops of the first ``n_crops`` samples (where a model's image stands beside the
     codec's, or the codec is alone; a reference codec's images at its qualities side by side)."""
     palette = label_palette(data.source_name)
+    label_rates = LabelRates(data)
     for index, sample in enumerate(tqdm(data.samples(), total=data.count, desc="R-PD evaluation")):
         scorer.add_original(sample.image, sample.label)
         for quality in data.qualities:
@@ -270,7 +272,7 @@ def _score(
                 if method.quality not in (None, quality):
                     continue
                 result = reconstruct(method, sample, quality)
-                scorer.add(sample, quality, method, result)
+                scorer.add(sample, quality, method, result, label_bpp=label_rates(sample, quality, method))
                 outputs.append((f"{method.name} q{quality}", result))
             if index < n_crops and (len(outputs) > 1 or len(methods) == 1):
                 path = crops / key_file_name(sample.key, f"_{data.codec}_q{quality}.png")

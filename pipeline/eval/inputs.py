@@ -14,17 +14,21 @@ either way (downstream accuracy is judged against it).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.data.members import INSTANCE_MEMBER, LEGACY_INSTANCE_MEMBER, decode_instance
+
+if TYPE_CHECKING:
+    from pipeline.data.codecs import LabelCoder
 
 
 @dataclass
@@ -55,6 +59,11 @@ class EvalInput(Protocol):
     label_nc: int
     count: int  # samples that :meth:`samples` yields
     description: str  # for people: how many images of what
+
+    @property
+    def label_coder(self) -> LabelCoder:
+        """The coder its label maps were coded with (what another map the decoder receives is coded with)."""
+        ...
 
     def keys(self) -> list[str]:
         """The keys of the evaluated samples, in order."""
@@ -101,6 +110,16 @@ class ShardInput:
         self.description = f"{self.count} {split} images of the shards at {self.root}"
         # the manifest lists a split's keys in shard order, the order the samples are read in
         self._keys = list(entry.keys[: self.count])
+        coders = manifest.label.coder.split(",")  # the builder's; several when the samples used several
+        method = coders[0] if len(coders) == 1 else cfg.shards.label_coder
+        self._label_coding = (method, manifest.label.downsample)
+
+    @functools.cached_property
+    def label_coder(self) -> LabelCoder:
+        """The shard builder's label coder (made when first needed: it may be missing on this machine)."""
+        from pipeline.data.codecs import LabelCoder
+
+        return LabelCoder(*self._label_coding)
 
     def _raw(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds

@@ -140,17 +140,25 @@ class Scorer:
         return one.scores()
 
     def add(
-        self, sample: EvalSample, quality: int, method: Method, result: np.ndarray, bpp: float | None = None
+        self,
+        sample: EvalSample,
+        quality: int,
+        method: Method,
+        result: np.ndarray,
+        bpp: float | None = None,
+        label_bpp: float | None = None,
     ) -> RPDRow:
         """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row. ``bpp``:
-        the rate of a reference codec's own bitstream (default: the evaluated codec's at ``quality``)."""
+        the rate of a reference codec's own bitstream (default: the evaluated codec's at ``quality``);
+        ``label_bpp``: the label bits its decoder receives (default: the sample's label map's, for a method
+        that uses labels; :class:`pipeline.eval.label_rate.LabelRates`)."""
         scores = score_image(sample.image, result)
         rate = sample.bpp[quality] if bpp is None else bpp
         judge = self.judge
         judged = None if judge is None else self._judged(judge, sample, method.model, quality, result)
         measures = Measures(
             bpp_codec=rate,
-            bpp_total=rate + (sample.label_bpp if method.uses_labels else 0.0),
+            bpp_total=rate + (label_bpp if label_bpp is not None else sample.label_bpp * method.uses_labels),
             **scores.as_dict(),
             niqe_fitted=None if self.niqe_model is None else niqe(result, self.niqe_model),
             lpips=math.nan if isinstance(self.lpips, Unavailable) else self.lpips(sample.image, result),

@@ -34,6 +34,17 @@ def class_count(label_nc: int, label_classes: Sequence[int] | None) -> int:
     return max(label_classes) + 1 if label_classes else label_nc
 
 
+def class_map(label: np.ndarray, label_classes: Sequence[int]) -> np.ndarray:
+    """``label`` (``uint8`` ids) with each id of ``label_classes`` replaced by the smallest id of its class:
+    still a label-id map, and the same generator input, but holding only the classes, so it codes in fewer
+    bits. What ``compress`` sends to the decoder of a generator that sees classes."""
+    lut = np.arange(256, dtype=np.uint8)
+    first: dict[int, int] = {}
+    for index, cls in enumerate(label_classes):
+        lut[index] = first.setdefault(cls, index)
+    return lut[label]
+
+
 def semantic_channels(class_nc: int, use_instance: bool) -> int:
     """Channels of the semantic conditioning: the one-hot classes (:func:`class_count`) plus the instance
     edge map."""
