@@ -11,14 +11,14 @@ From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs
 3. both are evaluated with ``python -m pipeline evaluate``'s code on the lindau frames (the figure) and on
    the training frames (to show over-fitting, ``eval.allow_training_frames``).
 
-It prints, per QP: bpp (codec bits, and total with the lossless label map), PSNR, MS-SSIM and NIQE of the
-codec, codec-SE and the ablation; the PSNR gains on held-out and on training frames side by side; the
-held-out gains frame by frame (codec-SE and the ablation against HEVC, codec-SE against the ablation: mean,
-95 % interval over the frames, worst frame, frames that gained; :mod:`pipeline.eval.gains`); the
-BD-rates against HEVC on codec bits and on total bits; and the held-out BD-rates of HEVC, codec-SE and the
-ablation against the reference codecs (``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time
-of every stage is printed too; the budget (``--budget-min``, default 15) is what the whole script must fit
-in on 2 cores.
+It prints, per QP: bpp (codec bits, and total with codec-SE's lossless label map: on categories, the class
+map, :mod:`pipeline.eval.label_rate`), PSNR, MS-SSIM and NIQE of the codec, codec-SE and the ablation; the
+PSNR gains on held-out and on training frames side by side; the held-out gains frame by frame (codec-SE and
+the ablation against HEVC, codec-SE against the ablation: mean, 95 % interval over the frames, worst frame,
+frames that gained; :mod:`pipeline.eval.gains`); the BD-rates against HEVC on codec bits and on total bits;
+and the held-out BD-rates of HEVC, codec-SE and the ablation against the reference codecs
+(``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time of every stage is printed too; the
+budget (``--budget-min``, default 15) is what the whole script must fit in on 2 cores.
 
 With ``--segmenter FILE`` (a segmenter trained on the training frames, ``python -m pipeline segment``) a
 third model is trained beside them on the label maps that segmenter predicts from the decoded image

@@ -268,9 +268,10 @@ def _previous_training_digest(cfg: JobConfig) -> str:
     loader = {k: v for k, v in tree["loader"].items() if k not in ("num_workers", "shards", "extra_shards")}
     phases = {n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")}
     train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
-    # model.quality_input came later too: off, it leaves the digest as it was
-    assert not cfg.model.quality_input
-    model = {**{k: v for k, v in tree["model"].items() if k != "quality_input"}, "label_nc": 0}
+    # model.quality_input and model.semantic_classes came later too: at their defaults they leave it as it was
+    assert not cfg.model.quality_input and cfg.model.semantic_classes == "labels"
+    later = ("quality_input", "semantic_classes")
+    model = {**{k: v for k, v in tree["model"].items() if k not in later}, "label_nc": 0}
     # data.label_source and data.segmenter came later: at their defaults they leave the digest as it was
     assert cfg.data.label_source == "gt" and not cfg.data.segmenter
     data = {k: v for k, v in tree["data"].items() if k not in ("label_source", "segmenter")}

@@ -10,7 +10,6 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -331,6 +330,7 @@ def test_a_plain_key_becomes_its_file_name() -> None:
 def test_a_crafted_key_writes_nothing_outside_the_evaluation_folder(tmp_path: Path) -> None:
     from pipeline.eval import evaluate as ev
     from pipeline.eval.inputs import EvalSample
+    from pipeline.eval.methods import Method
 
     image = np.zeros((16, 32, 3), np.uint8)
     label = np.zeros((16, 32), np.uint8)
@@ -349,10 +349,10 @@ def test_a_crafted_key_writes_nothing_outside_the_evaluation_folder(tmp_path: Pa
         def add_original(self, *args: Any) -> None:
             pass
 
-        def add(self, *args: Any) -> None:
+        def add(self, *args: Any, **kwargs: Any) -> None:
             pass
 
-    codec = SimpleNamespace(name="hevc", quality=None, generator=None, spec=None)
+    codec = Method(name="hevc", quality=None)
     crops = tmp_path / "work" / "eval" / "crops"
     with pytest.raises(ManifestError, match=r"sample key '../../escaped' cannot be a file name"):
         ev._score(Data(), [codec], Scorer(), crops, 4)
