@@ -128,6 +128,13 @@ def test_training_on_categories(small_shards: Path, tmp_path: Path) -> None:
     mixed = config(tmp_path / "mixed", "model.semantic_classes=categories", f"train.init_from={ids}")
     with pytest.raises(ConfigError, match="holds generator"):
         trainer.train(mixed, [3], tracker=Tracker())
+    generator, spec = trained_like()  # the same network, trained on another mapping of the ids
+    other = dataclasses.replace(spec, label_classes=tuple((c + 1) % 8 for c in CATEGORIES))
+    shuffled = export_generator(tmp_path / "shuffled.safetensors", generator, other)
+    init = f"train.init_from={shuffled}"
+    remapped = config(tmp_path / "remapped", "model.semantic_classes=categories", init)
+    with pytest.raises(ConfigError, match="train every phase with the same model.semantic_classes"):
+        trainer.train(remapped, [3], tracker=Tracker())
 
 
 def test_the_class_map_keeps_the_classes_only() -> None:
