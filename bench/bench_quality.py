@@ -255,6 +255,8 @@ def main() -> None:
         print(f"  built in {time.perf_counter() - start:.0f} s")
         segmenter = args.segmenter.resolve() if args.segmenter else None
         print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (1 process x 1 thread per model)")
+        if args.set:
+            print(f"  with --set {' '.join(args.set)}")
         t = time.perf_counter()
         exports = train_all(cfg_args, work, segmenter)
         print(f"  trained in {time.perf_counter() - t:.0f} s")
