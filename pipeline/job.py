@@ -40,12 +40,13 @@ from pipeline.data.codecs import LabelCoder
 from pipeline.data.manifest import Manifest
 from pipeline.data.predicted_labels import build_predicted_labels
 from pipeline.data.shards import build_shards, format_summary
-from pipeline.data.sources import open_source
+from pipeline.data.sources import label_categories, open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import check_reference_codecs, evaluate
 from pipeline.eval.report import BDRATE_FILE, MEANS_FILE, means_by_curve, read_means, slug
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
+from pipeline.model.inputs import class_map
 from pipeline.segment.train import check_settings, train_segmenter
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
 from pipeline.tracking.registry import REGISTERED_FILE, set_version_evaluation
@@ -204,23 +205,27 @@ def decoder_summary(codec: str, gt: Path, decoder: Path, segmenter: Path) -> tup
 
 
 def label_costs(cfg: JobConfig, factors: tuple[int, ...] = (1, 2)) -> dict[int, float]:
-    """Mean lossless bpp of the ``eval.split`` label maps per down-sampling factor (shards.label_coder)."""
+    """Mean lossless bpp of the ``eval.split`` label maps per down-sampling factor (shards.label_coder); with
+    ``model.semantic_classes: categories``, of the class maps codec-SE is sent (:func:`class_map`)."""
     source = open_source(cfg.data)
     frames = plan_splits(cfg.data, source)[cfg.eval.split]
     pixels = cfg.data.width * cfg.data.height
+    labels = [source.load(s, cfg.data.width, cfg.data.height)[1] for s in frames]
+    if cfg.model.semantic_classes == "categories":
+        classes = label_categories(source.name, source.label_nc)
+        labels = [class_map(label, classes) for label in labels]
     costs = {}
     for factor in factors:
         coder = LabelCoder(cfg.shards.label_coder, factor)
-        bits = [
-            8 * len(coder.encode(source.load(s, cfg.data.width, cfg.data.height)[1])) / pixels for s in frames
-        ]
-        costs[factor] = float(np.mean(bits))
+        costs[factor] = float(np.mean([8 * len(coder.encode(label)) / pixels for label in labels]))
     return costs
 
 
-def format_label_costs(costs: dict[int, float], codec_bpp: dict[int, float], used: int) -> str:
-    """The label map's cost beside the codec's, per quality, with and without down-sampling."""
-    lines = ["label map cost on the reported frames (lossless; bpp and share of the codec's bits):"]
+def format_label_costs(
+    costs: dict[int, float], codec_bpp: dict[int, float], used: int, maps: str = "label map"
+) -> str:
+    """The label map's (``maps``') cost beside the codec's, per quality, with and without down-sampling."""
+    lines = [f"{maps} cost on the reported frames (lossless; bpp and share of the codec's bits):"]
     head = f"  {'quality':>7} {'codec bpp':>9} " + " ".join(f"{f'/{f} bpp':>9} {'share':>6}" for f in costs)
     lines.append(head)
     for quality, bpp in sorted(codec_bpp.items()):
@@ -355,7 +360,8 @@ def _run(cfg: JobConfig) -> Path:
             for (method, quality), row in means_by_curve(results).items()
             if method == cfg.loader.codec
         }
-        print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample))
+        maps = "class map" if cfg.model.semantic_classes == "categories" else "label map"
+        print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample, maps))
         decoder_results = None
         if segmenter is not None:
             dec_cfg = _decoder_eval_config(cfg, segmenter)

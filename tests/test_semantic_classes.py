@@ -190,3 +190,15 @@ def test_compress_sends_the_class_map(cityscapes_root: Path, tmp_path: Path) -> 
     decoded = get_codec("hevc").roundtrip(cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB), 42).decoded
     expected = enhance_image(generator, spec, decoded, label, quality=42)
     assert np.array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), expected)
+
+
+def test_the_main_jobs_label_cost_is_the_class_maps(cityscapes_root: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.job import format_label_costs, label_costs
+
+    base = [f"data.root={cityscapes_root}", "data.width=256", "data.height=128"]
+    ids = label_costs(load_config(None, base), (1, 4))
+    classes = label_costs(load_config(None, [*base, "model.semantic_classes=categories"]), (1, 4))
+    assert all(0 < classes[f] < ids[f] for f in (1, 4)) and classes[4] < classes[1]
+    table = format_label_costs(classes, {42: 0.1}, 4, "class map")
+    assert table.startswith("class map cost on the reported frames")
