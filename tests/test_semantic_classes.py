@@ -169,6 +169,12 @@ def test_a_model_on_categories_is_charged_its_class_map(cityscapes_root: Path) -
     decoder_maps = dataclasses.replace(sample, label_bpp=0.0)
     assert rates(decoder_maps, 42, Method("hevc-SE", 42, spec=spec)) == 0
 
+    coded: list[int] = []  # one sample's map, sent at every quality, is coded once
+    counting = SimpleNamespace(encode=lambda m: coded.append(1) or coder.encode(m))
+    once = LabelRates(SimpleNamespace(label_coder=counting))  # type: ignore[arg-type]
+    assert [once(sample, q, Method("hevc-SE", q, spec=spec)) for q in (37, 42)] == [categories] * 2
+    assert len(coded) == 1
+
 
 def test_compress_sends_the_class_map(cityscapes_root: Path, tmp_path: Path) -> None:
     """The container carries the class map, and decompressing gives the frame enhanced from the label map."""

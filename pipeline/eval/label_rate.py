@@ -14,12 +14,14 @@ from pipeline.model.inputs import class_map
 
 
 class LabelRates:
-    """Label bits per pixel per sample, quality and method; a class map is coded once per sample and
-    quality, by ``data``'s label coder."""
+    """Label bits per pixel per sample, quality and method; a class map is coded once per label map a
+    sample hands its generators (one for every quality but with decoder-side maps) and mapping, by ``data``'s
+    label coder."""
 
     def __init__(self, data: EvalInput) -> None:
         self.data = data
-        self._coded: dict[tuple[str, int, tuple[int, ...]], float] = {}
+        self._sample = ""
+        self._coded: dict[tuple[int, tuple[int, ...]], float] = {}  # (id of the label map, mapping)
 
     def __call__(self, sample: EvalSample, quality: int, method: Method) -> float:
         """0 for a method without semantics or a sample whose map costs nothing (decoder-side maps); the
@@ -30,9 +32,10 @@ class LabelRates:
         classes = method.spec.label_classes
         if classes is None:
             return sample.label_bpp
-        key = (sample.key, quality, classes)
+        if sample.key != self._sample:  # the maps of the sample before are gone: so are their ids
+            self._sample, self._coded = sample.key, {}
+        label = sample.label_at(quality)
+        key = (id(label), classes)
         if key not in self._coded:
-            label = sample.label_at(quality)
-            self._coded = {k: v for k, v in self._coded.items() if k[0] == sample.key}  # one sample's only
             self._coded[key] = 8 * len(self.data.label_coder.encode(class_map(label, classes))) / label.size
         return self._coded[key]

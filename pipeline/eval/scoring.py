@@ -146,19 +146,19 @@ class Scorer:
         method: Method,
         result: np.ndarray,
         bpp: float | None = None,
-        label_bpp: float | None = None,
+        label_bpp: float = 0.0,
     ) -> RPDRow:
         """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row. ``bpp``:
         the rate of a reference codec's own bitstream (default: the evaluated codec's at ``quality``);
-        ``label_bpp``: the label bits its decoder receives (default: the sample's label map's, for a method
-        that uses labels; :class:`pipeline.eval.label_rate.LabelRates`)."""
+        ``label_bpp``: the label bits its decoder receives (:class:`pipeline.eval.label_rate.LabelRates`;
+        none for the codec and the reference codecs)."""
         scores = score_image(sample.image, result)
         rate = sample.bpp[quality] if bpp is None else bpp
         judge = self.judge
         judged = None if judge is None else self._judged(judge, sample, method.model, quality, result)
         measures = Measures(
             bpp_codec=rate,
-            bpp_total=rate + (label_bpp if label_bpp is not None else sample.label_bpp * method.uses_labels),
+            bpp_total=rate + label_bpp,
             **scores.as_dict(),
             niqe_fitted=None if self.niqe_model is None else niqe(result, self.niqe_model),
             lpips=math.nan if isinstance(self.lpips, Unavailable) else self.lpips(sample.image, result),

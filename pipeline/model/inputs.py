@@ -144,14 +144,15 @@ def generator_input(
             f"decoded must be {batch} x 3 x {height} x {width} to match the label, got {tuple(decoded.shape)}"
         )
     check_label_ids(label, label_nc)
-    label = label.to(decoded.device, torch.long)
     if label_classes is not None:
         if len(label_classes) != label_nc or min(label_classes, default=0) < 0:
             raise ValueError(
                 f"label_classes must give a class >= 0 to each of the {label_nc} label ids, "
                 f"got {len(label_classes)} entries"
             )
-        label = torch.as_tensor(label_classes, dtype=torch.long, device=decoded.device)[label]
+        # mapped where the label is (the loader's, on the CPU): no table is copied to the device per step
+        label = torch.as_tensor(label_classes, dtype=torch.long, device=label.device)[label.long()]
+    label = label.to(decoded.device, torch.long)
     class_nc = class_count(label_nc, label_classes)
     onehot = torch.zeros(batch, class_nc, height, width, dtype=decoded.dtype, device=decoded.device)
     onehot.scatter_(1, label.unsqueeze(1), 1.0)
