@@ -214,6 +214,9 @@ class LoaderConfig:
     qualities: list[int] = field(default_factory=list)
     crop: list[int] = field(default_factory=lambda: [128, 256])  # [height, width]; [] = none
     flip: bool = True
+    # also swap rows and columns of half the training samples (a crop [h, w] is cut w x h for them, so the
+    # frames must be at least that size both ways); needs loader.crop
+    transpose: bool = field(default=False, metadata=WEIGHTS_WHEN_SET)
     batch_size: int = 2
     num_workers: int = field(default=0, metadata=NOT_WEIGHTS)
     shuffle: int = 64
@@ -229,6 +232,8 @@ class LoaderConfig:
         _at_least(self, 0, "num_workers", "shuffle")
         if self.crop and (len(self.crop) != 2 or min(self.crop) < 1):
             raise ConfigError(f"crop must be [] or [height, width] of positive sizes, got {self.crop}")
+        if self.transpose and not self.crop:
+            raise ConfigError("loader.transpose needs loader.crop: whole frames would not stack in a batch")
 
 
 # The range of each architecture number (also what an exported generator's spec may hold)

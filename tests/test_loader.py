@@ -6,6 +6,7 @@ import dataclasses
 import io
 import itertools
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, JobConfig, from_dict
-from pipeline.data.loader import LoaderError, make_dataset, make_loader, shard_urls
+from pipeline.data.loader import LoaderError, augment, make_dataset, make_loader, shard_urls
 from pipeline.data.manifest import Manifest, ManifestError, SplitEntry
 from pipeline.data.members import decode_instance
 from pipeline.model.inputs import edge_map
@@ -99,40 +100,72 @@ def test_batch_format(built: tuple[JobConfig, Manifest]) -> None:
         assert batch["label_bpp"][i].item() == pytest.approx(meta["label"]["bpp"])
 
 
-def _locate(crop: np.ndarray, full: np.ndarray) -> tuple[int, int, bool]:
-    """Where ``crop`` (maybe flipped) lies in ``full``: exact match by template search."""
-    for flipped in (False, True):
-        window = crop[:, ::-1] if flipped else crop
+def _locate(crop: np.ndarray, full: np.ndarray) -> tuple[int, int, bool, bool]:
+    """Where ``crop`` (maybe flipped, then maybe transposed) lies in ``full``: exact match by template
+    search; returns top, left, flipped, transposed."""
+    for transposed, flipped in itertools.product((False, True), repeat=2):
+        window = crop.swapaxes(0, 1) if transposed else crop
+        window = window[:, ::-1] if flipped else window
         scores = cv2.matchTemplate(full, np.ascontiguousarray(window), cv2.TM_SQDIFF)
         top, left = np.unravel_index(np.argmin(scores), scores.shape)
-        if np.array_equal(full[top : top + crop.shape[0], left : left + crop.shape[1]], window):
-            return int(top), int(left), flipped
+        if np.array_equal(full[top : top + window.shape[0], left : left + window.shape[1]], window):
+            return int(top), int(left), flipped, transposed
     raise AssertionError("crop not found in the original image")
 
 
-def test_crop_and_flip_are_aligned(built: tuple[JobConfig, Manifest]) -> None:
+@pytest.mark.parametrize("transpose", [False, True], ids=["flip", "flip+transpose"])
+def test_crop_flip_and_transpose_are_aligned(built: tuple[JobConfig, Manifest], transpose: bool) -> None:
     cfg, _ = built
     originals = _originals(cfg)
     crop_h, crop_w = 48, 80
     placements = []
-    for batch in make_dataset(_with(cfg, crop=[crop_h, crop_w], flip=True), seed=3):
+    dataset = make_dataset(_with(cfg, crop=[crop_h, crop_w], flip=True, transpose=transpose), seed=3)
+    for batch in dataset:
         assert batch["image"].shape[-2:] == batch["label"].shape[-2:] == (crop_h, crop_w)
         for i, key in enumerate(batch["key"]):
             original = originals[key]
-            top, left, flipped = _locate(_to_uint8(batch["image"][i]), original["image.png"])
+            top, left, flipped, transposed = _locate(_to_uint8(batch["image"][i]), original["image.png"])
             step = -1 if flipped else 1
+            rows, cols = (crop_w, crop_h) if transposed else (crop_h, crop_w)
 
-            def window(array: np.ndarray, top: int = top, left: int = left, step: int = step) -> np.ndarray:
-                return array[top : top + crop_h, left : left + crop_w][:, ::step]
+            def window(
+                array: np.ndarray, cut: tuple = (top, left, rows, cols, step, transposed)
+            ) -> np.ndarray:
+                at, left_, height, width, stride, swap = cut
+                out = array[at : at + height, left_ : left_ + width][:, ::stride]
+                return out.swapaxes(0, 1) if swap else out
 
             assert np.array_equal(_to_uint8(batch["decoded"][i]), window(original[f"{MEMBER}.png"]))
             assert np.array_equal(batch["label"][i].numpy(), window(original["label.png"]))
             full_edge = edge_map(torch.from_numpy(original["instance"].astype(np.int32))).numpy()
             assert np.array_equal(batch["edge"][i, 0].numpy(), window(full_edge))
-            placements.append((top, left, flipped))
+            placements.append((top, left, flipped, transposed))
     assert len(placements) == 10
     assert {p[2] for p in placements} == {False, True}
+    assert {p[3] for p in placements} == ({False, True} if transpose else {False})
     assert len({p[:2] for p in placements}) > 5
+
+
+def test_transpose_off_draws_no_coin() -> None:
+    """Without ``transpose`` a seed draws the crop offsets and the flip it always drew, in that order."""
+    rows = np.arange(40 * 60).reshape(40, 60)
+    sample = {"key": "k", "image": rows, "decoded": rows, "label": rows, "edge": rows}
+    out = augment(sample, random.Random(7), (16, 24), flip=True, transpose=False)
+    rng = random.Random(7)
+    top, left, flipped = rng.randint(0, 40 - 16), rng.randint(0, 60 - 24), rng.random() < 0.5
+    expected = rows[top : top + 16, left : left + 24][:, :: -1 if flipped else 1]
+    assert all(np.array_equal(out[name], expected) for name in ("image", "decoded", "label", "edge"))
+    swapped = augment(sample, random.Random(7), (16, 24), flip=True, transpose=True)
+    assert swapped["label"].shape == (16, 24)
+
+
+def test_transpose_refuses_a_window_that_does_not_fit(built: tuple[JobConfig, Manifest]) -> None:
+    cfg, _ = built  # frames are 128 high: a transposed 64x200 crop is a 200x64 window
+    with pytest.raises(LoaderError, match=r"transposed, a 200x64 window\) is larger than sample"):
+        for _ in make_dataset(_with(cfg, crop=[64, 200], transpose=True), seed=0):
+            pass
+    with pytest.raises(ConfigError, match="loader.transpose needs loader.crop"):
+        _with(cfg, crop=[], transpose=True)
 
 
 def test_deterministic_given_seed(built: tuple[JobConfig, Manifest]) -> None:

@@ -7,7 +7,7 @@
     -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities)
     -> the predicted label map in place of the dataset's (data.label_source decoder or encoder)
     -> decode PNGs with OpenCV (pixel budget from the header first), JSON
-    -> instance edges, crop/flip (train), tensors -> batched
+    -> instance edges, crop/flip/transpose (train), tensors -> batched
 
 Splitting (finite mode). A *unit* is one DataLoader worker of one rank; there are
 ``world_size x num_workers`` of them. With at least that many shards every unit reads its own
@@ -389,37 +389,59 @@ SPATIAL = ("image", "decoded", "label", "edge")
 
 
 class _Augment(_Stage):
-    """Random crop and horizontal flip, the same window and flip for every spatial member."""
+    """Random crop, horizontal flip and transpose, the same window, flip and transpose for every spatial
+    member."""
 
-    def __init__(self, rank: int, world_size: int, seed: int, crop: tuple[int, int] | None, flip: bool):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        seed: int,
+        crop: tuple[int, int] | None,
+        flip: bool,
+        transpose: bool = False,
+    ):
         super().__init__(rank, world_size, seed)
-        self.crop, self.flip = crop, flip
+        self.crop, self.flip, self.transpose = crop, flip, transpose
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = self._next_rng(_AUGMENT, per_unit=True)
         for sample in src:
-            yield augment(sample, rng, self.crop, self.flip)
+            yield augment(sample, rng, self.crop, self.flip, self.transpose)
 
 
 def augment(
-    sample: dict[str, Any], rng: random.Random, crop: tuple[int, int] | None, flip: bool
+    sample: dict[str, Any],
+    rng: random.Random,
+    crop: tuple[int, int] | None,
+    flip: bool,
+    transpose: bool = False,
 ) -> dict[str, Any]:
-    """Crop ``crop=(h, w)`` at a random offset and flip with probability 1/2, identically on all members."""
+    """Crop ``crop=(h, w)`` at a random offset, flip with probability 1/2 and (``transpose``) swap rows and
+    columns with probability 1/2, identically on all members.
+
+    A transposed sample is cut as a ``w x h`` window, so that it is ``h x w`` like the others. Transposing
+    keeps where a block's prediction comes from (above and to the left), which a flip reverses. Without
+    ``transpose`` no coin is drawn for it, so the crops and flips of a seed are those of earlier versions.
+    """
     height, width = sample["label"].shape
+    swap = transpose and rng.random() < 0.5
     top = left = 0
     out_h, out_w = height, width
     if crop is not None:
-        out_h, out_w = crop
+        out_h, out_w = (crop[1], crop[0]) if swap else crop
         if out_h > height or out_w > width:
+            what = f"transposed, a {out_h}x{out_w} window" if swap else "it"
             raise LoaderError(
-                f"loader.crop {list(crop)} is larger than sample {sample['key']} ({height}x{width}, HxW)"
+                f"loader.crop {list(crop)} ({what}) is larger than sample {sample['key']} "
+                f"({height}x{width}, HxW)"
             )
         top, left = rng.randint(0, height - out_h), rng.randint(0, width - out_w)
     step = -1 if flip and rng.random() < 0.5 else 1
     out = dict(sample)
     for name in SPATIAL:
-        window = sample[name][top : top + out_h, left : left + out_w]
-        out[name] = window[:, ::step]
+        window = sample[name][top : top + out_h, left : left + out_w][:, ::step]
+        out[name] = window.swapaxes(0, 1) if swap else window
     return out
 
 
@@ -505,8 +527,8 @@ def make_dataset(
     if predicted is not None:
         samples.append(_PredictedLabels(predicted, bad))
     samples.append(_Decode(bad, cfg.shards.max_pixels))
-    if train and (crop is not None or loader.flip):
-        samples.append(_Augment(rank, world_size, seed, crop, loader.flip))
+    if train and (crop is not None or loader.flip or loader.transpose):
+        samples.append(_Augment(rank, world_size, seed, crop, loader.flip, loader.transpose))
     samples += [
         wds.map(to_tensors),
         wds.batched(loader.batch_size, collation_fn=collate, partial=not loader.resampled),
