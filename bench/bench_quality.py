@@ -202,18 +202,23 @@ def seeds_table(held: dict[int, Path]) -> str:
     }
     seeds = list(held)
     lines = [
-        f"held-out dPSNR across the seeds {seeds} (mean over the seeds [lowest, highest]; every seed's "
-        "models trained anew):",
-        f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>24} | SE ahead",
+        f"held-out gains across the seeds {seeds} (mean over the seeds [lowest, highest]; every seed's "
+        "models trained anew; NIQE: lower is better):",
+        f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>24} | SE ahead | "
+        f"{'dNIQE SE - abl':>24} | SE lower",
     ]
     for q in QUALITIES:
         gains = {}
         for name in (se, ab):
             gains[name] = [f(m[(name, q)], "psnr") - f(m[("hevc", q)], "psnr") for m in means.values()]
         diff = [a - b for a, b in zip(gains[se], gains[ab], strict=True)]
+        niqe = [f(m[(se, q)], "niqe") - f(m[(ab, q)], "niqe") for m in means.values()]
         cells = [_spread(gains[se]), _spread(gains[ab]), _spread(diff)]
-        ahead = sum(d > 0 for d in diff)
-        lines.append(f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} seeds")
+        ahead, lower = sum(d > 0 for d in diff), sum(d < 0 for d in niqe)
+        lines.append(
+            f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} seeds | {_spread(niqe)} | "
+            f"{lower}/{len(seeds)} seeds"
+        )
     for name in (se, ab):
         values = [r[name]["bd_rate_pct"]["psnr/bpp_codec"] for r in rates.values() if r[name]["available"]]
         totals = [r[name]["bd_rate_pct"]["psnr/bpp_total"] for r in rates.values() if r[name]["available"]]
