@@ -255,6 +255,7 @@ def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
         ["shards.label_downsample=2"],
         ["train.seed=1"],
         ["train.betas=[0.9, 0.999]"],
+        ["loader.transpose=true"],
     ):
         assert load_config(None, changes).training_digest() != same.training_digest(), changes
 
@@ -263,9 +264,11 @@ def _previous_training_digest(cfg: JobConfig) -> str:
     """``training_digest`` as the previous version computed it, from its hand list of fields (its
     ``model.label_nc``, now ``data.label_nc``, at its default 0)."""
     tree = cfg.to_dict()
-    # loader.extra_shards came later: at its default (unused) it must leave the digest as it was
-    assert not cfg.loader.extra_shards
-    loader = {k: v for k, v in tree["loader"].items() if k not in ("num_workers", "shards", "extra_shards")}
+    # loader.extra_shards and loader.transpose came later: at their defaults (unused, off) they must leave
+    # the digest as it was
+    assert not cfg.loader.extra_shards and not cfg.loader.transpose
+    skipped = ("num_workers", "shards", "extra_shards", "transpose")
+    loader = {k: v for k, v in tree["loader"].items() if k not in skipped}
     phases = {n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")}
     train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
     # model.quality_input and model.semantic_classes came later too: at their defaults they leave it as it was
