@@ -27,6 +27,9 @@ ground truth, ``eval.segmenter``), and a second table gives per QP the PSNR gain
 maps and on decoder maps, each at its total bits, and the mIoU of every reconstruction. Three models share
 the 2 cores then, so the run takes about half as long again.
 
+The splits are ``configs/default.yaml``'s; ``--set "data.holdout=[...]"`` chooses others (e.g. lindau
+training and frankfurt held out), and the printed labels follow.
+
 With ``--seeds N`` each model is trained N times, with ``train.seed`` and the N-1 seeds after it, one pair
 after the other (N times the training time), and a last table gives per QP the held-out gains of every
 seed's models: their mean, lowest and highest, and in how many seeds codec-SE is ahead of its ablation.
@@ -187,6 +190,18 @@ def table(held: dict, train: dict, report: dict) -> str:
     return "\n".join(lines)
 
 
+def where(cfg: JobConfig, split: str) -> str:
+    """Which frames ``split`` holds, in words: the cities (or list file) it was carved out by, or for a
+    split others were carved out of, what they left of it."""
+    for holdout in cfg.data.holdout:
+        if holdout.name == split:
+            return ", ".join(
+                [*holdout.cities, *([Path(holdout.list_file).name] if holdout.list_file else [])]
+            )
+    taken = [", ".join(h.cities) or Path(h.list_file).name for h in cfg.data.holdout if h.from_split == split]
+    return f"{split} without {', '.join(taken)}" if taken else split
+
+
 def _tag(seeds: list[int], seed: int) -> str:
     """What tells one seed's models and folders apart: nothing when there is one seed."""
     return f"-seed{seed}" if len(seeds) > 1 else ""
@@ -344,7 +359,7 @@ def main() -> None:
                 spec = read_spec(path)
                 chosen = spec.selected or {}
                 print(f"  {name}{_tag(seeds, seed)}: exported step {chosen.get('step', spec.steps)} of "
-                      f"{spec.steps} (best validation PSNR on munster)")  # fmt: skip
+                      f"{spec.steps} (best validation PSNR on {where(cfg, cfg.validate.split)})")  # fmt: skip
         t = time.perf_counter()
         exports = runs[seeds[0]]
         models = [exports["codec-SE"], exports["ablation"]]
@@ -364,8 +379,10 @@ def main() -> None:
         print(f"  evaluated in {time.perf_counter() - t:.0f} s")
         report = json.loads((held / "bdrate.json").read_text())
         first = f", seed {seeds[0]}" if len(seeds) > 1 else ""
-        print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames (lindau); "
-              f"train: the 10 frankfurt training frames{first}")  # fmt: skip
+        trained_on = json.loads((train / "bdrate.json").read_text())["frames"]["count"]
+        print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames "
+              f"({where(cfg, 'test')}); train: the {trained_on} training frames "
+              f"({where(cfg, cfg.loader.split)}){first}")  # fmt: skip
         print(table(means_by_curve(held), means_by_curve(train), report))
         print(f"held-out gains frame by frame (of one training run each{first}):")
         print(format_gains([Gain.from_dict(g) for g in report["frame_gains"]]))
