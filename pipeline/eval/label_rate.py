@@ -21,7 +21,8 @@ class LabelRates:
     def __init__(self, data: EvalInput) -> None:
         self.data = data
         self._sample = ""
-        self._coded: dict[tuple[int, tuple[int, ...]], float] = {}  # (id of the label map, mapping)
+        # (the quality of a predicted map, or None for the ground truth every quality shares; mapping)
+        self._coded: dict[tuple[int | None, tuple[int, ...]], float] = {}
 
     def __call__(self, sample: EvalSample, quality: int, method: Method) -> float:
         """0 for a method without semantics or a sample whose map costs nothing (decoder-side maps); the
@@ -32,10 +33,10 @@ class LabelRates:
         classes = method.spec.label_classes
         if classes is None:
             return sample.label_bpp
-        if sample.key != self._sample:  # the maps of the sample before are gone: so are their ids
+        if sample.key != self._sample:  # one sample's maps at a time
             self._sample, self._coded = sample.key, {}
         label = sample.label_at(quality)
-        key = (id(label), classes)
+        key = (quality if quality in sample.predicted_label else None, classes)
         if key not in self._coded:
             self._coded[key] = 8 * len(self.data.label_coder.encode(class_map(label, classes))) / label.size
         return self._coded[key]
