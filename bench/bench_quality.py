@@ -87,7 +87,10 @@ QUALITIES = [32, 37, 42, 47]
 # step exported however small its lead (validate.min_delta=0): with the moving average the validation curve
 # is steady, and the 0.02 dB margin froze the export at an early step (on munster, seeds 0 and 1, the best
 # validation gain of codec-SE +0.143 and +0.123 dB, of the ablation +0.127 and +0.096, against +0.112 and
-# +0.101, +0.101 and +0.067 exported by 2200 steps with the margin).
+# +0.101, +0.101 and +0.067 exported by 2200 steps with the margin). The encoder scales each frame's
+# correction by its least-squares factor, one byte a frame (model.correction_scale=frame): the models
+# trained on frankfurt over-correct munster at QP 32 (a throwaway least-squares fit on run 11's seed-0
+# exports: a factor of about 0.6 there, 1.1 at QP 47).
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
@@ -95,6 +98,7 @@ RECIPE = [
     "model.norm=none",
     "model.quality_input=true",
     "model.semantic_classes=categories",
+    "model.correction_scale=frame",
     "shards.label_downsample=4",
     f"loader.qualities={QUALITIES}",
     "loader.crop=[128, 256]",

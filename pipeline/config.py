@@ -36,6 +36,7 @@ LrSchedule = Literal["constant", "cosine"]
 ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
 SemanticClasses = Literal["labels", "categories"]
+CorrectionScale = Literal["none", "frame"]
 LabelSource = Literal["gt", "decoder", "encoder"]  # the label map codec-SE gets: ground truth, or predicted
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
@@ -272,6 +273,10 @@ class ModelConfig:
     # what the one-hot channels hold: every label id of the source's table (labels), or the category each id
     # belongs to (categories: Cityscapes' 8, from cityscapesscripts); the label ids are mapped at the input
     semantic_classes: SemanticClasses = field(default="labels", metadata=WEIGHTS_WHEN_SET)
+    # frame: the encoder sends one byte per frame, the least-squares scale of the generator's change to the
+    # decoded image (pipeline.model.correction_scale), counted in the rate; none: the generator's output as
+    # is. Training is the same either way; validation, evaluation and compress apply the scale.
+    correction_scale: CorrectionScale = field(default="none", metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "ngf", "ndf", "n_layers_d", "num_d")

@@ -17,6 +17,7 @@ from pipeline.compress.tiling import TILE_TOLERANCE, enhance_tiled, tile_starts
 from pipeline.data.codecs import LabelCoder, get_codec
 from pipeline.eval.inputs import EvalSample
 from pipeline.eval.methods import Method, reconstruct
+from pipeline.model.correction_scale import fit_code
 from pipeline.model.export import export_generator, load_generator
 from pipeline.model.inference import enhance_image
 from pipeline.model.spec import GeneratorSpec
@@ -118,12 +119,18 @@ def test_no_enhance_round_trip_is_the_codecs_decode(work: Path, tmp_path: Path, 
     assert "--no-enhance" in capsys.readouterr().err
 
 
-def test_enhanced_output_is_evaluations_reconstruction(work: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("scale", ["none", "frame"])
+def test_enhanced_output_is_evaluations_reconstruction(
+    work: Path, tmp_path: Path, capsys, scale: str
+) -> None:
     image, label = _frame(work)
     model = work / "model.safetensors"
+    if scale == "frame":  # the same weights, whose encoder sends the scale of their correction
+        model = _generator_file(tmp_path / "scaled.safetensors", seed=0, correction_scale="frame")
     out, png = tmp_path / "x.jse", tmp_path / "x.png"
     assert main(["compress", str(image), "--label", str(label), "--model", str(model), "-o", str(out)]) == 0
     container = read_container(out)
+    assert (container.correction_scale is None) == (scale == "none")
     assert container.model.sha256 and not container.model.name  # a file: its hash, no registry name
     assert (container.codec, container.quality) == ("hevc", 42)  # taken from the model's spec
     assert main(["decompress", str(out), "-o", str(png), "--model", str(model)]) == 0
@@ -139,10 +146,16 @@ def test_enhanced_output_is_evaluations_reconstruction(work: Path, tmp_path: Pat
         label=coder.reconstruct(ids),
         instance=None,
         decoded={42: get_codec("hevc").roundtrip(rgb, 42).decoded},
+        bpp={42: 0.25},
     )
-    expected = reconstruct(Method("hevc-SE", 42, generator, spec), sample, 42)
+    expected, bpp = reconstruct(Method("hevc-SE", 42, generator, spec), sample, 42)
     assert np.array_equal(_rgb(png), expected)
     assert not np.array_equal(expected, sample.decoded[42])  # the model does change the frame
+    # the evaluation charges the scale's byte, as the file carries it
+    assert bpp == pytest.approx(0.25 + (8 / (SIZE[0] * SIZE[1]) if scale == "frame" else 0.0))
+    if scale == "frame":  # the file's scale is the one that fits this frame best
+        enhanced = enhance_image(generator, spec, sample.decoded[42], sample.label, quality=42)
+        assert container.correction_scale == fit_code(rgb, sample.decoded[42], enhanced)
 
 
 def test_model_hash_mismatch_refused_unless_forced(work: Path, tmp_path: Path, capsys) -> None:

@@ -256,6 +256,7 @@ def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
         ["train.seed=1"],
         ["train.betas=[0.9, 0.999]"],
         ["loader.transpose=true"],
+        ["model.correction_scale=frame"],  # it decides the exported step: a resumed run must keep it
     ):
         assert load_config(None, changes).training_digest() != same.training_digest(), changes
 
@@ -271,9 +272,11 @@ def _previous_training_digest(cfg: JobConfig) -> str:
     loader = {k: v for k, v in tree["loader"].items() if k not in skipped}
     phases = {n: {k: v for k, v in tree[n].items() if k != "steps"} for n in ("phase1", "phase2", "phase3")}
     train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
-    # model.quality_input and model.semantic_classes came later too: at their defaults they leave it as it was
+    # model.quality_input, semantic_classes and correction_scale came later too: at their defaults they
+    # leave it as it was
     assert not cfg.model.quality_input and cfg.model.semantic_classes == "labels"
-    later = ("quality_input", "semantic_classes")
+    assert cfg.model.correction_scale == "none"
+    later = ("quality_input", "semantic_classes", "correction_scale")
     model = {**{k: v for k, v in tree["model"].items() if k not in later}, "label_nc": 0}
     # data.label_source and data.segmenter came later: at their defaults they leave the digest as it was
     assert cfg.data.label_source == "gt" and not cfg.data.segmenter

@@ -48,12 +48,30 @@ def _with_crc(body: bytes) -> bytes:
 def test_round_trip_and_size_accounting() -> None:
     c = _container()
     data = pack(c)
-    assert data.startswith(MAGIC) and data[len(MAGIC)] == FORMAT_VERSION
+    assert data.startswith(MAGIC) and data[len(MAGIC)] == 2  # no correction scale: the version-2 bytes
     assert parse(data) == c
     assert len(data) == c.header_bytes() + len(c.codec_bitstream) + len(c.label_bitstream)
     bpp = c.bpp()
     assert bpp["total"] == pytest.approx(8 * len(data) / (256 * 128))
     assert bpp["total"] == pytest.approx(bpp["codec"] + bpp["label"] + bpp["header"])
+
+
+def test_a_correction_scale_is_written_as_version_3_and_read_back() -> None:
+    plain = pack(_container())
+    for code in (0, 128, 255):
+        c = _container(correction_scale=code)
+        data = pack(c)
+        assert data[len(MAGIC)] == FORMAT_VERSION == 3
+        assert len(data) == len(plain) + 2  # its length byte and the code
+        assert parse(data) == c and parse(data).correction_scale == code
+    with pytest.raises(ContainerError, match="correction scale code 256"):
+        _container(correction_scale=256)
+    scaled = pack(_container(correction_scale=7))
+    at = len(plain) - 4 - len(_container().codec_bitstream) - len(_container().label_bitstream) - 8
+    assert scaled[at : at + 2] == bytes([1, 7])
+    two_bytes = scaled[:at] + bytes([2, 7, 7]) + scaled[at + 2 : -4]
+    with pytest.raises(ContainerError, match="correction scale must be 0 or 1 bytes"):
+        parse(_with_crc(two_bytes))
 
 
 def test_model_reference_variants() -> None:

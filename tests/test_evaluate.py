@@ -346,8 +346,10 @@ def test_enhance_pads_and_crops_back() -> None:
     label = rng.integers(0, 5, (30, 50), dtype=np.uint8)
 
     def enhance(method: Method, decoded: np.ndarray) -> np.ndarray:
-        sample = EvalSample("k", decoded, label, None, decoded={45: decoded})
-        return reconstruct(method, sample, 45)
+        sample = EvalSample("k", decoded, label, None, decoded={45: decoded}, bpp={45: 0.5})
+        image, bpp = reconstruct(method, sample, 45)
+        assert bpp == 0.5  # no correction scale: the codec's rate
+        return image
 
     out = enhance(Method("hevc-SE", 45, generator.eval(), spec), decoded)
     assert out.shape == (30, 50, 3) and out.dtype == np.uint8

@@ -7,7 +7,9 @@ is pinned to its version (``models:/name@alias`` -> ``models:/name/3``), and the
 generator file is kept whatever its origin. Decompression decodes both streams, checks the model against
 the reference (a different sha256 is refused unless ``--force``) and runs the one inference function
 (:func:`pipeline.model.inference.enhance_image`), in overlapping tiles for frames larger than a tile
-(:mod:`pipeline.compress.tiling`), on the GPU when there is one.
+(:mod:`pipeline.compress.tiling`), on the GPU when there is one. A generator with
+``model.correction_scale: frame`` runs at compression too: the file then carries the encoder's scale of its
+correction (one byte, :mod:`pipeline.model.correction_scale`), which decompression applies.
 
 Folder mode: ``compress DIR --label LABEL_DIR -o OUT_DIR`` pairs images and label maps as the folder
 dataset does (same relative path with ``.png``, else the one label map with the image's stem) and writes
@@ -46,6 +48,7 @@ from pipeline.compress.container import (
     read_container,
 )
 from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
+from pipeline.model.correction_scale import apply_code, fit_code
 from pipeline.model.inputs import class_map
 
 if TYPE_CHECKING:
@@ -203,12 +206,15 @@ def compress_image(
 
     With ``segmenter`` (label source ``decoder``) no label map is read (``label_path`` is ignored): the
     container records the segmenter's sha256 and carries no label stream. With ``encoder`` (label source
-    ``encoder``) the coded map is that segmenter's prediction on the image, not ``label_path``."""
+    ``encoder``) the coded map is that segmenter's prediction on the image, not ``label_path``. For a
+    ``model`` that scales its correction per frame (``model.correction_scale: frame``) the encoder decodes
+    its own streams, enhances them as ``decompress`` does (default tiles) and records the scale code."""
     from pipeline.data.codecs import LabelCoder, get_codec
 
     rgb = read_image(image_path)
     height, width = rgb.shape[:2]
     codec_bitstream = get_codec(codec).encode(rgb, quality)
+    received = None  # the label map the decoder will have (for the correction scale)
     if segmenter is not None:
         coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
     else:
@@ -228,6 +234,14 @@ def compress_image(
             "label_downsample": coder.downsample,
             "label_bitstream": coder.encode(label),
         }
+        received = coder.reconstruct(label)
+    scale = None
+    if model is not None and model.spec.correction_scale == "frame":
+        decoded = get_codec(codec).decode(codec_bitstream)
+        if segmenter is not None:
+            received = segmenter.label_ids(decoded)
+        enhanced = enhance_tiled(model.generator, model.spec, decoded, received, quality)
+        scale = fit_code(rgb, decoded, enhanced)
     container = Container(
         codec=codec,
         quality=quality,
@@ -236,6 +250,7 @@ def compress_image(
         codec_bitstream=codec_bitstream,
         model=model.ref if model is not None else ModelRef(),
         segmenter=segmenter.sha256 if segmenter is not None else "",
+        correction_scale=scale,
         **coded,
     )
     write_atomic(out, pack(container))
@@ -353,9 +368,11 @@ def decompress_file(
             )
         _check_labels(label, used)
         check_tiling(used.spec, tile, overlap)
-        rgb = enhance_tiled(
+        enhanced = enhance_tiled(
             used.generator, used.spec, rgb, label, container.quality, tile=tile, overlap=overlap
         )
+        code = container.correction_scale
+        rgb = enhanced if code is None else apply_code(rgb, enhanced, code)
     write_png(out, rgb)
     return container, used
 

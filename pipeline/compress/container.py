@@ -7,7 +7,7 @@ bytes   field                      value
 ======  =========================  ==============================================================
 8       magic                      ``\\x89JSE\\r\\n\\x1a\\n`` (a PNG-style signature: catches text-mode
                                    transfers and truncation at the first bytes)
-1       format version             :data:`FORMAT_VERSION`
+1       format version             2, or 3 with a correction scale (:data:`FORMAT_VERSION`: the newest)
 str8    codec                      registered codec name (``hevc``), ASCII ``[a-z0-9_]``
 2       quality                    on the codec's own scale (checked against it)
 4 + 4   width, height              the image size in pixels, each ``1..MAX_SIDE``, product ``<= MAX_PIXELS``
@@ -19,6 +19,8 @@ str8    model sha256               0 or 32 bytes: sha256 of the exported generat
 str8    segmenter sha256           (version 2) 0 or 32 bytes: with 32, the label map is the prediction of
                                    the segmenter file of this sha256 on the decoded image (label source
                                    ``decoder``): label coder ``none``, down-sampling 1, no label bitstream
+1 + n   correction scale           (version 3) 0 or 1 bytes: with 1, the code of the encoder's scale of the
+                                   generator's correction (:mod:`pipeline.model.correction_scale`)
 4 + 4   codec / label lengths      byte lengths of the two bitstreams
 n       codec bitstream            exactly what the codec's ``decode`` takes
 n       label bitstream            exactly what :class:`~pipeline.data.codecs.LabelCoder` ``decode`` takes
@@ -30,7 +32,9 @@ size is always ``header + codec + label`` bytes. The parser takes its input as u
 checked against what is left before anything is sliced, sizes are bounded before anything is allocated,
 trailing bytes and checksum mismatches are refused, and every failure is one :class:`ContainerError`.
 
-Version 1 files (no segmenter field: ground-truth label maps, coded) still read; this code writes version 2.
+Version 1 files (no segmenter field: ground-truth label maps, coded) still read. This code writes the
+oldest version that holds the content: 3 for a file with a correction scale, else 2 (the bytes it always
+wrote).
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"\x89JSE\r\n\x1a\n"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest version this code reads and writes
+READ_VERSIONS = (1, 2, 3)
 MAX_SIDE = 1 << 16  # pixels per side
 MAX_PIXELS = 1 << 28  # 268 Mpixels: about 800 MB as RGB, the most a decoder is asked to allocate
 MAX_DOWNSAMPLE = 64
@@ -108,6 +112,7 @@ class Container:
     label_bitstream: bytes
     model: ModelRef = ModelRef()
     segmenter: str = ""  # sha256 of the segmenter predicting the label map at the decoder; empty: coded map
+    correction_scale: int | None = None  # the encoder's scale code (0..255); None: the generator's output
 
     def __post_init__(self) -> None:
         if not _CODEC_NAME.match(self.codec):
@@ -141,6 +146,8 @@ class Container:
             raise ContainerError(
                 f"label down-sampling factor {self.label_downsample} is outside 1..{MAX_DOWNSAMPLE}"
             )
+        if self.correction_scale is not None and not 0 <= self.correction_scale <= 0xFF:
+            raise ContainerError(f"correction scale code {self.correction_scale} is outside 0..255")
         if not self.codec_bitstream or not (self.label_bitstream or self.segmenter):
             raise ContainerError("empty codec or label bitstream")
 
@@ -179,10 +186,11 @@ def pack(container: Container) -> bytes:
         raise ContainerError("a bitstream larger than 4 GiB does not fit the container")
     sha = bytes.fromhex(m.sha256)
     segmenter = bytes.fromhex(c.segmenter)
+    scale = b"" if c.correction_scale is None else bytes([c.correction_scale])
     body = b"".join(
         [
             MAGIC,
-            bytes([FORMAT_VERSION]),
+            bytes([3 if scale else 2]),
             _str8(c.codec, "codec name"),
             struct.pack(">HII", c.quality, c.width, c.height),
             _str8(c.label_coder, "label coder"),
@@ -191,6 +199,7 @@ def pack(container: Container) -> bytes:
             _str8(m.version, "model version"),
             bytes([len(sha)]) + sha,
             bytes([len(segmenter)]) + segmenter,
+            bytes([len(scale)]) + scale if scale else b"",
             struct.pack(">II", len(c.codec_bitstream), len(c.label_bitstream)),
             c.codec_bitstream,
             c.label_bitstream,
@@ -257,6 +266,12 @@ def parse(data: bytes) -> Container:
         if seg_len not in (0, 32):
             raise ContainerError(f"segmenter sha256 must be 0 or 32 bytes, got {seg_len}")
         segmenter = r.take(seg_len, "segmenter sha256").hex()
+    correction_scale = None
+    if version >= 3:
+        scale_len = r.uint(">B", "correction scale length")
+        if scale_len not in (0, 1):
+            raise ContainerError(f"correction scale must be 0 or 1 bytes, got {scale_len}")
+        correction_scale = r.uint(">B", "correction scale") if scale_len else None
     codec_len, label_len = r.uint(">I", "codec length"), r.uint(">I", "label length")
     codec_bitstream = r.take(codec_len, "codec bitstream")
     label_bitstream = r.take(label_len, "label bitstream")
@@ -277,6 +292,7 @@ def parse(data: bytes) -> Container:
         label_bitstream=label_bitstream,
         model=ModelRef(name, model_version, sha),
         segmenter=segmenter,
+        correction_scale=correction_scale,
     )
 
 

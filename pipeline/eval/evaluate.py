@@ -271,8 +271,9 @@ def _score(
             for method in methods:
                 if method.quality not in (None, quality):
                     continue
-                result = reconstruct(method, sample, quality)
-                scorer.add(sample, quality, method, result, label_bpp=label_rates(sample, quality, method))
+                result, bpp = reconstruct(method, sample, quality)
+                label_bpp = label_rates(sample, quality, method)
+                scorer.add(sample, quality, method, result, bpp=bpp, label_bpp=label_bpp)
                 outputs.append((f"{method.name} q{quality}", result))
             if index < n_crops and (len(outputs) > 1 or len(methods) == 1):
                 path = crops / key_file_name(sample.key, f"_{data.codec}_q{quality}.png")

@@ -149,7 +149,8 @@ class Scorer:
         label_bpp: float = 0.0,
     ) -> RPDRow:
         """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row. ``bpp``:
-        the rate of a reference codec's own bitstream (default: the evaluated codec's at ``quality``);
+        the rate of a reference codec's own bitstream, or of codec-SE's with its correction scale
+        (:func:`pipeline.eval.methods.reconstruct`; default: the evaluated codec's at ``quality``);
         ``label_bpp``: the label bits its decoder receives (:class:`pipeline.eval.label_rate.LabelRates`;
         none for the codec and the reference codecs)."""
         scores = score_image(sample.image, result)

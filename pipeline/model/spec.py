@@ -23,7 +23,11 @@ another rule:
 * version 5: version 4 plus ``semantic_classes`` (``categories``) and ``label_classes`` (the class of
   every label id ``0..label_nc-1``: what the one-hot holds, :func:`pipeline.model.inputs.generator_input`).
   A spec without them (label ids, ``model.semantic_classes: labels``) is written as version 4 or older, and
-  a pipeline that predates version 5 refuses a generator that needs its labels mapped.
+  a pipeline that predates version 5 refuses a generator that needs its labels mapped;
+* version 6: version 5 plus ``correction_scale`` (``frame``: the encoder sends the scale of the
+  generator's change per frame, :mod:`pipeline.model.correction_scale`). A spec without it
+  (``model.correction_scale: none``) is written as version 5 or older, and a pipeline that predates
+  version 6 refuses a generator whose output it would not scale.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -41,11 +45,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.config import MODEL_BOUNDS, JobConfig, LabelSource, ModelConfig, Norm, SemanticClasses
+from pipeline.config import (
+    MODEL_BOUNDS,
+    CorrectionScale,
+    JobConfig,
+    LabelSource,
+    ModelConfig,
+    Norm,
+    SemanticClasses,
+)
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
 from pipeline.model.networks import Generator
 
-FORMAT_VERSION = 5  # the newest version this code reads and writes
+FORMAT_VERSION = 6  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -53,6 +65,7 @@ BOUNDS: dict[str, tuple[int, int]] = {**MODEL_BOUNDS, "label_nc": (1, 256)}  # l
 NORMS = typing.get_args(Norm)
 LABEL_SOURCES = typing.get_args(LabelSource)
 SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
+CORRECTION_SCALES = typing.get_args(CorrectionScale)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
@@ -94,6 +107,7 @@ class GeneratorSpec:
     quality_input: bool | None = None  # None: no quality channel (version 3 and earlier)
     semantic_classes: str | None = None  # None: label ids (version 4 and earlier)
     label_classes: tuple[int, ...] | None = None  # the class of each label id, with semantic_classes
+    correction_scale: str | None = None  # None: none (version 5 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -107,6 +121,12 @@ class GeneratorSpec:
         if self.quality_input and self.codec is None:
             raise ValueError("generator spec quality_input needs the codec whose scale the quality is on")
         self._check_classes()
+        if self.correction_scale == "none":  # the same spec as without the key
+            object.__setattr__(self, "correction_scale", None)
+        if self.correction_scale not in (None, *CORRECTION_SCALES):
+            raise ValueError(
+                f"generator spec correction_scale={self.correction_scale!r} is not one of {CORRECTION_SCALES}"
+            )
         for key, (low, high) in BOUNDS.items():
             value = getattr(self, key)
             if value is not None and not low <= value <= high:
@@ -253,8 +273,8 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Versions 1 to 4 are closed: ModelConfig and the spec as they were then, so a
-# field added later is never taken for part of an older file. Version 5 is GeneratorSpec's fields.
+# Spec keys by format version. Versions 1 to 5 are closed: ModelConfig and the spec as they were then, so a
+# field added later is never taken for part of an older file. Version 6 is GeneratorSpec's fields.
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -263,11 +283,13 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
         }
     ),
     2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes"},
+    - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes", "correction_scale"},
     3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"quality_input", "semantic_classes", "label_classes"},
-    4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"semantic_classes", "label_classes"},
-    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    - {"quality_input", "semantic_classes", "label_classes", "correction_scale"},
+    4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
+    - {"semantic_classes", "label_classes", "correction_scale"},
+    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"correction_scale"},
+    6: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
 }
 
 

@@ -21,6 +21,7 @@ from pipeline.data.loader import training_qualities
 from pipeline.data.manifest import DatasetInfo
 from pipeline.eval.inputs import EvalSample, ShardInput, with_label_source
 from pipeline.eval.scoring import Scores, mean_scores
+from pipeline.model.correction_scale import scaled
 from pipeline.model.inference import enhance_image
 from pipeline.model.networks import Generator
 from pipeline.model.spec import GeneratorSpec
@@ -82,15 +83,17 @@ class Validator:
         self.codec = codec or mean_scores([(s.image, s.decoded[q]) for s in samples for q in self.qualities])
 
     def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(original, codec-SE)`` for every frame x quality."""
+        """``(original, codec-SE)`` for every frame x quality, codec-SE as its decoder outputs it (with the
+        encoder's scale, ``model.correction_scale``)."""
         net = Generator(**generator.hparams)
         net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
         net = net.to(self.device).eval()
-        return [
-            (s.image, enhance_image(net, self.spec, s.decoded[q], s.label_at(q), s.instance, q))
-            for s in self.samples
-            for q in self.qualities
-        ]
+        pairs = []
+        for s in self.samples:
+            for q in self.qualities:
+                enhanced = enhance_image(net, self.spec, s.decoded[q], s.label_at(q), s.instance, q)
+                pairs.append((s.image, scaled(self.spec, s.image, s.decoded[q], enhanced)[0]))
+        return pairs
 
     def __call__(self, generator: nn.Module) -> dict[str, float]:
         """``psnr``, ``ms_ssim``, ``niqe`` of codec-SE, the codec's as ``codec_*``, and ``delta_*``."""
