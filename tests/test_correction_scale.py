@@ -16,8 +16,10 @@ from pipeline.data.manifest import DatasetInfo
 from pipeline.eval.inputs import EvalSample
 from pipeline.model.correction_scale import CODE_BITS, SCALE_UNIT, apply_code, fit_code, scaled, side_bits
 from pipeline.model.export import export_generator, load_generator
+from pipeline.model.inference import enhance_image
 from pipeline.model.networks import build_models
 from pipeline.model.spec import SPEC_KEYS, GeneratorSpec
+from pipeline.tracking.registry import example_input, generator_signature, predict
 from pipeline.train.validation import Validator
 
 TINY = ModelConfig(ngf=4, n_downsample=1, n_blocks=1, norm="none")
@@ -127,3 +129,31 @@ def test_validation_scores_what_the_decoder_outputs() -> None:
         cfg.model, cfg.loader.quality = dataclasses.replace(TINY, correction_scale=scale), 42  # type: ignore[arg-type]
         deltas[scale] = Validator(cfg, data, samples)(generator)["delta_psnr"]
     assert deltas["none"] < -1.0 and deltas["frame"] > -0.05
+
+
+def test_the_registry_pyfunc_takes_each_frames_code(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    generator, _ = build_models(TINY, LABEL_NC, use_instance=False)
+    with torch.no_grad():
+        generator.correction[-1].weight.normal_(0.0, 0.05)
+    generator.eval()
+    spec = _spec(correction_scale="frame")
+    assert example_input(spec, batch=2)["correction_scale"].tolist() == [SCALE_UNIT, SCALE_UNIT]
+    signature = generator_signature(export_generator(tmp_path / "s.safetensors", generator, spec))
+    assert {s.name: s.shape for s in signature.inputs.inputs}["correction_scale"] == (-1,)
+    original, decoded = _images(0)
+    label = np.zeros(decoded.shape[:2], np.uint8)
+    batch = {
+        "label": np.stack([label, label]).astype(np.int64),
+        "decoded": np.stack([decoded, decoded]).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1,
+        "correction_scale": np.array([40, 200]),
+    }
+    out = predict(generator, spec, batch)
+    enhanced = enhance_image(generator, spec, decoded, label)
+    for i, code in enumerate((40, 200)):
+        got = np.round((out[i] + 1) * 127.5).astype(np.int16).transpose(1, 2, 0)
+        assert np.abs(got - apply_code(decoded, enhanced, code)).max() <= 1  # float here, uint8 there
+    with pytest.raises(ValueError, match=r"lacks \['correction_scale'\]"):
+        predict(generator, spec, {k: v for k, v in batch.items() if k != "correction_scale"})
+    with pytest.raises(ValueError, match="correction_scale must hold 1 or 2 codes"):
+        predict(generator, spec, {**batch, "correction_scale": np.array([1, 2, 3])})

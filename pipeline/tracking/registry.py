@@ -205,6 +205,10 @@ def example_input(spec: GeneratorSpec, batch: int = 1) -> dict[str, np.ndarray]:
         from pipeline.data.codecs.base import codec_class
 
         inputs["quality"] = np.full(batch, codec_class(str(spec.codec)).quality_range[0], np.int64)
+    if spec.correction_scale == "frame":
+        from pipeline.model.correction_scale import SCALE_UNIT
+
+        inputs["correction_scale"] = np.full(batch, SCALE_UNIT, np.int64)
     return inputs
 
 
@@ -212,16 +216,30 @@ def predict(generator: nn.Module, spec: GeneratorSpec, inputs: Mapping[str, np.n
     """Run an exported generator on numpy inputs (:func:`pipeline.model.inference.enhance_batch`):
     ``label`` int ``B x H x W``, ``decoded`` float32 ``B x 3 x H x W`` in [-1, 1], ``edge`` float32
     ``B x 1 x H x W`` (with instances), ``quality`` int ``B`` (the codec quality of each frame, for a
-    ``quality_input`` model). Returns the enhanced image, float32 ``B x 3 x H x W`` in [-1, 1]."""
+    ``quality_input`` model), ``correction_scale`` int ``B`` (each frame's code from its encoder, for a
+    model with ``correction_scale: frame``; :mod:`pipeline.model.correction_scale`, applied here in float,
+    within a grey level of the decoder's uint8 output). Returns the enhanced image, float32
+    ``B x 3 x H x W`` in [-1, 1]."""
+    from pipeline.model.correction_scale import MAX_CODE, SCALE_UNIT
     from pipeline.model.inference import enhance_batch
 
+    scales = spec.correction_scale == "frame"
     needed = ["label", "decoded"] + ["edge"] * spec.use_instance + ["quality"] * bool(spec.quality_input)
+    needed += ["correction_scale"] * scales
     missing = [k for k in needed if k not in inputs]
     if missing:
         raise ValueError(f"generator input lacks {missing}; it takes {needed}")
     edge = inputs["edge"] if spec.use_instance else None
     quality = inputs["quality"] if spec.quality_input else None
-    return enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge, quality).cpu().numpy()
+    out = enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge, quality).cpu().numpy()
+    if not scales:
+        return out
+    codes = np.asarray(inputs["correction_scale"]).reshape(-1)
+    if codes.shape[0] not in (1, out.shape[0]) or codes.min() < 0 or codes.max() > MAX_CODE:
+        raise ValueError(f"correction_scale must hold 1 or {out.shape[0]} codes in [0, {MAX_CODE}]")
+    decoded = np.asarray(inputs["decoded"], np.float32)
+    factor = (codes / SCALE_UNIT).astype(np.float32).reshape(-1, 1, 1, 1)
+    return np.clip(decoded + factor * (out - decoded), -1.0, 1.0)
 
 
 def generator_signature(generator_file: Path) -> ModelSignature:
