@@ -318,6 +318,34 @@ def test_evaluation_reports_downstream_accuracy(
     )
 
 
+def test_the_encoders_scale_is_fitted_on_the_decoders_predicted_map(
+    segmenter_file: Path, frame: Path, tmp_path: Path, capsys
+) -> None:
+    from pipeline.data.codecs import get_codec
+    from pipeline.model.correction_scale import apply_code, fit_code
+    from pipeline.model.inference import enhance_image
+    from pipeline.segment.base import load_segmenter
+
+    sha = weights_sha256(segmenter_file)
+    changes = {"label_source": "decoder", "segmenter": sha, "correction_scale": "frame"}
+    model = _generator_file(tmp_path / "dec.safetensors", 0, **changes)
+    jse, png, seg = tmp_path / "x.jse", tmp_path / "x.png", ["--segmenter", str(segmenter_file)]
+    assert main(["compress", str(frame), "--model", str(model), *seg, "-o", str(jse)]) == 0, (
+        capsys.readouterr()
+    )
+    assert main(["decompress", str(jse), "-o", str(png), "--model", str(model), *seg]) == 0
+    container = read_container(jse)
+    decoded = get_codec("hevc").decode(container.codec_bitstream)
+    generator, spec = load_generator(model)
+    enhanced = enhance_image(
+        generator, spec, decoded, load_segmenter(segmenter_file).predict_label_ids(decoded)
+    )
+    original = cv2.cvtColor(cv2.imread(str(frame)), cv2.COLOR_BGR2RGB)
+    assert container.correction_scale == fit_code(original, decoded, enhanced)
+    expected = apply_code(decoded, enhanced, container.correction_scale)
+    assert np.array_equal(cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB), expected)
+
+
 def test_evaluation_with_decoder_maps(segmenter_file: Path, eval_cfg: JobConfig, tmp_path: Path) -> None:
     sha = weights_sha256(segmenter_file)
     gt_model = _generator_file(tmp_path / "gt.safetensors", 0)
