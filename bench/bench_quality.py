@@ -13,12 +13,14 @@ From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs
 
 It prints, per QP: bpp (codec bits, and total with codec-SE's lossless label map: on categories, the class
 map, :mod:`pipeline.eval.label_rate`), PSNR, MS-SSIM and NIQE of the codec, codec-SE and the ablation; the
-PSNR gains on held-out and on training frames side by side; the held-out gains frame by frame (codec-SE and
-the ablation against HEVC, codec-SE against the ablation: mean, 95 % interval over the frames, worst frame,
-frames that gained; :mod:`pipeline.eval.gains`); the BD-rates against HEVC on codec bits and on total bits;
-and the held-out BD-rates of HEVC, codec-SE and the ablation against the reference codecs
-(``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time of every stage is printed too; the
-budget (``--budget-min``, default 15) is what the whole script must fit in on 2 cores.
+PSNR gains on held-out and on training frames side by side; the mean scale each model's encoder sent for
+its correction (``model.correction_scale``: below 1 where the model over-corrects the held-out frames); the
+held-out gains frame by frame (codec-SE and the ablation against HEVC, codec-SE against the ablation: mean,
+95 % interval over the frames, worst frame, frames that gained; :mod:`pipeline.eval.gains`); the BD-rates
+against HEVC on codec bits and on total bits; and the held-out BD-rates of HEVC, codec-SE and the ablation
+against the reference codecs (``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time of every
+stage is printed too; the budget (``--budget-min``, default 15) is what the whole script must fit in on 2
+cores.
 
 With ``--segmenter FILE`` (a segmenter trained on the training frames, ``python -m pipeline segment``) a
 third model is trained beside them on the label maps that segmenter predicts from the decoded image
@@ -167,7 +169,8 @@ def table(held: dict, train: dict, report: dict) -> str:
     lines = [
         f"{'QP':>3} {'bpp':>6} {'bpp+map':>7} | {'PSNR hevc':>9} {'SE':>7} {'abl':>7} | "
         f"{'dPSNR SE':>8} {'abl':>7} {'train SE':>8} {'abl':>7} | "
-        f"{'MS-SSIM hevc':>12} {'SE':>7} {'abl':>7} | {'NIQE hevc':>9} {'SE':>6} {'abl':>6}"
+        f"{'MS-SSIM hevc':>12} {'SE':>7} {'abl':>7} | {'NIQE hevc':>9} {'SE':>6} {'abl':>6} | "
+        f"{'scale SE':>8} {'abl':>5}"
     ]
     for q in QUALITIES:
         h, s, a = held[("hevc", q)], held[(se, q)], held[(ab, q)]
@@ -177,7 +180,8 @@ def table(held: dict, train: dict, report: dict) -> str:
             f"{f(s, 'psnr'):>7.3f} {f(a, 'psnr'):>7.3f} | {f(s, 'psnr') - f(h, 'psnr'):>+8.3f} "
             f"{f(a, 'psnr') - f(h, 'psnr'):>+7.3f} {f(ts, 'psnr') - f(th, 'psnr'):>+8.3f} "
             f"{f(ta, 'psnr') - f(th, 'psnr'):>+7.3f} | {f(h, 'ms_ssim'):>12.5f} {f(s, 'ms_ssim'):>7.5f} "
-            f"{f(a, 'ms_ssim'):>7.5f} | {f(h, 'niqe'):>9.3f} {f(s, 'niqe'):>6.3f} {f(a, 'niqe'):>6.3f}"
+            f"{f(a, 'ms_ssim'):>7.5f} | {f(h, 'niqe'):>9.3f} {f(s, 'niqe'):>6.3f} {f(a, 'niqe'):>6.3f} | "
+            f"{_scale(s):>8} {_scale(a):>5}"
         )
     lines.append("BD-rate vs HEVC (negative = fewer bits at equal quality), held-out frames:")
     for name in (se, ab):
@@ -192,6 +196,12 @@ def table(held: dict, train: dict, report: dict) -> str:
             f"   total bits {rates['ms_ssim/bpp_total']:+7.2f} %"
         )
     return "\n".join(lines)
+
+
+def _scale(row: dict[str, Any]) -> str:
+    """The mean correction scale the encoder sent (``model.correction_scale``), or ``-`` without one."""
+    value = row.get("correction_scale")
+    return f"{float(value):.2f}" if value else "-"
 
 
 def where(cfg: JobConfig, split: str) -> str:

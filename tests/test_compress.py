@@ -148,14 +148,18 @@ def test_enhanced_output_is_evaluations_reconstruction(
         decoded={42: get_codec("hevc").roundtrip(rgb, 42).decoded},
         bpp={42: 0.25},
     )
-    expected, bpp = reconstruct(Method("hevc-SE", 42, generator, spec), sample, 42)
+    made = reconstruct(Method("hevc-SE", 42, generator, spec), sample, 42)
+    expected = made.image
     assert np.array_equal(_rgb(png), expected)
     assert not np.array_equal(expected, sample.decoded[42])  # the model does change the frame
     # the evaluation charges the scale's byte, as the file carries it
-    assert bpp == pytest.approx(0.25 + (8 / (SIZE[0] * SIZE[1]) if scale == "frame" else 0.0))
-    if scale == "frame":  # the file's scale is the one that fits this frame best
+    assert made.bpp == pytest.approx(0.25 + (8 / (SIZE[0] * SIZE[1]) if scale == "frame" else 0.0))
+    if scale == "frame":  # the file's scale is the one that fits this frame best, and evaluation reports it
         enhanced = enhance_image(generator, spec, sample.decoded[42], sample.label, quality=42)
         assert container.correction_scale == fit_code(rgb, sample.decoded[42], enhanced)
+        assert made.scale == container.correction_scale / 128
+    else:
+        assert made.scale is None
 
 
 def test_model_hash_mismatch_refused_unless_forced(work: Path, tmp_path: Path, capsys) -> None:

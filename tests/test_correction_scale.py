@@ -14,6 +14,8 @@ import torch
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.data.manifest import DatasetInfo
 from pipeline.eval.inputs import EvalSample
+from pipeline.eval.report import format_table
+from pipeline.eval.rows import MeanRow, Measures, csv_text
 from pipeline.model.correction_scale import CODE_BITS, SCALE_UNIT, apply_code, fit_code, scaled, side_bits
 from pipeline.model.export import export_generator, load_generator
 from pipeline.model.inference import enhance_image
@@ -157,3 +159,25 @@ def test_the_registry_pyfunc_takes_each_frames_code(tmp_path: Path) -> None:
         predict(generator, spec, {k: v for k, v in batch.items() if k != "correction_scale"})
     with pytest.raises(ValueError, match="correction_scale must hold 1 or 2 codes"):
         predict(generator, spec, {**batch, "correction_scale": np.array([1, 2, 3])})
+
+
+def test_the_scale_is_a_column_of_the_methods_that_send_one() -> None:
+    base = {"bpp_codec": 0.1, "bpp_total": 0.12, "psnr": 30.0, "ms_ssim": 0.9, "niqe": 5.0, "lpips": 0.1}
+    notes = {"codec": "hevc", "quality": 42, "images": 2, "fid": 1.0, "lpips_note": "", "fid_note": ""}
+    rows = [
+        MeanRow("hevc", "hevc", "hevc", measures=Measures(**base), on_training_frames=False, **notes),
+        MeanRow(
+            "hevc-SE",
+            "se",
+            "se",
+            measures=Measures(**base, correction_scale=0.625),
+            on_training_frames=False,
+            **notes,
+        ),
+    ]
+    table = format_table(rows).splitlines()
+    assert table[0].split()[-2] == "scale"  # before FID
+    assert table[2].split()[-2] == "-" and table[3].split()[-2] == "0.625"
+    header, codec_row, se_row = csv_text(MeanRow, rows).splitlines()
+    at = header.split(",").index("correction_scale")
+    assert codec_row.split(",")[at] == "" and se_row.split(",")[at] == "0.625"

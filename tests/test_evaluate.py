@@ -347,9 +347,9 @@ def test_enhance_pads_and_crops_back() -> None:
 
     def enhance(method: Method, decoded: np.ndarray) -> np.ndarray:
         sample = EvalSample("k", decoded, label, None, decoded={45: decoded}, bpp={45: 0.5})
-        image, bpp = reconstruct(method, sample, 45)
-        assert bpp == 0.5  # no correction scale: the codec's rate
-        return image
+        made = reconstruct(method, sample, 45)
+        assert made.bpp == 0.5 and made.scale is None  # no correction scale: the codec's rate
+        return made.image
 
     out = enhance(Method("hevc-SE", 45, generator.eval(), spec), decoded)
     assert out.shape == (30, 50, 3) and out.dtype == np.uint8

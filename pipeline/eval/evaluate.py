@@ -271,10 +271,10 @@ def _score(
             for method in methods:
                 if method.quality not in (None, quality):
                     continue
-                result, bpp = reconstruct(method, sample, quality)
+                made = reconstruct(method, sample, quality)
                 label_bpp = label_rates(sample, quality, method)
-                scorer.add(sample, quality, method, result, bpp=bpp, label_bpp=label_bpp)
-                outputs.append((f"{method.name} q{quality}", result))
+                scorer.add(sample, quality, method, made.image, made.bpp, label_bpp, scale=made.scale)
+                outputs.append((f"{method.name} q{quality}", made.image))
             if index < n_crops and (len(outputs) > 1 or len(methods) == 1):
                 path = crops / key_file_name(sample.key, f"_{data.codec}_q{quality}.png")
                 write_comparison(path, sample.image, sample.label, outputs, palette)

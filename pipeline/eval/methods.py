@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
 from pipeline.eval.inputs import EvalSample
-from pipeline.model.correction_scale import scaled, side_bits
+from pipeline.model.correction_scale import SCALE_UNIT, scaled, side_bits
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
 from pipeline.model.inference import enhance_image
 from pipeline.model.spec import GeneratorSpec
@@ -170,19 +171,29 @@ def encode_reference(method: Method, sample: EvalSample) -> tuple[int, CodecResu
     return method.quality, method.encoder.roundtrip(sample.image, method.quality)
 
 
-def reconstruct(method: Method, sample: EvalSample, quality: int) -> tuple[np.ndarray, float]:
-    """``method``'s image of ``sample`` at ``quality`` and its rate besides the label map (bpp): the codec's
-    decoded image at the codec's rate, or the generator's enhancement of it
-    (:func:`pipeline.model.inference.enhance_image`, on the generator's device), scaled as the spec's
-    encoder would (:func:`pipeline.model.correction_scale.scaled`) with that scale's bits added."""
+class Reconstruction(NamedTuple):
+    """A method's image of a sample at a quality, its rate besides the label map (bpp), and the correction
+    scale its encoder sent (``code / 128``; ``None``: the method sends none)."""
+
+    image: np.ndarray
+    bpp: float
+    scale: float | None = None
+
+
+def reconstruct(method: Method, sample: EvalSample, quality: int) -> Reconstruction:
+    """``method``'s image of ``sample`` at ``quality``: the codec's decoded image at the codec's rate, or the
+    generator's enhancement of it (:func:`pipeline.model.inference.enhance_image`, on the generator's
+    device), scaled as the spec's encoder would (:func:`pipeline.model.correction_scale.scaled`) with that
+    scale's bits added to its rate."""
     decoded = sample.decoded[quality]
     if method.generator is None or method.spec is None:
-        return decoded, sample.bpp[quality]
+        return Reconstruction(decoded, sample.bpp[quality])
     label = sample.label_at(quality)
     enhanced = enhance_image(method.generator, method.spec, decoded, label, sample.instance, quality)
-    result, _ = scaled(method.spec, sample.image, decoded, enhanced)
+    result, code = scaled(method.spec, sample.image, decoded, enhanced)
     pixels = decoded.shape[0] * decoded.shape[1]
-    return result, sample.bpp[quality] + side_bits(method.spec) / pixels
+    rate = sample.bpp[quality] + side_bits(method.spec) / pixels
+    return Reconstruction(result, rate, None if code is None else code / SCALE_UNIT)
 
 
 def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:

@@ -210,7 +210,12 @@ def format_table(means: Sequence[MeanRow]) -> str:
                     f"{m.quality:>4}",
                     f"{m.images:>4}",
                 ]
-                + [f"{values[c]:>{TABLE[c].width}.{TABLE[c].precision}f}" for c in columns]
+                + [
+                    f"{values[c]:>{TABLE[c].width}.{TABLE[c].precision}f}"
+                    if c in values
+                    else f"{'-':>{TABLE[c].width}}"  # a measure of some methods only (the correction scale)
+                    for c in columns
+                ]
             )
         )
     if any(m.on_training_frames for m in means):

@@ -44,7 +44,10 @@ class Measures:
     evaluated split's originals) with ``eval.niqe_fitted``; ``miou`` and ``pixel_accuracy`` (downstream
     accuracy of the ``eval.segmenter`` network's prediction on the reconstruction, against the ground truth in
     Cityscapes train ids, :mod:`pipeline.eval.segmentation`) with ``eval.segmenter``: of the one image in a
-    per-image row, pooled over the set (one confusion matrix, as cityscapesscripts does) in a mean row.
+    per-image row, pooled over the set (one confusion matrix, as cityscapesscripts does) in a mean row;
+    ``correction_scale``, the factor the encoder scaled the generator's correction by (``code / 128``,
+    :mod:`pipeline.model.correction_scale`), for a model with ``model.correction_scale: frame``: below 1
+    where the model over-corrects the evaluated frames.
     """
 
     bpp_codec: float = shown("bpp_codec", 9, 4)
@@ -56,6 +59,7 @@ class Measures:
     lpips: float = shown("LPIPS", 7, 4)
     miou: float | None = shown("mIoU", 7, 4, default=None)
     pixel_accuracy: float | None = shown("PixAcc", 7, 4, default=None)
+    correction_scale: float | None = shown("scale", 6, 3, default=None)
 
     @classmethod
     def names(cls, optional: Sequence[str] = ()) -> list[str]:

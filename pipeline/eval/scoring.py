@@ -147,12 +147,13 @@ class Scorer:
         result: np.ndarray,
         bpp: float | None = None,
         label_bpp: float = 0.0,
+        scale: float | None = None,
     ) -> RPDRow:
         """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row. ``bpp``:
         the rate of a reference codec's own bitstream, or of codec-SE's with its correction scale
         (:func:`pipeline.eval.methods.reconstruct`; default: the evaluated codec's at ``quality``);
         ``label_bpp``: the label bits its decoder receives (:class:`pipeline.eval.label_rate.LabelRates`;
-        none for the codec and the reference codecs)."""
+        none for the codec and the reference codecs); ``scale``: the correction scale its encoder sent."""
         scores = score_image(sample.image, result)
         rate = sample.bpp[quality] if bpp is None else bpp
         judge = self.judge
@@ -165,6 +166,7 @@ class Scorer:
             lpips=math.nan if isinstance(self.lpips, Unavailable) else self.lpips(sample.image, result),
             miou=None if judged is None else judged.miou,
             pixel_accuracy=None if judged is None else judged.pixel_accuracy,
+            correction_scale=scale,
         )
         row = RPDRow(
             key=sample.key,
