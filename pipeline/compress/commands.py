@@ -48,7 +48,7 @@ from pipeline.compress.container import (
     read_container,
 )
 from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
-from pipeline.model.correction_scale import apply_code, fit_code
+from pipeline.model.correction_scale import apply_code, fit_code, sends_scale
 from pipeline.model.inputs import class_map
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ def compress_image(
         }
         received = coder.reconstruct(label)
     scale = None
-    if model is not None and model.spec.correction_scale == "frame":
+    if model is not None and sends_scale(model.spec):
         decoded = get_codec(codec).decode(codec_bitstream)
         if segmenter is not None:
             received = segmenter.label_ids(decoded)

@@ -186,7 +186,8 @@ def pack(container: Container) -> bytes:
         raise ContainerError("a bitstream larger than 4 GiB does not fit the container")
     sha = bytes.fromhex(m.sha256)
     segmenter = bytes.fromhex(c.segmenter)
-    scale = b"" if c.correction_scale is None else bytes([c.correction_scale])
+    # version 3's field: its length (1) and the code; a file without a scale keeps version 2's bytes
+    scale = b"" if c.correction_scale is None else bytes([1, c.correction_scale])
     body = b"".join(
         [
             MAGIC,
@@ -199,7 +200,7 @@ def pack(container: Container) -> bytes:
             _str8(m.version, "model version"),
             bytes([len(sha)]) + sha,
             bytes([len(segmenter)]) + segmenter,
-            bytes([len(scale)]) + scale if scale else b"",
+            scale,
             struct.pack(">II", len(c.codec_bitstream), len(c.label_bitstream)),
             c.codec_bitstream,
             c.label_bitstream,

@@ -52,12 +52,28 @@ def apply_code(decoded: np.ndarray, enhanced: np.ndarray, code: int) -> np.ndarr
     return np.clip(np.rint(decoded + change * (code / SCALE_UNIT)), 0, 255).astype(np.uint8)
 
 
+def apply_codes(decoded: np.ndarray, enhanced: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """:func:`apply_code` for float batches in the network's range: ``decoded`` and ``enhanced``
+    ``B x 3 x H x W`` in [-1, 1], ``codes`` one per frame (or one for all); no rounding, so within a grey
+    level of the uint8 output."""
+    codes = np.asarray(codes).reshape(-1)
+    if codes.shape[0] not in (1, enhanced.shape[0]) or codes.min() < 0 or codes.max() > MAX_CODE:
+        raise ValueError(f"correction_scale must hold 1 or {enhanced.shape[0]} codes in [0, {MAX_CODE}]")
+    factor = (codes / SCALE_UNIT).astype(np.float32).reshape(-1, 1, 1, 1)
+    return np.clip(decoded + factor * (enhanced - decoded), -1.0, 1.0)
+
+
+def sends_scale(spec: GeneratorSpec) -> bool:
+    """Whether the encoder of ``spec``'s generator sends a scale per frame."""
+    return spec.correction_scale == "frame"
+
+
 def scaled(
     spec: GeneratorSpec, original: np.ndarray, decoded: np.ndarray, enhanced: np.ndarray
 ) -> tuple[np.ndarray, int | None]:
     """What the decoder of ``spec``'s generator outputs for a frame, with the code the encoder sends:
     ``enhanced`` and ``None`` unless the spec scales its correction per frame."""
-    if spec.correction_scale != "frame":
+    if not sends_scale(spec):
         return enhanced, None
     code = fit_code(original, decoded, enhanced)
     return apply_code(decoded, enhanced, code), code
@@ -65,4 +81,4 @@ def scaled(
 
 def side_bits(spec: GeneratorSpec) -> int:
     """The bits a frame of ``spec``'s generator sends besides the codec's and the label map's."""
-    return CODE_BITS if spec.correction_scale == "frame" else 0
+    return CODE_BITS if sends_scale(spec) else 0

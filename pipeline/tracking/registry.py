@@ -205,9 +205,9 @@ def example_input(spec: GeneratorSpec, batch: int = 1) -> dict[str, np.ndarray]:
         from pipeline.data.codecs.base import codec_class
 
         inputs["quality"] = np.full(batch, codec_class(str(spec.codec)).quality_range[0], np.int64)
-    if spec.correction_scale == "frame":
-        from pipeline.model.correction_scale import SCALE_UNIT
+    from pipeline.model.correction_scale import SCALE_UNIT, sends_scale
 
+    if sends_scale(spec):
         inputs["correction_scale"] = np.full(batch, SCALE_UNIT, np.int64)
     return inputs
 
@@ -220,10 +220,10 @@ def predict(generator: nn.Module, spec: GeneratorSpec, inputs: Mapping[str, np.n
     model with ``correction_scale: frame``; :mod:`pipeline.model.correction_scale`, applied here in float,
     within a grey level of the decoder's uint8 output). Returns the enhanced image, float32
     ``B x 3 x H x W`` in [-1, 1]."""
-    from pipeline.model.correction_scale import MAX_CODE, SCALE_UNIT
+    from pipeline.model.correction_scale import apply_codes, sends_scale
     from pipeline.model.inference import enhance_batch
 
-    scales = spec.correction_scale == "frame"
+    scales = sends_scale(spec)
     needed = ["label", "decoded"] + ["edge"] * spec.use_instance + ["quality"] * bool(spec.quality_input)
     needed += ["correction_scale"] * scales
     missing = [k for k in needed if k not in inputs]
@@ -234,12 +234,7 @@ def predict(generator: nn.Module, spec: GeneratorSpec, inputs: Mapping[str, np.n
     out = enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge, quality).cpu().numpy()
     if not scales:
         return out
-    codes = np.asarray(inputs["correction_scale"]).reshape(-1)
-    if codes.shape[0] not in (1, out.shape[0]) or codes.min() < 0 or codes.max() > MAX_CODE:
-        raise ValueError(f"correction_scale must hold 1 or {out.shape[0]} codes in [0, {MAX_CODE}]")
-    decoded = np.asarray(inputs["decoded"], np.float32)
-    factor = (codes / SCALE_UNIT).astype(np.float32).reshape(-1, 1, 1, 1)
-    return np.clip(decoded + factor * (out - decoded), -1.0, 1.0)
+    return apply_codes(np.asarray(inputs["decoded"], np.float32), out, inputs["correction_scale"])
 
 
 def generator_signature(generator_file: Path) -> ModelSignature:
