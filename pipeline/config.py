@@ -227,12 +227,21 @@ class LoaderConfig:
     # another scale, each image with the codec's own artifacts at that size. Each folder must hold the
     # training qualities and the label table of shards.output; its frames count as training frames.
     extra_shards: list[str] = field(default_factory=list, metadata=WEIGHTS_WHEN_SET)
+    # keep up to this many MiB of decoded training samples in memory (in each rank), so that a small
+    # training set read epoch after epoch is PNG-decoded once per sample and quality; the batches are the
+    # same either way. Needs num_workers 0: workers start anew every epoch, and a cache with them. 0: off
+    cache_mb: int = field(default=0, metadata=NOT_WEIGHTS)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "batch_size")
-        _at_least(self, 0, "num_workers", "shuffle")
+        _at_least(self, 0, "num_workers", "shuffle", "cache_mb")
         if self.crop and (len(self.crop) != 2 or min(self.crop) < 1):
             raise ConfigError(f"crop must be [] or [height, width] of positive sizes, got {self.crop}")
+        if self.cache_mb and self.num_workers:
+            raise ConfigError(
+                "loader.cache_mb needs loader.num_workers=0: DataLoader workers start anew every epoch, and "
+                "a cache of decoded samples with them"
+            )
         if self.transpose and not self.crop:
             raise ConfigError("loader.transpose needs loader.crop: whole frames would not stack in a batch")
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, JobConfig, from_dict
+from pipeline.data import loader as loader_module
 from pipeline.data.loader import LoaderError, augment, make_dataset, make_loader, shard_urls
 from pipeline.data.manifest import Manifest, ManifestError, SplitEntry
 from pipeline.data.members import decode_instance
@@ -278,6 +279,8 @@ def test_clear_errors(built: tuple[JobConfig, Manifest], tmp_path: Path) -> None
         next(iter(make_dataset(_with(cfg, crop=[HEIGHT, WIDTH + 1]))))
     with pytest.raises(ConfigError, match="positive"):
         _with(cfg, crop=[0, 8])  # refused by the config itself
+    with pytest.raises(ConfigError, match="cache_mb needs loader.num_workers=0"):
+        _with(cfg, cache_mb=64, num_workers=2)
 
 
 def test_extra_shard_folders_train_too(built: tuple[JobConfig, Manifest], tmp_path: Path) -> None:
@@ -309,3 +312,46 @@ def test_extra_shard_folders_train_too(built: tuple[JobConfig, Manifest], tmp_pa
     lacking = _with(cfg, extra_shards=[extra_folder("q37", [37])])
     with pytest.raises(ManifestError, match="hevc_q42"):
         shard_urls(lacking)
+
+
+@pytest.mark.parametrize("crop", [[], [32, 64]], ids=["full", "crop"])
+def test_decoded_cache_gives_the_same_batches_and_decodes_once(
+    built: tuple[JobConfig, Manifest], crop: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DecodedCache shared by the pipelines of successive epochs (what the trainer's loader.cache_mb
+    does): the same batches, with each sample and quality PNG-decoded once."""
+    cfg = _with(built[0], qualities=[37, 42], crop=crop, flip=True)
+    decoded: list[str] = []
+    png = loader_module._png
+
+    def counting(key: str, data: bytes, max_pixels: int) -> np.ndarray:
+        decoded.append(key)
+        return png(key, data, max_pixels)
+
+    monkeypatch.setattr(loader_module, "_png", counting)
+
+    def epochs(cache: loader_module.DecodedCache | None) -> list[dict[str, object]]:
+        return [batch for epoch in range(4) for batch in make_dataset(cfg, seed=epoch, cache=cache)]
+
+    plain = epochs(None)
+    plain_decodes, decoded[:] = len(decoded), []
+    cached = epochs(loader_module.DecodedCache(budget=64 * 2**20))
+    assert len(plain) == len(cached) == 4 * 3  # 10 frames an epoch, batches of 4
+    for a, b in zip(plain, cached, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["quality"], b["quality"])
+        for name in ("image", "decoded", "label", "edge"):
+            assert torch.equal(a[name], b[name])
+    drawn = {(key, int(q)) for batch in cached for key, q in zip(batch["key"], batch["quality"], strict=True)}
+    assert plain_decodes == 4 * 10 * 3  # image, decoded image and label of every sample of every epoch
+    assert len(decoded) == 3 * len(drawn) < plain_decodes
+
+
+def test_decoded_cache_keeps_to_its_budget() -> None:
+    cache = loader_module.DecodedCache(budget=1000)
+    arrays = {"image": np.zeros(400, np.uint8), "key": "a"}
+    for key in "abc":
+        cache.put({"__url__": "s.tar", "__key__": key, loader_module.DECODED: "hevc_q42"}, arrays)
+    assert cache.used == 800
+    assert cache.get({"__url__": "s.tar", "__key__": "b", loader_module.DECODED: "hevc_q42"}) is arrays
+    assert cache.get({"__url__": "s.tar", "__key__": "c", loader_module.DECODED: "hevc_q42"}) is None
+    assert cache.get({"__url__": "s.tar", "__key__": "a", loader_module.DECODED: "hevc_q37"}) is None

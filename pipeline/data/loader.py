@@ -6,7 +6,8 @@
     -> split shards over rank x worker units -> tar samples -> split samples (only with too few shards)
     -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities)
     -> the predicted label map in place of the dataset's (data.label_source decoder or encoder)
-    -> decode PNGs with OpenCV (pixel budget from the header first), JSON
+    -> decode PNGs with OpenCV (pixel budget from the header first), JSON; with a DecodedCache
+       (loader.cache_mb), a sample and quality decoded before comes from memory
     -> instance edges, crop/flip/transpose (train), tensors -> batched
 
 Splitting (finite mode). A *unit* is one DataLoader worker of one rank; there are
@@ -321,15 +322,42 @@ def _png(key: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     return array
 
 
+class DecodedCache:
+    """Decoded samples (the arrays of :func:`_arrays`) by shard, key and drawn member, kept while their arrays
+    fit in ``budget`` bytes; the first ones met are kept, none is evicted. Callers must not write into the
+    arrays it hands out (the augmentation slices them, :func:`to_tensors` copies)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self._arrays: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    @staticmethod
+    def key(sample: dict[str, Any]) -> tuple[str, str, str]:
+        return str(sample.get("__url__")), str(sample["__key__"]), str(sample[DECODED])
+
+    def get(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        return self._arrays.get(self.key(sample))
+
+    def put(self, sample: dict[str, Any], arrays: dict[str, Any]) -> None:
+        size = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+        if self.used + size <= self.budget:
+            self._arrays[self.key(sample)] = arrays
+            self.used += size
+
+
 class _Decode:
     """PNG and JSON members -> the aligned arrays of :func:`_arrays`; a sample that cannot be decoded goes to
-    :class:`BadSamples`."""
+    :class:`BadSamples`. With a :class:`DecodedCache` a sample met again is not decoded again."""
 
-    def __init__(self, bad: BadSamples, max_pixels: int):
-        self.bad, self.max_pixels = bad, max_pixels
+    def __init__(self, bad: BadSamples, max_pixels: int, cache: DecodedCache | None = None):
+        self.bad, self.max_pixels, self.cache = bad, max_pixels, cache
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
+            cached = self.cache.get(sample) if self.cache is not None else None
+            if cached is not None:
+                yield cached
+                continue
             try:
                 decoded = {
                     name: _png(name, value, self.max_pixels) if name.endswith(".png") else value
@@ -348,6 +376,8 @@ class _Decode:
             ) as err:
                 self.bad.sample(sample, err)
                 continue
+            if self.cache is not None:
+                self.cache.put(sample, arrays)
             yield arrays
 
 
@@ -496,11 +526,13 @@ def make_dataset(
     world_size: int | None = None,
     train: bool = True,
     seed: int = 0,
+    cache: DecodedCache | None = None,
 ) -> wds.DataPipeline:
     """Batches of ``split`` for this rank (and, inside a DataLoader, this worker); see the module doc.
 
     ``train`` switches on shard-order shuffling, the shuffle buffer and crop/flip; without it the
-    samples come in shard order at full size.
+    samples come in shard order at full size. A training pipeline decodes through ``cache`` when given
+    (one cache may serve the pipelines of successive epochs).
     """
     loader = cfg.loader
     crop = _crop(cfg) if train else None
@@ -526,7 +558,7 @@ def make_dataset(
     predicted = predicted_labels.reader(cfg)
     if predicted is not None:
         samples.append(_PredictedLabels(predicted, bad))
-    samples.append(_Decode(bad, cfg.shards.max_pixels))
+    samples.append(_Decode(bad, cfg.shards.max_pixels, cache if train else None))
     if train and (crop is not None or loader.flip or loader.transpose):
         samples.append(_Augment(rank, world_size, seed, crop, loader.flip, loader.transpose))
     samples += [
@@ -544,6 +576,7 @@ def make_loader(
     world_size: int | None = None,
     train: bool = True,
     seed: int = 0,
+    cache: DecodedCache | None = None,
 ) -> wds.WebLoader:
     """:func:`make_dataset` in a ``WebLoader`` with ``loader.num_workers`` persistent workers.
 
@@ -553,7 +586,7 @@ def make_loader(
     that process's threads (OpenCV's and torch's pools, DeepSpeed's, MLflow's) in whatever state they are,
     and a worker that finds one held waits forever.
     """
-    dataset = make_dataset(cfg, split, rank=rank, world_size=world_size, train=train, seed=seed)
+    dataset = make_dataset(cfg, split, rank=rank, world_size=world_size, train=train, seed=seed, cache=cache)
     workers = cfg.loader.num_workers
     loader = wds.WebLoader(
         dataset,

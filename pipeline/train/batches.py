@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import JobConfig
-from pipeline.data.loader import make_loader
+from pipeline.data.loader import DecodedCache, make_loader
 from pipeline.train.engine import DistEnv
 
 
@@ -25,18 +25,25 @@ class Batches:
     """Endless batches for one rank: epoch after epoch, each from a fresh loader seeded by
     ``(seed, phase, epoch)``, so a position ``(epoch, batch)`` can be found again after a restart.
 
-    The epoch's loader is opened at the first batch asked for, not before.
+    The epoch's loader is opened at the first batch asked for, not before. With ``loader.cache_mb`` the
+    epochs' loaders share one :class:`DecodedCache`.
     """
 
     def __init__(self, cfg: JobConfig, env: DistEnv, phase: int) -> None:
         self.cfg, self.env, self.phase = cfg, env, phase
         self.epoch = self.in_epoch = self.samples = 0
         self._iter: Iterator[dict[str, Any]] | None = None
+        self._cache = DecodedCache(cfg.loader.cache_mb * 2**20) if cfg.loader.cache_mb else None
 
     def _open(self) -> Iterator[dict[str, Any]]:
         seed = self.cfg.train.seed * 1_000_003 + self.phase * 10_007 + self.epoch
         loader = make_loader(
-            self.cfg, rank=self.env.rank, world_size=self.env.world_size, train=True, seed=seed
+            self.cfg,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            train=True,
+            seed=seed,
+            cache=self._cache,
         )
         return iter(loader)
 
