@@ -17,6 +17,7 @@ import torch
 
 from pipeline.atomic import temporary_names
 from pipeline.config import JobConfig, load_config
+from pipeline.data import loader as loader_module
 from pipeline.data.manifest import dataset_info
 from pipeline.model.export import load_generator
 from pipeline.tracking import Tracker
@@ -62,6 +63,30 @@ def test_batches_continue_where_they_stopped(small_shards: Path, tmp_path: Path)
     again.load_state_dict(position)
     assert again.state_dict() == position
     assert [again.next()["key"] for _ in range(3)] == expected
+
+
+def test_batches_of_every_epoch_share_one_decoded_cache(
+    small_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """loader.cache_mb: the epochs' loaders decode each frame once, and give the batches they give without."""
+    decoded: list[str] = []
+    png = loader_module._png
+
+    def counting(key: str, data: bytes, max_pixels: int) -> np.ndarray:
+        decoded.append(key)
+        return png(key, data, max_pixels)
+
+    monkeypatch.setattr(loader_module, "_png", counting)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    runs = {}
+    for cache_mb in (0, 64):
+        decoded.clear()
+        batches = Batches(make_cfg(small_shards, tmp_path, f"loader.cache_mb={cache_mb}"), env, PHASE)
+        runs[cache_mb] = ([batches.next() for _ in range(30)], len(decoded))  # three epochs of 10 frames
+    (plain, plain_decodes), (cached, cached_decodes) = runs[0], runs[64]
+    assert plain_decodes == 3 * 30 and cached_decodes == 3 * 10  # image, decoded image and label map
+    for a, b in zip(plain, cached, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["decoded"], b["decoded"])
 
 
 def rng_draws() -> tuple[Any, ...]:
