@@ -429,6 +429,9 @@ class EvalConfig:
     niqe_fitted: bool = False
     # scoring a model on frames it was trained on is refused; true: allowed, with a warning in every table
     allow_training_frames: bool = False
+    # also score every model that receives a label map with the map withheld (zero semantics, no label
+    # bits), as its own curve "<curve> (map withheld)": what the map adds to those very weights
+    withheld_maps: bool = False
     # a segmenter file (python -m pipeline segment): downstream accuracy (mIoU, pixel accuracy) of every
     # method at every quality; empty: not measured
     segmenter: str = ""

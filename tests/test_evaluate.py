@@ -522,3 +522,47 @@ def test_bdrate_report_with_enough_qualities() -> None:
     assert entry["bd_rate_pct"]["psnr/bpp_total"] == pytest.approx((0.9 * 1.1 - 1) * 100, abs=1e-9)
     assert entry["bd_rate_pct"]["ms_ssim/bpp_codec"] == pytest.approx(-10.0, abs=1e-9)
     assert [p["delta_niqe"] for p in entry["per_quality"]] == [-1.0] * 5
+
+
+def test_withheld_maps_score_the_same_weights_without_their_map(
+    setup: tuple[JobConfig, dict, Path], tmp_path: Path
+) -> None:
+    """eval.withheld_maps: a curve of its own for a model that receives a map, scored on zero semantics and
+    charged no label bits, image for image what the same weights exported as a zero-semantics model give;
+    paired frame by frame with the model's own curve. A zero-semantics model gets no such curve."""
+    cfg, manifest, models = setup
+    label_nc = int(manifest.dataset.label_nc)
+    torch.manual_seed(3)
+    generator, _ = build_models(TINY, label_nc, True)
+    with torch.no_grad():  # semantics that change the output: the first conv and the head drawn anew
+        generator.model[1].weight.normal_(0.0, 0.5)
+        generator.correction[-1].weight.normal_(0.0, 0.02)
+    sees = export_generator(
+        tmp_path / "sees" / "g.safetensors",
+        generator,
+        GeneratorSpec.from_config(TINY, label_nc, True, codec="hevc", quality=45, phase=3),
+    )
+    blind = dataclasses.replace(TINY, zero_semantics=True)
+    zeroed = export_generator(
+        tmp_path / "zeroed" / "g.safetensors",
+        generator,
+        GeneratorSpec.from_config(blind, label_nc, True, codec="hevc", quality=45, phase=3),
+    )
+    out = evaluate(
+        _with_eval(cfg, output_dir=str(tmp_path / "out"), withheld_maps=True, crops=0),
+        [str(sees), str(zeroed)],
+    )
+    rows: dict[str, dict[str, dict[str, str]]] = {}
+    for row in _read_csv(out / "rpd.csv"):
+        rows.setdefault(row["method"], {})[row["key"]] = row
+    assert set(rows) == {"hevc", "hevc-SE", "hevc-SE (no semantics)", "hevc-SE (map withheld)"}
+    for key, withheld in rows["hevc-SE (map withheld)"].items():
+        full, ablation = rows["hevc-SE"][key], rows["hevc-SE (no semantics)"][key]
+        assert withheld["bpp_total"] == withheld["bpp_codec"] == full["bpp_codec"]
+        assert float(full["bpp_total"]) > float(full["bpp_codec"])
+        assert withheld["psnr"] == ablation["psnr"] != full["psnr"]
+    report = json.loads((out / "bdrate.json").read_text())
+    assert {(g["test"], g["anchor"]) for g in report["frame_gains"]} >= {
+        ("hevc-SE", "hevc-SE (map withheld)"),
+        ("hevc-SE", "hevc-SE (no semantics)"),
+    }

@@ -48,7 +48,7 @@ def test_one_frame_has_no_interval_and_mismatched_frames_are_refused() -> None:
         paired([*rows, row("b", "hevc", 37, 31.0)], "hevc-SE", "hevc", 37, "psnr")
 
 
-def test_pairs_each_curve_with_the_codec_and_codec_se_with_its_ablation() -> None:
+def test_pairs_each_curve_with_the_codec_and_codec_se_with_its_ablation_and_withheld_map() -> None:
     rows = [
         row("a", name, 42, 30.0, codec=codec)
         for name, codec in [
@@ -56,6 +56,7 @@ def test_pairs_each_curve_with_the_codec_and_codec_se_with_its_ablation() -> Non
             ("hevc-SE", "hevc"),
             ("hevc-SE (no semantics)", "hevc"),
             ("hevc-SE [other]", "hevc"),  # a second model's curve: no ablation of its own
+            ("hevc-SE (map withheld)", "hevc"),  # eval.withheld_maps: the first model without its map
             ("avif", "avif"),  # a reference codec: another quality scale, never paired
         ]
     ]
@@ -63,7 +64,9 @@ def test_pairs_each_curve_with_the_codec_and_codec_se_with_its_ablation() -> Non
         ("hevc-SE", "hevc"),
         ("hevc-SE (no semantics)", "hevc"),
         ("hevc-SE [other]", "hevc"),
+        ("hevc-SE (map withheld)", "hevc"),
         ("hevc-SE", "hevc-SE (no semantics)"),
+        ("hevc-SE", "hevc-SE (map withheld)"),
     ]
 
 

@@ -67,6 +67,7 @@ from pipeline.eval.methods import (
     load_methods,
     reconstruct,
     reference_methods,
+    withheld_map_methods,
 )
 from pipeline.eval.plots import CROPS_DIR, label_palette, plot_rate_accuracy, plot_rpd, write_comparison
 from pipeline.eval.report import (
@@ -100,6 +101,8 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     judge = _open_judge(cfg.eval.segmenter, data.source_name)
     methods = load_methods(models, data.codec, data.qualities, data.label_nc, device, cfg.tracking.uri)
     check_label_source(methods, cfg.data.label_source)
+    if cfg.eval.withheld_maps:
+        methods += withheld_map_methods(methods)
     keys = data.keys()
     check_training_frames(methods, keys, cfg.eval.allow_training_frames)
     out = Path(cfg.eval.output_dir)

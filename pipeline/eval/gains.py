@@ -24,6 +24,7 @@ from pipeline.eval.rows import RPDRow
 
 MEASURES = ("psnr", "niqe")  # dPSNR: higher is better; dNIQE: lower is better
 SEMANTICS_SUFFIX = " (no semantics)"
+WITHHELD_SUFFIX = " (map withheld)"  # the curves of eval.withheld_maps (pipeline.eval.methods)
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,16 @@ def paired(rows: Sequence[RPDRow], test: str, anchor: str, quality: int, measure
 
 def pairs(rows: Sequence[RPDRow], codec: str) -> list[tuple[str, str]]:
     """The (test, anchor) curves to compare: every model curve against ``codec``, then each codec-SE curve
-    against its zero-semantics ablation where both were scored. Reference codecs are left out (their
-    qualities are not the codec's)."""
+    against its zero-semantics ablation and against itself with its map withheld (``eval.withheld_maps``),
+    where both were scored. Reference codecs are left out (their qualities are not the codec's)."""
     curves = list(dict.fromkeys(r.method for r in rows if r.codec == codec and r.method != codec))
     out = [(curve, codec) for curve in curves]
-    out += [
-        (curve, curve + SEMANTICS_SUFFIX)
-        for curve in curves
-        if not curve.endswith(SEMANTICS_SUFFIX) and curve + SEMANTICS_SUFFIX in curves
-    ]
+    for suffix in (SEMANTICS_SUFFIX, WITHHELD_SUFFIX):
+        out += [
+            (curve, curve + suffix)
+            for curve in curves
+            if not curve.endswith((SEMANTICS_SUFFIX, WITHHELD_SUFFIX)) and curve + suffix in curves
+        ]
     return out
 
 

@@ -17,6 +17,7 @@ originals themselves, without a model, one method per quality of their own scale
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
+from pipeline.eval.gains import WITHHELD_SUFFIX
 from pipeline.eval.inputs import EvalSample
 from pipeline.model.correction_scale import SCALE_UNIT, scaled, side_bits
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
@@ -145,6 +147,24 @@ def _split_shared_points(methods: list[Method], suffixes: dict[str, tuple[list[s
                 break
         for method, suffix in zip(group, names, strict=True):
             method.name = f"{method.name} [{suffix}]"
+
+
+def withheld_map_methods(methods: list[Method]) -> list[Method]:
+    """Every method whose decoder receives a label map again, with the map withheld (``eval.withheld_maps``):
+    the same weights, zero semantics at its input and no label bits; curve and identity suffixed
+    :data:`WITHHELD_SUFFIX`. What the map adds to that very model, free of the training noise between it
+    and a separately trained ablation; a model trained with ``train.semantic_dropout`` learnt both inputs."""
+    return [
+        dataclasses.replace(
+            method,
+            name=method.name + WITHHELD_SUFFIX,
+            spec=dataclasses.replace(method.spec, zero_semantics=True),
+            model=method.model + WITHHELD_SUFFIX,
+            label=method.label + WITHHELD_SUFFIX,
+        )
+        for method in methods
+        if method.uses_labels and method.spec is not None
+    ]
 
 
 def reference_methods(names: list[str], ladders: dict[str, list[int]], codec: str) -> list[Method]:
