@@ -3,7 +3,8 @@
 A mean dPSNR of +0.02 dB over 10 frames says nothing until one knows whether every frame gained a little
 or a few gained and others lost. Each gain here pairs two curves frame by frame (same key, same quality):
 codec-SE and its ablation against the codec, and codec-SE against its zero-semantics ablation and, with
-``eval.withheld_maps``, against itself with its map withheld (do the semantics help?). Per quality it gives the mean difference, a 95 % interval of that mean (Student's t over
+``eval.withheld_maps``, against itself with its map withheld (do the semantics help?). Per quality it
+gives the mean difference, a 95 % interval of that mean (Student's t over
 the frames), the worst and best frame and how many frames gained.
 
 The interval covers which frames were scored, not how the model was trained: two training seeds can differ
