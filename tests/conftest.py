@@ -65,3 +65,19 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory, cityscapes_root: Path
     )
     build_shards(cfg)
     return out
+
+
+@pytest.fixture
+def png_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The member names the loader PNG-decodes from now on, in order (its ``_png`` wrapped)."""
+    from pipeline.data import loader
+
+    decoded: list[str] = []
+    png = loader._png
+
+    def counting(key: str, data: bytes, max_pixels: int):  # noqa: ANN202
+        decoded.append(key)
+        return png(key, data, max_pixels)
+
+    monkeypatch.setattr(loader, "_png", counting)
+    return decoded

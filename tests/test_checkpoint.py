@@ -17,7 +17,6 @@ import torch
 
 from pipeline.atomic import temporary_names
 from pipeline.config import JobConfig, load_config
-from pipeline.data import loader as loader_module
 from pipeline.data.manifest import dataset_info
 from pipeline.model.export import load_generator
 from pipeline.tracking import Tracker
@@ -66,17 +65,10 @@ def test_batches_continue_where_they_stopped(small_shards: Path, tmp_path: Path)
 
 
 def test_batches_of_every_epoch_share_one_decoded_cache(
-    small_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_shards: Path, tmp_path: Path, png_decodes: list[str]
 ) -> None:
     """loader.cache_mb: the epochs' loaders decode each frame once, and give the batches they give without."""
-    decoded: list[str] = []
-    png = loader_module._png
-
-    def counting(key: str, data: bytes, max_pixels: int) -> np.ndarray:
-        decoded.append(key)
-        return png(key, data, max_pixels)
-
-    monkeypatch.setattr(loader_module, "_png", counting)
+    decoded = png_decodes
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     runs = {}
     for cache_mb in (0, 64):

@@ -316,19 +316,12 @@ def test_extra_shard_folders_train_too(built: tuple[JobConfig, Manifest], tmp_pa
 
 @pytest.mark.parametrize("crop", [[], [32, 64]], ids=["full", "crop"])
 def test_decoded_cache_gives_the_same_batches_and_decodes_once(
-    built: tuple[JobConfig, Manifest], crop: list[int], monkeypatch: pytest.MonkeyPatch
+    built: tuple[JobConfig, Manifest], crop: list[int], png_decodes: list[str]
 ) -> None:
     """A DecodedCache shared by the pipelines of successive epochs (what the trainer's loader.cache_mb
     does): the same batches, with each sample and quality PNG-decoded once."""
     cfg = _with(built[0], qualities=[37, 42], crop=crop, flip=True)
-    decoded: list[str] = []
-    png = loader_module._png
-
-    def counting(key: str, data: bytes, max_pixels: int) -> np.ndarray:
-        decoded.append(key)
-        return png(key, data, max_pixels)
-
-    monkeypatch.setattr(loader_module, "_png", counting)
+    decoded = png_decodes
 
     def epochs(cache: loader_module.DecodedCache | None) -> list[dict[str, object]]:
         return [batch for epoch in range(4) for batch in make_dataset(cfg, seed=epoch, cache=cache)]
