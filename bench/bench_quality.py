@@ -312,15 +312,11 @@ def decoder_table(held: dict, held_dec: dict, report: dict, report_dec: dict, ac
 
 
 def scored(cfg: JobConfig, models: list[Path], split: str, out: Path, on_training: bool, **more: Any) -> Path:
-    args = {
-        "eval.split": split,
-        "eval.output_dir": str(out),
-        "eval.crops": 0,
-        "eval.withheld_maps": True,
-        **more,
-    }
-    if on_training:  # the reference codecs are compared on the held-out frames only
+    args = {"eval.split": split, "eval.output_dir": str(out), "eval.crops": 0, **more}
+    if on_training:  # the reference codecs and the withheld maps are read on the held-out frames only
         args["eval.reference_codecs"] = []
+    else:
+        args["eval.withheld_maps"] = True
     run = with_overrides(cfg, {**args, "eval.allow_training_frames": on_training})
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the table below says it all
         return evaluate(run, [str(m) for m in models])
