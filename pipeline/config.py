@@ -432,6 +432,10 @@ class EvalConfig:
     # also score every model that receives a label map with the map withheld (zero semantics, no label
     # bits), as its own curve "<curve> (map withheld)": what the map adds to those very weights
     withheld_maps: bool = False
+    # also score every model that receives a label map with its encoder sending the map only where it
+    # pays (pipeline.model.map_choice: the squared error it removes against its bits on the codec's own
+    # slope), as its own curve "<curve> (map chosen)"; its column "map" is the share of frames sent one
+    map_choice: bool = False
     # a segmenter file (python -m pipeline segment): downstream accuracy (mIoU, pixel accuracy) of every
     # method at every quality; empty: not measured
     segmenter: str = ""

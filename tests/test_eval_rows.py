@@ -66,7 +66,7 @@ def test_the_file_columns_are_those_of_the_previous_version() -> None:
 def test_every_measure_is_a_column_a_table_entry_and_a_tracked_metric() -> None:
     """What "adding a measure is one field" rests on: nothing lists the measures by hand."""
     names = [f.name for f in dataclasses.fields(Measures)]
-    assert Measures.optional() == ["niqe_fitted", "miou", "pixel_accuracy", "correction_scale"]
+    assert Measures.optional() == ["niqe_fitted", "miou", "pixel_accuracy", "correction_scale", "map_sent"]
     assert set(csv_columns(RPDRow, names)) >= set(names) and set(csv_columns(MeanRow, names)) >= set(names)
     assert list(TABLE) == [*names, "fid"]
     values = dict.fromkeys(names, 1.0)

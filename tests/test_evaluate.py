@@ -18,16 +18,19 @@ import pytest
 import torch
 
 from pipeline import tracking
-from pipeline.config import JobConfig, ModelConfig, from_dict
+from pipeline.config import ConfigError, JobConfig, ModelConfig, from_dict
+from pipeline.data.codecs.hevc import HEVCCodec
 from pipeline.data.shards import build_shards
 from pipeline.data.sources import label_categories
 from pipeline.eval.evaluate import evaluate
+from pipeline.eval.fidelity import psnr
 from pipeline.eval.inputs import EvalSample, ShardInput
-from pipeline.eval.methods import Method, load_methods, reconstruct
+from pipeline.eval.methods import Method, load_methods, map_choice_methods, reconstruct
 from pipeline.eval.report import bdrate_report, describe_frames, slug
 from pipeline.eval.rows import MEAN_COLUMNS, ROW_COLUMNS, MeanRow, Measures
 from pipeline.model.export import export_generator, weights_sha256
 from pipeline.model.inputs import class_count
+from pipeline.model.map_choice import MapChoice
 from pipeline.model.networks import Generator, build_models
 from pipeline.model.spec import GeneratorSpec
 from pipeline.tracking import Tracker
@@ -566,3 +569,59 @@ def test_withheld_maps_score_the_same_weights_without_their_map(
         ("hevc-SE", "hevc-SE (map withheld)"),
         ("hevc-SE", "hevc-SE (no semantics)"),
     }
+
+
+def test_map_choice_scores_each_frame_as_its_encoder_chose(
+    setup: tuple[JobConfig, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval.map_choice: a curve of its own whose every frame is, as the encoder's rule chose, either the
+    model on its map (at its label bits) or the same weights on zero semantics (no label bits), plus the
+    flag bit; the column map says which, and its mean is the share of frames sent their map. The rule
+    (tested in tests/test_map_choice.py) is replaced by one that sends every other frame's map, so both
+    branches are scored; it is handed the two images and the map's bits."""
+    cfg, manifest, _ = setup
+    label_nc = int(manifest.dataset.label_nc)
+    torch.manual_seed(5)
+    generator, _ = build_models(TINY, label_nc, True)
+    with torch.no_grad():  # semantics that change the output
+        generator.model[1].weight.normal_(0.0, 0.5)
+        generator.correction[-1].weight.normal_(0.0, 0.02)
+    spec = GeneratorSpec.from_config(TINY, label_nc, True, codec="hevc", quality=45, phase=3)
+    sees = export_generator(tmp_path / "sees" / "g.safetensors", generator, spec)
+    calls: list[tuple[float, float, bool]] = []
+
+    def every_other(original, with_map, without, map_bits, slope):  # type: ignore[no-untyped-def]
+        sent = len(calls) % 2 == 0
+        calls.append((psnr(original, with_map), map_bits, sent))
+        assert slope > 0 and not np.array_equal(with_map, without)
+        return MapChoice(sent, 0.0, 0.0)
+
+    monkeypatch.setattr("pipeline.eval.methods.choose_map", every_other)
+    out = evaluate(
+        _with_eval(cfg, output_dir=str(tmp_path / "out"), withheld_maps=True, map_choice=True, crops=0),
+        [str(sees)],
+    )
+    rows: dict[str, dict[str, dict[str, str]]] = {}
+    for row in _read_csv(out / "rpd.csv"):
+        rows.setdefault(row["method"], {})[row["key"]] = row
+    assert set(rows) == {"hevc", "hevc-SE", "hevc-SE (map withheld)", "hevc-SE (map chosen)"}
+    pixels = WIDTH * HEIGHT
+    chosen = list(rows["hevc-SE (map chosen)"].items())
+    assert len(chosen) == len(calls) == 2
+    for (key, row), (with_map_psnr, map_bits, sent) in zip(chosen, calls, strict=True):
+        full, withheld = rows["hevc-SE"][key], rows["hevc-SE (map withheld)"][key]
+        assert float(full["psnr"]) == pytest.approx(with_map_psnr)
+        assert map_bits == pytest.approx((float(full["bpp_total"]) - float(full["bpp_codec"])) * pixels)
+        picked = full if sent else withheld
+        assert row["map_sent"] == str(float(sent)) and row["psnr"] == picked["psnr"]
+        assert float(row["bpp_codec"]) == pytest.approx(float(picked["bpp_codec"]) + 1 / pixels)
+        assert float(row["bpp_total"]) == pytest.approx(float(picked["bpp_total"]) + 1 / pixels)
+        assert full["map_sent"] == ""
+    (mean,) = [r for r in _read_csv(out / "rpd_mean.csv") if r["method"] == "hevc-SE (map chosen)"]
+    assert float(mean["map_sent"]) == 0.5
+
+
+def test_map_choice_needs_the_codec_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(HEVCCodec, "is_available", lambda self: False)
+    with pytest.raises(ConfigError, match="eval.map_choice prices a label map on hevc's own slope"):
+        map_choice_methods([], "hevc")

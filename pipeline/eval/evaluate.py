@@ -31,6 +31,12 @@ segmenter that makes the decoder's label maps (``data.label_source=decoder``); t
 Label source: every model must have been trained on the maps ``data.label_source`` gives it (its spec's
 ``label_source``; ``gt`` when absent); another is refused in one line.
 
+The map withheld and the map chosen: ``eval.withheld_maps`` scores every model that receives a label map
+again on zero semantics with no label bits (``<curve> (map withheld)``), and ``eval.map_choice`` with its
+encoder sending the map only on frames where it pays (``<curve> (map chosen)``,
+:mod:`pipeline.model.map_choice`; each frame also pays the choice's flag bit, and the column ``map`` is the
+share of frames sent their map).
+
 Reference codecs (``eval.reference_codecs``, each at the qualities of ``eval.reference_qualities``): other
 codecs encode the same originals, without a model, and are scored with the same measures (accuracy
 included). Their rows (method, model and codec: the codec's name; quality on its own scale) join ``rpd.csv``
@@ -61,10 +67,12 @@ from pipeline.eval.inputs import EvalInput, open_input
 from pipeline.eval.label_rate import LabelRates
 from pipeline.eval.lpips import load_lpips
 from pipeline.eval.methods import (
+    MapChooser,
     Method,
     check_training_frames,
     encode_reference,
     load_methods,
+    map_choice_methods,
     reconstruct,
     reference_methods,
     withheld_map_methods,
@@ -101,8 +109,10 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
     judge = _open_judge(cfg.eval.segmenter, data.source_name)
     methods = load_methods(models, data.codec, data.qualities, data.label_nc, device, cfg.tracking.uri)
     check_label_source(methods, cfg.data.label_source)
+    chosen = map_choice_methods(methods, data.codec) if cfg.eval.map_choice else []
     if cfg.eval.withheld_maps:
         methods += withheld_map_methods(methods)
+    methods += chosen
     keys = data.keys()
     check_training_frames(methods, keys, cfg.eval.allow_training_frames)
     out = Path(cfg.eval.output_dir)
@@ -267,6 +277,7 @@ def _score(
     codec's, or the codec is alone; a reference codec's images at its qualities side by side)."""
     palette = label_palette(data.source_name)
     label_rates = LabelRates(data)
+    chooser = MapChooser(data.codec) if any(m.map_choice for m in methods) else None
     for index, sample in enumerate(tqdm(data.samples(), total=data.count, desc="R-PD evaluation")):
         scorer.add_original(sample.image, sample.label)
         for quality in data.qualities:
@@ -276,7 +287,10 @@ def _score(
                     continue
                 made = reconstruct(method, sample, quality)
                 label_bpp = label_rates(sample, quality, method)
-                scorer.add(sample, quality, method, made.image, made.bpp, label_bpp, scale=made.scale)
+                if chooser is not None and method.map_choice:
+                    made, label_bpp = chooser(method, sample, quality, made, label_bpp)
+                extra = {"scale": made.scale, "map_sent": made.map_sent}
+                scorer.add(sample, quality, method, made.image, made.bpp, label_bpp, **extra)
                 outputs.append((f"{method.name} q{quality}", made.image))
             if index < n_crops and (len(outputs) > 1 or len(methods) == 1):
                 path = crops / key_file_name(sample.key, f"_{data.codec}_q{quality}.png")

@@ -29,11 +29,12 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
-from pipeline.eval.gains import WITHHELD_SUFFIX
+from pipeline.eval.gains import CHOSEN_SUFFIX, WITHHELD_SUFFIX
 from pipeline.eval.inputs import EvalSample
 from pipeline.model.correction_scale import SCALE_UNIT, scaled, side_bits
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
 from pipeline.model.inference import enhance_image
+from pipeline.model.map_choice import FLAG_BITS, choose_map, codec_slope
 from pipeline.model.spec import GeneratorSpec
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
@@ -54,6 +55,7 @@ class Method:
     train_frames: list[str] | None = None  # None: the model does not record them
     on_training_frames: bool = False
     encoder: Codec | None = None  # a reference codec: it encodes the original itself, at ``quality``
+    map_choice: bool = False  # its encoder sends the label map only where it pays (eval.map_choice)
 
     @property
     def uses_labels(self) -> bool:
@@ -167,6 +169,29 @@ def withheld_map_methods(methods: list[Method]) -> list[Method]:
     ]
 
 
+def map_choice_methods(methods: list[Method], codec: str) -> list[Method]:
+    """Every method whose decoder receives a label map again, with its encoder choosing frame by frame
+    whether to send it (``eval.map_choice``, :mod:`pipeline.model.map_choice`); curve and identity suffixed
+    :data:`CHOSEN_SUFFIX`. The choice codes every frame once more with ``codec``: a machine without it is
+    refused in one line, before any work."""
+    if not get_codec(codec).is_available():
+        raise ConfigError(
+            f"eval.map_choice prices a label map on {codec}'s own slope, one more round trip per frame and "
+            f"quality, but {codec} is not available on this machine"
+        )
+    return [
+        dataclasses.replace(
+            method,
+            name=method.name + CHOSEN_SUFFIX,
+            model=method.model + CHOSEN_SUFFIX,
+            label=method.label + CHOSEN_SUFFIX,
+            map_choice=True,
+        )
+        for method in methods
+        if method.uses_labels and method.spec is not None
+    ]
+
+
 def reference_methods(names: list[str], ladders: dict[str, list[int]], codec: str) -> list[Method]:
     """One method per reference codec of ``names`` and quality of its ladder (``eval.reference_qualities``),
     in order of rising quality. The evaluated ``codec`` itself and codecs this machine lacks are refused in
@@ -192,12 +217,14 @@ def encode_reference(method: Method, sample: EvalSample) -> tuple[int, CodecResu
 
 
 class Reconstruction(NamedTuple):
-    """A method's image of a sample at a quality, its rate besides the label map (bpp), and the correction
-    scale its encoder sent (``code / 128``; ``None``: the method sends none)."""
+    """A method's image of a sample at a quality, its rate besides the label map (bpp), the correction scale
+    its encoder sent (``code / 128``; ``None``: the method sends none) and, for a ``map_choice`` method,
+    whether its encoder sent the map."""
 
     image: np.ndarray
     bpp: float
     scale: float | None = None
+    map_sent: bool | None = None  # a map_choice method's choice; None: no choice made
 
 
 def reconstruct(method: Method, sample: EvalSample, quality: int) -> Reconstruction:
@@ -214,6 +241,40 @@ def reconstruct(method: Method, sample: EvalSample, quality: int) -> Reconstruct
     pixels = decoded.shape[0] * decoded.shape[1]
     rate = sample.bpp[quality] + side_bits(method.spec) / pixels
     return Reconstruction(result, rate, None if code is None else code / SCALE_UNIT)
+
+
+class MapChooser:
+    """The encoder's choice of sending the map, for the methods of :func:`map_choice_methods`: the codec's
+    slope on a sample at a quality is measured once (one round trip of the evaluated codec) and shared by
+    every method."""
+
+    def __init__(self, codec: str) -> None:
+        self.codec = get_codec(codec, single_thread=True)
+        self._slopes: dict[tuple[str, int], float] = {}
+
+    def slope(self, sample: EvalSample, quality: int) -> float:
+        key = (sample.key, quality)
+        if key not in self._slopes:
+            decoded = sample.decoded[quality]
+            bits = sample.bpp[quality] * decoded.shape[0] * decoded.shape[1]
+            self._slopes[key] = codec_slope(self.codec, sample.image, quality, decoded, bits)
+        return self._slopes[key]
+
+    def __call__(
+        self, method: Method, sample: EvalSample, quality: int, with_map: Reconstruction, label_bpp: float
+    ) -> tuple[Reconstruction, float]:
+        """What ``method``'s decoder outputs given ``with_map`` (its reconstruction on the map, which costs
+        ``label_bpp``) and its rate and label rate: the map's reconstruction, or the same weights' on zero
+        semantics with no label bits, whichever :func:`pipeline.model.map_choice.choose_map` picks; each with
+        the choice's flag bit."""
+        assert method.spec is not None  # map_choice methods receive maps
+        blind = dataclasses.replace(method, spec=dataclasses.replace(method.spec, zero_semantics=True))
+        without = reconstruct(blind, sample, quality)
+        pixels = with_map.image.shape[0] * with_map.image.shape[1]
+        slope = self.slope(sample, quality)
+        choice = choose_map(sample.image, with_map.image, without.image, label_bpp * pixels, slope)
+        made, label = (with_map, label_bpp) if choice.sent else (without, 0.0)
+        return made._replace(bpp=made.bpp + FLAG_BITS / pixels, map_sent=choice.sent), label
 
 
 def check_training_frames(methods: list[Method], keys: list[str], allow: bool) -> None:

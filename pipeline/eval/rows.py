@@ -47,7 +47,9 @@ class Measures:
     per-image row, pooled over the set (one confusion matrix, as cityscapesscripts does) in a mean row;
     ``correction_scale``, the factor the encoder scaled the generator's correction by (``code / 128``,
     :mod:`pipeline.model.correction_scale`), for a model with ``model.correction_scale: frame``: below 1
-    where the model over-corrects the evaluated frames.
+    where the model over-corrects the evaluated frames; ``map_sent``, 1 where the encoder sent the label map
+    and 0 where it did not, for the curves of ``eval.map_choice`` (:mod:`pipeline.model.map_choice`): in a
+    mean row, the share of frames that received their map.
     """
 
     bpp_codec: float = shown("bpp_codec", 9, 4)
@@ -60,6 +62,7 @@ class Measures:
     miou: float | None = shown("mIoU", 7, 4, default=None)
     pixel_accuracy: float | None = shown("PixAcc", 7, 4, default=None)
     correction_scale: float | None = shown("scale", 6, 3, default=None)
+    map_sent: float | None = shown("map", 5, 2, default=None)
 
     @classmethod
     def names(cls, optional: Sequence[str] = ()) -> list[str]:

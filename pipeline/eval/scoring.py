@@ -148,12 +148,14 @@ class Scorer:
         bpp: float | None = None,
         label_bpp: float = 0.0,
         scale: float | None = None,
+        map_sent: bool | None = None,
     ) -> RPDRow:
         """Score ``method``'s reconstruction ``result`` of ``sample`` at ``quality``; return its row. ``bpp``:
         the rate of a reference codec's own bitstream, or of codec-SE's with its correction scale
         (:func:`pipeline.eval.methods.reconstruct`; default: the evaluated codec's at ``quality``);
         ``label_bpp``: the label bits its decoder receives (:class:`pipeline.eval.label_rate.LabelRates`;
-        none for the codec and the reference codecs); ``scale``: the correction scale its encoder sent."""
+        none for the codec and the reference codecs); ``scale``: the correction scale its encoder sent;
+        ``map_sent``: whether its encoder sent the label map (``eval.map_choice``)."""
         scores = score_image(sample.image, result)
         rate = sample.bpp[quality] if bpp is None else bpp
         judge = self.judge
@@ -167,6 +169,7 @@ class Scorer:
             miou=None if judged is None else judged.miou,
             pixel_accuracy=None if judged is None else judged.pixel_accuracy,
             correction_scale=scale,
+            map_sent=None if map_sent is None else float(map_sent),
         )
         row = RPDRow(
             key=sample.key,
