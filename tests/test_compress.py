@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.eval.methods import Method, reconstruct
 from pipeline.model.correction_scale import fit_code
 from pipeline.model.export import export_generator, load_generator
 from pipeline.model.inference import enhance_image
+from pipeline.model.map_choice import MapChoice, codec_slope
 from pipeline.model.spec import GeneratorSpec
 
 LABEL_NC = 34  # Cityscapes label ids
@@ -364,3 +366,56 @@ def test_folder_mode(work: Path, tmp_path: Path, capsys) -> None:
         assert "no single label map" in capsys.readouterr().err
     finally:
         (work / "images" / "extra.png").unlink()
+
+
+@pytest.mark.parametrize("sent", [True, False])
+def test_send_map_rd_keeps_the_map_only_where_the_rule_says(
+    work: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, sent: bool
+) -> None:
+    """--send-map rd: the encoder enhances its own decoded frame with the map and on zero semantics and
+    hands both, the map's bits and the codec's slope to the rule; a frame whose map is withheld is a version 4
+    file without a label stream, decoded on zero semantics: evaluation's reconstruction either way, scaled
+    as the model's encoder scales it. The rule is forced each way here (tests/test_map_choice.py tests it)."""
+    image, label = _frame(work)
+    model = _generator_file(tmp_path / "m.safetensors", seed=0, correction_scale="frame")
+    generator, spec = load_generator(model)
+    with torch.no_grad():  # semantics that change the output
+        generator.model[1].weight.normal_(0.0, 0.5)
+    model = export_generator(tmp_path / "sees.safetensors", generator, spec)
+    seen: list[tuple[np.ndarray, np.ndarray, float, float]] = []
+
+    def forced(original, with_map, without, map_bits, slope):  # type: ignore[no-untyped-def]
+        seen.append((with_map, without, map_bits, slope))
+        return MapChoice(sent, 0.0, 0.0)
+
+    monkeypatch.setattr("pipeline.compress.commands.choose_map", forced)
+    out, png = tmp_path / "x.jse", tmp_path / "x.png"
+    argv = ["compress", str(image), "--label", str(label), "--model", str(model), "-o", str(out)]
+    assert main([*argv, "--send-map", "rd"]) == 0
+    printed = capsys.readouterr().out
+    container = read_container(out)
+    assert container.map_withheld is not sent and bool(container.label_bitstream) is sent
+    assert ("no label map (withheld by the encoder" in printed) is not sent
+    assert main(["decompress", str(out), "-o", str(png), "--model", str(model)]) == 0
+
+    rgb, coder = _rgb(image), LabelCoder("auto")
+    ids = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+    result = get_codec("hevc").roundtrip(rgb, 42)
+    sample = EvalSample("k", rgb, coder.reconstruct(ids), None, {42: result.decoded}, {42: result.bpp})
+    blind = dataclasses.replace(spec, zero_semantics=True)
+    with_map, without = (reconstruct(Method("hevc-SE", 42, generator, s), sample, 42) for s in (spec, blind))
+    ((handed_with, handed_without, map_bits, slope),) = seen
+    assert np.array_equal(handed_with, with_map.image) and np.array_equal(handed_without, without.image)
+    assert map_bits == 8 * len(coder.encode(ids)) and slope == codec_slope(
+        get_codec("hevc"), rgb, 42, result.decoded, 8 * len(result.bitstream)
+    )
+    assert np.array_equal(_rgb(png), (with_map if sent else without).image)
+    assert container.correction_scale == round(128 * (with_map if sent else without).scale)
+
+
+def test_send_map_rd_is_refused_where_there_is_nothing_to_choose(work: Path, tmp_path: Path, capsys) -> None:
+    image, label = _frame(work)
+    argv = ["compress", str(image), "--label", str(label), "-o", str(tmp_path / "x.jse"), "--send-map", "rd"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--send-map rd needs --model" in err and len(err.strip().splitlines()) == 1

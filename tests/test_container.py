@@ -61,7 +61,7 @@ def test_a_correction_scale_is_written_as_version_3_and_read_back() -> None:
     for code in (0, 128, 255):
         c = _container(correction_scale=code)
         data = pack(c)
-        assert data[len(MAGIC)] == FORMAT_VERSION == 3
+        assert data[len(MAGIC)] == 3
         assert len(data) == len(plain) + 2  # its length byte and the code
         assert parse(data) == c and parse(data).correction_scale == code
     with pytest.raises(ContainerError, match="correction scale code 256"):
@@ -72,6 +72,27 @@ def test_a_correction_scale_is_written_as_version_3_and_read_back() -> None:
     two_bytes = scaled[:at] + bytes([2, 7, 7]) + scaled[at + 2 : -4]
     with pytest.raises(ContainerError, match="correction scale must be 0 or 1 bytes"):
         parse(_with_crc(two_bytes))
+
+
+def test_a_file_without_a_label_map_is_version_4_and_older_versions_refuse_one() -> None:
+    """The encoder withheld the map (compress --send-map rd): label coder none, no segmenter, no label
+    stream; with or without a correction scale. Versions 1-3 carry a map or a segmenter."""
+    for code in (None, 9):
+        c = _container(label_coder="none", label_bitstream=b"", correction_scale=code)
+        data = pack(c)
+        assert data[len(MAGIC)] == FORMAT_VERSION == 4 and c.map_withheld
+        assert parse(data) == c and parse(data).correction_scale == code
+        assert c.bpp()["label"] == 0.0
+    assert not _container().map_withheld
+    assert not _container(label_coder="none", label_bitstream=b"", segmenter=SHA).map_withheld
+    with pytest.raises(ContainerError, match="without a label map has down-sampling 1 and no label stream"):
+        _container(label_coder="none", label_bitstream=b"x")
+    with pytest.raises(ContainerError, match="without a label map has down-sampling 1"):
+        _container(label_coder="none", label_bitstream=b"", label_downsample=4)
+    data = pack(_container(label_coder="none", label_bitstream=b"", correction_scale=9))
+    as_three = data[: len(MAGIC)] + bytes([3]) + data[len(MAGIC) + 1 : -4]
+    with pytest.raises(ContainerError, match="a version 3 file must carry a label map or name its segmenter"):
+        parse(_with_crc(as_three))
 
 
 def test_model_reference_variants() -> None:

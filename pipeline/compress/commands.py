@@ -11,6 +11,11 @@ the reference (a different sha256 is refused unless ``--force``) and runs the on
 ``model.correction_scale: frame`` runs at compression too: the file then carries the encoder's scale of its
 correction (one byte, :mod:`pipeline.model.correction_scale`), which decompression applies.
 
+``--send-map rd`` (with ``--model``): the encoder enhances its decoded image with the label map and on zero
+semantics, and sends the map only where the squared error it removes is worth more than its bits spent on
+the codec (:mod:`pipeline.model.map_choice`); a file without its map (format version 4) is decoded on zero
+semantics. ``always`` (the default, the paper's) sends every map.
+
 Folder mode: ``compress DIR --label LABEL_DIR -o OUT_DIR`` pairs images and label maps as the folder
 dataset does (same relative path with ``.png``, else the one label map with the image's stem) and writes
 ``OUT_DIR/<relative path>.jse``; ``decompress DIR -o OUT_DIR`` writes a PNG per ``.jse``.
@@ -28,6 +33,7 @@ the compression uses is refused in one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -50,6 +56,7 @@ from pipeline.compress.container import (
 from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
 from pipeline.model.correction_scale import apply_code, fit_code, sends_scale
 from pipeline.model.inputs import class_map
+from pipeline.model.map_choice import choose_map, codec_slope
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +69,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 DEFAULT_CODEC = "hevc"
 DEFAULT_QUALITY = 42
 LABEL_SOURCES = ("gt", "decoder", "encoder")
+SEND_MAP = ("always", "rd")  # every label map, or only where it pays (pipeline.model.map_choice)
 
 
 class CompressError(ValueError):
@@ -201,6 +209,7 @@ def compress_image(
     model: Model | None = None,
     segmenter: LoadedSegmenter | None = None,
     encoder: LoadedSegmenter | None = None,
+    send_map: str = "always",
 ) -> Container:
     """Compress one image and its label map to ``out`` (written atomically); returns the container.
 
@@ -208,12 +217,16 @@ def compress_image(
     container records the segmenter's sha256 and carries no label stream. With ``encoder`` (label source
     ``encoder``) the coded map is that segmenter's prediction on the image, not ``label_path``. For a
     ``model`` that scales its correction per frame (``model.correction_scale: frame``) the encoder decodes
-    its own streams, enhances them as ``decompress`` does (default tiles) and records the scale code."""
+    its own streams, enhances them as ``decompress`` does (default tiles) and records the scale code. With
+    ``send_map="rd"`` the encoder also enhances them on zero semantics and keeps the label map only where it
+    pays (:func:`pipeline.model.map_choice.choose_map`; the file then has no label map)."""
     from pipeline.data.codecs import LabelCoder, get_codec
 
+    choosing = _choosing(send_map, model, segmenter)
     rgb = read_image(image_path)
     height, width = rgb.shape[:2]
-    codec_bitstream = get_codec(codec).encode(rgb, quality)
+    coder_of_codec = get_codec(codec)
+    codec_bitstream = coder_of_codec.encode(rgb, quality)
     received = None  # the label map the decoder will have (for the correction scale)
     if segmenter is not None:
         coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
@@ -236,12 +249,21 @@ def compress_image(
         }
         received = coder.reconstruct(label)
     scale = None
-    if model is not None and sends_scale(model.spec):
-        decoded = get_codec(codec).decode(codec_bitstream)
+    if model is not None and (sends_scale(model.spec) or choosing):
+        decoded = coder_of_codec.decode(codec_bitstream)
         if segmenter is not None:
             received = segmenter.label_ids(decoded)
-        enhanced = enhance_tiled(model.generator, model.spec, decoded, received, quality)
-        scale = fit_code(rgb, decoded, enhanced)
+        assert received is not None  # a coded map, or the segmenter's
+        enhanced = _decoder_output(model, rgb, decoded, received, quality)
+        if choosing:
+            blind = dataclasses.replace(model, spec=dataclasses.replace(model.spec, zero_semantics=True))
+            without = _decoder_output(blind, rgb, decoded, np.zeros_like(received), quality)
+            slope = codec_slope(coder_of_codec, rgb, quality, decoded, 8 * len(codec_bitstream))
+            map_bits = 8 * len(coded["label_bitstream"])
+            if not choose_map(rgb, enhanced[0], without[0], map_bits, slope).sent:
+                enhanced = without
+                coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
+        scale = enhanced[1]
     container = Container(
         codec=codec,
         quality=quality,
@@ -255,6 +277,36 @@ def compress_image(
     )
     write_atomic(out, pack(container))
     return container
+
+
+def _choosing(send_map: str, model: Model | None, segmenter: LoadedSegmenter | None) -> bool:
+    """Whether the encoder chooses frame by frame to send the map (``send_map="rd"``), refused in one line
+    where there is nothing to choose."""
+    if send_map not in SEND_MAP:
+        raise CompressError(f"--send-map must be one of {', '.join(SEND_MAP)}, got {send_map!r}")
+    if send_map == "always":
+        return False
+    if model is None:
+        raise CompressError(
+            "--send-map rd needs --model: the encoder enhances its image with and without the map"
+        )
+    if segmenter is not None:
+        raise CompressError(
+            "--send-map rd prices a coded label map; maps predicted at the decoder cost no bits"
+        )
+    return not model.spec.zero_semantics
+
+
+def _decoder_output(
+    model: Model, original: np.ndarray, decoded: np.ndarray, label: np.ndarray, quality: int
+) -> tuple[np.ndarray, int | None]:
+    """What ``decompress`` writes for this frame (default tiles), with the correction scale the encoder then
+    sends (``None``: the model sends none)."""
+    enhanced = enhance_tiled(model.generator, model.spec, decoded, label, quality)
+    if not sends_scale(model.spec):
+        return enhanced, None
+    code = fit_code(original, decoded, enhanced)
+    return apply_code(decoded, enhanced, code), code
 
 
 def decode_container(
@@ -275,7 +327,8 @@ def decode_container(
             raise CompressError(
                 f"quality {container.quality} is outside {container.codec}'s range {lo}..{hi}"
             )
-        coder = None if container.segmenter else LabelCoder(container.label_coder, container.label_downsample)
+        carried = not (container.segmenter or container.map_withheld)
+        coder = LabelCoder(container.label_coder, container.label_downsample) if carried else None
     except ValueError as err:
         raise CompressError(str(err)) from None
     size = (container.width, container.height)
@@ -341,14 +394,15 @@ def decompress_file(
     ``model`` overrides the container's reference; a model whose sha256 differs from the recorded one,
     or that does not fit the container's codec and quality, is refused unless ``force``; a model trained on
     another label source is always refused. ``segmenter``: the segmenter file that predicts the label map
-    of a container of decoder-side maps (its sha256 must be the recorded one).
+    of a container of decoder-side maps (its sha256 must be the recorded one). A container whose encoder
+    withheld the map is enhanced on zero semantics.
     """
     container = read_container(path)
     enhance = models is not None
     predictor = open_label_segmenter(segmenter) if enhance and container.segmenter else None
     rgb, label = decode_container(container, predictor)
     used = None
-    if models is not None and label is not None:
+    if models is not None and (label is not None or container.map_withheld):
         origin = model or container.model.uri
         if not origin:
             named = container.model.describe()
@@ -356,7 +410,12 @@ def decompress_file(
                 f"{path} does not name a registry model ({named}); give --model FILE or --no-enhance"
             )
         used = models.get(origin)
-        _check_label_source(used, container.label_source, container.segmenter, "the file", coded=True)
+        spec = used.spec
+        if container.map_withheld:  # the same weights on zero semantics: any label source fits
+            spec = dataclasses.replace(spec, zero_semantics=True)
+            label = np.zeros(rgb.shape[:2], np.uint8)
+        else:
+            _check_label_source(used, container.label_source, container.segmenter, "the file", coded=True)
         recorded = container.model.sha256
         problems = []
         if recorded and used.ref.sha256 != recorded:
@@ -366,10 +425,11 @@ def decompress_file(
             raise CompressError(
                 f"{path}: model {origin} is refused: {'; '.join(problems)} (--force to use it anyway)"
             )
+        assert label is not None  # decoded, predicted or zero
         _check_labels(label, used)
-        check_tiling(used.spec, tile, overlap)
+        check_tiling(spec, tile, overlap)
         enhanced = enhance_tiled(
-            used.generator, used.spec, rgb, label, container.quality, tile=tile, overlap=overlap
+            used.generator, spec, rgb, label, container.quality, tile=tile, overlap=overlap
         )
         code = container.correction_scale
         rgb = enhanced if code is None else apply_code(rgb, enhanced, code)
@@ -386,10 +446,12 @@ def _rate_line(container: Container) -> str:
         "header": container.header_bytes(),
     }
     text = " + ".join(f"{k} {bpp[k]:.4f} ({n} B)" for k, n in parts.items())
-    source = f", label map predicted at the decoder (segmenter {container.segmenter[:12]})"
-    return f"{text} = {bpp['total']:.4f} bpp ({sum(parts.values())} B)" + (
-        source if container.segmenter else ""
-    )
+    source = ""
+    if container.segmenter:
+        source = f", label map predicted at the decoder (segmenter {container.segmenter[:12]})"
+    elif container.map_withheld:
+        source = ", no label map (withheld by the encoder: decoded on zero semantics)"
+    return f"{text} = {bpp['total']:.4f} bpp ({sum(parts.values())} B){source}"
 
 
 def _images(images: Path) -> list[tuple[Path, None, Path]]:
@@ -463,6 +525,7 @@ def compress_command(args: argparse.Namespace) -> int:
         "model": model,
         "segmenter": segmenter,
         "encoder": encoder,
+        "send_map": args.send_map,
     }
     if not src.exists():
         raise CompressError(f"input not found: {src}")
@@ -553,6 +616,13 @@ def add_arguments(compress: argparse.ArgumentParser, decompress: argparse.Argume
     compress.add_argument("--label-coder", default="auto", help="jxl, webp, png or auto (the best available)")
     compress.add_argument("--label-downsample", type=int, default=1, help="code the label map on a 1/k grid")
     compress.add_argument("--model", default="", help="the generator to record: models:/name@alias or a file")
+    compress.add_argument(
+        "--send-map",
+        choices=SEND_MAP,
+        default="always",
+        help="always: every label map; rd: only where it removes more squared error than its bits would "
+        "on the codec (needs --model; frames without their map are decoded on zero semantics)",
+    )
     decompress.add_argument("input", help="a .jse file, or a folder of them")
     decompress.add_argument("-o", "--output", required=True, help="the PNG file, or a folder in folder mode")
     decompress.add_argument(

@@ -7,11 +7,13 @@ bytes   field                      value
 ======  =========================  ==============================================================
 8       magic                      ``\\x89JSE\\r\\n\\x1a\\n`` (a PNG-style signature: catches text-mode
                                    transfers and truncation at the first bytes)
-1       format version             2, or 3 with a correction scale (:data:`FORMAT_VERSION`: the newest)
+1       format version             2; 3 with a correction scale; 4 without a label map
+                                   (:data:`FORMAT_VERSION`: the newest)
 str8    codec                      registered codec name (``hevc``), ASCII ``[a-z0-9_]``
 2       quality                    on the codec's own scale (checked against it)
 4 + 4   width, height              the image size in pixels, each ``1..MAX_SIDE``, product ``<= MAX_PIXELS``
-str8    label coder                ``jxl``, ``webp`` or ``png``; ``none`` for decoder-side label maps
+str8    label coder                ``jxl``, ``webp`` or ``png``; ``none`` for decoder-side label maps and
+                                   (version 4) for a frame whose encoder withheld its map
 1       label down-sampling        ``1..MAX_DOWNSAMPLE`` (the label map is coded on a 1/k grid)
 str8    model name                 registered-model name, UTF-8 (empty: none, or a model file)
 str8    model version              registered-model version, ASCII digits (empty: none)
@@ -19,8 +21,8 @@ str8    model sha256               0 or 32 bytes: sha256 of the exported generat
 str8    segmenter sha256           (version 2) 0 or 32 bytes: with 32, the label map is the prediction of
                                    the segmenter file of this sha256 on the decoded image (label source
                                    ``decoder``): label coder ``none``, down-sampling 1, no label bitstream
-1 + n   correction scale           (version 3) 0 or 1 bytes: with 1, the code of the encoder's scale of the
-                                   generator's correction (:mod:`pipeline.model.correction_scale`)
+1 + n   correction scale           (version 3 and 4) 0 or 1 bytes: with 1, the code of the encoder's scale
+                                   of the generator's correction (:mod:`pipeline.model.correction_scale`)
 4 + 4   codec / label lengths      byte lengths of the two bitstreams
 n       codec bitstream            exactly what the codec's ``decode`` takes
 n       label bitstream            exactly what :class:`~pipeline.data.codecs.LabelCoder` ``decode`` takes
@@ -32,9 +34,13 @@ size is always ``header + codec + label`` bytes. The parser takes its input as u
 checked against what is left before anything is sliced, sizes are bounded before anything is allocated,
 trailing bytes and checksum mismatches are refused, and every failure is one :class:`ContainerError`.
 
+A version 4 file may carry no label map at all: label coder ``none``, no segmenter, no label stream. Its
+encoder chose not to send the map (``compress --send-map rd``, :mod:`pipeline.model.map_choice`), and its
+decoder runs the generator on zero semantics. A reader of versions 1-3 refuses such a file by its version.
+
 Version 1 files (no segmenter field: ground-truth label maps, coded) still read. This code writes the
-oldest version that holds the content: 3 for a file with a correction scale, else 2 (the bytes it always
-wrote).
+oldest version that holds the content: 4 for a file without a label map, 3 for one with a correction
+scale, else 2 (the bytes it always wrote).
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"\x89JSE\r\n\x1a\n"
-FORMAT_VERSION = 3  # the newest version this code reads and writes
-READ_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest version this code reads and writes
+READ_VERSIONS = (1, 2, 3, 4)
 MAX_SIDE = 1 << 16  # pixels per side
 MAX_PIXELS = 1 << 28  # 268 Mpixels: about 800 MB as RGB, the most a decoder is asked to allocate
 MAX_DOWNSAMPLE = 64
@@ -138,6 +144,12 @@ class Container:
                     f"down-sampling 1), got {self.label_coder!r}, {self.label_downsample}, "
                     f"{len(self.label_bitstream)} bytes"
                 )
+        elif self.label_coder == NO_LABEL_CODER:
+            if self.label_downsample != 1 or self.label_bitstream:
+                raise ContainerError(
+                    f"a file without a label map has down-sampling 1 and no label stream, got "
+                    f"{self.label_downsample} and {len(self.label_bitstream)} bytes"
+                )
         elif self.label_coder not in LABEL_CODERS:
             raise ContainerError(
                 f"unknown label coder {self.label_coder!r}; known: {', '.join(LABEL_CODERS)}"
@@ -148,13 +160,24 @@ class Container:
             )
         if self.correction_scale is not None and not 0 <= self.correction_scale <= 0xFF:
             raise ContainerError(f"correction scale code {self.correction_scale} is outside 0..255")
-        if not self.codec_bitstream or not (self.label_bitstream or self.segmenter):
+        if not self.codec_bitstream or not (self.label_bitstream or self.label_coder == NO_LABEL_CODER):
             raise ContainerError("empty codec or label bitstream")
 
     @property
     def label_source(self) -> str:
         """``decoder`` when the decoder predicts the label map (0 label bits), else ``gt`` (coded map)."""
         return "decoder" if self.segmenter else "gt"
+
+    @property
+    def map_withheld(self) -> bool:
+        """Whether the file carries no label map at all: its encoder chose to send none, so its decoder runs
+        the generator on zero semantics (version 4)."""
+        return self.label_coder == NO_LABEL_CODER and not self.segmenter
+
+    @property
+    def version(self) -> int:
+        """The oldest format version that holds this content (what :func:`pack` writes)."""
+        return 4 if self.map_withheld else 3 if self.correction_scale is not None else 2
 
     @property
     def pixels(self) -> int:
@@ -186,12 +209,12 @@ def pack(container: Container) -> bytes:
         raise ContainerError("a bitstream larger than 4 GiB does not fit the container")
     sha = bytes.fromhex(m.sha256)
     segmenter = bytes.fromhex(c.segmenter)
-    # version 3's field: its length (1) and the code; a file without a scale keeps version 2's bytes
-    scale = b"" if c.correction_scale is None else bytes([1, c.correction_scale])
+    # version 3's field: its length (0 or 1) and the code; a version 2 file has no such field
+    scale = b"" if c.version < 3 else bytes([0] if c.correction_scale is None else [1, c.correction_scale])
     body = b"".join(
         [
             MAGIC,
-            bytes([3 if scale else 2]),
+            bytes([c.version]),
             _str8(c.codec, "codec name"),
             struct.pack(">HII", c.quality, c.width, c.height),
             _str8(c.label_coder, "label coder"),
@@ -282,6 +305,8 @@ def parse(data: bytes) -> Container:
         raise ContainerError(f"{len(data) - r.pos} unexpected bytes after the end of the container")
     if zlib.crc32(r.data[:end]) != crc:
         raise ContainerError("corrupt container: CRC-32 mismatch")
+    if version < 4 and label_coder == NO_LABEL_CODER and not segmenter:
+        raise ContainerError(f"a version {version} file must carry a label map or name its segmenter")
     return Container(
         codec=codec,
         quality=quality,
