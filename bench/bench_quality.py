@@ -69,7 +69,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides  # noqa: E402
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
-from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
+from pipeline.eval.gains import CHOSEN_SUFFIX, WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
 from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
 
@@ -182,10 +182,12 @@ def table(held: dict, train: dict, report: dict) -> str:
         f"{'QP':>3} {'bpp':>6} {'bpp+map':>7} | {'PSNR hevc':>9} {'SE':>7} {'abl':>7} | "
         f"{'dPSNR SE':>8} {'abl':>7} {'train SE':>8} {'abl':>7} | "
         f"{'MS-SSIM hevc':>12} {'SE':>7} {'abl':>7} | {'NIQE hevc':>9} {'SE':>6} {'abl':>6} | "
-        f"{'scale SE':>8} {'abl':>5} | {'SE no map':>9} {'SE - no map':>11}"
+        f"{'scale SE':>8} {'abl':>5} | {'SE no map':>9} {'SE - no map':>11} | "
+        f"{'SE map chosen':>13} {'bpp+map':>7} {'maps':>4}"
     ]
     for q in QUALITIES:
         h, s, a, w = held[("hevc", q)], held[(se, q)], held[(ab, q)], held[(se + WITHHELD_SUFFIX, q)]
+        c = held[(se + CHOSEN_SUFFIX, q)]
         th, ts, ta = train[("hevc", q)], train[(se, q)], train[(ab, q)]
         lines.append(
             f"{q:>3} {f(h, 'bpp_codec'):>6.4f} {f(s, 'bpp_total'):>7.4f} | {f(h, 'psnr'):>9.3f} "
@@ -194,10 +196,11 @@ def table(held: dict, train: dict, report: dict) -> str:
             f"{f(ta, 'psnr') - f(th, 'psnr'):>+7.3f} | {f(h, 'ms_ssim'):>12.5f} {f(s, 'ms_ssim'):>7.5f} "
             f"{f(a, 'ms_ssim'):>7.5f} | {f(h, 'niqe'):>9.3f} {f(s, 'niqe'):>6.3f} {f(a, 'niqe'):>6.3f} | "
             f"{_scale(s):>8} {_scale(a):>5} | {f(w, 'psnr') - f(h, 'psnr'):>+9.3f} "
-            f"{f(s, 'psnr') - f(w, 'psnr'):>+11.3f}"
+            f"{f(s, 'psnr') - f(w, 'psnr'):>+11.3f} | {f(c, 'psnr') - f(h, 'psnr'):>+13.3f} "
+            f"{f(c, 'bpp_total'):>7.4f} {f(c, 'map_sent'):>4.0%}"
         )
     lines.append("BD-rate vs HEVC (negative = fewer bits at equal quality), held-out frames:")
-    for name in (se, ab):
+    for name in (se, ab, se + CHOSEN_SUFFIX):
         entry = report["methods"][name]
         if not entry["available"]:
             lines.append(f"  {name}: {entry['reason']}")
@@ -262,7 +265,7 @@ def seeds_table(held: dict[int, Path]) -> str:
             f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} seeds | {_spread(niqe)} | "
             f"{lower}/{len(seeds)} seeds | {_spread(own)} | {sum(d > 0 for d in own)}/{len(seeds)} seeds"
         )
-    for name in (se, ab):
+    for name in (se, ab, se + CHOSEN_SUFFIX):
         values = [r[name]["bd_rate_pct"]["psnr/bpp_codec"] for r in rates.values() if r[name]["available"]]
         totals = [r[name]["bd_rate_pct"]["psnr/bpp_total"] for r in rates.values() if r[name]["available"]]
         each = " ".join(f"{v:+.2f}" for v in values)
@@ -313,10 +316,11 @@ def decoder_table(held: dict, held_dec: dict, report: dict, report_dec: dict, ac
 
 def scored(cfg: JobConfig, models: list[Path], split: str, out: Path, on_training: bool, **more: Any) -> Path:
     args = {"eval.split": split, "eval.output_dir": str(out), "eval.crops": 0, **more}
-    if on_training:  # the reference codecs and the withheld maps are read on the held-out frames only
+    if on_training:  # the reference codecs, withheld and chosen maps are read on the held-out frames only
         args["eval.reference_codecs"] = []
     else:
         args["eval.withheld_maps"] = True
+        args["eval.map_choice"] = True
     run = with_overrides(cfg, {**args, "eval.allow_training_frames": on_training})
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the table below says it all
         return evaluate(run, [str(m) for m in models])
