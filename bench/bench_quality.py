@@ -17,10 +17,13 @@ PSNR gains on held-out and on training frames side by side; the mean scale each 
 its correction (``model.correction_scale``: below 1 where the model over-corrects the held-out frames);
 codec-SE's held-out gain with its own map withheld (``eval.withheld_maps``: the same weights on zero
 semantics, no label bits; what the map adds to that model, free of the training noise between two models);
-the held-out gains frame by frame (codec-SE and the ablation against HEVC, codec-SE against the ablation and
-against itself without its map: mean,
-95 % interval over the frames, worst frame, frames that gained; :mod:`pipeline.eval.gains`); the BD-rates
-against HEVC on codec bits and on total bits; and the held-out BD-rates of HEVC, codec-SE and the ablation
+codec-SE's held-out gain with its encoder choosing frame by frame whether to send the map
+(``eval.map_choice``: the map only where the squared error it removes beats what its bits would remove
+spent on HEVC itself; a flag bit a frame), its total bpp and the share of frames sent their map; the
+held-out gains frame by frame (codec-SE and the ablation against HEVC, codec-SE against the ablation and
+against itself without its map: mean, 95 % interval over the frames, worst frame, frames that gained;
+:mod:`pipeline.eval.gains`); the BD-rates against HEVC on codec bits and on total bits (codec-SE, the
+ablation and codec-SE with the map chosen); and the held-out BD-rates of HEVC, codec-SE and the ablation
 against the reference codecs (``eval.reference_codecs``: AVIF and JPEG XL). The elapsed wall time of every
 stage is printed too; the budget (``--budget-min``, default 15) is what the whole script must fit in on 2
 cores.
