@@ -419,3 +419,15 @@ def test_send_map_rd_is_refused_where_there_is_nothing_to_choose(work: Path, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--send-map rd needs --model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_send_map_rd_never_sends_a_zero_semantics_models_map(work: Path, tmp_path: Path, capsys) -> None:
+    """The rule itself, unforced: a map that changes nothing removes no squared error, so it is not sent."""
+    image, label = _frame(work)
+    model = _generator_file(tmp_path / "blind.safetensors", seed=0, zero_semantics=True)
+    out = tmp_path / "x.jse"
+    argv = ["compress", str(image), "--label", str(label), "--model", str(model), "-o", str(out)]
+    assert main([*argv, "--send-map", "rd"]) == 0
+    assert read_container(out).map_withheld
+    assert main([*argv, "--send-map", "always"]) == 0
+    assert not read_container(out).map_withheld

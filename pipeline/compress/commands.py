@@ -281,7 +281,8 @@ def compress_image(
 
 def _choosing(send_map: str, model: Model | None, segmenter: LoadedSegmenter | None) -> bool:
     """Whether the encoder chooses frame by frame to send the map (``send_map="rd"``), refused in one line
-    where there is nothing to choose."""
+    where there is nothing to choose. A zero-semantics model is no exception: its map removes nothing, so
+    the rule never sends it."""
     if send_map not in SEND_MAP:
         raise CompressError(f"--send-map must be one of {', '.join(SEND_MAP)}, got {send_map!r}")
     if send_map == "always":
@@ -294,7 +295,7 @@ def _choosing(send_map: str, model: Model | None, segmenter: LoadedSegmenter | N
         raise CompressError(
             "--send-map rd prices a coded label map; maps predicted at the decoder cost no bits"
         )
-    return not model.spec.zero_semantics
+    return True
 
 
 def _decoder_output(
