@@ -9,7 +9,7 @@ its decoded image both ways, with the map and on zero semantics (the same weight
 is worth more than its bits spent on the codec itself would remove. That price is the codec's own slope on
 this frame, at this quality: the squared error one more bit buys between the frame's quality and a finer one
 :data:`SLOPE_SPAN` of the codec's scale away (one more round trip; a coarser one at the end of the scale;
-HEVC: 3 QP, where a single QP step can even cost bits for nothing on a small frame). It is the Lagrangian
+HEVC: 3 QP; a single QP step was not monotone on a 256x128 test frame). It is the Lagrangian
 rate-distortion decision of a codec's mode choice, at the codec's own operating point, with no weight to tune.
 
 A frame without its map is enhanced on zero semantics. The ``.jse`` file says so by carrying no label stream
