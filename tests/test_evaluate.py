@@ -625,3 +625,14 @@ def test_map_choice_needs_the_codec_on_this_machine(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(HEVCCodec, "is_available", lambda self: False)
     with pytest.raises(ConfigError, match="eval.map_choice prices a label map on hevc's own slope"):
         map_choice_methods([], "hevc")
+
+
+def test_map_choice_leaves_out_models_whose_map_costs_nothing() -> None:
+    """Only a model that receives a coded map gets a chosen curve: not one on decoder-side maps, nor the
+    ablation, nor the codec."""
+    spec = GeneratorSpec.from_config(TINY, 34, True, codec="hevc", quality=45, phase=3)
+    blind = dataclasses.replace(spec, zero_semantics=True)
+    decoder = dataclasses.replace(spec, label_source="decoder", segmenter="c" * 64)
+    models = [Method(f"m{i}", 45, spec=s) for i, s in enumerate((spec, blind, decoder))]
+    methods = [Method("hevc", None), *models]
+    assert [m.name for m in map_choice_methods(methods, "hevc")] == ["m0 (map chosen)"]

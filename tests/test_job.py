@@ -76,7 +76,9 @@ def test_main_job_end_to_end(
     for row in means:
         by_method.setdefault(row["method"], {})[int(row["quality"])] = row
     references = {"avif": [0, 15, 30, 50], "jxl": [0, 15, 30, 60]}  # eval.reference_codecs of default.yaml
-    assert set(by_method) == {"hevc", "hevc-SE", "hevc-SE (no semantics)", *references}
+    chosen = "hevc-SE (map chosen)"  # eval.map_choice of default.yaml
+    assert set(by_method) == {"hevc", "hevc-SE", "hevc-SE (no semantics)", chosen, *references}
+    assert all(0.0 <= float(r["map_sent"]) <= 1.0 for r in by_method[chosen].values())
     for method, rows in by_method.items():
         assert set(rows) == set(references.get(method, qualities)), method
         assert all(int(r["images"]) == 10 for r in rows.values())  # the lindau frames, not the training ones
@@ -84,7 +86,7 @@ def test_main_job_end_to_end(
         for method in ("hevc-SE", "hevc-SE (no semantics)"):
             assert float(by_method[method][q]["psnr"]) >= float(by_method["hevc"][q]["psnr"]) - 0.02
     report = json.loads((tmp_path / "runs" / "eval" / "bdrate.json").read_text())
-    for method in ("hevc-SE", "hevc-SE (no semantics)"):
+    for method in ("hevc-SE", "hevc-SE (no semantics)", chosen):
         entry = report["methods"][method]
         assert entry["available"] and entry["bd_rate_pct"]["psnr/bpp_total"] is not None
     assert report["frames"]["split"] == "test" and report["frames"]["count"] == 10

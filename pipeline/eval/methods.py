@@ -172,7 +172,8 @@ def withheld_map_methods(methods: list[Method]) -> list[Method]:
 def map_choice_methods(methods: list[Method], codec: str) -> list[Method]:
     """Every method whose decoder receives a label map again, with its encoder choosing frame by frame
     whether to send it (``eval.map_choice``, :mod:`pipeline.model.map_choice`); curve and identity suffixed
-    :data:`CHOSEN_SUFFIX`. The choice codes every frame once more with ``codec``: a machine without it is
+    :data:`CHOSEN_SUFFIX`. A model on decoder-side maps has nothing to choose (its map costs no bits) and
+    gets no such curve. The choice codes every frame once more with ``codec``: a machine without it is
     refused in one line, before any work."""
     if not get_codec(codec).is_available():
         raise ConfigError(
@@ -188,7 +189,7 @@ def map_choice_methods(methods: list[Method], codec: str) -> list[Method]:
             map_choice=True,
         )
         for method in methods
-        if method.uses_labels and method.spec is not None
+        if method.uses_labels and method.spec is not None and method.spec.trained_label_source != "decoder"
     ]
 
 
