@@ -72,7 +72,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides  # noqa: E402
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
-from pipeline.eval.gains import CHOSEN_SUFFIX, WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
+from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
+from pipeline.eval.methods import CHOSEN_SUFFIX  # noqa: E402
 from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
 

@@ -54,7 +54,7 @@ from pipeline.compress.container import (
     read_container,
 )
 from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
-from pipeline.model.correction_scale import apply_code, fit_code, sends_scale
+from pipeline.model.correction_scale import apply_code, scaled, sends_scale
 from pipeline.model.inputs import class_map
 from pipeline.model.map_choice import choose_map, codec_slope
 
@@ -70,6 +70,7 @@ DEFAULT_CODEC = "hevc"
 DEFAULT_QUALITY = 42
 LABEL_SOURCES = ("gt", "decoder", "encoder")
 SEND_MAP = ("always", "rd")  # every label map, or only where it pays (pipeline.model.map_choice)
+NO_LABEL_MAP = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}  # no stream
 
 
 class CompressError(ValueError):
@@ -229,7 +230,7 @@ def compress_image(
     codec_bitstream = coder_of_codec.encode(rgb, quality)
     received = None  # the label map the decoder will have (for the correction scale)
     if segmenter is not None:
-        coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
+        coded = NO_LABEL_MAP
     else:
         if encoder is not None:
             label = encoder.label_ids(rgb)
@@ -262,7 +263,7 @@ def compress_image(
             map_bits = 8 * len(coded["label_bitstream"])
             if not choose_map(rgb, enhanced[0], without[0], map_bits, slope).sent:
                 enhanced = without
-                coded = {"label_coder": NO_LABEL_CODER, "label_downsample": 1, "label_bitstream": b""}
+                coded = NO_LABEL_MAP
         scale = enhanced[1]
     container = Container(
         codec=codec,
@@ -304,10 +305,7 @@ def _decoder_output(
     """What ``decompress`` writes for this frame (default tiles), with the correction scale the encoder then
     sends (``None``: the model sends none)."""
     enhanced = enhance_tiled(model.generator, model.spec, decoded, label, quality)
-    if not sends_scale(model.spec):
-        return enhanced, None
-    code = fit_code(original, decoded, enhanced)
-    return apply_code(decoded, enhanced, code), code
+    return scaled(model.spec, original, decoded, enhanced)
 
 
 def decode_container(

@@ -63,12 +63,13 @@ from pipeline.config import JobConfig
 from pipeline.data.manifest import key_file_name
 from pipeline.eval.fid import load_fid_inception
 from pipeline.eval.gains import format_gains, frame_gains
-from pipeline.eval.inputs import EvalInput, open_input
+from pipeline.eval.inputs import EvalInput, EvalSample, open_input
 from pipeline.eval.label_rate import LabelRates
 from pipeline.eval.lpips import load_lpips
 from pipeline.eval.methods import (
     MapChooser,
     Method,
+    Reconstruction,
     check_training_frames,
     encode_reference,
     load_methods,
@@ -282,13 +283,15 @@ def _score(
         scorer.add_original(sample.image, sample.label)
         for quality in data.qualities:
             outputs = []
+            rebuild = _Reconstructions(sample, quality)
             for method in methods:
                 if method.quality not in (None, quality):
                     continue
-                made = reconstruct(method, sample, quality)
                 label_bpp = label_rates(sample, quality, method)
                 if chooser is not None and method.map_choice:
-                    made, label_bpp = chooser(method, sample, quality, made, label_bpp)
+                    made, label_bpp = chooser(method, sample, quality, label_bpp, rebuild)
+                else:
+                    made = rebuild(method)
                 extra = {"scale": made.scale, "map_sent": made.map_sent}
                 scorer.add(sample, quality, method, made.image, made.bpp, label_bpp, **extra)
                 outputs.append((f"{method.name} q{quality}", made.image))
@@ -304,6 +307,22 @@ def _score(
         for name, outputs in encoded.items() if index < n_crops else ():
             path = crops / key_file_name(sample.key, f"_{name}.png")
             write_comparison(path, sample.image, sample.label, outputs, palette)
+
+
+class _Reconstructions:
+    """:func:`pipeline.eval.methods.reconstruct` of one sample at one quality, made once per generator and
+    input: a model's curve, its withheld map (``eval.withheld_maps``) and its chosen map (``eval.map_choice``)
+    share the same two images."""
+
+    def __init__(self, sample: EvalSample, quality: int) -> None:
+        self.sample, self.quality = sample, quality
+        self._made: dict[tuple[int, bool], Reconstruction] = {}
+
+    def __call__(self, method: Method) -> Reconstruction:
+        key = (id(method.generator), method.spec is not None and method.spec.zero_semantics)
+        if key not in self._made:
+            self._made[key] = reconstruct(method, self.sample, self.quality)
+        return self._made[key]
 
 
 def _log(tracker: Tracker, files: Sequence[Path], crops: Path, metrics: dict[str, float]) -> None:

@@ -26,7 +26,6 @@ from pipeline.eval.rows import RPDRow
 MEASURES = ("psnr", "niqe")  # dPSNR: higher is better; dNIQE: lower is better
 SEMANTICS_SUFFIX = " (no semantics)"
 WITHHELD_SUFFIX = " (map withheld)"  # the curves of eval.withheld_maps (pipeline.eval.methods)
-CHOSEN_SUFFIX = " (map chosen)"  # the curves of eval.map_choice (pipeline.eval.methods)
 
 
 @dataclass(frozen=True)

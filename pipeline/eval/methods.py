@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +30,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
-from pipeline.eval.gains import CHOSEN_SUFFIX, WITHHELD_SUFFIX
+from pipeline.eval.gains import WITHHELD_SUFFIX
 from pipeline.eval.inputs import EvalSample
 from pipeline.model.correction_scale import SCALE_UNIT, scaled, side_bits
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
@@ -38,6 +39,7 @@ from pipeline.model.map_choice import FLAG_BITS, choose_map, codec_slope
 from pipeline.model.spec import GeneratorSpec
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
+CHOSEN_SUFFIX = " (map chosen)"  # the curves of eval.map_choice
 
 
 @dataclass
@@ -262,15 +264,22 @@ class MapChooser:
         return self._slopes[key]
 
     def __call__(
-        self, method: Method, sample: EvalSample, quality: int, with_map: Reconstruction, label_bpp: float
+        self,
+        method: Method,
+        sample: EvalSample,
+        quality: int,
+        label_bpp: float,
+        rebuild: Callable[[Method], Reconstruction],
     ) -> tuple[Reconstruction, float]:
-        """What ``method``'s decoder outputs given ``with_map`` (its reconstruction on the map, which costs
-        ``label_bpp``) and its rate and label rate: the map's reconstruction, or the same weights' on zero
-        semantics with no label bits, whichever :func:`pipeline.model.map_choice.choose_map` picks; each with
-        the choice's flag bit."""
+        """What ``method``'s decoder outputs, and its label rate: its reconstruction on the map (which costs
+        ``label_bpp``), or the same weights' on zero semantics with no label bits, whichever
+        :func:`pipeline.model.map_choice.choose_map` picks; each with the choice's flag bit. ``rebuild`` makes
+        a method's reconstruction of this sample at this quality (:func:`reconstruct`, or the caller's copy of
+        what it already made for the model's own curve and its withheld map)."""
         assert method.spec is not None  # map_choice methods receive maps
-        blind = dataclasses.replace(method, spec=dataclasses.replace(method.spec, zero_semantics=True))
-        without = reconstruct(blind, sample, quality)
+        with_map = rebuild(method)
+        blind = dataclasses.replace(method.spec, zero_semantics=True)
+        without = rebuild(dataclasses.replace(method, spec=blind))
         pixels = with_map.image.shape[0] * with_map.image.shape[1]
         slope = self.slope(sample, quality)
         choice = choose_map(sample.image, with_map.image, without.image, label_bpp * pixels, slope)
