@@ -36,7 +36,7 @@ LrSchedule = Literal["constant", "cosine"]
 ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
 SemanticClasses = Literal["labels", "categories"]
-CorrectionScale = Literal["none", "frame"]
+CorrectionScale = Literal["none", "frame", "channels"]
 LabelSource = Literal["gt", "decoder", "encoder"]  # the label map codec-SE gets: ground truth, or predicted
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
@@ -283,8 +283,10 @@ class ModelConfig:
     # belongs to (categories: Cityscapes' 8, from cityscapesscripts); the label ids are mapped at the input
     semantic_classes: SemanticClasses = field(default="labels", metadata=WEIGHTS_WHEN_SET)
     # frame: the encoder sends one byte per frame, the least-squares scale of the generator's change to the
-    # decoded image (pipeline.model.correction_scale), counted in the rate; none: the generator's output as
-    # is. Training is the same either way; validation, evaluation and compress apply the scale.
+    # decoded image (pipeline.model.correction_scale), counted in the rate; channels: one byte per part of
+    # the correction head (each trunk channel's contribution and the bias, ngf + 1 bytes), their joint
+    # least-squares gains; none: the generator's output as is. Training is the same either way; validation,
+    # evaluation and compress apply the scale or gains.
     correction_scale: CorrectionScale = field(default="none", metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
@@ -293,6 +295,10 @@ class ModelConfig:
         for name, (_, high) in MODEL_BOUNDS.items():
             if getattr(self, name) > high:
                 raise ConfigError(f"{name} must be <= {high}, got {getattr(self, name)}")
+        if self.correction_scale == "channels" and not self.residual:
+            raise ConfigError(
+                "model.correction_scale=channels gains the correction head: needs model.residual=true"
+            )
 
 
 @dataclass

@@ -32,9 +32,9 @@ from pipeline.config import ConfigError
 from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
 from pipeline.eval.gains import WITHHELD_SUFFIX
 from pipeline.eval.inputs import EvalSample
-from pipeline.model.correction_scale import SCALE_UNIT, scaled, side_bits
+from pipeline.model.correction_scale import SCALE_UNIT, side_bits
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
-from pipeline.model.inference import enhance_image
+from pipeline.model.inference import decoder_output
 from pipeline.model.map_choice import FLAG_BITS, choose_map, codec_slope
 from pipeline.model.spec import GeneratorSpec
 
@@ -232,18 +232,18 @@ class Reconstruction(NamedTuple):
 
 def reconstruct(method: Method, sample: EvalSample, quality: int) -> Reconstruction:
     """``method``'s image of ``sample`` at ``quality``: the codec's decoded image at the codec's rate, or the
-    generator's enhancement of it (:func:`pipeline.model.inference.enhance_image`, on the generator's
-    device), scaled as the spec's encoder would (:func:`pipeline.model.correction_scale.scaled`) with that
-    scale's bits added to its rate."""
+    generator's enhancement of it as its decoder outputs it (:func:`pipeline.model.inference.decoder_output`,
+    on the generator's device, with the scale or gains its encoder sends; their bits are in the rate)."""
     decoded = sample.decoded[quality]
     if method.generator is None or method.spec is None:
         return Reconstruction(decoded, sample.bpp[quality])
     label = sample.label_at(quality)
-    enhanced = enhance_image(method.generator, method.spec, decoded, label, sample.instance, quality)
-    result, code = scaled(method.spec, sample.image, decoded, enhanced)
+    made = decoder_output(
+        method.generator, method.spec, sample.image, decoded, label, sample.instance, quality
+    )
     pixels = decoded.shape[0] * decoded.shape[1]
     rate = sample.bpp[quality] + side_bits(method.spec) / pixels
-    return Reconstruction(result, rate, None if code is None else code / SCALE_UNIT)
+    return Reconstruction(made.image, rate, None if made.scale is None else made.scale / SCALE_UNIT)
 
 
 class MapChooser:

@@ -11,17 +11,34 @@ This is the frame-level form of the residual scaling that neural post-filters of
 The byte is side information of codec-SE: the evaluation adds :data:`CODE_BITS` per frame to its rate, and
 the ``.jse`` container carries it (:mod:`pipeline.compress.container`). The scale is MSE's: it trades any
 perceptual gain of a GAN-trained generator back for distortion, so it suits distortion-refined exports.
+
+``model.correction_scale: channels`` refines the one scale into one gain per part of the correction head:
+the head is one 7x7 convolution of the trunk's ``ngf`` channels plus a bias, so the correction is the sum
+of ``ngf + 1`` parts (:meth:`pipeline.model.networks.Generator.correction_parts`), and the encoder sends
+the joint least-squares gains of those parts, one byte each (``gain = (code - 128) / 64``, so
+``-2 <= gain < 2``; all codes 192 is the generator's output). The decoder runs the generator with them
+(``Generator.forward(x, gains=...)``). Where a trunk channel helps this frame, its gain rises; where it
+over-corrects, it falls. The fit is regularised slightly towards the generator's own gains (1), and the
+quantised gains are kept only where they beat both the generator's output and the codec's image on the
+frame (in the fit's quadratic error). A phase-1 export draws with its synthesis head and sends no gains.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
+from torch import Tensor
 
 from pipeline.model.spec import GeneratorSpec
 
 SCALE_UNIT = 128  # the code of scale 1: the generator's output unchanged
 CODE_BITS = 8
 MAX_CODE = (1 << CODE_BITS) - 1
+GAIN_ZERO = 128  # the code of gain 0: the part left out
+GAIN_UNIT = 64  # codes per unit of gain; code 192 is gain 1, the part as the generator made it
+RIDGE = 1e-3  # the pull of the gain fit towards 1, relative to the parts' mean power
 
 
 def _check(name: str, image: np.ndarray, like: np.ndarray) -> None:
@@ -79,6 +96,84 @@ def scaled(
     return apply_code(decoded, enhanced, code), code
 
 
+def sends_gains(spec: GeneratorSpec) -> bool:
+    """Whether the encoder of ``spec``'s generator sends a gain per part of the correction head
+    (``model.correction_scale: channels``; a phase-1 export draws with its synthesis head and sends none)."""
+    return spec.correction_scale == "channels" and not spec.uses_synthesis
+
+
+def gain_count(spec: GeneratorSpec) -> int:
+    """How many gain codes a frame of ``spec``'s generator carries: ``ngf + 1``, or 0 without gains."""
+    return spec.ngf + 1 if sends_gains(spec) else 0
+
+
 def side_bits(spec: GeneratorSpec) -> int:
     """The bits a frame of ``spec``'s generator sends besides the codec's and the label map's."""
-    return CODE_BITS if sends_scale(spec) else 0
+    return CODE_BITS * (1 if sends_scale(spec) else gain_count(spec))
+
+
+def check_gain_codes(codes: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+    """``codes`` as an int array whose last axis holds ``count`` codes in ``0..255`` (one-line ValueError)."""
+    array = np.asarray(codes)
+    if (
+        array.ndim == 0
+        or array.shape[-1] != count
+        or array.size == 0
+        or not np.issubdtype(array.dtype, np.integer)
+    ):
+        raise ValueError(f"correction gains must be {count} integer codes per frame, got shape {array.shape}")
+    if array.min() < 0 or array.max() > MAX_CODE:
+        raise ValueError(f"correction gain codes must lie in [0, {MAX_CODE}]")
+    return array.astype(np.int64)
+
+
+def gains_of(codes: Sequence[int] | np.ndarray) -> Tensor:
+    """The gains (float32, ``... x K``) the codes stand for: ``(code - 128) / 64``."""
+    return torch.from_numpy((np.asarray(codes, np.float32) - GAIN_ZERO) / GAIN_UNIT)
+
+
+class GainFit:
+    """The normal equations of one frame's gain fit, summed over its pixels (tile by tile for large frames).
+
+    ``add(parts, residual, weight)``: the correction head's parts of a region (``K x 3 x H x W``, network
+    range), ``original - decoded`` there (``3 x H x W``, network range) and each pixel's weight (``H x W``;
+    a tile's share of its overlaps, or none). :meth:`codes` solves and quantises.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.gram = np.zeros((count, count))
+        self.cross = np.zeros(count)
+        self.power = 0.0
+
+    def add(self, parts: Tensor, residual: Tensor, weight: Tensor | None = None) -> None:
+        count = self.cross.shape[0]
+        if parts.shape[0] != count or tuple(parts.shape[1:]) != tuple(residual.shape):
+            raise ValueError(
+                f"gain fit: parts {tuple(parts.shape)} do not match residual {tuple(residual.shape)}"
+            )
+        flat = parts.detach().double().reshape(count, -1)
+        target = residual.detach().double().reshape(-1)
+        if weight is not None:
+            w = weight.detach().double().to(flat.device).expand_as(residual).reshape(-1)
+            target, weighted = target * w, flat * w
+        else:
+            weighted = flat
+        self.gram += (weighted @ flat.T).cpu().numpy()
+        self.cross += (flat @ target).cpu().numpy()
+        self.power += float((residual.detach().double().reshape(-1) * target).sum())
+
+    def error(self, gains: np.ndarray) -> float:
+        """The fitted region's squared error with ``gains`` (before clipping and rounding)."""
+        return float(gains @ self.gram @ gains - 2 * self.cross @ gains + self.power)
+
+    def codes(self) -> tuple[int, ...]:
+        """The quantised least-squares gains, pulled slightly towards 1 (:data:`RIDGE`); the generator's own
+        gains (all 1) or the codec's image (all 0) where either fits better."""
+        count = self.cross.shape[0]
+        ridge = RIDGE * max(float(np.trace(self.gram)) / count, 1e-12)
+        unit = np.ones(count)
+        fitted = np.linalg.solve(self.gram + ridge * np.eye(count), self.cross + ridge * unit)
+        candidates = [np.clip(np.rint(fitted * GAIN_UNIT) + GAIN_ZERO, 0, MAX_CODE)]
+        candidates += [np.full(count, GAIN_ZERO + GAIN_UNIT), np.full(count, GAIN_ZERO)]
+        best = min(candidates, key=lambda c: self.error((c - GAIN_ZERO) / GAIN_UNIT))
+        return tuple(int(c) for c in best)

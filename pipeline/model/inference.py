@@ -18,15 +18,28 @@ or the numbers that chose a model would describe another one. The rules, all fro
   later phases output through the correction head).
 
 Two entry points: :func:`enhance_batch` for tensors or arrays in the network's range ([-1, 1]), and
-:func:`enhance_image` for one uint8 RGB frame with its label (and instance) map.
+:func:`enhance_image` for one uint8 RGB frame with its label (and instance) map. :func:`decoder_output`
+adds the encoder's side of ``model.correction_scale`` (it holds the original): the frame's scale, or the
+gains of the correction head's parts (:func:`fit_gains`), and the image the decoder makes with them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.model.correction_scale import (
+    GainFit,
+    check_gain_codes,
+    gain_count,
+    gains_of,
+    scaled,
+    sends_gains,
+)
 from pipeline.model.inputs import Qualities, edge_map, generator_input
 from pipeline.model.spec import GeneratorSpec
 
@@ -45,22 +58,15 @@ def _pad_index(size: int, padded: int, reflect: bool, device: torch.device) -> T
     return index.clamp(max=size - 1)
 
 
-def enhance_batch(
+def _network_input(
     generator: nn.Module,
     spec: GeneratorSpec,
     label: Tensor | np.ndarray,
     decoded: Tensor | np.ndarray,
-    edge: Tensor | np.ndarray | None = None,
-    quality: Qualities | None = None,
+    edge: Tensor | np.ndarray | None,
+    quality: Qualities | None,
 ) -> Tensor:
-    """Run ``generator`` (described by ``spec``) on a batch; returns ``B x 3 x H x W`` float32 in [-1, 1]
-    on the generator's device.
-
-    ``label``: int ``B x H x W`` ids in ``[0, label_nc)`` (checked when given on the CPU); ``decoded``:
-    ``B x 3 x H x W`` in [-1, 1]; ``edge``: ``B x 1 x H x W``, required when ``spec.use_instance``;
-    ``quality``: the codec quality the frames were coded at (one, or one per frame), required when
-    ``spec.quality_input``.
-    """
+    """The generator's input for a batch, padded to its stride (see the module docstring)."""
     level = spec.quality_channel(quality)
     device = next(generator.parameters()).device
     label = torch.as_tensor(label)
@@ -75,19 +81,83 @@ def enhance_batch(
         decoded = _padded(decoded, padded_h, padded_w, reflect)
         label = _padded(label, padded_h, padded_w, reflect=False)
         edge = _padded(edge, padded_h, padded_w, reflect=False) if edge is not None else None
+    return generator_input(
+        label,
+        edge if spec.use_instance else None,
+        decoded,
+        label_nc=spec.label_nc,
+        label_classes=spec.label_classes,
+        use_instance=spec.use_instance,
+        zero_semantics=spec.zero_semantics,
+        visual_input=spec.visual_input,
+        quality=level,
+    )
+
+
+def enhance_batch(
+    generator: nn.Module,
+    spec: GeneratorSpec,
+    label: Tensor | np.ndarray,
+    decoded: Tensor | np.ndarray,
+    edge: Tensor | np.ndarray | None = None,
+    quality: Qualities | None = None,
+    gains: Tensor | None = None,
+) -> Tensor:
+    """Run ``generator`` (described by ``spec``) on a batch; returns ``B x 3 x H x W`` float32 in [-1, 1]
+    on the generator's device.
+
+    ``label``: int ``B x H x W`` ids in ``[0, label_nc)`` (checked when given on the CPU); ``decoded``:
+    ``B x 3 x H x W`` in [-1, 1]; ``edge``: ``B x 1 x H x W``, required when ``spec.use_instance``;
+    ``quality``: the codec quality the frames were coded at (one, or one per frame), required when
+    ``spec.quality_input``; ``gains``: ``B x (ngf + 1)``, the encoder's gains of the correction head's parts
+    (``model.correction_scale: channels``, :func:`pipeline.model.correction_scale.gains_of`).
+    """
+    height, width = torch.as_tensor(label).shape[-2:]
     with torch.no_grad():
-        x = generator_input(
-            label,
-            edge if spec.use_instance else None,
-            decoded,
-            label_nc=spec.label_nc,
-            label_classes=spec.label_classes,
-            use_instance=spec.use_instance,
-            zero_semantics=spec.zero_semantics,
-            visual_input=spec.visual_input,
-            quality=level,
-        )
-        return generator(x, synthesis=spec.uses_synthesis)[..., :height, :width]
+        x = _network_input(generator, spec, label, decoded, edge, quality)
+        if gains is None:
+            return generator(x, synthesis=spec.uses_synthesis)[..., :height, :width]
+        return generator(x, synthesis=spec.uses_synthesis, gains=gains)[..., :height, :width]
+
+
+def correction_parts(
+    generator: nn.Module,
+    spec: GeneratorSpec,
+    label: Tensor | np.ndarray,
+    decoded: Tensor | np.ndarray,
+    edge: Tensor | np.ndarray | None = None,
+    quality: Qualities | None = None,
+) -> Tensor:
+    """The parts of a residual generator's correction on a batch (arguments as :func:`enhance_batch`):
+    ``B x (ngf + 1) x 3 x H x W``, what the encoder fits its gains to
+    (:meth:`pipeline.model.networks.Generator.correction_parts`)."""
+    height, width = torch.as_tensor(label).shape[-2:]
+    with torch.no_grad():
+        x = _network_input(generator, spec, label, decoded, edge, quality)
+        return generator.correction_parts(generator.trunk(x))[..., :height, :width]
+
+
+def to_network(image: np.ndarray) -> Tensor:
+    """A uint8 ``H x W x 3`` RGB image as ``1 x 3 x H x W`` float32 in the network's range [-1, 1]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+
+
+def to_image(out: Tensor) -> np.ndarray:
+    """``3 x H x W`` in the network's range as the uint8 ``H x W x 3`` image a decoder writes."""
+    return out.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _frame_batch(
+    spec: GeneratorSpec, decoded: np.ndarray, label: np.ndarray, instance: np.ndarray | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One frame as :func:`enhance_batch`'s ``label``, ``decoded`` and ``edge``."""
+    edge = None
+    if spec.use_instance:
+        if instance is None:
+            edge = torch.zeros(1, 1, *label.shape)
+        else:
+            edge = edge_map(torch.from_numpy(instance.astype(np.int64)))[None, None]
+    return torch.from_numpy(label.astype(np.int64))[None], to_network(decoded), edge
 
 
 def enhance_image(
@@ -97,18 +167,58 @@ def enhance_image(
     label: np.ndarray,
     instance: np.ndarray | None = None,
     quality: int | None = None,
+    gains: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Enhance one frame: ``decoded`` uint8 ``H x W x 3`` RGB, ``label`` ``H x W`` ids, ``instance``
     ``H x W`` ids (a model with ``use_instance`` sees its edges; none given: no edges), ``quality`` the
-    codec quality ``decoded`` was coded at (needed by a ``quality_input`` model); returns the uint8
-    ``H x W x 3`` RGB output."""
-    dec = torch.from_numpy(np.array(decoded, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-    lab = torch.from_numpy(label.astype(np.int64))[None]
-    edge = None
-    if spec.use_instance:
-        if instance is None:
-            edge = torch.zeros(1, 1, *label.shape)
-        else:
-            edge = edge_map(torch.from_numpy(instance.astype(np.int64)))[None, None]
-    out = enhance_batch(generator, spec, lab, dec, edge, quality)[0]
-    return out.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    codec quality ``decoded`` was coded at (needed by a ``quality_input`` model), ``gains`` the encoder's
+    gain codes (``model.correction_scale: channels``); returns the uint8 ``H x W x 3`` RGB output."""
+    lab, dec, edge = _frame_batch(spec, decoded, label, instance)
+    factors = None if gains is None else gains_of(check_gain_codes(gains, gain_count(spec)))[None]
+    return to_image(enhance_batch(generator, spec, lab, dec, edge, quality, factors)[0])
+
+
+def fit_gains(
+    generator: nn.Module,
+    spec: GeneratorSpec,
+    original: np.ndarray,
+    decoded: np.ndarray,
+    label: np.ndarray,
+    instance: np.ndarray | None = None,
+    quality: int | None = None,
+) -> tuple[int, ...]:
+    """The gain codes the encoder of a ``correction_scale: channels`` generator sends for one frame
+    (arguments as :func:`enhance_image`, ``original`` the uint8 frame before coding)."""
+    lab, dec, edge = _frame_batch(spec, decoded, label, instance)
+    parts = correction_parts(generator, spec, lab, dec, edge, quality)[0]
+    fit = GainFit(gain_count(spec))
+    fit.add(parts, (to_network(original) - dec)[0].to(parts.device))
+    return fit.codes()
+
+
+class Decoded(NamedTuple):
+    """What a decoder outputs for a frame, and what its encoder sent besides the codec's and the map's bits:
+    the correction scale code (``model.correction_scale: frame``) or the gain codes (``channels``)."""
+
+    image: np.ndarray
+    scale: int | None = None
+    gains: tuple[int, ...] | None = None
+
+
+def decoder_output(
+    generator: nn.Module,
+    spec: GeneratorSpec,
+    original: np.ndarray,
+    decoded: np.ndarray,
+    label: np.ndarray,
+    instance: np.ndarray | None = None,
+    quality: int | None = None,
+) -> Decoded:
+    """What the decoder of ``spec``'s generator outputs for one frame, and what its encoder, which holds
+    ``original``, sends for it (arguments as :func:`fit_gains`): evaluation's and validation's image."""
+    if sends_gains(spec):
+        codes = fit_gains(generator, spec, original, decoded, label, instance, quality)
+        return Decoded(enhance_image(generator, spec, decoded, label, instance, quality, codes), gains=codes)
+    enhanced = enhance_image(generator, spec, decoded, label, instance, quality)
+    image, code = scaled(spec, original, decoded, enhanced)
+    return Decoded(image, scale=code)

@@ -10,6 +10,8 @@ import itertools
 import typing
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig, Norm
@@ -65,7 +67,8 @@ class Generator(nn.Module):
 
     The phase-1 prior hands its trunk (and its synthesis head, unused afterwards) to phases 2-3 weight for
     weight; the correction head stays at zero until phase 2 trains it. ``forward(x, synthesis=True)``
-    picks the synthesis head; a plain generator ignores the flag.
+    picks the synthesis head; a plain generator ignores the flag. ``forward(x, gains=g)`` scales each part
+    of the correction (:meth:`correction_parts`) by the encoder's per-frame gains.
     """
 
     def __init__(
@@ -136,18 +139,59 @@ class Generator(nn.Module):
     def residual(self) -> bool:
         return self.correction is not None
 
-    def forward(self, x: Tensor, synthesis: bool = False) -> Tensor:
+    def forward(self, x: Tensor, synthesis: bool = False, gains: Tensor | None = None) -> Tensor:
         factor, input_nc = 2 ** self.hparams["n_downsample"], self.hparams["input_nc"]
         if x.dim() != 4 or x.shape[1] != input_nc:
             raise ValueError(f"generator expects B x {input_nc} x H x W, got {tuple(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"generator input size {tuple(x.shape[2:])} must be a multiple of {factor}")
         if self.correction is None or synthesis:
+            if gains is not None:
+                raise ValueError("gains scale the correction head: a residual generator's, not synthesis")
             return self.model(x)
         decoded = x[:, -IMAGE_CHANNELS:]
-        for layer in itertools.islice(self.model, len(self.model) - SYNTHESIS_HEAD_LAYERS):  # the trunk
+        features = self.trunk(x)
+        if gains is None:
+            correction = self.correction(features)
+        else:  # the sum of the gained parts, in one convolution of the gained features
+            pad, conv = self.correction
+            part_gains = self._checked(gains, features).to(features.dtype)[:, :, None, None]
+            correction = F.conv2d(pad(features * part_gains[:, :-1]), conv.weight)
+            correction = correction + conv.bias.view(1, -1, 1, 1) * part_gains[:, -1:]
+        return (decoded + correction.to(decoded.dtype)).clamp(-1.0, 1.0)
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """The features both heads read (``B x ngf x H x W``)."""
+        for layer in itertools.islice(self.model, len(self.model) - SYNTHESIS_HEAD_LAYERS):
             x = layer(x)
-        return (decoded + self.correction(x).to(decoded.dtype)).clamp(-1.0, 1.0)
+        return x
+
+    def correction_parts(self, features: Tensor, gains: Tensor | None = None) -> Tensor:
+        """The correction head's output split by what it reads: ``B x (ngf + 1) x 3 x H x W``, the
+        contribution of each trunk channel and, last, the bias. They sum to the correction, so per-frame
+        ``gains`` (``B x (ngf + 1)``, each part's factor; :mod:`pipeline.model.correction_scale`) are a
+        linear least-squares fit for an encoder that holds the original."""
+        if self.correction is None:
+            raise ValueError("correction_parts needs a residual generator")
+        pad, conv = self.correction
+        ngf, batch = features.shape[1], features.shape[0]
+        # one group per trunk channel: group c outputs that channel's 3 colour contributions
+        weight = conv.weight.transpose(0, 1).reshape(ngf * IMAGE_CHANNELS, 1, *conv.weight.shape[2:])
+        parts = F.conv2d(pad(features), weight, groups=ngf).unflatten(1, (ngf, IMAGE_CHANNELS))
+        bias = conv.bias.view(1, 1, IMAGE_CHANNELS, 1, 1).expand(batch, 1, -1, *parts.shape[-2:])
+        parts = torch.cat([parts, bias], 1)
+        if gains is None:
+            return parts
+        return parts * self._checked(gains, features).to(parts.dtype).view(batch, ngf + 1, 1, 1, 1)
+
+    @staticmethod
+    def _checked(gains: Tensor, features: Tensor) -> Tensor:
+        expected = (features.shape[0], features.shape[1] + 1)
+        if tuple(gains.shape) != expected:
+            raise ValueError(
+                f"correction gains must be {expected[0]} x {expected[1]}, got {tuple(gains.shape)}"
+            )
+        return gains.to(features.device)
 
 
 def zero_correction(generator: Generator) -> None:

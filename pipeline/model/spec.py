@@ -25,7 +25,9 @@ another rule:
   A spec without them (label ids, ``model.semantic_classes: labels``) is written as version 4 or older, and
   a pipeline that predates version 5 refuses a generator that needs its labels mapped;
 * version 6: version 5 plus ``correction_scale`` (``frame``: the encoder sends the scale of the
-  generator's change per frame, :mod:`pipeline.model.correction_scale`). A spec without it
+  generator's change per frame; ``channels``: the gains of the correction head's parts per frame,
+  :mod:`pipeline.model.correction_scale`; a pipeline that knows only ``frame`` refuses ``channels`` by
+  name). A spec without it
   (``model.correction_scale: none``) is written as version 5 or older, and a pipeline that predates
   version 6 refuses a generator whose output it would not scale.
 
@@ -126,6 +128,10 @@ class GeneratorSpec:
         if self.correction_scale not in (None, *CORRECTION_SCALES):
             raise ValueError(
                 f"generator spec correction_scale={self.correction_scale!r} is not one of {CORRECTION_SCALES}"
+            )
+        if self.correction_scale == "channels" and not self.residual:
+            raise ValueError(
+                "generator spec correction_scale='channels' needs a residual generator's correction head"
             )
         for key, (low, high) in BOUNDS.items():
             value = getattr(self, key)

@@ -21,8 +21,7 @@ from pipeline.data.loader import training_qualities
 from pipeline.data.manifest import DatasetInfo
 from pipeline.eval.inputs import EvalSample, ShardInput, with_label_source
 from pipeline.eval.scoring import Scores, mean_scores
-from pipeline.model.correction_scale import scaled
-from pipeline.model.inference import enhance_image
+from pipeline.model.inference import decoder_output
 from pipeline.model.networks import Generator
 from pipeline.model.spec import GeneratorSpec
 
@@ -84,15 +83,15 @@ class Validator:
 
     def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(original, codec-SE)`` for every frame x quality, codec-SE as its decoder outputs it (with the
-        encoder's scale, ``model.correction_scale``)."""
+        encoder's scale or gains, ``model.correction_scale``)."""
         net = Generator(**generator.hparams)
         net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
         net = net.to(self.device).eval()
         pairs = []
         for s in self.samples:
             for q in self.qualities:
-                enhanced = enhance_image(net, self.spec, s.decoded[q], s.label_at(q), s.instance, q)
-                pairs.append((s.image, scaled(self.spec, s.image, s.decoded[q], enhanced)[0]))
+                made = decoder_output(net, self.spec, s.image, s.decoded[q], s.label_at(q), s.instance, q)
+                pairs.append((s.image, made.image))
         return pairs
 
     def __call__(self, generator: nn.Module) -> dict[str, float]:
