@@ -14,13 +14,13 @@ import torch
 
 from pipeline.cli import main
 from pipeline.compress.container import pack, read_container
-from pipeline.compress.tiling import TILE_TOLERANCE, enhance_tiled, tile_starts
+from pipeline.compress.tiling import TILE_TOLERANCE, enhance_tiled, fit_gains_tiled, tile_starts
 from pipeline.data.codecs import LabelCoder, get_codec
 from pipeline.eval.inputs import EvalSample
 from pipeline.eval.methods import Method, reconstruct
 from pipeline.model.correction_scale import fit_code
 from pipeline.model.export import export_generator, load_generator
-from pipeline.model.inference import enhance_image
+from pipeline.model.inference import enhance_image, fit_gains
 from pipeline.model.map_choice import MapChoice, codec_slope
 from pipeline.model.spec import GeneratorSpec
 
@@ -121,18 +121,19 @@ def test_no_enhance_round_trip_is_the_codecs_decode(work: Path, tmp_path: Path, 
     assert "--no-enhance" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("scale", ["none", "frame"])
+@pytest.mark.parametrize("scale", ["none", "frame", "channels"])
 def test_enhanced_output_is_evaluations_reconstruction(
     work: Path, tmp_path: Path, capsys, scale: str
 ) -> None:
     image, label = _frame(work)
     model = work / "model.safetensors"
-    if scale == "frame":  # the same weights, whose encoder sends the scale of their correction
-        model = _generator_file(tmp_path / "scaled.safetensors", seed=0, correction_scale="frame")
+    if scale != "none":  # the same weights, whose encoder sends the scale or gains of their correction
+        model = _generator_file(tmp_path / "scaled.safetensors", seed=0, correction_scale=scale)
     out, png = tmp_path / "x.jse", tmp_path / "x.png"
     assert main(["compress", str(image), "--label", str(label), "--model", str(model), "-o", str(out)]) == 0
     container = read_container(out)
-    assert (container.correction_scale is None) == (scale == "none")
+    assert (container.correction_scale is None) == (scale != "frame")
+    assert (container.correction_gains is None) == (scale != "channels")
     assert container.model.sha256 and not container.model.name  # a file: its hash, no registry name
     assert (container.codec, container.quality) == ("hevc", 42)  # taken from the model's spec
     assert main(["decompress", str(out), "-o", str(png), "--model", str(model)]) == 0
@@ -154,14 +155,18 @@ def test_enhanced_output_is_evaluations_reconstruction(
     expected = made.image
     assert np.array_equal(_rgb(png), expected)
     assert not np.array_equal(expected, sample.decoded[42])  # the model does change the frame
-    # the evaluation charges the scale's byte, as the file carries it
-    assert made.bpp == pytest.approx(0.25 + (8 / (SIZE[0] * SIZE[1]) if scale == "frame" else 0.0))
+    # the evaluation charges the scale's byte or the gains' bytes (ngf + 1), as the file carries them
+    side = {"none": 0, "frame": 8, "channels": 8 * 5}[scale]
+    assert made.bpp == pytest.approx(0.25 + side / (SIZE[0] * SIZE[1]))
     if scale == "frame":  # the file's scale is the one that fits this frame best, and evaluation reports it
         enhanced = enhance_image(generator, spec, sample.decoded[42], sample.label, quality=42)
         assert container.correction_scale == fit_code(rgb, sample.decoded[42], enhanced)
         assert made.scale == container.correction_scale / 128
     else:
         assert made.scale is None
+    if scale == "channels":  # the file's gains are the encoder's fit on this frame, not the generator's own
+        gains = fit_gains(generator, spec, rgb, sample.decoded[42], sample.label, quality=42)
+        assert container.correction_gains == gains and len(gains) == 5 and set(gains) != {192}
 
 
 def test_model_hash_mismatch_refused_unless_forced(work: Path, tmp_path: Path, capsys) -> None:
@@ -188,6 +193,21 @@ def test_model_hash_mismatch_refused_unless_forced(work: Path, tmp_path: Path, c
         main(["decompress", str(out), "-o", str(png), "--model", str(work / "other.safetensors"), "--force"])
         == 0
     )
+
+
+def test_gains_for_another_model_are_refused_even_forced(work: Path, tmp_path: Path, capsys) -> None:
+    """A file's gains belong to its head's parts: another model's decoder cannot use them."""
+    image, label = _frame(work)
+    model = _generator_file(tmp_path / "gained.safetensors", seed=0, correction_scale="channels")
+    out, png = tmp_path / "x.jse", tmp_path / "x.png"
+    assert main(["compress", str(image), "--label", str(label), "--model", str(model), "-o", str(out)]) == 0
+    assert len(read_container(out).correction_gains or ()) == 5
+    capsys.readouterr()
+    other = str(work / "model.safetensors")
+    assert main(["decompress", str(out), "-o", str(png), "--model", other, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "carries 5 correction gains" in err and "takes no correction gains" in err
+    assert not png.exists()
 
 
 def test_model_for_another_quality_refused(work: Path, tmp_path: Path, capsys) -> None:
@@ -336,6 +356,19 @@ def test_tiled_matches_untiled_within_tolerance(cityscapes_root: Path, tmp_path:
     if norm == "batch":  # no statistics of its own: only the receptive field is cut at the seams
         assert diff.max() <= 1
     assert not any(m._forward_hooks for m in generator.modules())  # the statistics hooks are gone
+    # per-part gains: fitted over the tiles (each pixel weighted by its tile's share), passed to every tile
+    gained = dataclasses.replace(spec, correction_scale="channels")
+    codes = fit_gains(generator, gained, rgb, decoded, ids)
+    assert fit_gains_tiled(generator, gained, rgb, decoded, ids, tile=512, overlap=64) == codes
+    tiled_codes = fit_gains_tiled(generator, gained, rgb, decoded, ids, tile=256, overlap=64)
+    # equal on this machine for both norms; a code of rounding is left to other platforms
+    assert max(abs(a - b) for a, b in zip(codes, tiled_codes, strict=True)) <= 1
+    whole = enhance_image(generator, gained, decoded, ids, gains=codes)
+    tiled = enhance_tiled(generator, gained, decoded, ids, tile=256, overlap=64, gains=codes)
+    diff = np.abs(tiled.astype(np.int16) - whole.astype(np.int16))
+    assert diff.mean() <= TILE_TOLERANCE["mean"] and np.percentile(diff, 99.9) <= TILE_TOLERANCE["p999"]
+    assert not np.array_equal(whole, enhance_image(generator, spec, decoded, ids))  # the gains do act
+    assert not any(m._forward_hooks for m in generator.modules())
 
 
 def test_folder_mode(work: Path, tmp_path: Path, capsys) -> None:

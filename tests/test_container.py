@@ -70,8 +70,35 @@ def test_a_correction_scale_is_written_as_version_3_and_read_back() -> None:
     at = len(plain) - 4 - len(_container().codec_bitstream) - len(_container().label_bitstream) - 8
     assert scaled[at : at + 2] == bytes([1, 7])
     two_bytes = scaled[:at] + bytes([2, 7, 7]) + scaled[at + 2 : -4]
-    with pytest.raises(ContainerError, match="correction scale must be 0 or 1 bytes"):
+    with pytest.raises(ContainerError, match="a version 3 correction scale is 0 or 1 bytes, got 2"):
         parse(_with_crc(two_bytes))
+
+
+def test_correction_gains_are_written_as_version_5_and_read_back() -> None:
+    """model.correction_scale=channels: one code per part of the correction head, in version 3's field."""
+    plain = pack(_container())
+    gains = (0, 192, 128, 255, 7)
+    for withheld in (False, True):
+        fields = {"label_coder": "none", "label_bitstream": b""} if withheld else {}
+        c = _container(correction_gains=list(gains), **fields)
+        data = pack(c)
+        assert data[len(MAGIC)] == FORMAT_VERSION == 5 and c.correction_gains == gains
+        assert parse(data) == c and parse(data).correction_scale is None and c.map_withheld == withheld
+    data = pack(_container(correction_gains=gains))
+    assert len(data) == len(plain) + 1 + len(gains)  # its length byte and the codes
+    at = len(plain) - 4 - len(_container().codec_bitstream) - len(_container().label_bitstream) - 8
+    assert data[at : at + 1 + len(gains)] == bytes([len(gains), *gains])
+    with pytest.raises(ContainerError, match="a correction scale or correction gains, not both"):
+        _container(correction_scale=3, correction_gains=gains)
+    with pytest.raises(ContainerError, match="must be 2 to 255 codes in 0..255, got 1"):
+        _container(correction_gains=(3,))
+    with pytest.raises(ContainerError, match="must be 2 to 255 codes in 0..255"):
+        _container(correction_gains=(3, 256))
+    as_four = data[: len(MAGIC)] + bytes([4]) + data[len(MAGIC) + 1 : -4]
+    with pytest.raises(ContainerError, match="a version 4 correction scale is 0 or 1 bytes, got 5"):
+        parse(_with_crc(as_four))
+    with pytest.raises(ContainerError, match="truncated container: correction scale needs 5 bytes"):
+        parse(_with_crc(data[: at + 1]))
 
 
 def test_a_file_without_a_label_map_is_version_4_and_older_versions_refuse_one() -> None:
@@ -80,7 +107,7 @@ def test_a_file_without_a_label_map_is_version_4_and_older_versions_refuse_one()
     for code in (None, 9):
         c = _container(label_coder="none", label_bitstream=b"", correction_scale=code)
         data = pack(c)
-        assert data[len(MAGIC)] == FORMAT_VERSION == 4 and c.map_withheld
+        assert data[len(MAGIC)] == 4 and c.map_withheld
         assert parse(data) == c and parse(data).correction_scale == code
         assert c.bpp()["label"] == 0.0
     assert not _container().map_withheld

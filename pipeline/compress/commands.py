@@ -9,7 +9,9 @@ the reference (a different sha256 is refused unless ``--force``) and runs the on
 (:func:`pipeline.model.inference.enhance_image`), in overlapping tiles for frames larger than a tile
 (:mod:`pipeline.compress.tiling`), on the GPU when there is one. A generator with
 ``model.correction_scale: frame`` runs at compression too: the file then carries the encoder's scale of its
-correction (one byte, :mod:`pipeline.model.correction_scale`), which decompression applies.
+correction (one byte, :mod:`pipeline.model.correction_scale`), which decompression applies; with
+``channels`` the gains of its correction head's parts (``ngf + 1`` bytes, format version 5, fitted over the
+tiles decompression uses), which decompression runs the generator with.
 
 ``--send-map rd`` (with ``--model``): the encoder enhances its decoded image with the label map and on zero
 semantics, and sends the map only where the squared error it removes is worth more than its bits spent on
@@ -53,8 +55,15 @@ from pipeline.compress.container import (
     pack,
     read_container,
 )
-from pipeline.compress.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, enhance_tiled
-from pipeline.model.correction_scale import apply_code, scaled, sends_scale
+from pipeline.compress.tiling import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    check_tiling,
+    enhance_tiled,
+    fit_gains_tiled,
+)
+from pipeline.model.correction_scale import apply_code, gain_count, scaled, sends_gains, sends_scale
+from pipeline.model.inference import Decoded
 from pipeline.model.inputs import class_map
 from pipeline.model.map_choice import choose_map, codec_slope
 
@@ -217,8 +226,9 @@ def compress_image(
     With ``segmenter`` (label source ``decoder``) no label map is read (``label_path`` is ignored): the
     container records the segmenter's sha256 and carries no label stream. With ``encoder`` (label source
     ``encoder``) the coded map is that segmenter's prediction on the image, not ``label_path``. For a
-    ``model`` that scales its correction per frame (``model.correction_scale: frame``) the encoder decodes
-    its own streams, enhances them as ``decompress`` does (default tiles) and records the scale code. With
+    ``model`` that scales its correction per frame (``model.correction_scale: frame`` or ``channels``) the
+    encoder decodes its own streams, enhances them as ``decompress`` does (default tiles) and records the
+    scale code or the gain codes. With
     ``send_map="rd"`` the encoder also enhances them on zero semantics and keeps the label map only where it
     pays (:func:`pipeline.model.map_choice.choose_map`; the file then has no label map)."""
     from pipeline.data.codecs import LabelCoder, get_codec
@@ -249,8 +259,8 @@ def compress_image(
             "label_bitstream": coder.encode(label),
         }
         received = coder.reconstruct(label)
-    scale = None
-    if model is not None and (sends_scale(model.spec) or choosing):
+    scale, gains = None, None
+    if model is not None and (sends_scale(model.spec) or sends_gains(model.spec) or choosing):
         decoded = coder_of_codec.decode(codec_bitstream)
         if segmenter is not None:
             received = segmenter.label_ids(decoded)
@@ -261,10 +271,10 @@ def compress_image(
             without = _decoder_output(blind, rgb, decoded, np.zeros_like(received), quality)
             slope = codec_slope(coder_of_codec, rgb, quality, decoded, 8 * len(codec_bitstream))
             map_bits = 8 * len(coded["label_bitstream"])
-            if not choose_map(rgb, enhanced[0], without[0], map_bits, slope).sent:
+            if not choose_map(rgb, enhanced.image, without.image, map_bits, slope).sent:
                 enhanced = without
                 coded = NO_LABEL_MAP
-        scale = enhanced[1]
+        scale, gains = enhanced.scale, enhanced.gains
     container = Container(
         codec=codec,
         quality=quality,
@@ -274,6 +284,7 @@ def compress_image(
         model=model.ref if model is not None else ModelRef(),
         segmenter=segmenter.sha256 if segmenter is not None else "",
         correction_scale=scale,
+        correction_gains=gains,
         **coded,
     )
     write_atomic(out, pack(container))
@@ -301,11 +312,15 @@ def _choosing(send_map: str, model: Model | None, segmenter: LoadedSegmenter | N
 
 def _decoder_output(
     model: Model, original: np.ndarray, decoded: np.ndarray, label: np.ndarray, quality: int
-) -> tuple[np.ndarray, int | None]:
-    """What ``decompress`` writes for this frame (default tiles), with the correction scale the encoder then
-    sends (``None``: the model sends none)."""
+) -> Decoded:
+    """What ``decompress`` writes for this frame (default tiles), with the correction scale or gains the
+    encoder then sends."""
+    if sends_gains(model.spec):
+        gains = fit_gains_tiled(model.generator, model.spec, original, decoded, label, quality)
+        enhanced = enhance_tiled(model.generator, model.spec, decoded, label, quality, gains=gains)
+        return Decoded(enhanced, gains=gains)
     enhanced = enhance_tiled(model.generator, model.spec, decoded, label, quality)
-    return scaled(model.spec, original, decoded, enhanced)
+    return Decoded(*scaled(model.spec, original, decoded, enhanced))
 
 
 def decode_container(
@@ -427,8 +442,14 @@ def decompress_file(
         assert label is not None  # decoded, predicted or zero
         _check_labels(label, used)
         check_tiling(spec, tile, overlap)
+        gains = container.correction_gains
+        if gains is not None and len(gains) != gain_count(spec):
+            wanted = f"{gain_count(spec)} correction gains" if sends_gains(spec) else "no correction gains"
+            raise CompressError(
+                f"{path}: carries {len(gains)} correction gains; model {origin} takes {wanted}"
+            )
         enhanced = enhance_tiled(
-            used.generator, spec, rgb, label, container.quality, tile=tile, overlap=overlap
+            used.generator, spec, rgb, label, container.quality, tile=tile, overlap=overlap, gains=gains
         )
         code = container.correction_scale
         rgb = enhanced if code is None else apply_code(rgb, enhanced, code)

@@ -7,8 +7,8 @@ bytes   field                      value
 ======  =========================  ==============================================================
 8       magic                      ``\\x89JSE\\r\\n\\x1a\\n`` (a PNG-style signature: catches text-mode
                                    transfers and truncation at the first bytes)
-1       format version             2; 3 with a correction scale; 4 without a label map
-                                   (:data:`FORMAT_VERSION`: the newest)
+1       format version             2; 3 with a correction scale; 4 without a label map; 5 with
+                                   correction gains (:data:`FORMAT_VERSION`: the newest)
 str8    codec                      registered codec name (``hevc``), ASCII ``[a-z0-9_]``
 2       quality                    on the codec's own scale (checked against it)
 4 + 4   width, height              the image size in pixels, each ``1..MAX_SIDE``, product ``<= MAX_PIXELS``
@@ -21,8 +21,10 @@ str8    model sha256               0 or 32 bytes: sha256 of the exported generat
 str8    segmenter sha256           (version 2) 0 or 32 bytes: with 32, the label map is the prediction of
                                    the segmenter file of this sha256 on the decoded image (label source
                                    ``decoder``): label coder ``none``, down-sampling 1, no label bitstream
-1 + n   correction scale           (version 3 and 4) 0 or 1 bytes: with 1, the code of the encoder's scale
-                                   of the generator's correction (:mod:`pipeline.model.correction_scale`)
+1 + n   correction scale           (version 3 to 5) 0 or 1 bytes: with 1, the code of the encoder's scale
+                                   of the generator's correction (:mod:`pipeline.model.correction_scale`);
+                                   (version 5) 2 to 255 bytes: the codes of the encoder's gains of the
+                                   correction head's parts
 4 + 4   codec / label lengths      byte lengths of the two bitstreams
 n       codec bitstream            exactly what the codec's ``decode`` takes
 n       label bitstream            exactly what :class:`~pipeline.data.codecs.LabelCoder` ``decode`` takes
@@ -39,8 +41,8 @@ encoder chose not to send the map (``compress --send-map rd``, :mod:`pipeline.mo
 decoder runs the generator on zero semantics. A reader of versions 1-3 refuses such a file by its version.
 
 Version 1 files (no segmenter field: ground-truth label maps, coded) still read. This code writes the
-oldest version that holds the content: 4 for a file without a label map, 3 for one with a correction
-scale, else 2 (the bytes it always wrote).
+oldest version that holds the content: 5 for a file with correction gains, 4 for one without a label map,
+3 for one with a correction scale, else 2 (the bytes it always wrote).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"\x89JSE\r\n\x1a\n"
-FORMAT_VERSION = 4  # the newest version this code reads and writes
-READ_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # the newest version this code reads and writes
+READ_VERSIONS = (1, 2, 3, 4, 5)
 MAX_SIDE = 1 << 16  # pixels per side
 MAX_PIXELS = 1 << 28  # 268 Mpixels: about 800 MB as RGB, the most a decoder is asked to allocate
 MAX_DOWNSAMPLE = 64
@@ -119,6 +121,7 @@ class Container:
     model: ModelRef = ModelRef()
     segmenter: str = ""  # sha256 of the segmenter predicting the label map at the decoder; empty: coded map
     correction_scale: int | None = None  # the encoder's scale code (0..255); None: the generator's output
+    correction_gains: tuple[int, ...] | None = None  # the encoder's gain codes (2..255 of 0..255 each)
 
     def __post_init__(self) -> None:
         if not _CODEC_NAME.match(self.codec):
@@ -160,6 +163,13 @@ class Container:
             )
         if self.correction_scale is not None and not 0 <= self.correction_scale <= 0xFF:
             raise ContainerError(f"correction scale code {self.correction_scale} is outside 0..255")
+        if self.correction_gains is not None:
+            object.__setattr__(self, "correction_gains", tuple(self.correction_gains))
+            gains = self.correction_gains
+            if self.correction_scale is not None:
+                raise ContainerError("a file carries a correction scale or correction gains, not both")
+            if not 2 <= len(gains) <= 0xFF or not all(0 <= g <= 0xFF for g in gains):
+                raise ContainerError(f"correction gains must be 2 to 255 codes in 0..255, got {len(gains)}")
         if not self.codec_bitstream or not (self.label_bitstream or self.label_coder == NO_LABEL_CODER):
             raise ContainerError("empty codec or label bitstream")
 
@@ -177,6 +187,8 @@ class Container:
     @property
     def version(self) -> int:
         """The oldest format version that holds this content (what :func:`pack` writes)."""
+        if self.correction_gains is not None:
+            return 5
         return 4 if self.map_withheld else 3 if self.correction_scale is not None else 2
 
     @property
@@ -209,8 +221,9 @@ def pack(container: Container) -> bytes:
         raise ContainerError("a bitstream larger than 4 GiB does not fit the container")
     sha = bytes.fromhex(m.sha256)
     segmenter = bytes.fromhex(c.segmenter)
-    # version 3's field: its length (0 or 1) and the code; a version 2 file has no such field
-    scale = b"" if c.version < 3 else bytes([0] if c.correction_scale is None else [1, c.correction_scale])
+    # version 3's field: its length and the codes (one scale, or version 5's gains); version 2 has none
+    codes = [c.correction_scale] if c.correction_scale is not None else list(c.correction_gains or ())
+    scale = b"" if c.version < 3 else bytes([len(codes), *codes])
     body = b"".join(
         [
             MAGIC,
@@ -290,12 +303,16 @@ def parse(data: bytes) -> Container:
         if seg_len not in (0, 32):
             raise ContainerError(f"segmenter sha256 must be 0 or 32 bytes, got {seg_len}")
         segmenter = r.take(seg_len, "segmenter sha256").hex()
-    correction_scale = None
+    correction_scale, correction_gains = None, None
     if version >= 3:
         scale_len = r.uint(">B", "correction scale length")
-        if scale_len not in (0, 1):
-            raise ContainerError(f"correction scale must be 0 or 1 bytes, got {scale_len}")
-        correction_scale = r.uint(">B", "correction scale") if scale_len else None
+        if scale_len > 1 and version < 5:
+            raise ContainerError(f"a version {version} correction scale is 0 or 1 bytes, got {scale_len}")
+        codes = r.take(scale_len, "correction scale")
+        if scale_len == 1:
+            correction_scale = codes[0]
+        elif scale_len:
+            correction_gains = tuple(codes)
     codec_len, label_len = r.uint(">I", "codec length"), r.uint(">I", "label length")
     codec_bitstream = r.take(codec_len, "codec bitstream")
     label_bitstream = r.take(label_len, "label bitstream")
@@ -319,6 +336,7 @@ def parse(data: bytes) -> Container:
         model=ModelRef(name, model_version, sha),
         segmenter=segmenter,
         correction_scale=correction_scale,
+        correction_gains=correction_gains,
     )
 
 

@@ -5,7 +5,8 @@ its output is exactly evaluation's. A larger frame is cut into tiles of at most 
 that overlap by ``overlap`` pixels; each tile runs through :func:`~pipeline.model.inference.enhance_batch`
 and the tiles are blended in the network's float range with weights that ramp linearly across each
 overlap (a pixel away from any seam has weight 1 in its one tile), then quantised as ``enhance_image``
-does.
+does. The encoder of per-part gains (``model.correction_scale: channels``) fits them over the same tiles
+(:func:`fit_gains_tiled`), and the decoder passes them to every tile.
 
 Instance norm (pix2pixHD's default) normalises with the statistics of what it sees: run tile by tile, each
 tile would be normalised by its own, and the seams and colours drift. So for an instance-norm generator
@@ -20,14 +21,16 @@ Tiled output is not bit-exact with untiled output; :data:`TILE_TOLERANCE` is wha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.model.inference import enhance_batch, enhance_image
+from pipeline.model.correction_scale import GainFit, check_gain_codes, gain_count, gains_of
+from pipeline.model.inference import correction_parts, enhance_batch, enhance_image, fit_gains, to_network
 from pipeline.model.spec import GeneratorSpec
 
 DEFAULT_TILE = 1024
@@ -125,6 +128,91 @@ class _FrameNorms:
             handle.remove()
 
 
+class _Tile(NamedTuple):
+    top: int
+    bottom: int
+    left: int
+    right: int
+    weight: np.ndarray  # the tile's blend weights
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(image[self.top : self.bottom, self.left : self.right])
+
+
+class _FrameTiles:
+    """A large frame's tiles with their blend weights, and (for instance norm) the frame statistics every
+    tile is normalised with, gathered on entry (:class:`_FrameNorms`)."""
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        spec: GeneratorSpec,
+        decoded: np.ndarray,
+        label: np.ndarray,
+        quality: int | None,
+        tile: int,
+        overlap: int,
+    ) -> None:
+        self.generator, self.spec, self.decoded, self.label, self.quality = (
+            generator,
+            spec,
+            decoded,
+            label,
+            quality,
+        )
+        height, width = label.shape
+        self.tiles = []
+        for top in tile_starts(height, tile, overlap):
+            bottom = min(top + tile, height)
+            for left in tile_starts(width, tile, overlap):
+                right = min(left + tile, width)
+                weight = (
+                    _ramp(top, bottom, height, overlap)[:, None] * _ramp(left, right, width, overlap)[None, :]
+                )
+                self.tiles.append(_Tile(top, bottom, left, right, weight))
+        self.weights = np.zeros((height, width), np.float32)
+        for t in self.tiles:
+            self.weights[t.top : t.bottom, t.left : t.right] += t.weight
+        self.norms: _FrameNorms | None = None
+
+    def share(self, t: _Tile) -> np.ndarray:
+        """The tile's weight over every tile's at each pixel: the shares of all tiles sum to 1."""
+        return t.weight / self.weights[t.top : t.bottom, t.left : t.right]
+
+    def inputs(self, t: _Tile) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:func:`~pipeline.model.inference.enhance_batch`'s ``label``, ``decoded``, ``edge`` of a tile."""
+        lab = torch.from_numpy(t.crop(self.label).astype(np.int64))[None]
+        edge = torch.zeros(1, 1, *lab.shape[-2:]) if self.spec.use_instance else None
+        return lab, to_network(t.crop(self.decoded)), edge
+
+    def run(self, t: _Tile, gains: Tensor | None = None) -> Tensor:
+        lab, dec, edge = self.inputs(t)
+        return enhance_batch(self.generator, self.spec, lab, dec, edge, self.quality, gains)[0].clamp(-1, 1)
+
+    def __enter__(self) -> _FrameTiles:
+        if self.spec.norm != "instance":
+            return self
+        self.norms = _FrameNorms(self.generator)
+        try:
+            stride = 2**self.spec.n_downsample
+            while self.norms.gathering:
+                for t in self.tiles:
+                    h, w = t.weight.shape
+                    share = torch.from_numpy(self.share(t))
+                    self.norms.share = F.pad(share, (0, -w % stride, 0, -h % stride))[None, None]
+                    with contextlib.suppress(_Stop):
+                        self.run(t)
+                self.norms.freeze()
+        except BaseException:
+            self.norms.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.norms is not None:
+            self.norms.remove()
+
+
 def enhance_tiled(
     generator: nn.Module,
     spec: GeneratorSpec,
@@ -134,51 +222,50 @@ def enhance_tiled(
     *,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
+    gains: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Enhance one uint8 ``H x W x 3`` frame with its ``H x W`` label map (coded at ``quality``, which a
     ``quality_input`` model needs), in tiles when it is larger than ``tile`` pixels on a side (see the
-    module docstring); returns uint8 ``H x W x 3``."""
+    module docstring), with the encoder's ``gains`` codes (``model.correction_scale: channels``); returns
+    uint8 ``H x W x 3``."""
     check_tiling(spec, tile, overlap)
     height, width = label.shape
     if height <= tile and width <= tile:
-        return enhance_image(generator, spec, decoded, label, quality=quality)
-    stride = 2**spec.n_downsample
-    tiles = []
-    for top in tile_starts(height, tile, overlap):
-        bottom = min(top + tile, height)
-        for left in tile_starts(width, tile, overlap):
-            right = min(left + tile, width)
-            weight = (
-                _ramp(top, bottom, height, overlap)[:, None] * _ramp(left, right, width, overlap)[None, :]
-            )
-            tiles.append((top, bottom, left, right, weight))
-    weights = np.zeros((height, width), np.float32)
-    for top, bottom, left, right, weight in tiles:
-        weights[top:bottom, left:right] += weight
-
-    def run(top: int, bottom: int, left: int, right: int) -> Tensor:
-        dec = torch.from_numpy(np.ascontiguousarray(decoded[top:bottom, left:right]))
-        dec = dec.permute(2, 0, 1)[None].float().div(127.5).sub(1)
-        lab = torch.from_numpy(label[top:bottom, left:right].astype(np.int64))[None]
-        edge = torch.zeros(1, 1, *lab.shape[-2:]) if spec.use_instance else None
-        return enhance_batch(generator, spec, lab, dec, edge, quality)[0].clamp(-1, 1)
-
-    norms = _FrameNorms(generator) if spec.norm == "instance" else None
-    try:
-        while norms is not None and norms.gathering:
-            for top, bottom, left, right, weight in tiles:
-                share = weight / weights[top:bottom, left:right]
-                h, w = share.shape
-                norms.share = F.pad(torch.from_numpy(share), (0, -w % stride, 0, -h % stride))[None, None]
-                with contextlib.suppress(_Stop):
-                    run(top, bottom, left, right)
-            norms.freeze()
-        total = np.zeros((height, width, 3), np.float32)
-        for top, bottom, left, right, weight in tiles:
-            out = run(top, bottom, left, right).permute(1, 2, 0).cpu().numpy()
-            total[top:bottom, left:right] += out * weight[..., None]
-    finally:
-        if norms is not None:
-            norms.remove()
-    blended = torch.from_numpy(total / weights[..., None])
+        return enhance_image(generator, spec, decoded, label, quality=quality, gains=gains)
+    factors = None if gains is None else gains_of(check_gain_codes(gains, gain_count(spec)))[None]
+    total = np.zeros((height, width, 3), np.float32)
+    with _FrameTiles(generator, spec, decoded, label, quality, tile, overlap) as frame:
+        for t in frame.tiles:
+            out = frame.run(t, factors).permute(1, 2, 0).cpu().numpy()
+            total[t.top : t.bottom, t.left : t.right] += out * t.weight[..., None]
+        blended = torch.from_numpy(total / frame.weights[..., None])
     return blended.clamp(-1, 1).add(1).mul(127.5).round().byte().numpy()
+
+
+def fit_gains_tiled(
+    generator: nn.Module,
+    spec: GeneratorSpec,
+    original: np.ndarray,
+    decoded: np.ndarray,
+    label: np.ndarray,
+    quality: int | None = None,
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+) -> tuple[int, ...]:
+    """The gain codes the encoder sends for a frame that :func:`enhance_tiled` decodes: untiled
+    :func:`pipeline.model.inference.fit_gains` for a frame within one tile; for a larger one, each tile's
+    parts fitted with its share of the overlaps as pixel weights (the blend of the tiles' outputs, up to
+    their clipping)."""
+    check_tiling(spec, tile, overlap)
+    height, width = label.shape
+    if height <= tile and width <= tile:
+        return fit_gains(generator, spec, original, decoded, label, quality=quality)
+    fit = GainFit(gain_count(spec))
+    with _FrameTiles(generator, spec, decoded, label, quality, tile, overlap) as frame:
+        for t in frame.tiles:
+            lab, dec, edge = frame.inputs(t)
+            parts = correction_parts(generator, spec, lab, dec, edge, quality)[0]
+            residual = (to_network(t.crop(original)) - dec)[0].to(parts.device)
+            fit.add(parts, residual, torch.from_numpy(frame.share(t)))
+    return fit.codes()

@@ -205,10 +205,12 @@ def example_input(spec: GeneratorSpec, batch: int = 1) -> dict[str, np.ndarray]:
         from pipeline.data.codecs.base import codec_class
 
         inputs["quality"] = np.full(batch, codec_class(str(spec.codec)).quality_range[0], np.int64)
-    from pipeline.model.correction_scale import SCALE_UNIT, sends_scale
+    from pipeline.model.correction_scale import GAIN_UNIT, GAIN_ZERO, SCALE_UNIT, gain_count, sends_scale
 
     if sends_scale(spec):
         inputs["correction_scale"] = np.full(batch, SCALE_UNIT, np.int64)
+    if gain_count(spec):
+        inputs["correction_gains"] = np.full((batch, gain_count(spec)), GAIN_ZERO + GAIN_UNIT, np.int64)
     return inputs
 
 
@@ -218,20 +220,36 @@ def predict(generator: nn.Module, spec: GeneratorSpec, inputs: Mapping[str, np.n
     ``B x 1 x H x W`` (with instances), ``quality`` int ``B`` (the codec quality of each frame, for a
     ``quality_input`` model), ``correction_scale`` int ``B`` (each frame's code from its encoder, for a
     model with ``correction_scale: frame``; :mod:`pipeline.model.correction_scale`, applied here in float,
-    within a grey level of the decoder's uint8 output). Returns the enhanced image, float32
-    ``B x 3 x H x W`` in [-1, 1]."""
-    from pipeline.model.correction_scale import apply_codes, sends_scale
+    within a grey level of the decoder's uint8 output), ``correction_gains`` int ``B x (ngf + 1)`` (each
+    frame's gain codes, for a model with ``correction_scale: channels``). Returns the enhanced image,
+    float32 ``B x 3 x H x W`` in [-1, 1]."""
+    from pipeline.model.correction_scale import (
+        apply_codes,
+        check_gain_codes,
+        gain_count,
+        gains_of,
+        sends_scale,
+    )
     from pipeline.model.inference import enhance_batch
 
-    scales = sends_scale(spec)
+    scales, count = sends_scale(spec), gain_count(spec)
     needed = ["label", "decoded"] + ["edge"] * spec.use_instance + ["quality"] * bool(spec.quality_input)
-    needed += ["correction_scale"] * scales
+    needed += ["correction_scale"] * scales + ["correction_gains"] * bool(count)
     missing = [k for k in needed if k not in inputs]
     if missing:
         raise ValueError(f"generator input lacks {missing}; it takes {needed}")
     edge = inputs["edge"] if spec.use_instance else None
     quality = inputs["quality"] if spec.quality_input else None
-    out = enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge, quality).cpu().numpy()
+    gains = None
+    if count:
+        codes = check_gain_codes(inputs["correction_gains"], count)
+        if codes.shape != (len(inputs["decoded"]), count):
+            raise ValueError(
+                f"correction_gains must be {len(inputs['decoded'])} x {count}, got {codes.shape}"
+            )
+        gains = gains_of(codes)
+    out = enhance_batch(generator, spec, inputs["label"], inputs["decoded"], edge, quality, gains)
+    out = out.cpu().numpy()
     if not scales:
         return out
     return apply_codes(np.asarray(inputs["decoded"], np.float32), out, inputs["correction_scale"])
