@@ -105,10 +105,9 @@ QUALITIES = [32, 37, 42, 47]
 # trained on frankfurt over-correct other cities, most at QP 32 (the table's scale column; on munster,
 # codec-SE's exported step +0.168 and +0.140 dB over HEVC with it, seeds 0 and 1, against +0.143 and +0.123
 # without). Since run 25 the encoder sends a gain per part of the correction head instead (ngf + 1 = 17
-# bytes a frame, model.correction_scale=channels): on munster, with run 23's exports and the side bits not
-# counted, codec-SE +0.227 / +0.196 / +0.204 / +0.190 dB over HEVC at QP 32 / 37 / 42 / 47 against
-# +0.194 / +0.172 / +0.160 / +0.165 with the one scale, the ablation +0.233 / +0.214 / +0.228 / +0.225
-# against +0.171 / +0.149 / +0.149 / +0.182.
+# bytes a frame, model.correction_scale=channels), chosen on munster only: a throwaway least-squares fit on
+# run 23's exports found it 0.02-0.08 dB ahead of the one scale for both models at every QP (figures in
+# issue 7's notes, not reproducible from this repository, so not quoted here).
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
