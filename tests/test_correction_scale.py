@@ -114,7 +114,7 @@ def test_scaled_follows_the_spec() -> None:
 
 
 def test_validation_scores_what_the_decoder_outputs() -> None:
-    """A generator that over-corrects loses to the codec unscaled; scaled per frame, it does not."""
+    """A generator that over-corrects loses to the codec unscaled; scaled or gained per frame, it does not."""
     torch.manual_seed(0)
     generator, _ = build_models(TINY, LABEL_NC, use_instance=False)
     with torch.no_grad():
@@ -126,11 +126,11 @@ def test_validation_scores_what_the_decoder_outputs() -> None:
         samples.append(EvalSample(f"k{seed}", original, label, None, decoded={42: decoded}))
     data = DatasetInfo(label_nc=LABEL_NC, use_instance=False)
     deltas = {}
-    for scale in ("none", "frame"):
+    for scale in ("none", "frame", "channels"):  # channels: tests/test_correction_gains.py
         cfg = JobConfig()
         cfg.model, cfg.loader.quality = dataclasses.replace(TINY, correction_scale=scale), 42  # type: ignore[arg-type]
         deltas[scale] = Validator(cfg, data, samples)(generator)["delta_psnr"]
-    assert deltas["none"] < -1.0 and deltas["frame"] > -0.05
+    assert deltas["none"] < -1.0 and deltas["frame"] > -0.05 and deltas["channels"] > -0.05
 
 
 def test_the_registry_pyfunc_takes_each_frames_code(tmp_path: Path) -> None:
