@@ -155,7 +155,12 @@ class Generator(nn.Module):
             correction = self.correction(features)
         else:  # the sum of the gained parts, in one convolution of the gained features
             pad, conv = self.correction
-            part_gains = self._checked(gains, features).to(features.dtype)[:, :, None, None]
+            expected = (features.shape[0], features.shape[1] + 1)
+            if tuple(gains.shape) != expected:
+                raise ValueError(
+                    f"correction gains must be {expected[0]} x {expected[1]}, got {tuple(gains.shape)}"
+                )
+            part_gains = gains.to(features.device, features.dtype)[:, :, None, None]
             correction = F.conv2d(pad(features * part_gains[:, :-1]), conv.weight)
             correction = correction + conv.bias.view(1, -1, 1, 1) * part_gains[:, -1:]
         return (decoded + correction.to(decoded.dtype)).clamp(-1.0, 1.0)
@@ -166,11 +171,11 @@ class Generator(nn.Module):
             x = layer(x)
         return x
 
-    def correction_parts(self, features: Tensor, gains: Tensor | None = None) -> Tensor:
+    def correction_parts(self, features: Tensor) -> Tensor:
         """The correction head's output split by what it reads: ``B x (ngf + 1) x 3 x H x W``, the
-        contribution of each trunk channel and, last, the bias. They sum to the correction, so per-frame
-        ``gains`` (``B x (ngf + 1)``, each part's factor; :mod:`pipeline.model.correction_scale`) are a
-        linear least-squares fit for an encoder that holds the original."""
+        contribution of each trunk channel and, last, the bias. They sum to the correction, so the per-frame
+        gains of ``forward`` (each part's factor; :mod:`pipeline.model.correction_scale`) are a linear
+        least-squares fit for an encoder that holds the original."""
         if self.correction is None:
             raise ValueError("correction_parts needs a residual generator")
         pad, conv = self.correction
@@ -179,19 +184,7 @@ class Generator(nn.Module):
         weight = conv.weight.transpose(0, 1).reshape(ngf * IMAGE_CHANNELS, 1, *conv.weight.shape[2:])
         parts = F.conv2d(pad(features), weight, groups=ngf).unflatten(1, (ngf, IMAGE_CHANNELS))
         bias = conv.bias.view(1, 1, IMAGE_CHANNELS, 1, 1).expand(batch, 1, -1, *parts.shape[-2:])
-        parts = torch.cat([parts, bias], 1)
-        if gains is None:
-            return parts
-        return parts * self._checked(gains, features).to(parts.dtype).view(batch, ngf + 1, 1, 1, 1)
-
-    @staticmethod
-    def _checked(gains: Tensor, features: Tensor) -> Tensor:
-        expected = (features.shape[0], features.shape[1] + 1)
-        if tuple(gains.shape) != expected:
-            raise ValueError(
-                f"correction gains must be {expected[0]} x {expected[1]}, got {tuple(gains.shape)}"
-            )
-        return gains.to(features.device)
+        return torch.cat([parts, bias], 1)
 
 
 def zero_correction(generator: Generator) -> None:
