@@ -59,10 +59,10 @@ from pipeline.compress.tiling import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
     check_tiling,
+    decoder_output_tiled,
     enhance_tiled,
-    fit_gains_tiled,
 )
-from pipeline.model.correction_scale import apply_code, gain_count, scaled, sends_gains, sends_scale
+from pipeline.model.correction_scale import apply_code, gain_count, sends_gains, sends_scale
 from pipeline.model.inference import Decoded
 from pipeline.model.inputs import class_map
 from pipeline.model.map_choice import choose_map, codec_slope
@@ -315,12 +315,7 @@ def _decoder_output(
 ) -> Decoded:
     """What ``decompress`` writes for this frame (default tiles), with the correction scale or gains the
     encoder then sends."""
-    if sends_gains(model.spec):
-        gains = fit_gains_tiled(model.generator, model.spec, original, decoded, label, quality)
-        enhanced = enhance_tiled(model.generator, model.spec, decoded, label, quality, gains=gains)
-        return Decoded(enhanced, gains=gains)
-    enhanced = enhance_tiled(model.generator, model.spec, decoded, label, quality)
-    return Decoded(*scaled(model.spec, original, decoded, enhanced))
+    return decoder_output_tiled(model.generator, model.spec, original, decoded, label, quality)
 
 
 def decode_container(

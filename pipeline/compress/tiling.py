@@ -29,8 +29,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.model.correction_scale import GainFit, check_gain_codes, gain_count, gains_of
-from pipeline.model.inference import correction_parts, enhance_batch, enhance_image, fit_gains, to_network
+from pipeline.model.correction_scale import (
+    GainFit,
+    check_gain_codes,
+    gain_count,
+    gains_of,
+    scaled,
+    sends_gains,
+)
+from pipeline.model.inference import (
+    Decoded,
+    decoder_output,
+    enhance_batch,
+    enhance_image,
+    fit_gains,
+    fit_region,
+    to_network,
+)
 from pipeline.model.spec import GeneratorSpec
 
 DEFAULT_TILE = 1024
@@ -265,7 +280,26 @@ def fit_gains_tiled(
     with _FrameTiles(generator, spec, decoded, label, quality, tile, overlap) as frame:
         for t in frame.tiles:
             lab, dec, edge = frame.inputs(t)
-            parts = correction_parts(generator, spec, lab, dec, edge, quality)[0]
-            residual = (to_network(t.crop(original)) - dec)[0].to(parts.device)
-            fit.add(parts, residual, torch.from_numpy(frame.share(t)))
+            share = torch.from_numpy(frame.share(t))
+            fit_region(fit, generator, spec, to_network(t.crop(original)), lab, dec, edge, quality, share)
     return fit.codes()
+
+
+def decoder_output_tiled(
+    generator: nn.Module,
+    spec: GeneratorSpec,
+    original: np.ndarray,
+    decoded: np.ndarray,
+    label: np.ndarray,
+    quality: int | None = None,
+) -> Decoded:
+    """What ``decompress`` writes for a frame with the default tiles, and the scale or gains its encoder
+    sends: :func:`pipeline.model.inference.decoder_output` (evaluation's) for a frame within one tile."""
+    height, width = label.shape
+    if height <= DEFAULT_TILE and width <= DEFAULT_TILE:
+        return decoder_output(generator, spec, original, decoded, label, quality=quality)
+    if sends_gains(spec):
+        gains = fit_gains_tiled(generator, spec, original, decoded, label, quality)
+        return Decoded(enhance_tiled(generator, spec, decoded, label, quality, gains=gains), gains=gains)
+    enhanced = enhance_tiled(generator, spec, decoded, label, quality)
+    return Decoded(*scaled(spec, original, decoded, enhanced))

@@ -20,7 +20,8 @@ or the numbers that chose a model would describe another one. The rules, all fro
 Two entry points: :func:`enhance_batch` for tensors or arrays in the network's range ([-1, 1]), and
 :func:`enhance_image` for one uint8 RGB frame with its label (and instance) map. :func:`decoder_output`
 adds the encoder's side of ``model.correction_scale`` (it holds the original): the frame's scale, or the
-gains of the correction head's parts (:func:`fit_gains`), and the image the decoder makes with them.
+gains of the correction head's parts (:func:`fit_gains`, :func:`fit_region`), and the image the decoder
+makes with them.
 """
 
 from __future__ import annotations
@@ -120,21 +121,29 @@ def enhance_batch(
         return generator(x, synthesis=spec.uses_synthesis, gains=gains)[..., :height, :width]
 
 
-def correction_parts(
+def fit_region(
+    fit: GainFit,
     generator: nn.Module,
     spec: GeneratorSpec,
-    label: Tensor | np.ndarray,
-    decoded: Tensor | np.ndarray,
-    edge: Tensor | np.ndarray | None = None,
-    quality: Qualities | None = None,
-) -> Tensor:
-    """The parts of a residual generator's correction on a batch (arguments as :func:`enhance_batch`):
-    ``B x (ngf + 1) x 3 x H x W``, what the encoder fits its gains to
-    (:meth:`pipeline.model.networks.Generator.correction_parts`)."""
-    height, width = torch.as_tensor(label).shape[-2:]
+    original: Tensor,
+    label: Tensor,
+    decoded: Tensor,
+    edge: Tensor | None = None,
+    quality: int | None = None,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Add one region's least-squares equations to the encoder's ``fit`` of a ``correction_scale: channels``
+    generator's gains: ``original``, ``decoded`` ``1 x 3 x H x W`` in the network's range, ``label``,
+    ``edge``, ``quality`` as :func:`enhance_batch`'s, ``weight`` ``H x W`` per pixel. Returns the generator's
+    input and its trunk features (padded to the stride), from which ``Generator.corrected`` makes the
+    output with the fitted gains without running the trunk again."""
+    height, width = label.shape[-2:]
     with torch.no_grad():
         x = _network_input(generator, spec, label, decoded, edge, quality)
-        return generator.correction_parts(generator.trunk(x))[..., :height, :width]
+        features = generator.trunk(x)
+        parts = generator.correction_parts(features)[0, ..., :height, :width]
+        fit.add(parts, (original - decoded)[0].to(parts.device), weight)
+    return x, features
 
 
 def to_network(image: np.ndarray) -> Tensor:
@@ -190,9 +199,8 @@ def fit_gains(
     """The gain codes the encoder of a ``correction_scale: channels`` generator sends for one frame
     (arguments as :func:`enhance_image`, ``original`` the uint8 frame before coding)."""
     lab, dec, edge = _frame_batch(spec, decoded, label, instance)
-    parts = correction_parts(generator, spec, lab, dec, edge, quality)[0]
     fit = GainFit(gain_count(spec))
-    fit.add(parts, (to_network(original) - dec)[0].to(parts.device))
+    fit_region(fit, generator, spec, to_network(original), lab, dec, edge, quality)
     return fit.codes()
 
 
@@ -216,9 +224,14 @@ def decoder_output(
 ) -> Decoded:
     """What the decoder of ``spec``'s generator outputs for one frame, and what its encoder, which holds
     ``original``, sends for it (arguments as :func:`fit_gains`): evaluation's and validation's image."""
-    if sends_gains(spec):
-        codes = fit_gains(generator, spec, original, decoded, label, instance, quality)
-        return Decoded(enhance_image(generator, spec, decoded, label, instance, quality, codes), gains=codes)
+    if sends_gains(spec):  # fit and output from one pass of the trunk
+        lab, dec, edge = _frame_batch(spec, decoded, label, instance)
+        fit = GainFit(gain_count(spec))
+        x, features = fit_region(fit, generator, spec, to_network(original), lab, dec, edge, quality)
+        codes = fit.codes()
+        with torch.no_grad():
+            out = generator.corrected(x, features, gains_of(codes)[None])
+        return Decoded(to_image(out[0, :, : label.shape[0], : label.shape[1]]), gains=codes)
     enhanced = enhance_image(generator, spec, decoded, label, instance, quality)
     image, code = scaled(spec, original, decoded, enhanced)
     return Decoded(image, scale=code)

@@ -149,8 +149,13 @@ class Generator(nn.Module):
             if gains is not None:
                 raise ValueError("gains scale the correction head: a residual generator's, not synthesis")
             return self.model(x)
+        return self.corrected(x, self.trunk(x), gains)
+
+    def corrected(self, x: Tensor, features: Tensor, gains: Tensor | None = None) -> Tensor:
+        """The residual output for input ``x`` from its trunk ``features``: what ``forward`` returns, for an
+        encoder that has fitted ``gains`` to those features (:meth:`correction_parts`)."""
+        assert self.correction is not None
         decoded = x[:, -IMAGE_CHANNELS:]
-        features = self.trunk(x)
         if gains is None:
             correction = self.correction(features)
         else:  # the sum of the gained parts, in one convolution of the gained features
