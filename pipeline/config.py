@@ -323,16 +323,25 @@ class PhaseConfig:
     train_discriminator: bool = True  # False: D is not stepped (phase 3)
     loss: LossWeights = field(default_factory=LossWeights)
     lr: float = 2e-4
-    # constant | cosine: a short linear warm-up (5 % of the steps), then cosine decay to zero at the
-    # phase's last step (DeepSpeed's WarmupCosineLR; its state is part of the checkpoint)
+    # constant | cosine: a linear warm-up (warmup_steps), then cosine decay to zero at the phase's last
+    # step (DeepSpeed's WarmupCosineLR; its state is part of the checkpoint)
     lr_schedule: LrSchedule = "constant"
+    # the cosine schedule's warm-up; 0: 5 % of the steps
+    warmup_steps: int = field(default=0, metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "steps")
+        _at_least(self, 0, "steps", "warmup_steps")
         if self.steps == 0:
             raise ConfigError("steps must be >= 1 (0 would export an untrained generator), got 0")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"warmup_steps must be < steps ({self.steps}), got {self.warmup_steps}")
+
+    @property
+    def cosine_warmup(self) -> int:
+        """The warm-up steps of the cosine schedule."""
+        return self.warmup_steps or max(2, self.steps // 20)
 
 
 @dataclass

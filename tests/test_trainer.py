@@ -371,6 +371,21 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(
         load_config(None, ["phase3.lr_schedule=step"])
 
 
+def test_the_cosine_warm_up_is_five_percent_of_the_steps_unless_set() -> None:
+    def warmup(*overrides: str) -> int:
+        cfg = load_config(None, ["phase3.steps=400", "phase3.lr_schedule=cosine", *overrides])
+        return engine.deepspeed_config(cfg, cfg.phase3, torch.device("cpu"))["scheduler"]["params"][
+            "warmup_num_steps"
+        ]
+
+    assert warmup() == 20 and warmup("phase3.warmup_steps=250") == 250
+    with pytest.raises(ConfigError, match=r"warmup_steps must be < steps \(400\), got 400"):
+        load_config(None, ["phase3.steps=400", "phase3.warmup_steps=400"])
+    plain = load_config(None, []).training_digest()
+    assert load_config(None, ["phase3.warmup_steps=0"]).training_digest() == plain
+    assert load_config(None, ["phase3.warmup_steps=5"]).training_digest() != plain
+
+
 def test_zero3_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "zero3.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))

@@ -197,7 +197,7 @@ def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.devic
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(phase_cfg.steps, 2),
-                "warmup_num_steps": max(2, phase_cfg.steps // 20),
+                "warmup_num_steps": phase_cfg.cosine_warmup,
                 "warmup_min_ratio": 0.0,
                 "warmup_type": "linear",
                 "cos_min_ratio": 0.0,
