@@ -110,8 +110,7 @@ QUALITIES = [32, 37, 42, 47]
 # notes: that script is not in this repository). On a machine 3.5 times slower than the development machine,
 # --steps 1400 is what fits the budget (the README's runs 27 to 30). The warm-up is 250 steps whatever the
 # steps (5 % of 5000, as before): with 5 % of 1400, 70 steps, seed 0's codec-SE trained on lindau stalled at
-# the codec for 800 steps (run 28); with 250 it trained (on munster, the validation lines of python -m
-# pipeline train).
+# the codec for 800 steps (run 28); with 250, nothing else changed, it trained (run 30).
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
