@@ -337,6 +337,10 @@ class PhaseConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"warmup_steps must be < steps ({self.steps}), got {self.warmup_steps}")
+        if self.warmup_steps and self.lr_schedule != "cosine":
+            raise ConfigError(
+                "warmup_steps warms up the cosine schedule: set lr_schedule=cosine or leave it 0"
+            )
 
     @property
     def cosine_warmup(self) -> int:

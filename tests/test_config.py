@@ -258,7 +258,7 @@ def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
         ["train.betas=[0.9, 0.999]"],
         ["loader.transpose=true"],
         ["model.correction_scale=frame"],  # it decides the exported step: a resumed run must keep it
-        ["phase3.warmup_steps=2"],
+        ["phase3.lr_schedule=cosine", "phase3.warmup_steps=2"],
     ):
         assert load_config(None, changes).training_digest() != same.training_digest(), changes
 

@@ -380,10 +380,14 @@ def test_the_cosine_warm_up_is_five_percent_of_the_steps_unless_set() -> None:
 
     assert warmup() == 20 and warmup("phase3.warmup_steps=250") == 250
     with pytest.raises(ConfigError, match=r"warmup_steps must be < steps \(400\), got 400"):
-        load_config(None, ["phase3.steps=400", "phase3.warmup_steps=400"])
+        load_config(None, ["phase3.steps=400", "phase3.lr_schedule=cosine", "phase3.warmup_steps=400"])
+    with pytest.raises(ConfigError, match="phase3.warmup_steps warms up the cosine schedule"):
+        load_config(None, ["phase3.steps=400", "phase3.warmup_steps=10"])
     plain = load_config(None, []).training_digest()
     assert load_config(None, ["phase3.warmup_steps=0"]).training_digest() == plain
-    assert load_config(None, ["phase3.warmup_steps=5"]).training_digest() != plain
+    assert load_config(None, ["phase3.lr_schedule=cosine", "phase3.warmup_steps=5"]).training_digest() != (
+        load_config(None, ["phase3.lr_schedule=cosine"]).training_digest()
+    )
 
 
 def test_zero3_is_refused(tmp_path: Path) -> None:
