@@ -292,14 +292,23 @@ def decoder_output_tiled(
     decoded: np.ndarray,
     label: np.ndarray,
     quality: int | None = None,
+    *,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
 ) -> Decoded:
-    """What ``decompress`` writes for a frame with the default tiles, and the scale or gains its encoder
-    sends: :func:`pipeline.model.inference.decoder_output` (evaluation's) for a frame within one tile."""
+    """What ``decompress`` writes for a frame in these tiles, and the scale or gains its encoder sends:
+    :func:`pipeline.model.inference.decoder_output` (evaluation's, one trunk pass) for a frame within one
+    tile. A larger frame runs each tile's trunk twice, once to fit the gains and once to decode: keeping
+    every tile's features between the two would hold the whole frame's, which tiling exists to avoid."""
+    check_tiling(spec, tile, overlap)
     height, width = label.shape
-    if height <= DEFAULT_TILE and width <= DEFAULT_TILE:
+    if height <= tile and width <= tile:
         return decoder_output(generator, spec, original, decoded, label, quality=quality)
+    tiles = {"tile": tile, "overlap": overlap}
     if sends_gains(spec):
-        gains = fit_gains_tiled(generator, spec, original, decoded, label, quality)
-        return Decoded(enhance_tiled(generator, spec, decoded, label, quality, gains=gains), gains=gains)
-    enhanced = enhance_tiled(generator, spec, decoded, label, quality)
+        gains = fit_gains_tiled(generator, spec, original, decoded, label, quality, **tiles)
+        return Decoded(
+            enhance_tiled(generator, spec, decoded, label, quality, gains=gains, **tiles), gains=gains
+        )
+    enhanced = enhance_tiled(generator, spec, decoded, label, quality, **tiles)
     return Decoded(*scaled(spec, original, decoded, enhanced))
