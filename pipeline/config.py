@@ -30,6 +30,7 @@ PHASES = ("phase1", "phase2", "phase3")
 Source = Literal["cityscapes", "ade20k", "folder"]
 LabelCoderMethod = Literal["auto", "jxl", "webp", "png"]
 Norm = Literal["instance", "batch", "none"]
+Padding = Literal["reflect", "zeros"]
 GanMode = Literal["lsgan", "hinge"]
 Distortion = Literal["l1", "mse", "psnr"]
 LrSchedule = Literal["constant", "cosine"]
@@ -265,6 +266,9 @@ class ModelConfig:
     n_downsample: int = 4
     n_blocks: int = 9
     norm: Norm = "instance"
+    # how the generator's size-keeping convs pad: reflect (pix2pixHD's ReflectionPad2d before each), or
+    # zeros inside the conv (no separate copy: on 2 CPU cores the CPU recipe trains about a fifth faster)
+    padding: Padding = field(default="reflect", metadata=WEIGHTS_WHEN_SET)
     ndf: int = 64
     n_layers_d: int = 3
     num_d: int = 2

@@ -51,7 +51,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Tensor]:
 def export_generator(
     path: str | Path, generator: nn.Module, spec: GeneratorSpec, train_frames: Sequence[str] = ()
 ) -> Path:
-    """Write ``generator``'s weights and ``spec`` (format version 2, or 3 with a label source) to ``path``
+    """Write ``generator``'s weights and ``spec`` (as :attr:`GeneratorSpec.format_version`) to ``path``
     atomically; return the path.
 
     ``generator`` may be wrapped (DeepSpeed engine, DDP): its ``.module`` is used. The spec must describe

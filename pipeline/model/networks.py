@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import ModelConfig, Norm
+from pipeline.config import ModelConfig, Norm, Padding
 from pipeline.model.inputs import IMAGE_CHANNELS, input_channels, semantic_channels
 
-SYNTHESIS_HEAD_LAYERS = 3  # ReflectionPad2d, Conv2d, Tanh at the end of Generator.model
 NORMS = typing.get_args(Norm)
+PADDINGS = typing.get_args(Padding)
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -32,18 +32,27 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
-class ResnetBlock(nn.Module):
-    """Two reflect-padded 3x3 convs with a skip connection."""
+def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Module]:
+    """A stride-1 conv that keeps the size: pix2pixHD's reflection pad before it (``reflect``), or zeros
+    padded inside the conv itself (``zeros``), which skips a copy of the input each way and trains about a
+    fifth faster on CPU."""
+    if padding == "reflect":
+        return [nn.ReflectionPad2d(kernel // 2), nn.Conv2d(in_nc, out_nc, kernel_size=kernel)]
+    if padding == "zeros":
+        return [nn.Conv2d(in_nc, out_nc, kernel_size=kernel, padding=kernel // 2)]
+    raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
 
-    def __init__(self, dim: int, norm: Callable[[int], nn.Module]) -> None:
+
+class ResnetBlock(nn.Module):
+    """Two padded 3x3 convs with a skip connection."""
+
+    def __init__(self, dim: int, norm: Callable[[int], nn.Module], padding: str = "reflect") -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, kernel_size=3),
+            *same_conv(dim, dim, 3, padding),
             norm(dim),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(dim, dim, kernel_size=3),
+            *same_conv(dim, dim, 3, padding),
             norm(dim),
         )
 
@@ -80,6 +89,7 @@ class Generator(nn.Module):
         n_blocks: int = 9,
         norm: str = "instance",
         residual: bool = False,
+        padding: str = "reflect",
     ) -> None:
         super().__init__()
         if min(input_nc, output_nc, ngf) <= 0 or n_downsample < 0 or n_blocks < 0:
@@ -96,6 +106,8 @@ class Generator(nn.Module):
             "norm": norm,
             "residual": residual,
         }
+        if padding != "reflect":  # only where it differs: the hparams of every earlier file stay valid
+            self.hparams["padding"] = padding
         if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
             raise ValueError(
                 f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "
@@ -104,8 +116,7 @@ class Generator(nn.Module):
             )
         make_norm = norm_layer(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3),
-            nn.Conv2d(input_nc, ngf, kernel_size=7),
+            *same_conv(input_nc, ngf, 7, padding),
             make_norm(ngf),
             nn.ReLU(True),
         ]
@@ -117,7 +128,7 @@ class Generator(nn.Module):
                 nn.ReLU(True),
             ]
         mult = 2**n_downsample
-        layers += [ResnetBlock(ngf * mult, make_norm) for _ in range(n_blocks)]
+        layers += [ResnetBlock(ngf * mult, make_norm, padding) for _ in range(n_blocks)]
         for i in range(n_downsample):
             mult = 2 ** (n_downsample - i)
             layers += [
@@ -128,11 +139,12 @@ class Generator(nn.Module):
                 nn.ReLU(True),
             ]
         # the synthesis head stays inside ``model`` so that plain generators keep pix2pixHD's layout
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        synthesis_head = [*same_conv(ngf, output_nc, 7, padding), nn.Tanh()]
+        self.synthesis_layers = len(synthesis_head)
+        self.model = nn.Sequential(*layers, *synthesis_head)
         self.correction: nn.Sequential | None = None
         if residual:
-            self.correction = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7))
+            self.correction = nn.Sequential(*same_conv(ngf, output_nc, 7, padding))
             zero_correction(self)
 
     @property
@@ -159,20 +171,20 @@ class Generator(nn.Module):
         if gains is None:
             correction = self.correction(features)
         else:  # the sum of the gained parts, in one convolution of the gained features
-            pad, conv = self.correction
+            conv = self.correction[-1]
             expected = (features.shape[0], features.shape[1] + 1)
             if tuple(gains.shape) != expected:
                 raise ValueError(
                     f"correction gains must be {expected[0]} x {expected[1]}, got {tuple(gains.shape)}"
                 )
             part_gains = gains.to(features.device, features.dtype)[:, :, None, None]
-            correction = F.conv2d(pad(features * part_gains[:, :-1]), conv.weight)
+            correction = self._correction_conv(features * part_gains[:, :-1], conv.weight)
             correction = correction + conv.bias.view(1, -1, 1, 1) * part_gains[:, -1:]
         return (decoded + correction.to(decoded.dtype)).clamp(-1.0, 1.0)
 
     def trunk(self, x: Tensor) -> Tensor:
         """The features both heads read (``B x ngf x H x W``)."""
-        for layer in itertools.islice(self.model, len(self.model) - SYNTHESIS_HEAD_LAYERS):
+        for layer in itertools.islice(self.model, len(self.model) - self.synthesis_layers):
             x = layer(x)
         return x
 
@@ -183,13 +195,20 @@ class Generator(nn.Module):
         least-squares fit for an encoder that holds the original."""
         if self.correction is None:
             raise ValueError("correction_parts needs a residual generator")
-        pad, conv = self.correction
+        conv = self.correction[-1]
         ngf, batch = features.shape[1], features.shape[0]
         # one group per trunk channel: group c outputs that channel's 3 colour contributions
         weight = conv.weight.transpose(0, 1).reshape(ngf * IMAGE_CHANNELS, 1, *conv.weight.shape[2:])
-        parts = F.conv2d(pad(features), weight, groups=ngf).unflatten(1, (ngf, IMAGE_CHANNELS))
+        parts = self._correction_conv(features, weight, groups=ngf).unflatten(1, (ngf, IMAGE_CHANNELS))
         bias = conv.bias.view(1, 1, IMAGE_CHANNELS, 1, 1).expand(batch, 1, -1, *parts.shape[-2:])
         return torch.cat([parts, bias], 1)
+
+    def _correction_conv(self, features: Tensor, weight: Tensor, groups: int = 1) -> Tensor:
+        """``weight`` (no bias) over ``features`` padded as the correction head pads them."""
+        assert self.correction is not None
+        *pad, conv = self.correction
+        padded = pad[0](features) if pad else features
+        return F.conv2d(padded, weight, padding=conv.padding, groups=groups)
 
 
 def zero_correction(generator: Generator) -> None:
@@ -291,6 +310,7 @@ def build_models(
         n_blocks=model_cfg.n_blocks,
         norm=model_cfg.norm,
         residual=model_cfg.residual,
+        padding=model_cfg.padding,
     )
     discriminator = MultiscaleDiscriminator(
         semantic_channels(class_nc, use_instance) + IMAGE_CHANNELS,

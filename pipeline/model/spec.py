@@ -29,7 +29,11 @@ another rule:
   :mod:`pipeline.model.correction_scale`; a pipeline that knows only ``frame`` refuses ``channels`` by
   name). A spec without it
   (``model.correction_scale: none``) is written as version 5 or older, and a pipeline that predates
-  version 6 refuses a generator whose output it would not scale.
+  version 6 refuses a generator whose output it would not scale;
+* version 7: version 6 plus ``padding`` (``zeros``: the generator's convs pad with zeros inside the conv,
+  not pix2pixHD's reflection, which changes both the network's layers and its output). A spec without it
+  (``model.padding: reflect``) is written as version 6 or older, and a pipeline that predates version 7
+  refuses a generator it would build with the wrong padding.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -54,12 +58,13 @@ from pipeline.config import (
     LabelSource,
     ModelConfig,
     Norm,
+    Padding,
     SemanticClasses,
 )
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
 from pipeline.model.networks import Generator
 
-FORMAT_VERSION = 6  # the newest version this code reads and writes
+FORMAT_VERSION = 7  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -68,6 +73,7 @@ NORMS = typing.get_args(Norm)
 LABEL_SOURCES = typing.get_args(LabelSource)
 SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
 CORRECTION_SCALES = typing.get_args(CorrectionScale)
+PADDINGS = typing.get_args(Padding)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
@@ -110,6 +116,7 @@ class GeneratorSpec:
     semantic_classes: str | None = None  # None: label ids (version 4 and earlier)
     label_classes: tuple[int, ...] | None = None  # the class of each label id, with semantic_classes
     correction_scale: str | None = None  # None: none (version 5 and earlier)
+    padding: str | None = None  # None: reflect (version 6 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -139,6 +146,10 @@ class GeneratorSpec:
                 raise ValueError(f"generator spec {key}={value} is outside [{low}, {high}]")
         if self.norm not in NORMS:
             raise ValueError(f"generator spec norm={self.norm!r} is not one of {list(NORMS)}")
+        if self.padding == "reflect":  # the same spec as without the key
+            object.__setattr__(self, "padding", None)
+        if self.padding not in (None, *PADDINGS):
+            raise ValueError(f"generator spec padding={self.padding!r} is not one of {list(PADDINGS)}")
 
     def _check_classes(self) -> None:
         if self.semantic_classes == "labels":  # the same spec as without the key
@@ -258,6 +269,7 @@ class GeneratorSpec:
             "n_blocks": self.n_blocks,
             "norm": self.norm,
             "residual": self.residual,
+            **({"padding": self.padding} if self.padding else {}),
         }
 
     def weight_shapes(self, max_bytes: int = MAX_GENERATOR_BYTES) -> dict[str, tuple[int, ...]]:
@@ -279,8 +291,8 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Versions 1 to 5 are closed: ModelConfig and the spec as they were then, so a
-# field added later is never taken for part of an older file. Version 6 is GeneratorSpec's fields.
+# Spec keys by format version. Versions 1 to 6 are closed: ModelConfig and the spec as they were then, so a
+# field added later is never taken for part of an older file. Version 7 is GeneratorSpec's fields.
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -289,13 +301,15 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
         }
     ),
     2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes", "correction_scale"},
+    - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes", "correction_scale"}
+    - {"padding"},
     3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"quality_input", "semantic_classes", "label_classes", "correction_scale"},
+    - {"quality_input", "semantic_classes", "label_classes", "correction_scale", "padding"},
     4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"semantic_classes", "label_classes", "correction_scale"},
-    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"correction_scale"},
-    6: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    - {"semantic_classes", "label_classes", "correction_scale", "padding"},
+    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"correction_scale", "padding"},
+    6: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"padding"},
+    7: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
 }
 
 

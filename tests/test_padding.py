@@ -1,0 +1,115 @@
+"""model.padding: zeros. The generator's size-keeping convs pad with zeros inside the conv instead of
+pix2pixHD's reflection pad before it; the residual generator still starts at the codec, the correction's
+parts still sum to it, and the spec records the padding (format version 7) so the export rebuilds it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ConfigError, JobConfig, ModelConfig, with_overrides
+from pipeline.model.export import export_generator, load_generator
+from pipeline.model.networks import Generator, build_models
+from pipeline.model.spec import SPEC_KEYS, GeneratorSpec
+
+TINY = ModelConfig(ngf=4, n_downsample=1, n_blocks=2, norm="none", correction_scale="channels")
+LABEL_NC = 5
+
+
+def _generator(padding: str, seed: int = 0) -> Generator:
+    """A generator whose correction head looks trained (an untrained one is zero)."""
+    torch.manual_seed(seed)
+    generator, _ = build_models(dataclasses.replace(TINY, padding=padding), LABEL_NC, use_instance=False)
+    with torch.no_grad():
+        generator.correction[-1].weight.normal_(0.0, 0.05)
+        generator.correction[-1].bias.fill_(0.02)
+    return generator.eval()
+
+
+def _spec(**changes: object) -> GeneratorSpec:
+    model = dataclasses.replace(TINY, **changes)  # type: ignore[arg-type]
+    return GeneratorSpec.from_config(model, LABEL_NC, False, codec="hevc", quality=42, phase=3)
+
+
+def test_zero_padding_has_no_pad_layers_and_starts_at_the_codec() -> None:
+    torch.manual_seed(0)
+    zeros, _ = build_models(dataclasses.replace(TINY, padding="zeros"), LABEL_NC, use_instance=False)
+    reflect, _ = build_models(TINY, LABEL_NC, use_instance=False)
+    assert not any(isinstance(m, nn.ReflectionPad2d) for m in zeros.modules())
+    assert sum(isinstance(m, nn.ReflectionPad2d) for m in reflect.modules()) == 2 * 2 + 3
+    # the same weights, fewer layers: one pad each for the front, every block conv and both heads
+    assert sum(p.numel() for p in zeros.parameters()) == sum(p.numel() for p in reflect.parameters())
+    assert zeros.hparams["padding"] == "zeros" and "padding" not in reflect.hparams
+    x = torch.rand(2, zeros.hparams["input_nc"], 16, 24) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(zeros(x), x[:, -3:])
+        features = zeros.trunk(x)
+        assert features.shape == (2, TINY.ngf, 16, 24)
+        drawn = zeros(x, synthesis=True)
+        torch.testing.assert_close(drawn, torch.tanh(zeros.model[-2](features)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("padding", ["reflect", "zeros"])
+def test_the_heads_pad_as_named_and_the_parts_sum_to_the_correction(padding: str) -> None:
+    generator = _generator(padding)
+    x = torch.randn(2, generator.hparams["input_nc"], 16, 16)
+    conv = generator.correction[-1]
+    mode = {"reflect": "reflect", "zeros": "constant"}[padding]
+    with torch.no_grad():
+        features = generator.trunk(x)
+        expected = F.conv2d(F.pad(features, (3, 3, 3, 3), mode=mode), conv.weight, conv.bias)
+        torch.testing.assert_close(generator.correction(features), expected, atol=1e-6, rtol=0)
+        parts = generator.correction_parts(features)
+        torch.testing.assert_close(parts.sum(1), expected, atol=1e-6, rtol=0)
+        gains = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5], [1.0, 1.0, 1.0, 1.0, 0.0]])
+        gained = (x[:, -3:] + (parts * gains.view(2, 5, 1, 1, 1)).sum(1)).clamp(-1, 1)
+        torch.testing.assert_close(generator(x, gains=gains), gained, atol=1e-6, rtol=0)
+
+
+def test_the_two_paddings_differ_only_at_the_border() -> None:
+    zeros, reflect = _generator("zeros"), _generator("reflect")
+    reflect.load_state_dict(
+        dict(zip(reflect.state_dict(), zeros.state_dict().values(), strict=True))  # same weights, in order
+    )
+    x = torch.randn(1, zeros.hparams["input_nc"], 48, 48)
+    with torch.no_grad():
+        difference = (zeros(x) - reflect(x)).abs()
+    # every conv reaches at most 3 pixels out, and 2 x 2 block convs + 2 x 7x7 + 1 stride-2 conv reach ~15
+    assert difference[..., 20:-20, 20:-20].max() == 0
+    assert difference[..., :3, :].max() > 0
+
+
+def test_the_spec_records_zero_padding_as_format_version_7(tmp_path: Path) -> None:
+    spec = _spec(padding="zeros")
+    assert spec.format_version == 7 and spec.to_json()["padding"] == "zeros"
+    assert "padding" in SPEC_KEYS[7] and "padding" not in SPEC_KEYS[6]
+    generator = _generator("zeros")
+    loaded, read = load_generator(export_generator(tmp_path / "g.safetensors", generator, spec))
+    assert read == spec and loaded.hparams == generator.hparams
+    x = torch.randn(1, generator.hparams["input_nc"], 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), generator(x))
+    reflect = _spec()
+    assert reflect.padding is None and "padding" not in reflect.to_json()
+    assert reflect.format_version == 6  # as before the option existed (correction_scale is version 6)
+    assert _spec(padding="reflect") == reflect
+    with pytest.raises(ValueError, match="unknown to generator format version 6"):
+        GeneratorSpec.from_json(spec.to_json(), 6)
+    with pytest.raises(ValueError, match=r"padding='circular' is not one of \['reflect', 'zeros'\]"):
+        _spec(padding="circular")
+    with pytest.raises(ValueError, match="the generator is"):  # a spec that would rebuild another network
+        export_generator(tmp_path / "other.safetensors", _generator("reflect"), spec)
+
+
+def test_the_config_takes_and_checks_the_padding() -> None:
+    assert JobConfig().model.padding == "reflect"
+    assert with_overrides(JobConfig(), {"model.padding": "zeros"}).model.padding == "zeros"
+    with pytest.raises(ConfigError, match="padding"):
+        with_overrides(JobConfig(), {"model.padding": "circular"})
+    with pytest.raises(ValueError, match="unknown padding 'circular'"):
+        Generator(8, padding="circular")
