@@ -97,8 +97,8 @@ QUALITIES = [32, 37, 42, 47]
 # however small its lead (validate.min_delta=0): with the moving average the validation curve is steady,
 # and the 0.02 dB margin froze the export at an early step (on munster, seeds 0 and 1, the best validation
 # gain of codec-SE +0.143 and +0.123 dB, of the ablation +0.127 and +0.096, against +0.112 and +0.101,
-# +0.101 and +0.067 exported by 2200 steps with the margin). 5000 steps (STEPS), what fits the budget on
-# this project's development machine with the decoded samples cached (loader.cache_mb, which does not
+# +0.101 and +0.067 exported by 2200 steps with the margin). 5000 steps, what fit the budget on the
+# development machine of runs 21 and 22 with the decoded samples cached (loader.cache_mb, which does not
 # change the batches): on munster, seed 0, with the scale below, codec-SE's exported step +0.191 dB over
 # HEVC and the ablation's +0.156, against +0.168 and +0.140 for 3000 steps. The encoder scales each frame's
 # correction by its least-squares factor, one byte a frame (model.correction_scale=frame): the models
@@ -107,8 +107,9 @@ QUALITIES = [32, 37, 42, 47]
 # without). Since run 25 the encoder sends a gain per part of the correction head instead (ngf + 1 = 17
 # bytes a frame, model.correction_scale=channels), chosen on munster only: a throwaway least-squares fit on
 # run 23's exports found it ahead of the one scale for both models at every QP (its figures are in issue 7's
-# notes: that script is not in this repository). On a machine 3.5 times slower than the development machine,
-# --steps 1400 is what fits the budget (the README's runs 27 to 30). The warm-up is 250 steps whatever the
+# notes: that script is not in this repository). On the machine of runs 23 to 32, 3.5 times slower, 1400
+# steps are what fit the budget with reflection padding (runs 27 to 30), 1400 with zeros too (STEPS: 1500
+# took 14.5 and 15.3 minutes, runs 31 and 32; 1400, run 33). The warm-up is 250 steps whatever the
 # steps (5 % of 5000, as before): with 5 % of 1400, 70 steps, seed 0's codec-SE trained on lindau stalled at
 # the codec for 800 steps (run 28); with 250, nothing else changed, it trained (run 30). Since run 31 the
 # generator pads with zeros inside its convs (model.padding=zeros; bench/bench_padding.py times the step):
@@ -139,7 +140,7 @@ RECIPE = [
 ]
 
 
-STEPS = 5000
+STEPS = 1400
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
 CACHE_MB = 512
 
