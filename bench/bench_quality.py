@@ -107,14 +107,15 @@ QUALITIES = [32, 37, 42, 47]
 # without). Since run 25 the encoder sends a gain per part of the correction head instead (ngf + 1 = 17
 # bytes a frame, model.correction_scale=channels), chosen on munster only: a throwaway least-squares fit on
 # run 23's exports found it ahead of the one scale for both models at every QP (its figures are in issue 7's
-# notes: that script is not in this repository). On the machine of runs 23 to 32, 3.5 times slower, 1400
-# steps are what fit the budget with reflection padding (runs 27 to 30), 1400 with zeros too (STEPS: 1500
-# took 14.5 and 15.3 minutes, runs 31 and 32; 1400, run 33). The warm-up is 250 steps whatever the
-# steps (5 % of 5000, as before): with 5 % of 1400, 70 steps, seed 0's codec-SE trained on lindau stalled at
-# the codec for 800 steps (run 28); with 250, nothing else changed, it trained (run 30). Since run 31 the
-# generator pads with zeros inside its convs (model.padding=zeros; bench/bench_padding.py times the step):
-# on munster, seed 0, 1400 steps side by side, codec-SE trained in 636 s against 724 s with pix2pixHD's
-# reflection, validating +0.151 and +0.159 dB at steps 1200 and 1400 against +0.157 and +0.167.
+# notes: that script is not in this repository). On the machine of runs 23 to 34, 3.5 times slower, 1400
+# steps took 14.7 to 15.4 minutes with the reflection padding (runs 27 to 30); with zeros (below) 1500 took
+# 14.5 and 15.3 (runs 31 and 32) and 1400 (STEPS) 13.5 and 13.1 (runs 33 and 34). The warm-up is 250 steps
+# whatever the steps (5 % of 5000, as before): with 5 % of 1400, 70 steps, seed 0's codec-SE trained on
+# lindau stalled at the codec for 800 steps (run 28); with 250, nothing else changed, it trained (run 30).
+# Since run 31 the generator pads with zeros inside its convs (model.padding=zeros; bench/bench_padding.py
+# times the step): on munster, seed 0, 1400 steps side by side, codec-SE trained in 636 s against 724 s
+# with pix2pixHD's reflection, validating +0.151 and +0.159 dB at steps 1200 and 1400 against +0.157 and
+# +0.167.
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",

@@ -332,8 +332,12 @@ def test_tile_starts_cover_with_overlap() -> None:
     assert all(b - a <= 128 - 32 for a, b in zip(starts, starts[1:], strict=False))
 
 
-@pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_tiled_matches_untiled_within_tolerance(cityscapes_root: Path, tmp_path: Path, norm: str) -> None:
+@pytest.mark.parametrize(
+    ("norm", "padding"), [("instance", "reflect"), ("batch", "reflect"), ("batch", "zeros")]
+)
+def test_tiled_matches_untiled_within_tolerance(
+    cityscapes_root: Path, tmp_path: Path, norm: str, padding: str
+) -> None:
     image = sorted((cityscapes_root / "leftImg8bit").rglob("*_leftImg8bit.png"))[0]
     label = next(
         (cityscapes_root / "gtFine").rglob(image.name.replace("leftImg8bit.png", "gtFine_labelIds.png"))
@@ -344,7 +348,8 @@ def test_tiled_matches_untiled_within_tolerance(cityscapes_root: Path, tmp_path:
     ids = cv2.resize(
         cv2.imread(str(label), cv2.IMREAD_UNCHANGED), (512, 256), interpolation=cv2.INTER_NEAREST
     )
-    generator, spec = load_generator(_generator_file(tmp_path / "g.safetensors", seed=0, norm=norm))
+    model = _generator_file(tmp_path / "g.safetensors", seed=0, norm=norm, padding=padding)
+    generator, spec = load_generator(model)
     decoded = get_codec("hevc").roundtrip(rgb, 42).decoded
     whole = enhance_image(generator, spec, decoded, ids)
     assert np.array_equal(enhance_tiled(generator, spec, decoded, ids, tile=512, overlap=64), whole)
