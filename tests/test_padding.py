@@ -113,3 +113,31 @@ def test_the_config_takes_and_checks_the_padding() -> None:
         with_overrides(JobConfig(), {"model.padding": "circular"})
     with pytest.raises(ValueError, match="unknown padding 'circular'"):
         Generator(8, padding="circular")
+
+
+def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_other(
+    small_shards: Path, tmp_path: Path
+) -> None:
+    from pipeline.config import load_config
+    from pipeline.model.export import read_spec
+    from pipeline.tracking import Tracker
+    from pipeline.train import trainer
+
+    def config(out: Path, *extra: str) -> JobConfig:
+        return load_config(
+            None,
+            [
+                f"shards.output={small_shards}", f"train.output_dir={out}",
+                "model.ngf=4", "model.n_downsample=1", "model.n_blocks=1", "model.norm=none",
+                "loader.crop=[32, 64]", "loader.batch_size=2", "loss.distortion=mse",
+                "phase3.steps=2", "train.checkpoint_every=0", "validate.every=0", *extra,
+            ],
+        )  # fmt: skip
+
+    export = trainer.train(config(tmp_path / "zeros", "model.padding=zeros"), [3], tracker=Tracker())[3]
+    assert read_spec(export).padding == "zeros" and read_spec(export).format_version == 7
+    generator, _ = load_generator(export)
+    assert not any(isinstance(m, nn.ReflectionPad2d) for m in generator.modules())
+    reflect = config(tmp_path / "reflect", f"train.init_from={export}")
+    with pytest.raises(ConfigError, match="holds generator .*'padding': 'zeros'"):
+        trainer.train(reflect, [3], tracker=Tracker())
