@@ -267,7 +267,7 @@ class ModelConfig:
     n_blocks: int = 9
     norm: Norm = "instance"
     # how the generator's size-keeping convs pad: reflect (pix2pixHD's ReflectionPad2d before each), or
-    # zeros inside the conv (no separate copy: on 2 CPU cores the CPU recipe trains about a fifth faster)
+    # zeros inside the conv (no separate copy of the input: a shorter step on CPU, bench/bench_padding.py)
     padding: Padding = field(default="reflect", metadata=WEIGHTS_WHEN_SET)
     ndf: int = 64
     n_layers_d: int = 3

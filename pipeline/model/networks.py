@@ -34,8 +34,8 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
 
 def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Module]:
     """A stride-1 conv that keeps the size: pix2pixHD's reflection pad before it (``reflect``), or zeros
-    padded inside the conv itself (``zeros``), which skips a copy of the input each way and trains about a
-    fifth faster on CPU."""
+    padded inside the conv itself (``zeros``), which skips a copy of the input each way (a shorter step on
+    CPU: ``bench/bench_padding.py``)."""
     if padding == "reflect":
         return [nn.ReflectionPad2d(kernel // 2), nn.Conv2d(in_nc, out_nc, kernel_size=kernel)]
     if padding == "zeros":

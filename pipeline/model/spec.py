@@ -57,23 +57,19 @@ from pipeline.config import (
     JobConfig,
     LabelSource,
     ModelConfig,
-    Norm,
-    Padding,
     SemanticClasses,
 )
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
-from pipeline.model.networks import Generator
+from pipeline.model.networks import NORMS, PADDINGS, Generator
 
 FORMAT_VERSION = 7  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
 BOUNDS: dict[str, tuple[int, int]] = {**MODEL_BOUNDS, "label_nc": (1, 256)}  # label maps are 8-bit
-NORMS = typing.get_args(Norm)
 LABEL_SOURCES = typing.get_args(LabelSource)
 SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
 CORRECTION_SCALES = typing.get_args(CorrectionScale)
-PADDINGS = typing.get_args(Padding)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
