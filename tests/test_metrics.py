@@ -104,7 +104,7 @@ NIQE_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "niqe
 MATLAB_NIQE = {"image1.bmp": 5.0290, "image2.bmp": 17.8659}
 # NIQE (published model) of the ten frankfurt frames at 512x256: original, HEVC QP 32, HEVC QP 47, and the
 # original blurred with sigma 2; measured with this implementation to pin its features (x265 4.3 via
-# pillow-heif 1.8.1 for the HEVC columns)
+# pillow-heif 1.8.1 for the HEVC columns, libheif's own picture: ``chroma_upsampling="nearest"``)
 FRANKFURT_NIQE = {
     "frankfurt_000000_005898": (3.2365, 3.1257, 6.4789, 7.5896),
     "frankfurt_000000_011461": (3.8207, 3.7382, 6.0865, 8.1105),
@@ -152,7 +152,7 @@ def test_matlab_imresize_half() -> None:
 @pytest.fixture(scope="module")
 def frankfurt_niqe(cityscapes_root: Path) -> dict[str, tuple[float, float, float, float]]:
     """NIQE (published model) of each frankfurt frame at 512x256: original, HEVC QP 32 and 47, blurred."""
-    codec = get_codec("hevc")
+    codec = get_codec("hevc", chroma_upsampling="nearest")
     values = {}
     for path in sorted((cityscapes_root / "leftImg8bit" / "val" / "frankfurt").glob("*_leftImg8bit.png")):
         bgr = cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), (512, 256), interpolation=cv2.INTER_AREA)

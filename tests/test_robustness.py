@@ -131,7 +131,8 @@ def test_settings_and_their_hash_are_in_the_manifest_and_every_sidecar(small_bui
     _, out, tree = small_build
     manifest = Manifest.read(out)
     assert manifest.build is not None and manifest.build.settings["data"]["width"] == 128
-    assert manifest.build.settings["codecs"] == [["hevc", 37, {}]]
+    # the decoder's chroma up-sampling is recorded at its default: the config leaves it out
+    assert manifest.build.settings["codecs"] == [["hevc", 37, {"chroma_upsampling": "linear"}]]
     sidecars = [json.loads(p.read_text()) for p in sorted(out.glob("val-*.json"))]
     assert len(sidecars) == 2 and all(sc["build_hash"] == manifest.build.hash for sc in sidecars)
     assert json.loads((out / "manifest.json").read_text())["build"]["hash"] == manifest.build.hash
@@ -149,6 +150,27 @@ def test_a_build_with_other_settings_into_the_folder_is_refused(small_build: Any
     tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [37]}]
     tree["data"]["width"] = 128
     assert Manifest.read(out).build == build_shards(from_dict(tree)).build
+
+
+def test_shards_decoded_with_other_chroma_are_refused(small_build: Any) -> None:
+    """libheif's own chroma (``nearest``) is another picture: a build of it is refused, and so is a build
+    over a manifest older than the recorded build settings, whose hevc images were decoded that way."""
+    _, out, tree = small_build
+    tree["shards"]["codecs"] = [
+        {"name": "hevc", "qualities": [37], "options": {"chroma_upsampling": "nearest"}}
+    ]
+    with pytest.raises(ShardError, match=r"other settings \(manifest.json; differing: codecs\)"):
+        build_shards(from_dict(tree))
+    tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [37]}]
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["build"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for sidecar in out.glob("val-*.json"):
+        sidecar.write_text(
+            json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "build_hash"})
+        )
+    with pytest.raises(ShardError, match=r"other settings \(manifest.json; differing: codecs\)"):
+        build_shards(from_dict(tree))
 
 
 def test_an_interrupted_rebuild_is_refused_by_its_sidecars(small_build: Any) -> None:
@@ -178,9 +200,16 @@ def test_a_reader_refuses_shards_that_disagree_with_the_manifest(small_build: An
         shard_urls(cfg)
 
 
-def test_a_manifest_without_build_settings_still_reads_and_its_build_resumes(small_build: Any) -> None:
-    """A folder built before the settings were recorded: readable, and a build with its settings resumes."""
-    _, out, tree = small_build
+def test_a_manifest_without_build_settings_still_reads_and_its_build_resumes(
+    cityscapes_root: Path, tmp_path: Path
+) -> None:
+    """A folder built before the settings were recorded: readable, and a build with its settings resumes
+    (of jpeg: an hevc build of then decoded another way, ``test_shards_decoded_with_other_chroma_...``)."""
+    copy_frames(cityscapes_root, tmp_path / "data", 4)
+    out = tmp_path / "out"
+    tree = shards_config(tmp_path / "data", out)
+    tree["shards"]["codecs"] = [{"name": "jpeg", "qualities": [50]}]
+    build_shards(from_dict(tree))
     old = json.loads((out / "manifest.json").read_text())
     del old["build"]
     (out / "manifest.json").write_text(json.dumps(old))
@@ -192,7 +221,7 @@ def test_a_manifest_without_build_settings_still_reads_and_its_build_resumes(sma
     tars = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     manifest = build_shards(from_dict(tree))
     assert manifest.build is not None and {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == tars
-    tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [30]}]
+    tree["shards"]["codecs"] = [{"name": "jpeg", "qualities": [30]}]
     (out / "manifest.json").write_text(json.dumps(old))
     with pytest.raises(ShardError, match="differing: codecs"):
         build_shards(from_dict(tree))

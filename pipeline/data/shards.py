@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, temporary_names, write_atomic
 from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig, flatten, from_dict
-from pipeline.data.codecs import LabelCoder, get_codec
+from pipeline.data.codecs import LabelCoder, codec_class, get_codec
 from pipeline.data.manifest import (
     MANIFEST,
     VERSION,
@@ -336,7 +336,7 @@ def _refuse_other_build(out: Path, ctx: _Context) -> None:
         if build.get("hash") not in (None, ours):
             other, theirs = MANIFEST, build.get("settings")
         elif not build:  # written before the build settings were recorded: compare its config
-            old = _context(from_dict(manifest["config"]))
+            old = _context(from_dict(manifest["config"]), output_defaults=False)
             if old.fingerprint() != ours:
                 other, theirs = MANIFEST, old.settings()
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -450,10 +450,18 @@ def _run_ray(
             ray.shutdown()
 
 
-def _context(cfg: JobConfig) -> _Context:
+def _context(cfg: JobConfig, *, output_defaults: bool = True) -> _Context:
+    """The build settings of ``cfg``; with ``output_defaults`` every codec's options include the defaults
+    of its :attr:`~pipeline.data.codecs.Codec.output_options` (a manifest written before they were
+    recorded was decoded by older code, whose defaults they may not be)."""
     s = cfg.shards
+
+    def options(name: str, given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        defaults = codec_class(name).output_options if output_defaults else {}
+        return tuple(sorted({**defaults, **given}.items()))
+
     codecs = tuple(
-        (spec.name, int(q), tuple(sorted(spec.options.items()))) for spec in s.codecs for q in spec.qualities
+        (spec.name, int(q), options(spec.name, spec.options)) for spec in s.codecs for q in spec.qualities
     )
     return _Context(cfg.data, codecs, s.label_coder, s.label_downsample, s.store_bitstreams, s.max_pixels)
 

@@ -14,6 +14,7 @@ from pipeline.data.codecs.base import (
     CodecResult,
     CodecUnavailable,
     available_codecs,
+    codec_class,
     get_codec,
     register_codec,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "LabelCoder",
     "WebPCodec",
     "available_codecs",
+    "codec_class",
     "get_codec",
     "register_codec",
 ]

@@ -55,6 +55,9 @@ class Codec(ABC):
     higher_quality_is_better: ClassVar[bool] = True
     min_size: ClassVar[int] = 1  # smallest width and height the codec accepts
     single_thread_options: ClassVar[dict[str, object]] = {}  # options that keep it on one core
+    # options that change the decoded picture, at their defaults: a shard build records them even when
+    # its config leaves them out, so that shards decoded another way are never taken for its own
+    output_options: ClassVar[dict[str, object]] = {}
 
     def encode(self, rgb: np.ndarray, quality: int) -> bytes:
         """Compress an RGB ``uint8`` ``H x W x 3`` image to its exact bitstream."""

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 
 from pipeline.data.codecs.base import Codec, CodecError, CodecUnavailable, register_codec
+from pipeline.data.codecs.chroma import CHROMA_UPSAMPLINGS, ChromaUpsampling, interpolate_chroma
 from pipeline.data.codecs.heif import (
     NAL_PPS,
     NAL_SEI,
@@ -37,7 +38,11 @@ class HEVCCodec(Codec):
     HEIF file 0.0729 bpp, this bitstream 0.0719 bpp), so compare codecs by rate, not by QP.
     ``enc_params={"x265:qp": ...}`` switches x265 to constant QP;
     libheif's ``quality`` is then ignored (the same bytes at quality 0, 50 and 100), it is set to 50 only
-    to stay clear of its lossless mode. RGB <-> YCbCr is libheif's own conversion.
+    to stay clear of its lossless mode. RGB <-> YCbCr is libheif's own conversion (BT.601; its encoder
+    averages each 2x2 block's chroma). libheif's decoder repeats each chroma sample over its block;
+    ``chroma_upsampling="linear"`` (the default) interpolates it instead, as ``bpgdec`` does
+    (:mod:`pipeline.data.codecs.chroma`; what it gains is printed by ``bench/bench_codecs.py``);
+    ``"nearest"`` keeps libheif's picture.
 
     The bitstream is not the HEIF file: it is a 4-byte header (width, height: two big-endian uint16,
     since 4:2:0 HEVC cannot code odd sizes and libheif pads small or odd images) followed by the raw
@@ -55,10 +60,15 @@ class HEVCCodec(Codec):
     quality_range = (0, 51)
     higher_quality_is_better = False
     single_thread_options = {"threads": 1}
+    output_options = {"chroma_upsampling": "linear"}
 
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, chroma_upsampling: ChromaUpsampling = "linear") -> None:
         if threads < 0:
             raise ValueError(f"hevc: threads must be >= 0 (0: x265's default pool), got {threads}")
+        if chroma_upsampling not in CHROMA_UPSAMPLINGS:
+            choices = ", ".join(CHROMA_UPSAMPLINGS)
+            raise ValueError(f"hevc: chroma_upsampling must be one of {choices}, got {chroma_upsampling!r}")
+        self._interpolate = chroma_upsampling == "linear"
         self._enc_params = {"x265:pools": str(threads)} if threads else {}
         try:
             import pillow_heif  # imported here so that the other codecs work without it
@@ -118,4 +128,7 @@ class HEVCCodec(Codec):
             raise CodecError(f"hevc: libheif could not decode the stream: {err}") from err
         if rgb.ndim != 3 or rgb.shape[0] < height or rgb.shape[1] < width:
             raise CodecError(f"hevc: decoded {rgb.shape} is smaller than the coded size {width}x{height}")
-        return np.ascontiguousarray(rgb[:height, :width, :3])
+        rgb = np.ascontiguousarray(rgb[..., :3])
+        if self._interpolate:  # on the whole picture: its chroma blocks start at its top-left corner
+            rgb = interpolate_chroma(rgb)
+        return np.ascontiguousarray(rgb[:height, :width])
