@@ -1,9 +1,9 @@
 """Chroma up-sampling of a 4:2:0 picture that its decoder converted to RGB by repeating each chroma sample.
 
 libheif converts a decoded 4:2:0 HEVC picture to RGB with nearest-neighbour chroma: every 2x2 block of
-pixels shares one chroma sample. ``bpgdec`` interpolates the chroma instead, and so does every decoder a
-codec is normally judged by; so the in-process ``hevc`` codec re-interpolates it here, to be the baseline
-BPG's decoder would give. Up-sampling is linear in the chroma, and with the matrix's luma weights the
+pixels shares one chroma sample. ``bpgdec`` interpolates the chroma instead (with a longer filter than
+the bilinear one here), so the in-process ``hevc`` codec re-interpolates it, to stand closer to the
+baseline BPG's decoder gives. Up-sampling is linear in the chroma, and with the matrix's luma weights the
 RGB minus its luma is a linear function of the chroma alone, constant over each block: the blocks' means
 of that difference are the chroma samples, in RGB, which are interpolated bilinearly at their centres
 (libheif's encoder averages each 2x2 block, so its chroma sits at the block's centre) and added back to
@@ -25,8 +25,8 @@ BT601_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def interpolate_chroma(rgb: np.ndarray, luma_weights: np.ndarray = BT601_LUMA) -> np.ndarray:
-    """``rgb`` (``uint8``, H x W x 3, its chroma repeated over the 2x2 blocks from the top-left pixel) with
-    the chroma interpolated bilinearly between the blocks' centres; the luma of every pixel is kept."""
+    """``rgb`` (``uint8``, H x W x 3, one chroma over each 2x2 block, the blocks starting at the top-left
+    pixel) with the chroma interpolated bilinearly between the blocks' centres; every pixel keeps its luma."""
     height, width = rgb.shape[:2]
     even = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     pixels = even.astype(np.float32)
