@@ -353,9 +353,11 @@ def _refuse_other_build(out: Path, ctx: _Context) -> None:
     if other:
         mine, old = flatten(ctx.settings()), flatten(theirs or {})
         changed = sorted(k for k in mine.keys() | old.keys() if mine.get(k) != old.get(k)) if theirs else []
+        values = "".join(f"; {k}: {old.get(k)!r} there, {mine.get(k)!r} here" for k in changed)
         raise ShardError(
             f"{out} holds shards built with other settings ({other}; differing: "
-            f"{', '.join(changed) or 'unknown'}); build into another shards.output, or empty {out} first"
+            f"{', '.join(changed) or 'unknown'}){values}; build into another shards.output, "
+            f"or empty {out} first"
         )
 
 
