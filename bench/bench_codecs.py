@@ -37,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     source = open_source(DataConfig(root=args.root, width=args.width, height=args.height))
     samples = source.samples("val")
-    labels = [source.load(s, args.width, args.height)[1] for s in samples]
+    loaded = [source.load(s, args.width, args.height) for s in samples]  # image, label map, instances
+    labels = [label for _, label, _ in loaded]
     pixels = args.width * args.height
     print(f"{len(labels)} label maps at {args.width}x{args.height}: lossless bpp, mean (min-max)")
     for method in ("jxl", "webp", "png"):
@@ -63,7 +64,7 @@ def main() -> None:
     print(f"  hevc bitstream  {len(stream)} bytes, {8 * len(stream) / pixels:.4f} bpp")
     print(f"  HEIF file       {heif} bytes, {8 * heif / pixels:.4f} bpp (+{heif - len(stream)} bytes)")
 
-    images = [source.load(s, args.width, args.height)[0] for s in samples]
+    images = [image for image, _, _ in loaded]
     decoders = {way: get_codec("hevc", chroma_upsampling=way) for way in ("nearest", "linear")}
     print(f"{len(images)} frames at {args.width}x{args.height}, hevc: mean PSNR (dB) by chroma up-sampling")
     for qp in args.qps:

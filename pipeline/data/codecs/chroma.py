@@ -19,18 +19,19 @@ import numpy as np
 
 ChromaUpsampling = Literal["linear", "nearest"]
 CHROMA_UPSAMPLINGS: tuple[str, ...] = get_args(ChromaUpsampling)
+DEFAULT_CHROMA_UPSAMPLING: ChromaUpsampling = "linear"
 
 # libheif's matrix when the file carries no colour profile (the hevc codec writes none): BT.601
 BT601_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def interpolate_chroma(rgb: np.ndarray, luma_weights: np.ndarray = BT601_LUMA) -> np.ndarray:
+def interpolate_chroma(rgb: np.ndarray) -> np.ndarray:
     """``rgb`` (``uint8``, H x W x 3, one chroma over each 2x2 block, the blocks starting at the top-left
     pixel) with the chroma interpolated bilinearly between the blocks' centres; every pixel keeps its luma."""
     height, width = rgb.shape[:2]
     even = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     pixels = even.astype(np.float32)
-    luma = pixels @ luma_weights
+    luma = pixels @ BT601_LUMA
     chroma = pixels - luma[..., None]
     blocks = cv2.resize(chroma, (even.shape[1] // 2, even.shape[0] // 2), interpolation=cv2.INTER_AREA)
     smooth = cv2.resize(blocks, (even.shape[1], even.shape[0]), interpolation=cv2.INTER_LINEAR)

@@ -8,7 +8,12 @@ import struct
 import numpy as np
 
 from pipeline.data.codecs.base import Codec, CodecError, CodecUnavailable, register_codec
-from pipeline.data.codecs.chroma import CHROMA_UPSAMPLINGS, ChromaUpsampling, interpolate_chroma
+from pipeline.data.codecs.chroma import (
+    CHROMA_UPSAMPLINGS,
+    DEFAULT_CHROMA_UPSAMPLING,
+    ChromaUpsampling,
+    interpolate_chroma,
+)
 from pipeline.data.codecs.heif import (
     NAL_PPS,
     NAL_SEI,
@@ -60,9 +65,11 @@ class HEVCCodec(Codec):
     quality_range = (0, 51)
     higher_quality_is_better = False
     single_thread_options = {"threads": 1}
-    output_options = {"chroma_upsampling": "linear"}
+    output_options = {"chroma_upsampling": DEFAULT_CHROMA_UPSAMPLING}
 
-    def __init__(self, threads: int = 0, chroma_upsampling: ChromaUpsampling = "linear") -> None:
+    def __init__(
+        self, threads: int = 0, chroma_upsampling: ChromaUpsampling = DEFAULT_CHROMA_UPSAMPLING
+    ) -> None:
         if threads < 0:
             raise ValueError(f"hevc: threads must be >= 0 (0: x265's default pool), got {threads}")
         if chroma_upsampling not in CHROMA_UPSAMPLINGS:
@@ -128,7 +135,6 @@ class HEVCCodec(Codec):
             raise CodecError(f"hevc: libheif could not decode the stream: {err}") from err
         if rgb.ndim != 3 or rgb.shape[0] < height or rgb.shape[1] < width:
             raise CodecError(f"hevc: decoded {rgb.shape} is smaller than the coded size {width}x{height}")
-        rgb = np.ascontiguousarray(rgb[..., :3])
         if self._interpolate:  # on the whole picture: its chroma blocks start at its top-left corner
-            rgb = interpolate_chroma(rgb)
-        return np.ascontiguousarray(rgb[:height, :width])
+            rgb = interpolate_chroma(rgb[..., :3])
+        return np.ascontiguousarray(rgb[:height, :width, :3])
