@@ -39,6 +39,7 @@ def _generator_file(path: Path, seed: int, **spec_changes: object) -> Path:
         "use_instance": False,
         "residual": True,
         "codec": "hevc",
+        "codec_options": {"chroma_upsampling": "linear"},  # trained on today's decoded pictures
         "quality": 42,
         "phase": 2,
     }
@@ -167,6 +168,28 @@ def test_enhanced_output_is_evaluations_reconstruction(
     if scale == "channels":  # the file's gains are the encoder's fit on this frame, not the generator's own
         gains = fit_gains(generator, spec, rgb, sample.decoded[42], sample.label, quality=42)
         assert container.correction_gains == gains and len(gains) == 5 and set(gains) != {192}
+
+
+@pytest.mark.parametrize(
+    ("recorded", "trained_on"),
+    [("linear", "linear"), ("nearest", "nearest"), (None, "nearest")],  # None: an export before version 8
+)
+def test_decompress_decodes_as_the_generator_was_trained(
+    work: Path, tmp_path: Path, recorded: str | None, trained_on: str
+) -> None:
+    image, label = _frame(work)
+    options = {"chroma_upsampling": recorded} if recorded else None
+    spec = dataclasses.replace(load_generator(work / "model.safetensors")[1], codec_options=options)
+    model = export_generator(
+        tmp_path / "identity.safetensors", spec.build_generator(), spec
+    )  # outputs its input
+    out, png = tmp_path / "x.jse", tmp_path / "x.png"
+    assert main(["compress", str(image), "--label", str(label), "--model", str(model), "-o", str(out)]) == 0
+    assert main(["decompress", str(out), "-o", str(png), "--model", str(model)]) == 0
+    stream = read_container(out).codec_bitstream
+    pictures = {way: get_codec("hevc", chroma_upsampling=way).decode(stream) for way in ("linear", "nearest")}
+    assert not np.array_equal(pictures["linear"], pictures["nearest"])
+    assert np.array_equal(_rgb(png), pictures[trained_on])
 
 
 def test_model_hash_mismatch_refused_unless_forced(work: Path, tmp_path: Path, capsys) -> None:

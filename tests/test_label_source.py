@@ -59,6 +59,7 @@ def _generator_file(path: Path, seed: int, **spec_changes: object) -> Path:
     values: dict[str, object] = {
         **{"ngf": 4, "n_downsample": 2, "n_blocks": 1, "norm": "instance", "label_nc": LABEL_NC},
         **{"use_instance": False, "residual": True, "codec": "hevc", "quality": 42, "phase": 2},
+        "codec_options": {"chroma_upsampling": "linear"},  # trained on today's decoded pictures
         **spec_changes,
     }
     spec = GeneratorSpec(**values)  # type: ignore[arg-type]
@@ -90,8 +91,11 @@ def test_config_keys_are_validated() -> None:
 
 
 def test_spec_records_the_label_source_as_version_3(tmp_path: Path) -> None:
-    gt = _generator_file(tmp_path / "gt.safetensors", 0)
-    decoder = _generator_file(tmp_path / "dec.safetensors", 0, label_source="decoder", segmenter="a" * 64)
+    spec_of_then = {"codec_options": None}  # the keys of version 2 and 3 only
+    gt = _generator_file(tmp_path / "gt.safetensors", 0, **spec_of_then)
+    decoder = _generator_file(
+        tmp_path / "dec.safetensors", 0, label_source="decoder", segmenter="a" * 64, **spec_of_then
+    )
     _, gt_spec = load_generator(gt)
     _, dec_spec = load_generator(decoder)
     assert gt_spec.format_version == 2 and gt_spec.trained_label_source == "gt"

@@ -169,3 +169,46 @@ def test_dataset_info_takes_what_the_config_leaves_open_from_the_manifest(tmp_pa
     assert dataset_info(cfg(loader={"split": "val", "shards": "x-{0..1}.tar"})).train_frames == ()
     with pytest.raises(ManifestError, match="split 'train' was not built"):
         dataset_info(cfg(loader={"split": "train"}))
+
+
+LINEAR, NEAREST = {"chroma_upsampling": "linear"}, {"chroma_upsampling": "nearest"}
+
+
+def _with_build(codecs: list[list[Any]]) -> dict[str, Any]:
+    """:data:`V2` with a build record of these ``[name, quality, options]`` codec settings."""
+    data = copy.deepcopy(V2)
+    data["build"] = {"settings": {"codecs": codecs}, "hash": "0" * 16}
+    return data
+
+
+def test_the_manifest_tells_how_its_pictures_were_decoded(tmp_path: Path) -> None:
+    write_previous(tmp_path / "legacy", V2)  # no build record: built before the options existed
+    assert Manifest.read(tmp_path / "legacy").decode_options("hevc") == NEAREST
+    write_previous(
+        tmp_path / "new", _with_build([["hevc", 37, LINEAR], ["hevc", 42, LINEAR], ["jpeg", 50, {}]])
+    )
+    assert Manifest.read(tmp_path / "new").decode_options("hevc") == LINEAR
+    assert Manifest.read(tmp_path / "new").decode_options("jpeg") == {}
+    write_previous(tmp_path / "before", _with_build([["hevc", 42, {}]]))  # a record of before the option
+    assert Manifest.read(tmp_path / "before").decode_options("hevc") == NEAREST
+    write_previous(tmp_path / "mixed", _with_build([["hevc", 37, LINEAR], ["hevc", 42, NEAREST]]))
+    with pytest.raises(ManifestError, match="hold hevc pictures decoded in 2 ways"):
+        Manifest.read(tmp_path / "mixed").decode_options("hevc")
+
+
+def test_training_takes_the_options_of_every_folder_it_reads(tmp_path: Path) -> None:
+    def cfg(*extra: Path, **sections: Any) -> Any:
+        shards = {"output": str(tmp_path / "main"), **sections.pop("shards", {})}
+        loader = {"split": "val", "extra_shards": [str(f) for f in extra]}
+        return from_dict({"shards": shards, "loader": loader, **sections})
+
+    # no manifest: what a build of the config would record (today's default, or the option given)
+    assert dataset_info(cfg(data={"label_nc": 34})).decode_options == LINEAR
+    nearest = {"codecs": [{"name": "hevc", "qualities": [42], "options": NEAREST}]}
+    assert dataset_info(cfg(data={"label_nc": 34}, shards=nearest)).decode_options == NEAREST
+    write_previous(tmp_path / "main", _with_build([["hevc", 42, LINEAR]]))
+    write_previous(tmp_path / "same", _with_build([["hevc", 42, LINEAR]]))
+    write_previous(tmp_path / "other", _with_build([["hevc", 42, NEAREST]]))
+    assert dataset_info(cfg(tmp_path / "same")).decode_options == LINEAR
+    with pytest.raises(ManifestError, match=r"other holds hevc pictures decoded with .*nearest.* but .*main"):
+        dataset_info(cfg(tmp_path / "other"))

@@ -119,6 +119,7 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
     small_shards: Path, tmp_path: Path
 ) -> None:
     from pipeline.config import load_config
+    from pipeline.data.manifest import Manifest
     from pipeline.model.export import read_spec
     from pipeline.tracking import Tracker
     from pipeline.train import trainer
@@ -135,7 +136,13 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
         )  # fmt: skip
 
     export = trainer.train(config(tmp_path / "zeros", "model.padding=zeros"), [3], tracker=Tracker())[3]
-    assert read_spec(export).padding == "zeros" and read_spec(export).format_version == 7
+    assert read_spec(export).padding == "zeros" and read_spec(export).format_version == 8
+    # with the options of the shards' decoded pictures (hevc's chroma), which compress decodes with
+    assert (
+        read_spec(export).codec_options
+        == Manifest.read(small_shards).decode_options("hevc")
+        == {"chroma_upsampling": "linear"}
+    )
     generator, _ = load_generator(export)
     assert not any(isinstance(m, nn.ReflectionPad2d) for m in generator.modules())
     reflect = config(tmp_path / "reflect", f"train.init_from={export}")

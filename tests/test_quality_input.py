@@ -192,5 +192,6 @@ def test_training_feeds_each_sample_its_own_quality(small_shards: Path, tmp_path
 
     export = trainer.train(cfg, [3], tracker=Tracker())[3]
     spec = read_spec(export)
-    assert spec.quality_input is True and spec.trained_qualities == (37, 42) and spec.format_version == 4
+    assert spec.quality_input is True and spec.trained_qualities == (37, 42)
+    assert spec.format_version == 8 and spec.codec_options == {"chroma_upsampling": "linear"}  # hevc shards
     assert spec.selected is not None  # validated on held-out frames at both qualities

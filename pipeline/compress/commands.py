@@ -40,7 +40,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -236,7 +236,7 @@ def compress_image(
     choosing = _choosing(send_map, model, segmenter)
     rgb = read_image(image_path)
     height, width = rgb.shape[:2]
-    coder_of_codec = get_codec(codec)
+    coder_of_codec = get_codec(codec, **(model.spec.decode_options(codec) if model is not None else {}))
     codec_bitstream = coder_of_codec.encode(rgb, quality)
     received = None  # the label map the decoder will have (for the correction scale)
     if segmenter is not None:
@@ -319,18 +319,19 @@ def _decoder_output(
 
 
 def decode_container(
-    container: Container, segmenter: LoadedSegmenter | None = None
+    container: Container, segmenter: LoadedSegmenter | None = None, options: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The codec's decoded RGB image and the label map of a container, both checked against its size.
 
-    A container of decoder-side maps: the map is ``segmenter``'s prediction on the decoded image (None
-    without a segmenter). The bitstreams are untrusted: whatever a decoder raises on them is one
-    :class:`CompressError`.
+    ``options``: the codec's decode options (default: its defaults), e.g. those of the pictures a generator
+    was trained on (:meth:`~pipeline.model.spec.GeneratorSpec.decode_options`). A container of decoder-side
+    maps: the map is ``segmenter``'s prediction on the decoded image (None without a segmenter). The
+    bitstreams are untrusted: whatever a decoder raises on them is one :class:`CompressError`.
     """
     from pipeline.data.codecs import LabelCoder, get_codec
 
     try:
-        codec = get_codec(container.codec)
+        codec = get_codec(container.codec, **(options or {}))
         lo, hi = codec.quality_range
         if not lo <= container.quality <= hi:
             raise CompressError(
@@ -407,48 +408,47 @@ def decompress_file(
     withheld the map is enhanced on zero semantics.
     """
     container = read_container(path)
-    enhance = models is not None
-    predictor = open_label_segmenter(segmenter) if enhance and container.segmenter else None
-    rgb, label = decode_container(container, predictor)
-    used = None
-    if models is not None and (label is not None or container.map_withheld):
-        origin = model or container.model.uri
-        if not origin:
-            named = container.model.describe()
-            raise CompressError(
-                f"{path} does not name a registry model ({named}); give --model FILE or --no-enhance"
-            )
-        used = models.get(origin)
-        spec = used.spec
-        if container.map_withheld:  # the same weights on zero semantics: any label source fits
-            spec = dataclasses.replace(spec, zero_semantics=True)
-            label = np.zeros(rgb.shape[:2], np.uint8)
-        else:
-            _check_label_source(used, container.label_source, container.segmenter, "the file", coded=True)
-        recorded = container.model.sha256
-        problems = []
-        if recorded and used.ref.sha256 != recorded:
-            problems.append(f"its sha256 {used.ref.sha256[:12]} is not the recorded {recorded[:12]}")
-        problems += _check_model_for(used, container.codec, container.quality, "the file")
-        if problems and not force:
-            raise CompressError(
-                f"{path}: model {origin} is refused: {'; '.join(problems)} (--force to use it anyway)"
-            )
-        assert label is not None  # decoded, predicted or zero
-        _check_labels(label, used)
-        check_tiling(spec, tile, overlap)
-        gains = container.correction_gains
-        if gains is not None and len(gains) != gain_count(spec):
-            wanted = f"{gain_count(spec)} correction gains" if sends_gains(spec) else "no correction gains"
-            raise CompressError(
-                f"{path}: carries {len(gains)} correction gains; model {origin} takes {wanted}"
-            )
-        enhanced = enhance_tiled(
-            used.generator, spec, rgb, label, container.quality, tile=tile, overlap=overlap, gains=gains
+    if models is None:
+        rgb, _ = decode_container(container)
+        write_png(out, rgb)
+        return container, None
+    predictor = open_label_segmenter(segmenter) if container.segmenter else None
+    origin = model or container.model.uri
+    if not origin:
+        named = container.model.describe()
+        raise CompressError(
+            f"{path} does not name a registry model ({named}); give --model FILE or --no-enhance"
         )
-        code = container.correction_scale
-        rgb = enhanced if code is None else apply_code(rgb, enhanced, code)
-    write_png(out, rgb)
+    used = models.get(origin)
+    # the codec's picture as the generator was trained on it (hevc's chroma, say), not the codec's default
+    rgb, label = decode_container(container, predictor, used.spec.decode_options(container.codec))
+    spec = used.spec
+    if container.map_withheld:  # the same weights on zero semantics: any label source fits
+        spec = dataclasses.replace(spec, zero_semantics=True)
+        label = np.zeros(rgb.shape[:2], np.uint8)
+    else:
+        _check_label_source(used, container.label_source, container.segmenter, "the file", coded=True)
+    recorded = container.model.sha256
+    problems = []
+    if recorded and used.ref.sha256 != recorded:
+        problems.append(f"its sha256 {used.ref.sha256[:12]} is not the recorded {recorded[:12]}")
+    problems += _check_model_for(used, container.codec, container.quality, "the file")
+    if problems and not force:
+        raise CompressError(
+            f"{path}: model {origin} is refused: {'; '.join(problems)} (--force to use it anyway)"
+        )
+    assert label is not None  # decoded, predicted or zero
+    _check_labels(label, used)
+    check_tiling(spec, tile, overlap)
+    gains = container.correction_gains
+    if gains is not None and len(gains) != gain_count(spec):
+        wanted = f"{gain_count(spec)} correction gains" if sends_gains(spec) else "no correction gains"
+        raise CompressError(f"{path}: carries {len(gains)} correction gains; model {origin} takes {wanted}")
+    enhanced = enhance_tiled(
+        used.generator, spec, rgb, label, container.quality, tile=tile, overlap=overlap, gains=gains
+    )
+    code = container.correction_scale
+    write_png(out, enhanced if code is None else apply_code(rgb, enhanced, code))
     return container, used
 
 

@@ -320,6 +320,25 @@ class Manifest:
             )
         return chosen
 
+    def decode_options(self, codec: str) -> dict[str, Any]:
+        """The options that decided ``codec``'s decoded pictures in these shards (its output options, as
+        :func:`pipeline.data.codecs.decode_options` reads a record: a folder built before an option existed
+        has that option's legacy value). Refused when the shards hold ``codec`` decoded two ways."""
+        from pipeline.data.codecs import decode_options
+
+        recorded = [
+            options
+            for name, _, options in (self.build.settings.get("codecs", []) if self.build else [])
+            if name == codec
+        ]
+        found = {json.dumps(decode_options(codec, options), sort_keys=True) for options in recorded or [None]}
+        if len(found) > 1:
+            raise ManifestError(
+                f"the shards{self._where()} hold {codec} pictures decoded in {len(found)} ways: "
+                f"{', '.join(sorted(found))}"
+            )
+        return json.loads(found.pop())
+
 
 def key_file_name(key: str, suffix: str = "") -> str:
     """``key + suffix`` as a file name: the one way a sample key (read from a shard, so from outside) becomes
@@ -374,6 +393,9 @@ class DatasetInfo:
     train_frames: tuple[str, ...] = ()  # keys of loader.split; empty when shards are given by pattern
     # the class of every label id the generator sees (model.semantic_classes: categories); None: the ids
     label_classes: tuple[int, ...] | None = None
+    # the options that decided loader.codec's decoded pictures (Manifest.decode_options): what the
+    # generator is trained on, recorded in its spec so that compress and decompress decode the same way
+    decode_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def class_nc(self) -> int:
@@ -428,4 +450,24 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
         from pipeline.data.sources import label_categories
 
         classes = label_categories(manifest.dataset.source if manifest else cfg.data.source, int(label_nc))
-    return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames, classes)
+    options = _decode_options(cfg, manifests)
+    return DatasetInfo(int(label_nc), cfg.model.use_instance and has_instances, frames, classes, options)
+
+
+def _decode_options(cfg: JobConfig, manifests: list[Manifest]) -> dict[str, Any]:
+    """``loader.codec``'s decode options of every folder training reads, refused unless they agree; without a
+    manifest, those a build of ``shards.codecs`` would record."""
+    from pipeline.data.codecs import codec_class, decode_options
+
+    codec = cfg.loader.codec
+    if not manifests:
+        given = [spec.options for spec in cfg.shards.codecs if spec.name == codec]
+        return decode_options(codec, {**codec_class(codec).output_options, **(given[0] if given else {})})
+    found = [(m.folder, m.decode_options(codec)) for m in manifests]
+    for folder, options in found[1:]:
+        if options != found[0][1]:
+            raise ManifestError(
+                f"loader.extra_shards: {folder} holds {codec} pictures decoded with {options}, but "
+                f"{found[0][0]} with {found[0][1]}; build every folder training reads with the same options"
+            )
+    return found[0][1]

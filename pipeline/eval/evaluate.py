@@ -108,7 +108,9 @@ def evaluate(cfg: JobConfig, models: list[str], tracker: Tracker | None = None) 
         raise ValueError(f"no images to evaluate ({data.description})")
     references = reference_methods(cfg.eval.reference_codecs, cfg.eval.reference_qualities, data.codec)
     judge = _open_judge(cfg.eval.segmenter, data.source_name)
-    methods = load_methods(models, data.codec, data.qualities, data.label_nc, device, cfg.tracking.uri)
+    methods = load_methods(
+        models, data.codec, data.qualities, data.label_nc, device, cfg.tracking.uri, data.decode_options
+    )
     check_label_source(methods, cfg.data.label_source)
     chosen = map_choice_methods(methods, data.codec) if cfg.eval.map_choice else []
     if cfg.eval.withheld_maps:
@@ -278,7 +280,7 @@ def _score(
     codec's, or the codec is alone; a reference codec's images at its qualities side by side)."""
     palette = label_palette(data.source_name)
     label_rates = LabelRates(data)
-    chooser = MapChooser(data.codec) if any(m.map_choice for m in methods) else None
+    chooser = MapChooser(data.codec, data.decode_options) if any(m.map_choice for m in methods) else None
     for index, sample in enumerate(tqdm(data.samples(), total=data.count, desc="R-PD evaluation")):
         scorer.add_original(sample.image, sample.label)
         for quality in data.qualities:

@@ -55,6 +55,7 @@ class EvalInput(Protocol):
 
     codec: str
     qualities: list[int]
+    decode_options: dict[str, Any]  # the options that decided the codec's decoded pictures
     source_name: str
     label_nc: int
     count: int  # samples that :meth:`samples` yields
@@ -103,6 +104,7 @@ class ShardInput:
         self.shards = [str(path) for path in manifest.shard_paths(split)]
         self.codec = cfg.loader.codec
         self.qualities = manifest.qualities(self.codec, cfg.eval.qualities, setting="eval.qualities")
+        self.decode_options = manifest.decode_options(self.codec)
         self.source_name = manifest.dataset.source
         self.label_nc = manifest.dataset.label_nc
         total = entry.samples
@@ -174,7 +176,7 @@ class SourceInput:
     """Samples of ``data.*`` encoded on the fly with ``loader.codec`` and the ``shards.*`` label coder."""
 
     def __init__(self, cfg: JobConfig) -> None:
-        from pipeline.data.codecs import LabelCoder, get_codec
+        from pipeline.data.codecs import LabelCoder, codec_class, decode_options, get_codec
         from pipeline.data.sources import open_source
 
         self.source = open_source(cfg.data, cfg.shards.max_pixels)
@@ -184,7 +186,9 @@ class SourceInput:
         self.qualities = sorted(set(cfg.eval.qualities)) or sorted({q for c in specs for q in c.qualities})
         if not self.qualities:
             raise ValueError(f"no qualities for {self.codec}: set eval.qualities or list it in shards.codecs")
-        self.encoder = get_codec(self.codec, **(specs[0].options if specs else {}))
+        options = {**codec_class(self.codec).output_options, **(specs[0].options if specs else {})}
+        self.encoder = get_codec(self.codec, **options)
+        self.decode_options = decode_options(self.codec, options)
         self.label_coder = LabelCoder(cfg.shards.label_coder, cfg.shards.label_downsample)
         self.source_name = self.source.name
         self.label_nc = self.source.label_nc
@@ -242,7 +246,7 @@ class PredictedLabels:
         self.data, self.source = data, cfg.data.label_source
         self.segmenter = open_segmenter(cfg.data.segmenter)
         self.label_coder = LabelCoder(cfg.shards.label_coder, cfg.shards.label_downsample)
-        self.codec, self.qualities = data.codec, data.qualities
+        self.codec, self.qualities, self.decode_options = data.codec, data.qualities, data.decode_options
         self.source_name, self.label_nc, self.count = data.source_name, data.label_nc, data.count
         where = "the decoded images (decoder)" if self.source == "decoder" else "the originals (encoder)"
         self.description = f"{data.description}, label maps predicted by {self.segmenter.name} from {where}"

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -72,8 +72,13 @@ def load_methods(
     label_nc: int,
     device: torch.device,
     tracking_uri: str = "",
+    decode_options: dict[str, Any] | None = None,
 ) -> list[Method]:
     """The base codec plus one method per model (checked against the codec, qualities and label table).
+
+    ``decode_options``: the codec's decode options of the evaluated pictures; a model trained on pictures
+    decoded otherwise (:meth:`~pipeline.model.spec.GeneratorSpec.decode_options`) is scored with a warning,
+    as it is then fed pictures it never saw in training.
 
     A model is an exported generator file or a registry URI (``models:/name@alias``), pinned by
     :func:`pipeline.tracking.pin_model_uri` and resolved by :func:`pipeline.tracking.resolve_model_uri`
@@ -109,6 +114,13 @@ def load_methods(
             raise ValueError(f"model {model} is for {codec} {at}, which is not evaluated ({qualities})")
         if spec.label_nc != label_nc:
             raise ValueError(f"model {model} has label_nc {spec.label_nc} but the data has {label_nc}")
+        trained_on = spec.decode_options(codec)
+        if decode_options is not None and trained_on != decode_options:
+            print(
+                f"[eval] WARNING: model {model} was trained on {codec} pictures decoded with {trained_on}, "
+                f"the evaluated ones are decoded with {decode_options}: its scores are of pictures it never "
+                "saw in training (rebuild the shards with its options to score it as compress runs it)"
+            )
         if pinned.startswith(REGISTRY_SCHEMES):
             identity, label = pinned, pinned.split(":/", 1)[1]
             suffixes[identity] = ([], label)
@@ -251,8 +263,8 @@ class MapChooser:
     slope on a sample at a quality is measured once (one round trip of the evaluated codec) and shared by
     every method."""
 
-    def __init__(self, codec: str) -> None:
-        self.codec = get_codec(codec, single_thread=True)
+    def __init__(self, codec: str, decode_options: dict[str, Any] | None = None) -> None:
+        self.codec = get_codec(codec, single_thread=True, **(decode_options or {}))
         self._slopes: dict[tuple[str, int], float] = {}
 
     def slope(self, sample: EvalSample, quality: int) -> float:

@@ -33,7 +33,13 @@ another rule:
 * version 7: version 6 plus ``padding`` (``zeros``: the generator's convs pad with zeros inside the conv,
   not pix2pixHD's reflection, which changes both the network's layers and its output). A spec without it
   (``model.padding: reflect``) is written as version 6 or older, and a pipeline that predates version 7
-  refuses a generator it would build with the wrong padding.
+  refuses a generator it would build with the wrong padding;
+* version 8: version 7 plus ``codec_options``: the options that decided the codec's decoded pictures the
+  generator was trained on (:attr:`pipeline.data.codecs.Codec.output_options`, e.g. ``hevc``'s
+  ``chroma_upsampling``), so that compress and decompress decode its input the same way
+  (:meth:`GeneratorSpec.decode_options`). Written for a codec that has such options; a spec without it
+  (a codec without them, or an export that predates them) is written as version 7 or older, and its
+  generator is run on the pictures of before the options (their legacy values).
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -62,7 +68,7 @@ from pipeline.config import (
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
 from pipeline.model.networks import NORMS, PADDINGS, Generator
 
-FORMAT_VERSION = 7  # the newest version this code reads and writes
+FORMAT_VERSION = 8  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -113,6 +119,7 @@ class GeneratorSpec:
     label_classes: tuple[int, ...] | None = None  # the class of each label id, with semantic_classes
     correction_scale: str | None = None  # None: none (version 5 and earlier)
     padding: str | None = None  # None: reflect (version 6 and earlier)
+    codec_options: dict[str, Any] | None = None  # None: the codec's legacy pictures (version 7 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -146,6 +153,18 @@ class GeneratorSpec:
             object.__setattr__(self, "padding", None)
         if self.padding not in (None, *PADDINGS):
             raise ValueError(f"generator spec padding={self.padding!r} is not one of {list(PADDINGS)}")
+        self._check_codec_options()
+
+    def _check_codec_options(self) -> None:
+        options = self.codec_options
+        if not options:  # the same spec as without the key
+            object.__setattr__(self, "codec_options", None)
+            return
+        if self.codec is None:
+            raise ValueError("generator spec codec_options needs the codec they are options of")
+        if not all(isinstance(v, str | int | float | bool) for v in options.values()):
+            raise ValueError(f"generator spec codec_options must map names to plain values, got {options!r}")
+        object.__setattr__(self, "codec_options", dict(sorted(options.items())))
 
     def _check_classes(self) -> None:
         if self.semantic_classes == "labels":  # the same spec as without the key
@@ -231,6 +250,16 @@ class GeneratorSpec:
             )
         return quality_level(str(self.codec), quality)
 
+    def decode_options(self, codec: str) -> dict[str, Any]:
+        """The options to decode ``codec``'s bitstreams with before this generator: those of the pictures it
+        was trained on (``codec_options``; without them, the codec's legacy pictures); for another codec
+        than its own (a forced run), that codec's defaults."""
+        from pipeline.data.codecs import codec_class, decode_options
+
+        if codec != self.codec:
+            return dict(codec_class(codec).output_options)
+        return decode_options(codec, self.codec_options)
+
     @property
     def uses_synthesis(self) -> bool:
         """Whether to run the generator with ``synthesis=True``: phase-1 exports (the semantic prior) draw
@@ -287,8 +316,8 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Versions 1 to 6 are closed: ModelConfig and the spec as they were then, so a
-# field added later is never taken for part of an older file. Version 7 is GeneratorSpec's fields.
+# Spec keys by format version. Versions 1 to 7 are closed: ModelConfig and the spec as they were then, so a
+# field added later is never taken for part of an older file. Version 8 is GeneratorSpec's fields.
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -298,14 +327,16 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
     ),
     2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
     - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes", "correction_scale"}
-    - {"padding"},
+    - {"padding", "codec_options"},
     3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"quality_input", "semantic_classes", "label_classes", "correction_scale", "padding"},
+    - {"quality_input", "semantic_classes", "label_classes", "correction_scale", "padding", "codec_options"},
     4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"semantic_classes", "label_classes", "correction_scale", "padding"},
-    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"correction_scale", "padding"},
-    6: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"padding"},
-    7: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    - {"semantic_classes", "label_classes", "correction_scale", "padding", "codec_options"},
+    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
+    - {"correction_scale", "padding", "codec_options"},
+    6: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"padding", "codec_options"},
+    7: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"codec_options"},
+    8: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
 }
 
 

@@ -394,6 +394,7 @@ class PhaseRunner:
                 self.data.use_instance,
                 label_classes=self.data.label_classes,
                 codec=self.cfg.loader.codec,
+                codec_options=self.data.decode_options,
                 quality=self.cfg.loader.quality,
                 phase=self.phase,
                 steps=self.progress.step,

@@ -15,6 +15,7 @@ from pipeline.data.codecs.base import (
     CodecUnavailable,
     available_codecs,
     codec_class,
+    decode_options,
     get_codec,
     register_codec,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "WebPCodec",
     "available_codecs",
     "codec_class",
+    "decode_options",
     "get_codec",
     "register_codec",
 ]

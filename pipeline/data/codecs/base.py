@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class Codec(ABC):
     # options that change the decoded picture, at their defaults: a shard build records them even when
     # its config leaves them out, so that shards decoded another way are never taken for its own
     output_options: ClassVar[dict[str, object]] = {}
+    # what each of those options was, in effect, before it existed (an option the codec had from the start
+    # needs no entry): the picture of shards and generators that record no value for it
+    legacy_output_options: ClassVar[dict[str, object]] = {}
 
     def encode(self, rgb: np.ndarray, quality: int) -> bytes:
         """Compress an RGB ``uint8`` ``H x W x 3`` image to its exact bitstream."""
@@ -144,6 +148,18 @@ def codec_class(name: str) -> type[Codec]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(available_codecs())}") from None
+
+
+def decode_options(name: str, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options that decide codec ``name``'s decoded picture (its :attr:`Codec.output_options`), as
+    ``recorded`` by a shard build or a generator's spec: each option's recorded value, else its legacy
+    value (a record without it was decoded before the option existed). ``None``: nothing was recorded."""
+    cls = codec_class(name)
+    recorded = recorded or {}
+    return {
+        key: recorded.get(key, cls.legacy_output_options.get(key, default))
+        for key, default in cls.output_options.items()
+    }
 
 
 def get_codec(name: str, *, single_thread: bool = False, **options: object) -> Codec:

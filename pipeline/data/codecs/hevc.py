@@ -66,6 +66,7 @@ class HEVCCodec(Codec):
     higher_quality_is_better = False
     single_thread_options = {"threads": 1}
     output_options = {"chroma_upsampling": DEFAULT_CHROMA_UPSAMPLING}
+    legacy_output_options = {"chroma_upsampling": "nearest"}  # libheif's picture, before the option
 
     def __init__(
         self, threads: int = 0, chroma_upsampling: ChromaUpsampling = DEFAULT_CHROMA_UPSAMPLING
