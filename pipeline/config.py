@@ -248,6 +248,7 @@ class LoaderConfig:
 
 
 # The range of each architecture number (also what an exported generator's spec may hold)
+END_KERNELS = (1, 3, 5, 7)  # odd, so that a stride-1 conv keeps the size; 7 is pix2pixHD's
 MODEL_BOUNDS: dict[str, tuple[int, int]] = {
     "ngf": (1, 1024),
     "n_downsample": (0, 6),
@@ -267,8 +268,12 @@ class ModelConfig:
     n_blocks: int = 9
     norm: Norm = "instance"
     # how the generator's size-keeping convs pad: reflect (pix2pixHD's ReflectionPad2d before each), or
-    # zeros inside the conv (no separate copy of the input: a shorter step on CPU, bench/bench_padding.py)
+    # zeros inside the conv (no separate copy of the input: a shorter step on CPU,
+    # bench/bench_generator_step.py)
     padding: Padding = field(default="reflect", metadata=WEIGHTS_WHEN_SET)
+    # the kernel of the generator's full-resolution convs at its two ends: the front conv and the output
+    # heads (pix2pixHD: 7). 3 costs about a quarter less per step (bench/bench_generator_step.py)
+    end_kernel: int = field(default=7, metadata=WEIGHTS_WHEN_SET)
     ndf: int = 64
     n_layers_d: int = 3
     num_d: int = 2
@@ -299,6 +304,8 @@ class ModelConfig:
         for name, (_, high) in MODEL_BOUNDS.items():
             if getattr(self, name) > high:
                 raise ConfigError(f"{name} must be <= {high}, got {getattr(self, name)}")
+        if self.end_kernel not in END_KERNELS:
+            raise ConfigError(f"model.end_kernel must be one of {list(END_KERNELS)}, got {self.end_kernel}")
         if self.correction_scale == "channels" and not self.residual:
             raise ConfigError(
                 "model.correction_scale=channels gains the correction head: needs model.residual=true"

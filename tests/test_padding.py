@@ -1,6 +1,7 @@
-"""model.padding: zeros. The generator's size-keeping convs pad with zeros inside the conv instead of
-pix2pixHD's reflection pad before it; the residual generator still starts at the codec, the correction's
-parts still sum to it, and the spec records the padding (format version 7) so the export rebuilds it."""
+"""model.padding: zeros and model.end_kernel. The generator's size-keeping convs pad with zeros inside the
+conv instead of pix2pixHD's reflection pad before it, and its front conv and heads may be smaller than
+pix2pixHD's 7x7; the residual generator still starts at the codec, the correction's parts still sum to it,
+and the spec records both (format versions 7 and 9) so the export rebuilds them."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ TINY = ModelConfig(ngf=4, n_downsample=1, n_blocks=2, norm="none", correction_sc
 LABEL_NC = 5
 
 
-def _generator(padding: str, seed: int = 0) -> Generator:
+def _generator(padding: str, seed: int = 0, end_kernel: int = 7) -> Generator:
     """A generator whose correction head looks trained (an untrained one is zero)."""
     torch.manual_seed(seed)
-    generator, _ = build_models(dataclasses.replace(TINY, padding=padding), LABEL_NC, use_instance=False)
+    model = dataclasses.replace(TINY, padding=padding, end_kernel=end_kernel)
+    generator, _ = build_models(model, LABEL_NC, use_instance=False)
     with torch.no_grad():
         generator.correction[-1].weight.normal_(0.0, 0.05)
         generator.correction[-1].bias.fill_(0.02)
@@ -54,15 +56,26 @@ def test_zero_padding_has_no_pad_layers_and_starts_at_the_codec() -> None:
         torch.testing.assert_close(drawn, torch.tanh(zeros.model[-2](features)), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("padding", ["reflect", "zeros"])
-def test_the_heads_pad_as_named_and_the_parts_sum_to_the_correction(padding: str) -> None:
-    generator = _generator(padding)
+@pytest.mark.parametrize(
+    ("padding", "end_kernel"), [("reflect", 7), ("zeros", 7), ("zeros", 3), ("reflect", 1)]
+)
+def test_the_heads_pad_as_named_and_the_parts_sum_to_the_correction(padding: str, end_kernel: int) -> None:
+    generator = _generator(padding, end_kernel=end_kernel)
     x = torch.randn(2, generator.hparams["input_nc"], 16, 16)
     conv = generator.correction[-1]
+    front = next(m for m in generator.model if isinstance(m, nn.Conv2d))
+    assert (
+        conv.kernel_size == front.kernel_size == generator.model[-2].kernel_size == (end_kernel, end_kernel)
+    )
+    assert generator.hparams.get("end_kernel", 7) == end_kernel  # recorded only when not pix2pixHD's
+    untrained, _ = build_models(dataclasses.replace(TINY, end_kernel=end_kernel), LABEL_NC, False)
+    with torch.no_grad():  # starts at the codec
+        assert torch.equal(untrained(x), x[:, -3:].clamp(-1, 1))
     mode = {"reflect": "reflect", "zeros": "constant"}[padding]
+    pad = (end_kernel // 2,) * 4
     with torch.no_grad():
         features = generator.trunk(x)
-        expected = F.conv2d(F.pad(features, (3, 3, 3, 3), mode=mode), conv.weight, conv.bias)
+        expected = F.conv2d(F.pad(features, pad, mode=mode), conv.weight, conv.bias)
         torch.testing.assert_close(generator.correction(features), expected, atol=1e-6, rtol=0)
         parts = generator.correction_parts(features)
         torch.testing.assert_close(parts.sum(1), expected, atol=1e-6, rtol=0)
@@ -106,6 +119,28 @@ def test_the_spec_records_zero_padding_as_format_version_7(tmp_path: Path) -> No
         export_generator(tmp_path / "other.safetensors", _generator("reflect"), spec)
 
 
+def test_the_spec_records_the_end_kernel_as_format_version_9(tmp_path: Path) -> None:
+    spec = _spec(padding="zeros", end_kernel=3)
+    assert spec.format_version == 9 and spec.to_json()["end_kernel"] == 3
+    assert "end_kernel" in SPEC_KEYS[9] and "end_kernel" not in SPEC_KEYS[8]
+    generator = _generator("zeros", end_kernel=3)
+    loaded, read = load_generator(export_generator(tmp_path / "g.safetensors", generator, spec))
+    assert (
+        read == spec and loaded.hparams == generator.hparams and loaded.correction[-1].kernel_size == (3, 3)
+    )
+    assert _spec(end_kernel=7) == _spec() and "end_kernel" not in _spec().to_json()  # pix2pixHD's: no key
+    with pytest.raises(ValueError, match="unknown to generator format version 8"):
+        GeneratorSpec.from_json(spec.to_json(), 8)
+    with pytest.raises(ValueError, match=r"end_kernel=4 is not one of \[1, 3, 5, 7\]"):
+        dataclasses.replace(spec, end_kernel=4)
+    with pytest.raises(ValueError, match="the generator is"):  # 7x7 weights are not this spec's network
+        export_generator(tmp_path / "other.safetensors", _generator("zeros"), spec)
+    with pytest.raises(ConfigError, match=r"model.end_kernel must be one of \[1, 3, 5, 7\], got 9"):
+        with_overrides(JobConfig(), {"model.end_kernel": 9})
+    with pytest.raises(ValueError, match="end_kernel must be odd"):
+        Generator(8, end_kernel=2)
+
+
 def test_the_config_takes_and_checks_the_padding() -> None:
     assert JobConfig().model.padding == "reflect"
     assert with_overrides(JobConfig(), {"model.padding": "zeros"}).model.padding == "zeros"
@@ -135,8 +170,10 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
             ],
         )  # fmt: skip
 
-    export = trainer.train(config(tmp_path / "zeros", "model.padding=zeros"), [3], tracker=Tracker())[3]
-    assert read_spec(export).padding == "zeros" and read_spec(export).format_version == 8
+    zeros = config(tmp_path / "zeros", "model.padding=zeros", "model.end_kernel=3")
+    export = trainer.train(zeros, [3], tracker=Tracker())[3]
+    assert read_spec(export).padding == "zeros" and read_spec(export).end_kernel == 3
+    assert read_spec(export).format_version == 9
     # with the options of the shards' decoded pictures (hevc's chroma), which compress decodes with
     assert (
         read_spec(export).codec_options

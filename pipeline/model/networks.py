@@ -35,7 +35,7 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
 def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Module]:
     """A stride-1 conv that keeps the size: pix2pixHD's reflection pad before it (``reflect``), or zeros
     padded inside the conv itself (``zeros``), which skips a copy of the input each way (a shorter step on
-    CPU: ``bench/bench_padding.py``)."""
+    CPU: ``bench/bench_generator_step.py``)."""
     if padding == "reflect":
         return [nn.ReflectionPad2d(kernel // 2), nn.Conv2d(in_nc, out_nc, kernel_size=kernel)]
     if padding == "zeros":
@@ -63,7 +63,8 @@ class ResnetBlock(nn.Module):
 class Generator(nn.Module):
     """pix2pixHD GlobalGenerator: 7x7 front, stride-2 downsamplings, residual blocks, upsamplings, tanh.
 
-    Input height and width must be multiples of ``2 ** n_downsample``.
+    Input height and width must be multiples of ``2 ** n_downsample``. ``end_kernel`` sets the kernel of
+    the full-resolution convs at both ends (the front and both heads; pix2pixHD's 7x7 below).
 
     Two output heads share the trunk:
 
@@ -90,8 +91,11 @@ class Generator(nn.Module):
         norm: str = "instance",
         residual: bool = False,
         padding: str = "reflect",
+        end_kernel: int = 7,
     ) -> None:
         super().__init__()
+        if end_kernel < 1 or end_kernel % 2 == 0:
+            raise ValueError(f"end_kernel must be odd and positive (a size-keeping conv), got {end_kernel}")
         if min(input_nc, output_nc, ngf) <= 0 or n_downsample < 0 or n_blocks < 0:
             raise ValueError(
                 f"invalid generator size: input_nc={input_nc} output_nc={output_nc} ngf={ngf} "
@@ -108,6 +112,8 @@ class Generator(nn.Module):
         }
         if padding != "reflect":  # only where it differs: the hparams of every earlier file stay valid
             self.hparams["padding"] = padding
+        if end_kernel != 7:
+            self.hparams["end_kernel"] = end_kernel
         if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
             raise ValueError(
                 f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "
@@ -116,7 +122,7 @@ class Generator(nn.Module):
             )
         make_norm = norm_layer(norm)
         layers: list[nn.Module] = [
-            *same_conv(input_nc, ngf, 7, padding),
+            *same_conv(input_nc, ngf, end_kernel, padding),
             make_norm(ngf),
             nn.ReLU(True),
         ]
@@ -139,12 +145,12 @@ class Generator(nn.Module):
                 nn.ReLU(True),
             ]
         # the synthesis head stays inside ``model`` so that plain generators keep pix2pixHD's layout
-        synthesis_head = [*same_conv(ngf, output_nc, 7, padding), nn.Tanh()]
+        synthesis_head = [*same_conv(ngf, output_nc, end_kernel, padding), nn.Tanh()]
         self.synthesis_layers = len(synthesis_head)
         self.model = nn.Sequential(*layers, *synthesis_head)
         self.correction: nn.Sequential | None = None
         if residual:
-            self.correction = nn.Sequential(*same_conv(ngf, output_nc, 7, padding))
+            self.correction = nn.Sequential(*same_conv(ngf, output_nc, end_kernel, padding))
             zero_correction(self)
 
     @property
@@ -311,6 +317,7 @@ def build_models(
         norm=model_cfg.norm,
         residual=model_cfg.residual,
         padding=model_cfg.padding,
+        end_kernel=model_cfg.end_kernel,
     )
     discriminator = MultiscaleDiscriminator(
         semantic_channels(class_nc, use_instance) + IMAGE_CHANNELS,

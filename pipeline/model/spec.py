@@ -39,7 +39,10 @@ another rule:
   ``chroma_upsampling``), so that compress and decompress decode its input the same way
   (:meth:`GeneratorSpec.decode_options`). Written for a codec that has such options; a spec without it
   (a codec without them, or an export that predates them) is written as version 7 or older, and its
-  generator is run on the pictures of before the options (their legacy values).
+  generator is run on the pictures of before the options (their legacy values);
+* version 9: version 8 plus ``end_kernel`` (the kernel of the generator's front conv and heads, other than
+  pix2pixHD's 7). A spec without it (``model.end_kernel: 7``) is written as version 8 or older, and a
+  pipeline that predates version 9 refuses a generator it would build with 7x7 ends.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -58,6 +61,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import (
+    END_KERNELS,
     MODEL_BOUNDS,
     CorrectionScale,
     JobConfig,
@@ -68,7 +72,7 @@ from pipeline.config import (
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
 from pipeline.model.networks import NORMS, PADDINGS, Generator
 
-FORMAT_VERSION = 8  # the newest version this code reads and writes
+FORMAT_VERSION = 9  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -120,6 +124,7 @@ class GeneratorSpec:
     correction_scale: str | None = None  # None: none (version 5 and earlier)
     padding: str | None = None  # None: reflect (version 6 and earlier)
     codec_options: dict[str, Any] | None = None  # None: the codec's legacy pictures (version 7 and earlier)
+    end_kernel: int | None = None  # None: 7 (version 8 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -154,6 +159,10 @@ class GeneratorSpec:
         if self.padding not in (None, *PADDINGS):
             raise ValueError(f"generator spec padding={self.padding!r} is not one of {list(PADDINGS)}")
         self._check_codec_options()
+        if self.end_kernel == 7:  # the same spec as without the key
+            object.__setattr__(self, "end_kernel", None)
+        if self.end_kernel not in (None, *END_KERNELS):
+            raise ValueError(f"generator spec end_kernel={self.end_kernel} is not one of {list(END_KERNELS)}")
 
     def _check_codec_options(self) -> None:
         options = self.codec_options
@@ -295,6 +304,7 @@ class GeneratorSpec:
             "norm": self.norm,
             "residual": self.residual,
             **({"padding": self.padding} if self.padding else {}),
+            **({"end_kernel": self.end_kernel} if self.end_kernel else {}),
         }
 
     def weight_shapes(self, max_bytes: int = MAX_GENERATOR_BYTES) -> dict[str, tuple[int, ...]]:
@@ -316,8 +326,18 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# Spec keys by format version. Versions 1 to 7 are closed: ModelConfig and the spec as they were then, so a
-# field added later is never taken for part of an older file. Version 8 is GeneratorSpec's fields.
+# The keys each format version added; versions 1 to 8 are closed: the spec as it was then, so a field added
+# later is never taken for part of an older file. The newest version is GeneratorSpec's fields.
+ADDED_KEYS: dict[int, frozenset[str]] = {
+    3: frozenset({"label_source", "segmenter"}),
+    4: frozenset({"quality_input"}),
+    5: frozenset({"semantic_classes", "label_classes"}),
+    6: frozenset({"correction_scale"}),
+    7: frozenset({"padding"}),
+    8: frozenset({"codec_options"}),
+    9: frozenset({"end_kernel"}),
+}
+_ALL_KEYS = frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
 SPEC_KEYS: dict[int, frozenset[str]] = {
     1: frozenset(
         {
@@ -325,18 +345,10 @@ SPEC_KEYS: dict[int, frozenset[str]] = {
             *("use_instance", "zero_semantics", "codec", "quality", "phase", "steps"),
         }
     ),
-    2: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"label_source", "segmenter", "quality_input", "semantic_classes", "label_classes", "correction_scale"}
-    - {"padding", "codec_options"},
-    3: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"quality_input", "semantic_classes", "label_classes", "correction_scale", "padding", "codec_options"},
-    4: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"semantic_classes", "label_classes", "correction_scale", "padding", "codec_options"},
-    5: frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
-    - {"correction_scale", "padding", "codec_options"},
-    6: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"padding", "codec_options"},
-    7: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)) - {"codec_options"},
-    8: frozenset(f.name for f in dataclasses.fields(GeneratorSpec)),
+    **{
+        version: _ALL_KEYS.difference(*(keys for added, keys in ADDED_KEYS.items() if added > version))
+        for version in range(2, FORMAT_VERSION + 1)
+    },
 }
 
 

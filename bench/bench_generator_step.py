@@ -1,12 +1,15 @@
-"""Generator padding benchmark: ``model.padding=reflect`` (pix2pixHD) against ``zeros``, per training step.
+"""Generator step benchmark: pix2pixHD's layers against the quality benchmark's, per training step.
 
 Times the quality benchmark's phase-3 step (``bench_quality.RECIPE``'s generator and crop: the residual
-output, MSE against the original, backward, Adam) with each padding, in one process, on the same weights
-and batch, on one CPU thread (``--threads``). After a warm-up, ``--repeats`` timed blocks of ``--steps``
-steps alternate which padding goes first; the table gives the median seconds per step of each and their
-ratio. The data loader and DeepSpeed are left out: only the network differs between the two.
+output, MSE against the original, backward, Adam) with three generators that differ only in two settings:
+``model.padding`` (``reflect``: pix2pixHD's reflection-pad layers; ``zeros``: padded inside the convs) and
+``model.end_kernel`` (7: pix2pixHD's 7x7 front conv and heads; 3). All three run in one process, from the
+same seed and on the same batch, on one CPU thread (``--threads``). After a warm-up, ``--repeats`` timed
+blocks of ``--steps`` steps alternate the order of the generators; the table gives the median seconds per
+step of each and its ratio to pix2pixHD's. The data loader and DeepSpeed are left out: only the network
+differs.
 
-Usage:  python bench/bench_padding.py [--steps N] [--repeats N] [--threads N]
+Usage:  python bench/bench_generator_step.py [--steps N] [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from pipeline.model.networks import Generator, build_models
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import RECIPE  # noqa: E402
 
-PADDINGS = ("reflect", "zeros")
+# (model.padding, model.end_kernel): pix2pixHD's first, then the quality benchmark's since runs 31 and 38
+VARIANTS = (("reflect", 7), ("zeros", 7), ("zeros", 3))
 CATEGORIES = 8  # Cityscapes' categories, the recipe's model.semantic_classes
 
 
-def recipe_config(padding: str) -> JobConfig:
+def recipe_config(padding: str, end_kernel: int) -> JobConfig:
     """The default config with the quality benchmark's recipe for the generator and its crop, and
-    ``padding``."""
+    ``padding`` and ``end_kernel``."""
     chosen = [o for o in RECIPE if o.startswith(("model.", "loader.crop=", "loader.batch_size="))]
-    return load_config(overrides=[*chosen, f"model.padding={padding}"])
+    return load_config(overrides=[*chosen, f"model.padding={padding}", f"model.end_kernel={end_kernel}"])
 
 
 def time_steps(generator: Generator, x: torch.Tensor, target: torch.Tensor, steps: int) -> float:
@@ -54,37 +58,39 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per padding")
+    parser.add_argument("--repeats", type=int, default=5, help="timed blocks per generator")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the benchmark's: 1)")
     args = parser.parse_args()
     if min(args.steps, args.repeats, args.threads) < 1:
         parser.error("--steps, --repeats and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     generators = {}
-    for padding in PADDINGS:
-        cfg = recipe_config(padding)
+    for variant in VARIANTS:
+        cfg = recipe_config(*variant)
         torch.manual_seed(0)
-        generators[padding], _ = build_models(cfg.model, CATEGORIES, use_instance=False)
+        generators[variant], _ = build_models(cfg.model, CATEGORIES, use_instance=False)
     height, width = cfg.loader.crop
     torch.manual_seed(1)
-    x = torch.rand(cfg.loader.batch_size, generators["zeros"].hparams["input_nc"], height, width) * 2 - 1
+    input_nc = generators[VARIANTS[0]].hparams["input_nc"]
+    x = torch.rand(cfg.loader.batch_size, input_nc, height, width) * 2 - 1
     target = (x[:, -3:] + 0.05 * torch.randn_like(x[:, -3:])).clamp(-1, 1)
     for generator in generators.values():
         time_steps(generator, x, target, 3)  # warm-up
-    seconds: dict[str, list[float]] = {p: [] for p in PADDINGS}
+    seconds: dict[tuple[str, int], list[float]] = {v: [] for v in VARIANTS}
     for repeat in range(args.repeats):
-        for padding in PADDINGS if repeat % 2 == 0 else PADDINGS[::-1]:
-            seconds[padding].append(time_steps(generators[padding], x, target, args.steps))
+        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
+            seconds[variant].append(time_steps(generators[variant], x, target, args.steps))
     print(f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     model = cfg.model
     print(f"generator: ngf={model.ngf} n_downsample={model.n_downsample} n_blocks={model.n_blocks} "
           f"norm={model.norm}; batch {cfg.loader.batch_size} x {height}x{width}; "
           f"{args.repeats} blocks of {args.steps} steps each")  # fmt: skip
-    medians = {p: statistics.median(s) for p, s in seconds.items()}
-    for padding, median in medians.items():
-        low, high = min(seconds[padding]), max(seconds[padding])
-        print(f"  {padding:>7}: {median:.4f} s/step (blocks {low:.4f} to {high:.4f})")
-    print(f"  zeros / reflect: {medians['zeros'] / medians['reflect']:.3f} of the time per step")
+    medians = {v: statistics.median(s) for v, s in seconds.items()}
+    for (padding, kernel), median in medians.items():
+        low, high = min(seconds[padding, kernel]), max(seconds[padding, kernel])
+        ratio = median / medians[VARIANTS[0]]
+        print(f"  padding={padding:<7} end_kernel={kernel}: {median:.4f} s/step (blocks {low:.4f} to "
+              f"{high:.4f}), {ratio:.3f} of pix2pixHD's time")  # fmt: skip
 
 
 if __name__ == "__main__":
