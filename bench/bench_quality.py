@@ -119,7 +119,8 @@ QUALITIES = [32, 37, 42, 47]
 # (model.end_kernel=3; bench/bench_generator_step.py times the step), which buys 1800 steps (STEPS) in the
 # time of 1400: on munster, seed 0, the two models side by side on run 35's shards, codec-SE validated
 # +0.185 and +0.198 dB at steps 1400 and 1800 (1800-step schedule; run 35, 7x7, 1400 steps: +0.154 at step
-# 1400) and the ablation +0.195 and +0.201 (+0.135), in 543 and 580 s of training steps.
+# 1400) and the ablation +0.195 and +0.201 (+0.135); run 38 trained the pair's 1800 steps in 619 s, run 35
+# 1400 with 7x7 ends in 627 s.
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
