@@ -331,13 +331,13 @@ class Manifest:
             for name, _, options in (self.build.settings.get("codecs", []) if self.build else [])
             if name == codec
         ]
-        found = {json.dumps(decode_options(codec, options), sort_keys=True) for options in recorded or [None]}
-        if len(found) > 1:
+        found = [decode_options(codec, options) for options in recorded or [None]]
+        ways = [options for i, options in enumerate(found) if options not in found[:i]]
+        if len(ways) > 1:
             raise ManifestError(
-                f"the shards{self._where()} hold {codec} pictures decoded in {len(found)} ways: "
-                f"{', '.join(sorted(found))}"
+                f"the shards{self._where()} hold {codec} pictures decoded in {len(ways)} ways: {ways}"
             )
-        return json.loads(found.pop())
+        return ways[0]
 
 
 def key_file_name(key: str, suffix: str = "") -> str:
@@ -457,12 +457,12 @@ def dataset_info(cfg: JobConfig) -> DatasetInfo:
 def _decode_options(cfg: JobConfig, manifests: list[Manifest]) -> dict[str, Any]:
     """``loader.codec``'s decode options of every folder training reads, refused unless they agree; without a
     manifest, those a build of ``shards.codecs`` would record."""
-    from pipeline.data.codecs import codec_class, decode_options
+    from pipeline.data.codecs import decode_options, with_output_defaults
 
     codec = cfg.loader.codec
     if not manifests:
         given = [spec.options for spec in cfg.shards.codecs if spec.name == codec]
-        return decode_options(codec, {**codec_class(codec).output_options, **(given[0] if given else {})})
+        return decode_options(codec, with_output_defaults(codec, given[0] if given else {}))
     found = [(m.folder, m.decode_options(codec)) for m in manifests]
     for folder, options in found[1:]:
         if options != found[0][1]:

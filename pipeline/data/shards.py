@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, temporary_names, write_atomic
 from pipeline.config import REPO_ROOT, ConfigError, DataConfig, JobConfig, flatten, from_dict
-from pipeline.data.codecs import LabelCoder, codec_class, get_codec
+from pipeline.data.codecs import LabelCoder, get_codec, with_output_defaults
 from pipeline.data.manifest import (
     MANIFEST,
     VERSION,
@@ -459,8 +459,7 @@ def _context(cfg: JobConfig, *, output_defaults: bool = True) -> _Context:
     s = cfg.shards
 
     def options(name: str, given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-        defaults = codec_class(name).output_options if output_defaults else {}
-        return tuple(sorted({**defaults, **given}.items()))
+        return tuple(sorted((with_output_defaults(name, given) if output_defaults else given).items()))
 
     codecs = tuple(
         (spec.name, int(q), options(spec.name, spec.options)) for spec in s.codecs for q in spec.qualities

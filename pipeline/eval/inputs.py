@@ -176,7 +176,7 @@ class SourceInput:
     """Samples of ``data.*`` encoded on the fly with ``loader.codec`` and the ``shards.*`` label coder."""
 
     def __init__(self, cfg: JobConfig) -> None:
-        from pipeline.data.codecs import LabelCoder, codec_class, decode_options, get_codec
+        from pipeline.data.codecs import LabelCoder, decode_options, get_codec, with_output_defaults
         from pipeline.data.sources import open_source
 
         self.source = open_source(cfg.data, cfg.shards.max_pixels)
@@ -186,7 +186,7 @@ class SourceInput:
         self.qualities = sorted(set(cfg.eval.qualities)) or sorted({q for c in specs for q in c.qualities})
         if not self.qualities:
             raise ValueError(f"no qualities for {self.codec}: set eval.qualities or list it in shards.codecs")
-        options = {**codec_class(self.codec).output_options, **(specs[0].options if specs else {})}
+        options = with_output_defaults(self.codec, specs[0].options if specs else {})
         self.encoder = get_codec(self.codec, **options)
         self.decode_options = decode_options(self.codec, options)
         self.label_coder = LabelCoder(cfg.shards.label_coder, cfg.shards.label_downsample)

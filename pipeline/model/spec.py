@@ -61,9 +61,9 @@ import torch
 from torch import Tensor
 
 from pipeline.config import (
-    END_KERNELS,
     MODEL_BOUNDS,
     CorrectionScale,
+    EndKernel,
     JobConfig,
     LabelSource,
     ModelConfig,
@@ -80,6 +80,7 @@ BOUNDS: dict[str, tuple[int, int]] = {**MODEL_BOUNDS, "label_nc": (1, 256)}  # l
 LABEL_SOURCES = typing.get_args(LabelSource)
 SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
 CORRECTION_SCALES = typing.get_args(CorrectionScale)
+END_KERNELS = typing.get_args(EndKernel)
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
@@ -263,10 +264,10 @@ class GeneratorSpec:
         """The options to decode ``codec``'s bitstreams with before this generator: those of the pictures it
         was trained on (``codec_options``; without them, the codec's legacy pictures); for another codec
         than its own (a forced run), that codec's defaults."""
-        from pipeline.data.codecs import codec_class, decode_options
+        from pipeline.data.codecs import decode_options, with_output_defaults
 
         if codec != self.codec:
-            return dict(codec_class(codec).output_options)
+            return with_output_defaults(codec, {})
         return decode_options(codec, self.codec_options)
 
     @property

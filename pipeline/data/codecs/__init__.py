@@ -18,6 +18,7 @@ from pipeline.data.codecs.base import (
     decode_options,
     get_codec,
     register_codec,
+    with_output_defaults,
 )
 from pipeline.data.codecs.bpg import BPGCodec
 from pipeline.data.codecs.hevc import HEVCCodec
@@ -43,4 +44,5 @@ __all__ = [
     "decode_options",
     "get_codec",
     "register_codec",
+    "with_output_defaults",
 ]

@@ -150,6 +150,12 @@ def codec_class(name: str) -> type[Codec]:
         raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(available_codecs())}") from None
 
 
+def with_output_defaults(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of codec ``name`` with its :attr:`Codec.output_options` defaults filled in: what a codec
+    built from them decodes with, and what a shard build records."""
+    return {**codec_class(name).output_options, **options}
+
+
 def decode_options(name: str, recorded: Mapping[str, Any] | None) -> dict[str, Any]:
     """The options that decide codec ``name``'s decoded picture (its :attr:`Codec.output_options`), as
     ``recorded`` by a shard build or a generator's spec: each option's recorded value, else its legacy
