@@ -32,6 +32,7 @@ LabelCoderMethod = Literal["auto", "jxl", "webp", "png"]
 Norm = Literal["instance", "batch", "none"]
 Padding = Literal["reflect", "zeros"]
 EndKernel = Literal[1, 3, 5, 7]  # odd, so that a stride-1 conv keeps the size; 7 is pix2pixHD's
+Activation = Literal["relu", "leaky_relu"]
 GanMode = Literal["lsgan", "hinge"]
 Distortion = Literal["l1", "mse", "psnr"]
 LrSchedule = Literal["constant", "cosine"]
@@ -274,6 +275,10 @@ class ModelConfig:
     # the kernel of the generator's full-resolution convs at its two ends: the front conv and the output
     # heads (pix2pixHD: 7). A shorter step on CPU with 3 (bench/bench_generator_step.py)
     end_kernel: EndKernel = field(default=7, metadata=WEIGHTS_WHEN_SET)
+    # the generator's activation: relu (pix2pixHD's), or leaky_relu (slope 0.2, as its discriminator's),
+    # which keeps a gradient through every unit: without a norm (model.norm=none) a ReLU trunk can die
+    # at the start of training, and the correction head, which reads its last ReLU, with it
+    activation: Activation = field(default="relu", metadata=WEIGHTS_WHEN_SET)
     ndf: int = 64
     n_layers_d: int = 3
     num_d: int = 2

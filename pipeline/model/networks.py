@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import ModelConfig, Norm, Padding
+from pipeline.config import Activation, ModelConfig, Norm, Padding
 from pipeline.model.inputs import IMAGE_CHANNELS, input_channels, semantic_channels
 
 NORMS = typing.get_args(Norm)
 PADDINGS = typing.get_args(Padding)
+ACTIVATIONS = typing.get_args(Activation)
+LEAKY_SLOPE = 0.2  # pix2pixHD's discriminator's
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -30,6 +32,15 @@ def norm_layer(norm: str) -> Callable[[int], nn.Module]:
     if norm == "none":
         return lambda channels: nn.Identity()
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+def activation_layer(activation: str) -> Callable[[], nn.Module]:
+    """The generator's activation: pix2pixHD's ReLU, or a leaky ReLU that never stops passing a gradient."""
+    if activation == "relu":
+        return lambda: nn.ReLU(True)
+    if activation == "leaky_relu":
+        return lambda: nn.LeakyReLU(LEAKY_SLOPE, True)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
 def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Module]:
@@ -46,12 +57,18 @@ def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Mod
 class ResnetBlock(nn.Module):
     """Two padded 3x3 convs with a skip connection."""
 
-    def __init__(self, dim: int, norm: Callable[[int], nn.Module], padding: str = "reflect") -> None:
+    def __init__(
+        self,
+        dim: int,
+        norm: Callable[[int], nn.Module],
+        padding: str = "reflect",
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         self.conv_block = nn.Sequential(
             *same_conv(dim, dim, 3, padding),
             norm(dim),
-            nn.ReLU(True),
+            activation_layer(activation)(),
             *same_conv(dim, dim, 3, padding),
             norm(dim),
         )
@@ -64,7 +81,8 @@ class Generator(nn.Module):
     """pix2pixHD GlobalGenerator: 7x7 front, stride-2 downsamplings, residual blocks, upsamplings, tanh.
 
     Input height and width must be multiples of ``2 ** n_downsample``. ``end_kernel`` sets the kernel of
-    the full-resolution convs at both ends (the front and both heads; pix2pixHD's 7x7 below).
+    the full-resolution convs at both ends (the front and both heads; pix2pixHD's 7x7 below), and
+    ``activation`` every activation of the trunk (pix2pixHD's ReLU, or ``leaky_relu``).
 
     Two output heads share the trunk:
 
@@ -92,6 +110,7 @@ class Generator(nn.Module):
         residual: bool = False,
         padding: str = "reflect",
         end_kernel: int = 7,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         if end_kernel < 1 or end_kernel % 2 == 0:
@@ -114,27 +133,29 @@ class Generator(nn.Module):
             self.hparams["padding"] = padding
         if end_kernel != 7:
             self.hparams["end_kernel"] = end_kernel
+        if activation != "relu":
+            self.hparams["activation"] = activation
         if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
             raise ValueError(
                 f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "
                 f"input channels): needs input_nc >= {IMAGE_CHANNELS} and output_nc == {IMAGE_CHANNELS}, "
                 f"got {input_nc} and {output_nc}"
             )
-        make_norm = norm_layer(norm)
+        make_norm, act = norm_layer(norm), activation_layer(activation)
         layers: list[nn.Module] = [
             *same_conv(input_nc, ngf, end_kernel, padding),
             make_norm(ngf),
-            nn.ReLU(True),
+            act(),
         ]
         for i in range(n_downsample):
             mult = 2**i
             layers += [
                 nn.Conv2d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1),
                 make_norm(ngf * mult * 2),
-                nn.ReLU(True),
+                act(),
             ]
         mult = 2**n_downsample
-        layers += [ResnetBlock(ngf * mult, make_norm, padding) for _ in range(n_blocks)]
+        layers += [ResnetBlock(ngf * mult, make_norm, padding, activation) for _ in range(n_blocks)]
         for i in range(n_downsample):
             mult = 2 ** (n_downsample - i)
             layers += [
@@ -142,7 +163,7 @@ class Generator(nn.Module):
                     ngf * mult, ngf * mult // 2, kernel_size=3, stride=2, padding=1, output_padding=1
                 ),
                 make_norm(ngf * mult // 2),
-                nn.ReLU(True),
+                act(),
             ]
         # the synthesis head stays inside ``model`` so that plain generators keep pix2pixHD's layout
         synthesis_head = [*same_conv(ngf, output_nc, end_kernel, padding), nn.Tanh()]
@@ -318,6 +339,7 @@ def build_models(
         residual=model_cfg.residual,
         padding=model_cfg.padding,
         end_kernel=model_cfg.end_kernel,
+        activation=model_cfg.activation,
     )
     discriminator = MultiscaleDiscriminator(
         semantic_channels(class_nc, use_instance) + IMAGE_CHANNELS,

@@ -42,7 +42,10 @@ another rule:
   generator is run on the pictures of before the options (their legacy values);
 * version 9: version 8 plus ``end_kernel`` (the kernel of the generator's front conv and heads, other than
   pix2pixHD's 7). A spec without it (``model.end_kernel: 7``) is written as version 8 or older, and a
-  pipeline that predates version 9 refuses a generator it would build with 7x7 ends.
+  pipeline that predates version 9 refuses a generator it would build with 7x7 ends;
+* version 10: version 9 plus ``activation`` (``leaky_relu``: the generator's activations, other than
+  pix2pixHD's ReLU). A spec without it (``model.activation: relu``) is written as version 9 or older, and a
+  pipeline that predates version 10 refuses a generator it would run with ReLUs.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -70,9 +73,9 @@ from pipeline.config import (
     SemanticClasses,
 )
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
-from pipeline.model.networks import NORMS, PADDINGS, Generator
+from pipeline.model.networks import ACTIVATIONS, NORMS, PADDINGS, Generator
 
-FORMAT_VERSION = 9  # the newest version this code reads and writes
+FORMAT_VERSION = 10  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -126,6 +129,7 @@ class GeneratorSpec:
     padding: str | None = None  # None: reflect (version 6 and earlier)
     codec_options: dict[str, Any] | None = None  # None: the codec's legacy pictures (version 7 and earlier)
     end_kernel: int | None = None  # None: 7 (version 8 and earlier)
+    activation: str | None = None  # None: relu (version 9 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -164,6 +168,12 @@ class GeneratorSpec:
             object.__setattr__(self, "end_kernel", None)
         if self.end_kernel not in (None, *END_KERNELS):
             raise ValueError(f"generator spec end_kernel={self.end_kernel} is not one of {list(END_KERNELS)}")
+        if self.activation == "relu":  # the same spec as without the key
+            object.__setattr__(self, "activation", None)
+        if self.activation not in (None, *ACTIVATIONS):
+            raise ValueError(
+                f"generator spec activation={self.activation!r} is not one of {list(ACTIVATIONS)}"
+            )
 
     def _check_codec_options(self) -> None:
         options = self.codec_options
@@ -306,6 +316,7 @@ class GeneratorSpec:
             "residual": self.residual,
             **({"padding": self.padding} if self.padding else {}),
             **({"end_kernel": self.end_kernel} if self.end_kernel else {}),
+            **({"activation": self.activation} if self.activation else {}),
         }
 
     def weight_shapes(self, max_bytes: int = MAX_GENERATOR_BYTES) -> dict[str, tuple[int, ...]]:
@@ -327,7 +338,7 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# The keys each format version added; versions 1 to 8 are closed: the spec as it was then, so a field added
+# The keys each format version added; versions 1 to 9 are closed: the spec as it was then, so a field added
 # later is never taken for part of an older file. The newest version is GeneratorSpec's fields.
 ADDED_KEYS: dict[int, frozenset[str]] = {
     3: frozenset({"label_source", "segmenter"}),
@@ -337,6 +348,7 @@ ADDED_KEYS: dict[int, frozenset[str]] = {
     7: frozenset({"padding"}),
     8: frozenset({"codec_options"}),
     9: frozenset({"end_kernel"}),
+    10: frozenset({"activation"}),
 }
 _ALL_KEYS = frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
 SPEC_KEYS: dict[int, frozenset[str]] = {

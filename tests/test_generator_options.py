@@ -1,7 +1,8 @@
-"""model.padding: zeros and model.end_kernel. The generator's size-keeping convs pad with zeros inside the
-conv instead of pix2pixHD's reflection pad before it, and its front conv and heads may be smaller than
-pix2pixHD's 7x7; the residual generator still starts at the codec, the correction's parts still sum to it,
-and the spec records both (format versions 7 and 9) so the export rebuilds them."""
+"""The generator's options beside pix2pixHD's: model.padding, model.end_kernel and model.activation. Its
+size-keeping convs pad with zeros inside the conv instead of pix2pixHD's reflection pad before it, its front
+conv and heads may be smaller than pix2pixHD's 7x7, and its activations may be leaky ReLUs; the residual
+generator still starts at the codec, the correction's parts still sum to it, and the spec records each
+(format versions 7, 9 and 10) so the export rebuilds them."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ TINY = ModelConfig(ngf=4, n_downsample=1, n_blocks=2, norm="none", correction_sc
 LABEL_NC = 5
 
 
-def _generator(padding: str, seed: int = 0, end_kernel: int = 7) -> Generator:
+def _generator(padding: str, seed: int = 0, end_kernel: int = 7, activation: str = "relu") -> Generator:
     """A generator whose correction head looks trained (an untrained one is zero)."""
     torch.manual_seed(seed)
-    model = dataclasses.replace(TINY, padding=padding, end_kernel=end_kernel)
+    model = dataclasses.replace(TINY, padding=padding, end_kernel=end_kernel, activation=activation)
     generator, _ = build_models(model, LABEL_NC, use_instance=False)
     with torch.no_grad():
         generator.correction[-1].weight.normal_(0.0, 0.05)
@@ -141,6 +142,60 @@ def test_the_spec_records_the_end_kernel_as_format_version_9(tmp_path: Path) -> 
         Generator(8, end_kernel=2)
 
 
+def test_leaky_relus_replace_every_relu_and_start_at_the_codec() -> None:
+    leaky, relu = _generator("zeros", activation="leaky_relu"), _generator("zeros")
+    # the front, the down-sampling, one per block and the up-sampling (TINY: 1 + 1 + 2 + 1)
+    assert sum(isinstance(m, nn.LeakyReLU) for m in leaky.modules()) == 5
+    assert not any(isinstance(m, nn.ReLU) for m in leaky.modules())
+    assert sum(isinstance(m, nn.ReLU) for m in relu.modules()) == 5
+    assert all(m.negative_slope == 0.2 for m in leaky.modules() if isinstance(m, nn.LeakyReLU))
+    assert leaky.hparams["activation"] == "leaky_relu" and "activation" not in relu.hparams
+    untrained, _ = build_models(dataclasses.replace(TINY, activation="leaky_relu"), LABEL_NC, False)
+    x = torch.rand(2, leaky.hparams["input_nc"], 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(untrained(x), x[:, -3:])
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        Generator(8, activation="gelu")
+
+
+@pytest.mark.parametrize(("activation", "reaches_the_head"), [("relu", False), ("leaky_relu", True)])
+def test_a_trunk_below_zero_passes_a_gradient_only_through_leaky_relus(
+    activation: str, reaches_the_head: bool
+) -> None:
+    """What ``model.activation=leaky_relu`` is for: a trunk whose last layer's outputs are all below zero
+    (a dead ReLU layer) gives the correction head nothing to learn from."""
+    generator = _generator("zeros", activation=activation).train()
+    last_conv = [m for m in generator.model if isinstance(m, nn.ConvTranspose2d)][-1]
+    with torch.no_grad():
+        last_conv.bias.fill_(-100.0)
+    x = torch.rand(2, generator.hparams["input_nc"], 16, 16) * 2 - 1
+    target = torch.rand(2, 3, 16, 16) * 2 - 1
+    F.mse_loss(generator(x), target).backward()
+    assert bool(generator.correction[-1].weight.grad.abs().sum() > 0) is reaches_the_head
+    assert bool(last_conv.weight.grad.abs().sum() > 0) is reaches_the_head
+
+
+def test_the_spec_records_the_activation_as_format_version_10(tmp_path: Path) -> None:
+    spec = _spec(padding="zeros", end_kernel=3, activation="leaky_relu")
+    assert spec.format_version == 10 and spec.to_json()["activation"] == "leaky_relu"
+    assert "activation" in SPEC_KEYS[10] and "activation" not in SPEC_KEYS[9]
+    generator = _generator("zeros", end_kernel=3, activation="leaky_relu")
+    loaded, read = load_generator(export_generator(tmp_path / "g.safetensors", generator, spec))
+    assert read == spec and loaded.hparams == generator.hparams
+    x = torch.randn(1, generator.hparams["input_nc"], 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), generator(x))
+    assert _spec(activation="relu") == _spec() and "activation" not in _spec().to_json()  # pix2pixHD's
+    with pytest.raises(ValueError, match="unknown to generator format version 9"):
+        GeneratorSpec.from_json(spec.to_json(), 9)
+    with pytest.raises(ValueError, match=r"activation='gelu' is not one of \['relu', 'leaky_relu'\]"):
+        dataclasses.replace(spec, activation="gelu")
+    with pytest.raises(ValueError, match="the generator is"):  # ReLU weights run as another network
+        export_generator(tmp_path / "other.safetensors", _generator("zeros", end_kernel=3), spec)
+    with pytest.raises(ConfigError, match="activation"):
+        with_overrides(JobConfig(), {"model.activation": "gelu"})
+
+
 def test_the_config_takes_and_checks_the_padding() -> None:
     assert JobConfig().model.padding == "reflect"
     assert with_overrides(JobConfig(), {"model.padding": "zeros"}).model.padding == "zeros"
@@ -170,10 +225,12 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
             ],
         )  # fmt: skip
 
-    zeros = config(tmp_path / "zeros", "model.padding=zeros", "model.end_kernel=3")
+    zeros = config(
+        tmp_path / "zeros", "model.padding=zeros", "model.end_kernel=3", "model.activation=leaky_relu"
+    )
     export = trainer.train(zeros, [3], tracker=Tracker())[3]
     assert read_spec(export).padding == "zeros" and read_spec(export).end_kernel == 3
-    assert read_spec(export).format_version == 9
+    assert read_spec(export).activation == "leaky_relu" and read_spec(export).format_version == 10
     # with the options of the shards' decoded pictures (hevc's chroma), which compress decodes with
     assert (
         read_spec(export).codec_options
@@ -182,6 +239,7 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
     )
     generator, _ = load_generator(export)
     assert not any(isinstance(m, nn.ReflectionPad2d) for m in generator.modules())
+    assert any(isinstance(m, nn.LeakyReLU) for m in generator.modules())
     reflect = config(tmp_path / "reflect", f"train.init_from={export}")
     with pytest.raises(ConfigError, match="holds generator .*'padding': 'zeros'"):
         trainer.train(reflect, [3], tracker=Tracker())
