@@ -1,13 +1,13 @@
 """Generator step benchmark: pix2pixHD's layers against the quality benchmark's, per training step.
 
 Times the quality benchmark's phase-3 step (``bench_quality.RECIPE``'s generator and crop: the residual
-output, MSE against the original, backward, Adam) with three generators that differ only in two settings:
-``model.padding`` (``reflect``: pix2pixHD's reflection-pad layers; ``zeros``: padded inside the convs) and
-``model.end_kernel`` (7: pix2pixHD's 7x7 front conv and heads; 3). All three run in one process, from the
-same seed and on the same batch, on one CPU thread (``--threads``). After a warm-up, ``--repeats`` timed
-blocks of ``--steps`` steps alternate the order of the generators; the table gives the median seconds per
-step of each and its ratio to pix2pixHD's. The data loader and DeepSpeed are left out: only the network
-differs.
+output, MSE against the original, backward, Adam) with four generators that differ only in three settings:
+``model.padding`` (``reflect``: pix2pixHD's reflection-pad layers; ``zeros``: padded inside the convs),
+``model.end_kernel`` (7: pix2pixHD's 7x7 front conv and heads; 3) and ``model.activation`` (pix2pixHD's
+``relu``; ``leaky_relu``). All four run in one process, from the same seed and on the same batch, on one
+CPU thread (``--threads``). After a warm-up, ``--repeats`` timed blocks of ``--steps`` steps alternate the
+order of the generators; the table gives the median seconds per step of each and its ratio to
+pix2pixHD's. The data loader and DeepSpeed are left out: only the network differs.
 
 Usage:  python bench/bench_generator_step.py [--steps N] [--repeats N] [--threads N]
 """
@@ -29,16 +29,18 @@ from pipeline.model.networks import Generator, build_models
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import RECIPE  # noqa: E402
 
-# (model.padding, model.end_kernel): pix2pixHD's first, then the quality benchmark's since runs 31 and 38
-VARIANTS = (("reflect", 7), ("zeros", 7), ("zeros", 3))
+# (model.padding, model.end_kernel, model.activation): pix2pixHD's first, then the quality benchmark's since
+# runs 31, 38 and 42
+VARIANTS = (("reflect", 7, "relu"), ("zeros", 7, "relu"), ("zeros", 3, "relu"), ("zeros", 3, "leaky_relu"))
 CATEGORIES = 8  # Cityscapes' categories, the recipe's model.semantic_classes
 
 
-def recipe_config(padding: str, end_kernel: int) -> JobConfig:
+def recipe_config(padding: str, end_kernel: int, activation: str) -> JobConfig:
     """The default config with the quality benchmark's recipe for the generator and its crop, and
-    ``padding`` and ``end_kernel``."""
+    ``padding``, ``end_kernel`` and ``activation``."""
     chosen = [o for o in RECIPE if o.startswith(("model.", "loader.crop=", "loader.batch_size="))]
-    return load_config(overrides=[*chosen, f"model.padding={padding}", f"model.end_kernel={end_kernel}"])
+    variant = [f"model.padding={padding}", f"model.end_kernel={end_kernel}", f"model.activation={activation}"]
+    return load_config(overrides=[*chosen, *variant])
 
 
 def time_steps(generator: Generator, x: torch.Tensor, target: torch.Tensor, steps: int) -> float:
@@ -76,7 +78,7 @@ def main() -> None:
     target = (x[:, -3:] + 0.05 * torch.randn_like(x[:, -3:])).clamp(-1, 1)
     for generator in generators.values():
         time_steps(generator, x, target, 3)  # warm-up
-    seconds: dict[tuple[str, int], list[float]] = {v: [] for v in VARIANTS}
+    seconds: dict[tuple[str, int, str], list[float]] = {v: [] for v in VARIANTS}
     for repeat in range(args.repeats):
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:
             seconds[variant].append(time_steps(generators[variant], x, target, args.steps))
@@ -86,11 +88,11 @@ def main() -> None:
           f"norm={model.norm}; batch {cfg.loader.batch_size} x {height}x{width}; "
           f"{args.repeats} blocks of {args.steps} steps each")  # fmt: skip
     medians = {v: statistics.median(s) for v, s in seconds.items()}
-    for (padding, kernel), median in medians.items():
-        low, high = min(seconds[padding, kernel]), max(seconds[padding, kernel])
+    for (padding, kernel, activation), median in medians.items():
+        low, high = min(seconds[padding, kernel, activation]), max(seconds[padding, kernel, activation])
         ratio = median / medians[VARIANTS[0]]
-        print(f"  padding={padding:<7} end_kernel={kernel}: {median:.4f} s/step (blocks {low:.4f} to "
-              f"{high:.4f}), {ratio:.3f} of pix2pixHD's time")  # fmt: skip
+        print(f"  padding={padding:<7} end_kernel={kernel} activation={activation:<10}: {median:.4f} s/step "
+              f"(blocks {low:.4f} to {high:.4f}), {ratio:.3f} of pix2pixHD's time")  # fmt: skip
 
 
 if __name__ == "__main__":

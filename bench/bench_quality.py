@@ -120,7 +120,12 @@ QUALITIES = [32, 37, 42, 47]
 # time of 1400: on munster, seed 0, the two models side by side on run 35's shards, codec-SE validated
 # +0.185 and +0.198 dB at steps 1400 and 1800 (1800-step schedule; run 35, 7x7, 1400 steps: +0.154 at step
 # 1400) and the ablation +0.195 and +0.201 (+0.135); run 38 trained the pair's 1800 steps in 619 s, run 35
-# 1400 with 7x7 ends in 627 s.
+# 1400 with 7x7 ends in 627 s. Since run 42 every activation of the generator is a leaky ReLU
+# (model.activation=leaky_relu): with ReLUs and no norm, codec-SE's correction head lost its inputs to dead
+# ReLUs and validated at the codec for hundreds of steps or for good (runs 28, 39 and 41). On munster, 1800
+# steps, the exported step of each: with frankfurt training, seed 0, codec-SE +0.232 dB (ReLU +0.198) and
+# the ablation +0.223 (+0.201); with lindau training, codec-SE +0.237 for seed 0 (ReLU stalled: +0.000 to
+# step 600, +0.110 at the end) and +0.225 for seed 1 (+0.197). bench/bench_generator_step.py finds no cost.
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
@@ -128,6 +133,7 @@ RECIPE = [
     "model.norm=none",
     "model.padding=zeros",
     "model.end_kernel=3",
+    "model.activation=leaky_relu",
     "model.quality_input=true",
     "model.semantic_classes=categories",
     "model.correction_scale=channels",
