@@ -21,6 +21,9 @@ NORMS = typing.get_args(Norm)
 PADDINGS = typing.get_args(Padding)
 ACTIVATIONS = typing.get_args(Activation)
 LEAKY_SLOPE = 0.2  # pix2pixHD's discriminator's
+# The generator's options beside pix2pixHD's architecture, with pix2pixHD's value (ModelConfig's default):
+# an option is recorded (hparams, spec) only where it differs, so that every earlier file stays valid
+PIX2PIXHD_OPTIONS = {name: getattr(ModelConfig(), name) for name in ("padding", "end_kernel", "activation")}
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -129,12 +132,8 @@ class Generator(nn.Module):
             "norm": norm,
             "residual": residual,
         }
-        if padding != "reflect":  # only where it differs: the hparams of every earlier file stay valid
-            self.hparams["padding"] = padding
-        if end_kernel != 7:
-            self.hparams["end_kernel"] = end_kernel
-        if activation != "relu":
-            self.hparams["activation"] = activation
+        options = {"padding": padding, "end_kernel": end_kernel, "activation": activation}
+        self.hparams.update({k: v for k, v in options.items() if v != PIX2PIXHD_OPTIONS[k]})
         if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
             raise ValueError(
                 f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "

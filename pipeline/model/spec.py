@@ -73,7 +73,7 @@ from pipeline.config import (
     SemanticClasses,
 )
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
-from pipeline.model.networks import ACTIVATIONS, NORMS, PADDINGS, Generator
+from pipeline.model.networks import ACTIVATIONS, NORMS, PADDINGS, PIX2PIXHD_OPTIONS, Generator
 
 FORMAT_VERSION = 10  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
@@ -84,6 +84,15 @@ LABEL_SOURCES = typing.get_args(LabelSource)
 SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
 CORRECTION_SCALES = typing.get_args(CorrectionScale)
 END_KERNELS = typing.get_args(EndKernel)
+# ModelConfig fields a spec holds only where they differ from their default (then it is the JSON of the
+# version before them for the same content), with the values each may take
+DEFAULTED_CHOICES: dict[str, tuple[Any, ...]] = {
+    "correction_scale": CORRECTION_SCALES,
+    "padding": PADDINGS,
+    "end_kernel": END_KERNELS,
+    "activation": ACTIVATIONS,
+}
+MODEL_DEFAULTS = ModelConfig()
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
 
 
@@ -143,12 +152,12 @@ class GeneratorSpec:
         if self.quality_input and self.codec is None:
             raise ValueError("generator spec quality_input needs the codec whose scale the quality is on")
         self._check_classes()
-        if self.correction_scale == "none":  # the same spec as without the key
-            object.__setattr__(self, "correction_scale", None)
-        if self.correction_scale not in (None, *CORRECTION_SCALES):
-            raise ValueError(
-                f"generator spec correction_scale={self.correction_scale!r} is not one of {CORRECTION_SCALES}"
-            )
+        for key, choices in DEFAULTED_CHOICES.items():
+            value = getattr(self, key)
+            if value == getattr(MODEL_DEFAULTS, key):  # the same spec as without the key
+                object.__setattr__(self, key, None)
+            elif value not in (None, *choices):
+                raise ValueError(f"generator spec {key}={value!r} is not one of {list(choices)}")
         if self.correction_scale == "channels" and not self.residual:
             raise ValueError(
                 "generator spec correction_scale='channels' needs a residual generator's correction head"
@@ -159,21 +168,7 @@ class GeneratorSpec:
                 raise ValueError(f"generator spec {key}={value} is outside [{low}, {high}]")
         if self.norm not in NORMS:
             raise ValueError(f"generator spec norm={self.norm!r} is not one of {list(NORMS)}")
-        if self.padding == "reflect":  # the same spec as without the key
-            object.__setattr__(self, "padding", None)
-        if self.padding not in (None, *PADDINGS):
-            raise ValueError(f"generator spec padding={self.padding!r} is not one of {list(PADDINGS)}")
         self._check_codec_options()
-        if self.end_kernel == 7:  # the same spec as without the key
-            object.__setattr__(self, "end_kernel", None)
-        if self.end_kernel not in (None, *END_KERNELS):
-            raise ValueError(f"generator spec end_kernel={self.end_kernel} is not one of {list(END_KERNELS)}")
-        if self.activation == "relu":  # the same spec as without the key
-            object.__setattr__(self, "activation", None)
-        if self.activation not in (None, *ACTIVATIONS):
-            raise ValueError(
-                f"generator spec activation={self.activation!r} is not one of {list(ACTIVATIONS)}"
-            )
 
     def _check_codec_options(self) -> None:
         options = self.codec_options
@@ -314,9 +309,7 @@ class GeneratorSpec:
             "n_blocks": self.n_blocks,
             "norm": self.norm,
             "residual": self.residual,
-            **({"padding": self.padding} if self.padding else {}),
-            **({"end_kernel": self.end_kernel} if self.end_kernel else {}),
-            **({"activation": self.activation} if self.activation else {}),
+            **{k: getattr(self, k) for k in PIX2PIXHD_OPTIONS if getattr(self, k) is not None},
         }
 
     def weight_shapes(self, max_bytes: int = MAX_GENERATOR_BYTES) -> dict[str, tuple[int, ...]]:
