@@ -40,6 +40,7 @@ ValidateMetric = Literal["psnr", "ms_ssim", "niqe"]
 EvalInput = Literal["auto", "shards", "source"]
 SemanticClasses = Literal["labels", "categories"]
 CorrectionScale = Literal["none", "frame", "channels"]
+SelfEnsemble = Literal["none", "hflip"]
 LabelSource = Literal["gt", "decoder", "encoder"]  # the label map codec-SE gets: ground truth, or predicted
 TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
@@ -302,6 +303,11 @@ class ModelConfig:
     # least-squares gains; none: the generator's output as is. Training is the same either way; validation,
     # evaluation and compress apply the scale or gains.
     correction_scale: CorrectionScale = field(default="none", metadata=WEIGHTS_WHEN_SET)
+    # hflip: the decoder also runs the generator on the mirrored frame and averages the two outputs (the
+    # mirror's mirrored back), twice the decoding compute for a steadier output; none: one pass. Training
+    # is the same either way (loader.flip mirrors its crops at random); validation, evaluation and
+    # compress decode so.
+    self_ensemble: SelfEnsemble = field(default="none", metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "ngf", "ndf", "n_layers_d", "num_d")

@@ -225,12 +225,12 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
             ],
         )  # fmt: skip
 
-    zeros = config(
-        tmp_path / "zeros", "model.padding=zeros", "model.end_kernel=3", "model.activation=leaky_relu"
-    )
+    options = ("model.padding=zeros", "model.end_kernel=3", "model.activation=leaky_relu")
+    zeros = config(tmp_path / "zeros", *options, "model.self_ensemble=hflip")
     export = trainer.train(zeros, [3], tracker=Tracker())[3]
     assert read_spec(export).padding == "zeros" and read_spec(export).end_kernel == 3
-    assert read_spec(export).activation == "leaky_relu" and read_spec(export).format_version == 10
+    assert read_spec(export).activation == "leaky_relu" and read_spec(export).self_ensemble == "hflip"
+    assert read_spec(export).format_version == 11
     # with the options of the shards' decoded pictures (hevc's chroma), which compress decodes with
     assert (
         read_spec(export).codec_options

@@ -15,7 +15,12 @@ or the numbers that chose a model would describe another one. The rules, all fro
   bottom and right, the decoded image by reflection (by replication when the padding is wider than the
   image), label and edge maps by replication, and the output is cropped back;
 * the generator runs with ``synthesis=spec.uses_synthesis`` (phase 1 draws with the synthesis head,
-  later phases output through the correction head).
+  later phases output through the correction head);
+* with ``spec.self_ensemble`` ``hflip`` it runs on the frame and on its mirror image, and the output is the
+  mean of the two outputs, the mirror's mirrored back (the encoder fits its gains to the mean of the two
+  passes' correction parts). A model whose training mirrors its crops (``loader.flip``) sees both views
+  alike, and its two outputs err differently; their mean is a steadier estimate, at twice the decoding
+  compute.
 
 Two entry points: :func:`enhance_batch` for tensors or arrays in the network's range ([-1, 1]), and
 :func:`enhance_image` for one uint8 RGB frame with its label (and instance) map. :func:`decoder_output`
@@ -95,6 +100,18 @@ def _network_input(
     )
 
 
+def _views(spec: GeneratorSpec, x: Tensor) -> list[Tensor]:
+    """The inputs the generator runs on for input ``x``: ``x``, and its mirror image with ``hflip``."""
+    return [x, x.flip(-1)] if spec.self_ensemble == "hflip" else [x]
+
+
+def _merged(outputs: list[Tensor]) -> Tensor:
+    """The mean of the outputs of :func:`_views`' inputs, each mirror's output mirrored back."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return (outputs[0] + sum(out.flip(-1) for out in outputs[1:])) / len(outputs)
+
+
 def enhance_batch(
     generator: nn.Module,
     spec: GeneratorSpec,
@@ -115,10 +132,12 @@ def enhance_batch(
     """
     height, width = torch.as_tensor(label).shape[-2:]
     with torch.no_grad():
-        x = _network_input(generator, spec, label, decoded, edge, quality)
+        views = _views(spec, _network_input(generator, spec, label, decoded, edge, quality))
         if gains is None:
-            return generator(x, synthesis=spec.uses_synthesis)[..., :height, :width]
-        return generator(x, synthesis=spec.uses_synthesis, gains=gains)[..., :height, :width]
+            outputs = [generator(v, synthesis=spec.uses_synthesis) for v in views]
+        else:
+            outputs = [generator(v, synthesis=spec.uses_synthesis, gains=gains) for v in views]
+        return _merged(outputs)[..., :height, :width]
 
 
 def fit_region(
@@ -131,19 +150,20 @@ def fit_region(
     edge: Tensor | None = None,
     quality: int | None = None,
     weight: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> list[tuple[Tensor, Tensor]]:
     """Add one region's least-squares equations to the encoder's ``fit`` of a ``correction_scale: channels``
     generator's gains: ``original``, ``decoded`` ``1 x 3 x H x W`` in the network's range, ``label``,
-    ``edge``, ``quality`` as :func:`enhance_batch`'s, ``weight`` ``H x W`` per pixel. Returns the generator's
-    input and its trunk features (padded to the stride), from which ``Generator.corrected`` makes the
-    output with the fitted gains without running the trunk again."""
+    ``edge``, ``quality`` as :func:`enhance_batch`'s, ``weight`` ``H x W`` per pixel. Returns each pass's
+    generator input and trunk features (padded to the stride; two passes with ``hflip``), from which
+    ``Generator.corrected`` makes each pass's output with the fitted gains without running the trunk
+    again (the decoder's output is their :func:`_merged` mean)."""
     height, width = label.shape[-2:]
     with torch.no_grad():
-        x = _network_input(generator, spec, label, decoded, edge, quality)
-        features = generator.trunk(x)
-        parts = generator.correction_parts(features)[0, ..., :height, :width]
+        views = _views(spec, _network_input(generator, spec, label, decoded, edge, quality))
+        passes = [(v, generator.trunk(v)) for v in views]
+        parts = _merged([generator.correction_parts(f) for _, f in passes])[0, ..., :height, :width]
         fit.add(parts, (original - decoded)[0].to(parts.device), weight)
-    return x, features
+    return passes
 
 
 def to_network(image: np.ndarray) -> Tensor:
@@ -227,10 +247,10 @@ def decoder_output(
     if sends_gains(spec):  # fit and output from one pass of the trunk
         lab, dec, edge = _frame_batch(spec, decoded, label, instance)
         fit = GainFit(gain_count(spec))
-        x, features = fit_region(fit, generator, spec, to_network(original), lab, dec, edge, quality)
+        passes = fit_region(fit, generator, spec, to_network(original), lab, dec, edge, quality)
         codes = fit.codes()
         with torch.no_grad():
-            out = generator.corrected(x, features, gains_of(codes)[None])
+            out = _merged([generator.corrected(x, f, gains_of(codes)[None]) for x, f in passes])
         return Decoded(to_image(out[0, :, : label.shape[0], : label.shape[1]]), gains=codes)
     enhanced = enhance_image(generator, spec, decoded, label, instance, quality)
     image, code = scaled(spec, original, decoded, enhanced)

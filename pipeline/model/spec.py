@@ -46,6 +46,10 @@ another rule:
 * version 10: version 9 plus ``activation`` (``leaky_relu``: the generator's activations, other than
   pix2pixHD's ReLU). A spec without it (``model.activation: relu``) is written as version 9 or older, and a
   pipeline that predates version 10 refuses a generator it would run with ReLUs.
+* version 11: version 10 plus ``self_ensemble`` (``hflip``: the decoder averages the generator's outputs on
+  the frame and on its mirror image, :mod:`pipeline.model.inference`). A spec without it
+  (``model.self_ensemble: none``) is written as version 10 or older, and a pipeline that predates version
+  11 refuses a generator it would decode with one pass, unlike its encoder's gain fit.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -70,12 +74,13 @@ from pipeline.config import (
     JobConfig,
     LabelSource,
     ModelConfig,
+    SelfEnsemble,
     SemanticClasses,
 )
 from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
 from pipeline.model.networks import ACTIVATIONS, NORMS, PADDINGS, PIX2PIXHD_OPTIONS, Generator
 
-FORMAT_VERSION = 10  # the newest version this code reads and writes
+FORMAT_VERSION = 11  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -84,6 +89,7 @@ LABEL_SOURCES = typing.get_args(LabelSource)
 SEMANTIC_CLASSES = typing.get_args(SemanticClasses)
 CORRECTION_SCALES = typing.get_args(CorrectionScale)
 END_KERNELS = typing.get_args(EndKernel)
+SELF_ENSEMBLES = typing.get_args(SelfEnsemble)
 # ModelConfig fields a spec holds only where they differ from their default (then it is the JSON of the
 # version before them for the same content), with the values each may take
 DEFAULTED_CHOICES: dict[str, tuple[Any, ...]] = {
@@ -91,6 +97,7 @@ DEFAULTED_CHOICES: dict[str, tuple[Any, ...]] = {
     "padding": PADDINGS,
     "end_kernel": END_KERNELS,
     "activation": ACTIVATIONS,
+    "self_ensemble": SELF_ENSEMBLES,
 }
 MODEL_DEFAULTS = ModelConfig()
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
@@ -139,6 +146,7 @@ class GeneratorSpec:
     codec_options: dict[str, Any] | None = None  # None: the codec's legacy pictures (version 7 and earlier)
     end_kernel: int | None = None  # None: 7 (version 8 and earlier)
     activation: str | None = None  # None: relu (version 9 and earlier)
+    self_ensemble: str | None = None  # None: one pass (version 10 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -331,7 +339,7 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# The keys each format version added; versions 1 to 9 are closed: the spec as it was then, so a field added
+# The keys each format version added; versions 1 to 10 are closed: the spec as it was then, so a field added
 # later is never taken for part of an older file. The newest version is GeneratorSpec's fields.
 ADDED_KEYS: dict[int, frozenset[str]] = {
     3: frozenset({"label_source", "segmenter"}),
@@ -342,6 +350,7 @@ ADDED_KEYS: dict[int, frozenset[str]] = {
     8: frozenset({"codec_options"}),
     9: frozenset({"end_kernel"}),
     10: frozenset({"activation"}),
+    11: frozenset({"self_ensemble"}),
 }
 _ALL_KEYS = frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
 SPEC_KEYS: dict[int, frozenset[str]] = {
