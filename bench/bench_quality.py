@@ -54,17 +54,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 # No progress bars, here (the evaluation) and in the training processes started below, which inherit the
 # variable: tqdm reads it once, when the pipeline imports it, hence before those imports.
@@ -362,6 +365,26 @@ def scored(cfg: JobConfig, models: list[Path], split: str, out: Path, on_trainin
         return evaluate(run, [str(m) for m in models])
 
 
+def _scored_job(threads: int, job: tuple[Any, ...]) -> Path:
+    torch.set_num_threads(threads)
+    *args, more = job
+    return scored(*args, **more)
+
+
+def scored_in_parallel(jobs: dict[str, tuple[Any, ...]]) -> dict[str, Path]:
+    """:func:`scored` of every job (its arguments, the last one its ``more``), in as many processes as there
+    are jobs and cores, the cores shared out as threads: the evaluation's codecs, NIQE and MS-SSIM run on one
+    core each, so one process per core keeps both cores busy where one process of two threads would not."""
+    cores = os.cpu_count() or 1
+    workers = min(len(jobs), cores)
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+        futures = {
+            name: pool.submit(_scored_job, max(1, cores // workers), job) for name, job in jobs.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS, help="phase-3 steps of each model")
@@ -434,18 +457,19 @@ def main() -> None:
         exports = runs[seeds[0]]
         models = [exports["codec-SE"], exports["ablation"]]
         judge = {"eval.segmenter": str(segmenter)} if segmenter else {}
-        held = scored(cfg, models, "test", work / "eval-test", on_training=False, **judge)
-        train = scored(cfg, models, "val", work / "eval-train", on_training=True)
-        held_dec = None
+        jobs: dict[str, tuple[Any, ...]] = {
+            "held": (cfg, models, "test", work / "eval-test", False, judge),
+            "train": (cfg, models, "val", work / "eval-train", True, {}),
+        }
         if segmenter is not None:
             source = {"data.label_source": "decoder", "data.segmenter": str(segmenter), **judge}
-            held_dec = scored(cfg, [exports["codec-SE-dec"]], "test", work / "eval-test-dec", False, **source)
-        held_seeds = {seeds[0]: held}
+            jobs["held_dec"] = (cfg, [exports["codec-SE-dec"]], "test", work / "eval-test-dec", False, source)
         for seed in seeds[1:]:
             pair = [runs[seed]["codec-SE"], runs[seed]["ablation"]]
-            held_seeds[seed] = scored(
-                cfg, pair, "test", work / f"eval-test{_tag(seeds, seed)}", on_training=False
-            )
+            jobs[f"seed {seed}"] = (cfg, pair, "test", work / f"eval-test{_tag(seeds, seed)}", False, {})
+        done = scored_in_parallel(jobs)
+        held, train, held_dec = done["held"], done["train"], done.get("held_dec")
+        held_seeds = {seeds[0]: held, **{seed: done[f"seed {seed}"] for seed in seeds[1:]}}
         print(f"  evaluated in {time.perf_counter() - t:.0f} s")
         report = json.loads((held / "bdrate.json").read_text())
         first = f", seed {seeds[0]}" if len(seeds) > 1 else ""
