@@ -426,7 +426,7 @@ def main() -> None:
             # the same label blocks on the content: a map twice the size is down-sampled twice as much
             downsample = max(1, cfg.shards.label_downsample * width // cfg.data.width)
             size = {"data.width": width, "data.height": height, "shards.output": str(extra),
-                    "shards.label_downsample": downsample}  # fmt: skip
+                    "shards.label_downsample": downsample, "shards.splits": [cfg.loader.split]}  # fmt: skip
             build_shards(with_overrides(cfg, size))
             cfg_args.append(f"loader.extra_shards=[{extra}]")
             print(f"  training frames also at {args.extra_size} (loader.extra_shards)")

@@ -178,6 +178,9 @@ class ShardConfig:
 
     output: str = field(default="shards/cityscapes", metadata=NOT_WEIGHTS)
     codecs: list[CodecSpec] = field(default_factory=lambda: [CodecSpec()], metadata=NOT_WEIGHTS)
+    # the splits to build, of data.splits and the held-out ones (empty: all): e.g. the training split alone
+    # at a second size (loader.extra_shards); the manifest lists the splits built
+    splits: list[str] = field(default_factory=list, metadata=NOT_WEIGHTS)
     samples_per_shard: int = field(default=32, metadata=NOT_WEIGHTS)
     workers: int = field(default=0, metadata=NOT_WEIGHTS)  # 0: every core
     label_coder: LabelCoderMethod = field(default="auto", metadata=NOT_WEIGHTS)  # auto: the best available

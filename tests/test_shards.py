@@ -416,3 +416,22 @@ def test_held_out_splits_get_shards_of_their_own(cityscapes_root: Path, tmp_path
     assert test_keys == set(manifest.splits["test"].keys) and not test_keys & val_keys
     assert all(k.startswith("lindau_") for k in test_keys) and len(test_keys | val_keys) == 22
     assert "test: 10 samples" in format_summary(manifest)
+
+
+def test_shards_splits_builds_the_named_splits_alone(cityscapes_root: Path, tmp_path: Path) -> None:
+    tree = config(cityscapes_root, tmp_path / "out")
+    tree["data"]["holdout"] = [{"name": "test", "from_split": "val", "cities": ["lindau"]}]
+    tree["shards"]["workers"] = 1
+    tree["shards"]["codecs"] = [{"name": "hevc", "qualities": [45]}]
+    tree["shards"]["splits"] = ["test"]
+    manifest = build_shards(from_dict(tree))
+    assert list(manifest.splits) == ["test"] and manifest.splits["test"].samples == 10
+    assert Manifest.read(tmp_path / "out").splits.keys() == {"test"}
+    tars = sorted(p.name for p in (tmp_path / "out").glob("*.tar"))
+    assert tars == sorted(manifest.splits["test"].shards) == [f"test-00000{i}.tar" for i in range(3)]
+    assert all(k.startswith("lindau_") for k in read_tars(shard_paths(tmp_path / "out", manifest, "test")))
+    tree["shards"]["splits"] = ["valid"]
+    with pytest.raises(
+        ShardError, match=r"shards.splits names \['valid'\], not splits of this build: \['test', 'val'\]"
+    ):
+        build_shards(from_dict(tree))

@@ -306,11 +306,18 @@ def _completed(out: Path, job: _ShardJob) -> dict[str, Any] | None:
     return sidecar if complete else None
 
 
-def _plan(worker: _Worker, per_shard: int) -> list[_ShardJob]:
+def _plan(worker: _Worker, per_shard: int, only: list[str]) -> list[_ShardJob]:
+    """The shards of every split of the plan, or of the splits in ``only`` (``shards.splits``)."""
     source = worker.source
     base = worker.ctx.fingerprint()
+    plan = plan_splits(worker.ctx.data, source)
+    unknown = sorted(set(only) - set(plan))
+    if unknown:
+        raise ShardError(f"shards.splits names {unknown}, not splits of this build: {sorted(plan)}")
     jobs = []
-    for split, samples in plan_splits(worker.ctx.data, source).items():
+    for split, samples in plan.items():
+        if only and split not in only:
+            continue
         if not samples:
             raise ShardError(f"split {split!r} of the {source.name} source at {source.root} has no images")
         keys = [s.key for s in samples]
@@ -476,7 +483,8 @@ def _cores() -> int:
 
 
 def build_shards(cfg: JobConfig) -> Manifest:
-    """Build (or finish) the shards of every split in ``cfg.data.splits``; returns the written manifest.
+    """Build (or finish) the shards of every split in ``cfg.data.splits`` and ``cfg.data.holdout`` (or of
+    ``cfg.shards.splits``); returns the written manifest.
 
     With ``shards.num_nodes`` > 1 this builds node ``shards.node_rank``'s part (module docstring) and returns
     the merged manifest when this node completed the set, else this node's part (not written as
@@ -489,7 +497,7 @@ def build_shards(cfg: JobConfig) -> Manifest:
         lo, hi = codec.quality_range
         if not lo <= quality <= hi:
             raise ShardError(f"shards.codecs: {name} quality must be in [{lo}, {hi}], got {quality}")
-    jobs = _plan(worker, cfg.shards.samples_per_shard)
+    jobs = _plan(worker, cfg.shards.samples_per_shard, cfg.shards.splits)
     out = Path(cfg.shards.output)
     if cfg.shards.num_nodes > 1:
         return _build_node(cfg, ctx, worker, jobs, out)
