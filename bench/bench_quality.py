@@ -3,13 +3,14 @@
 From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs:
 
 1. shards with three disjoint splits (``configs/default.yaml``): frankfurt (10 frames) trains, munster (2)
-   validates, lindau (10) is reported; the training frames are also built at 1024x512 and trained on
-   (``loader.extra_shards``; ``--extra-size none`` to leave them out);
+   validates, lindau (10) is reported; the training frames are also built at 1024x512 (those alone,
+   ``shards.splits``) and trained on (``loader.extra_shards``; ``--extra-size none`` to leave them out);
 2. the codec-SE generator and its zero-semantics ablation are trained side by side, one process and one
    CPU thread each, with the same recipe and step budget (``RECIPE`` below; ``--steps`` to change it);
    each validates on munster and exports its best step (the codec itself, step 0, included);
 3. both are evaluated with ``python -m pipeline evaluate``'s code on the lindau frames (the figure) and on
-   the training frames (to show over-fitting, ``eval.allow_training_frames``).
+   the training frames (to show over-fitting, ``eval.allow_training_frames``), the two side by side, one
+   process per core.
 
 It prints, per QP: bpp (codec bits, and total with codec-SE's lossless label map: on categories, the class
 map, :mod:`pipeline.eval.label_rate`), PSNR, MS-SSIM and NIQE of the codec, codec-SE and the ablation; the
