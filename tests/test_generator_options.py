@@ -226,6 +226,7 @@ def test_a_phase_trains_and_exports_zero_padding_and_refuses_to_start_from_the_o
         )  # fmt: skip
 
     options = ("model.padding=zeros", "model.end_kernel=3", "model.activation=leaky_relu")
+    # and the decoder's self-ensemble, which tests/test_self_ensemble.py tests: the trainer records it too
     zeros = config(tmp_path / "zeros", *options, "model.self_ensemble=hflip")
     export = trainer.train(zeros, [3], tracker=Tracker())[3]
     assert read_spec(export).padding == "zeros" and read_spec(export).end_kernel == 3
