@@ -133,10 +133,8 @@ def enhance_batch(
     height, width = torch.as_tensor(label).shape[-2:]
     with torch.no_grad():
         views = _views(spec, _network_input(generator, spec, label, decoded, edge, quality))
-        if gains is None:
-            outputs = [generator(v, synthesis=spec.uses_synthesis) for v in views]
-        else:
-            outputs = [generator(v, synthesis=spec.uses_synthesis, gains=gains) for v in views]
+        gained = {} if gains is None else {"gains": gains}
+        outputs = [generator(v, synthesis=spec.uses_synthesis, **gained) for v in views]
         return _merged(outputs)[..., :height, :width]
 
 
