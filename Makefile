@@ -22,4 +22,4 @@ test: install
 	$(PYTHON) -m pytest -q --durations=25
 
 bench: install
-	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
+	for b in bench/bench_*.py; do $(PYTHON) $$b || exit 1; done

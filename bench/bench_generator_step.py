@@ -18,41 +18,19 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from pipeline.config import JobConfig, load_config
-from pipeline.model.networks import Generator, build_models
+from pipeline.model.networks import build_models
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import RECIPE  # noqa: E402
+from step_pace import CATEGORIES, step_batch, step_config, time_steps  # noqa: E402
 
 # (model.padding, model.end_kernel, model.activation): pix2pixHD's first, then the quality benchmark's since
 # runs 31, 38 and 42
 VARIANTS = (("reflect", 7, "relu"), ("zeros", 7, "relu"), ("zeros", 3, "relu"), ("zeros", 3, "leaky_relu"))
-CATEGORIES = 8  # Cityscapes' categories, the recipe's model.semantic_classes
-
-
-def recipe_config(padding: str, end_kernel: int, activation: str) -> JobConfig:
-    """The default config with the quality benchmark's recipe for the generator and its crop, and
-    ``padding``, ``end_kernel`` and ``activation``."""
-    chosen = [o for o in RECIPE if o.startswith(("model.", "loader.crop=", "loader.batch_size="))]
-    variant = [f"model.padding={padding}", f"model.end_kernel={end_kernel}", f"model.activation={activation}"]
-    return load_config(overrides=[*chosen, *variant])
-
-
-def time_steps(generator: Generator, x: torch.Tensor, target: torch.Tensor, steps: int) -> float:
-    """Seconds per step of ``steps`` MSE steps of the residual output (Adam)."""
-    optimizer = torch.optim.Adam(generator.parameters(), lr=1e-3)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = (generator(x) - target).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -67,15 +45,14 @@ def main() -> None:
         parser.error("--steps, --repeats and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     generators = {}
-    for variant in VARIANTS:
-        cfg = recipe_config(*variant)
+    for padding, kernel, activation in VARIANTS:
+        variant = (padding, kernel, activation)
+        cfg = step_config(RECIPE, f"model.padding={padding}", f"model.end_kernel={kernel}",
+                          f"model.activation={activation}")  # fmt: skip
         torch.manual_seed(0)
         generators[variant], _ = build_models(cfg.model, CATEGORIES, use_instance=False)
     height, width = cfg.loader.crop
-    torch.manual_seed(1)
-    input_nc = generators[VARIANTS[0]].hparams["input_nc"]
-    x = torch.rand(cfg.loader.batch_size, input_nc, height, width) * 2 - 1
-    target = (x[:, -3:] + 0.05 * torch.randn_like(x[:, -3:])).clamp(-1, 1)
+    x, target = step_batch(cfg, generators[VARIANTS[0]])
     for generator in generators.values():
         time_steps(generator, x, target, 3)  # warm-up
     seconds: dict[tuple[str, int, str], list[float]] = {v: [] for v in VARIANTS}

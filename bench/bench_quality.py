@@ -82,6 +82,9 @@ from pipeline.eval.methods import CHOSEN_SUFFIX  # noqa: E402
 from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from step_pace import step_seconds  # noqa: E402
+
 QUALITIES = [32, 37, 42, 47]
 # The CPU recipe: a small residual generator (one down-sampling, no normalisation), trained on all four
 # QPs at once (one QP drawn per sample) and told which (model.quality_input: on munster, 2800 steps, +0.148
@@ -113,14 +116,14 @@ QUALITIES = [32, 37, 42, 47]
 # run 23's exports found it ahead of the one scale for both models at every QP (its figures are in issue 7's
 # notes: that script is not in this repository). On the machine of runs 23 to 34, 3.5 times slower, 1400
 # steps took 14.7 to 15.4 minutes with the reflection padding (runs 27 to 30); with zeros (below) 1500 took
-# 14.5 and 15.3 (runs 31 and 32) and 1400 (then STEPS) 13.5 and 13.1 (runs 33 and 34). The warm-up is 250
+# 14.5 and 15.3 (runs 31 and 32) and 1400 (the default) 13.5 and 13.1 (runs 33 and 34). The warm-up is 250
 # steps whatever the steps (5 % of 5000, as before): with 5 % of 1400, 70 steps, seed 0's codec-SE trained
 # on lindau stalled at the codec for 800 steps (run 28); with 250, nothing else changed, it trained (run
 # 30). Since run 31 the generator pads with zeros inside its convs (model.padding=zeros;
 # bench/bench_generator_step.py times the step): on munster, seed 0, 1400 steps side by side, codec-SE
 # trained in 636 s against 724 s with pix2pixHD's reflection, validating +0.151 and +0.159 dB at steps 1200
 # and 1400 against +0.157 and +0.167. Since run 38 its front conv and heads are 3x3, not pix2pixHD's 7x7
-# (model.end_kernel=3; bench/bench_generator_step.py times the step), which buys 1800 steps (STEPS) in the
+# (model.end_kernel=3; bench_generator_step.py times the step), which buys 1800 steps (the default) in the
 # time of 1400: on munster, seed 0, the two models side by side on run 35's shards, codec-SE validated
 # +0.185 and +0.198 dB at steps 1400 and 1800 (1800-step schedule; run 35, 7x7, 1400 steps: +0.154 at step
 # 1400) and the ablation +0.195 and +0.201 (+0.135); run 38 trained the pair's 1800 steps in 619 s, run 35
@@ -158,12 +161,26 @@ RECIPE = [
     "phase3.lr_schedule=cosine",
     "phase3.warmup_steps=250",
     "train.betas=[0.9, 0.999]",
-    "validate.every=200",
     "validate.min_delta=0",
 ]
 
-
-STEPS = 1800
+# The steps: the most, in hundreds, that fit the budget on the machine that runs the script (``--steps N``
+# fixes them). The same script has trained at paces 3.5 times apart on this project's development
+# machines (runs 21 to 26), so a fixed count either wastes the budget or overruns it. Once the shards are
+# built, the recipe's bare step is timed in as many processes side by side as models train
+# (step_pace.step_seconds) and the rest of the run is reckoned in that step's time, with the costs of run 49
+# (3600 steps, 0.177 s a bare step): a step of the trainer (its data, moving average and DeepSpeed) costs
+# STEP_COST bare steps, a training's start, its validation of the codec at step 0 and its later
+# validations TRAIN_FIXED, and the evaluation of one pair of models EVAL_COST.
+STEP_COST = 1.0
+TRAIN_FIXED = 240 + 40 * 4  # the start and step 0, then 40 for each of VALIDATIONS
+EVAL_COST = 550
+PLANNED_SHARE = 0.95  # of the budget: the machine's pace drifts within a run
+# Validations after step 0, whatever the steps: under the cosine decay the curve rises to its end (every
+# model of runs 29 to 49 but run 41's stalled codec-SE exported its last step), so more would cost steps.
+VALIDATIONS = 4
+# a floor: 1400 steps gained a half to three quarters of what 5000 did (runs 33 and 34 against 25 and 26)
+MIN_STEPS = 1000
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
 CACHE_MB = 512
 
@@ -178,11 +195,39 @@ def overrides(work: Path, steps: int) -> list[str]:
         f"shards.codecs=[{{name: hevc, qualities: {QUALITIES}}}]",
         *RECIPE,
         f"phase3.steps={steps}",
+        f"validate.every={-(-steps // (VALIDATIONS * 100)) * 100}",
         f"train.checkpoint_every={steps}",
         "train.log_every=100",
         "tracking.enabled=false",
         f"loader.cache_mb={CACHE_MB}",
     ]
+
+
+def fitted_steps(budget_s: float, spent_s: float, pace: float, seeds: int, evaluations: int) -> int:
+    """The most phase-3 steps, in hundreds, that each of ``seeds`` trainings can take in what
+    PLANNED_SHARE of ``budget_s`` leaves after ``spent_s`` and ``evaluations`` rounds of evaluation, at
+    ``pace`` seconds a bare step; below MIN_STEPS the budget is refused."""
+    left = budget_s * PLANNED_SHARE - spent_s - pace * EVAL_COST * evaluations
+    steps = int((left / seeds / pace - TRAIN_FIXED) / STEP_COST) // 100 * 100
+    if steps < MIN_STEPS:
+        raise SystemExit(
+            f"at {pace:.3f} s a step, {seeds} seed(s) fit {max(steps, 0)} steps in a {budget_s / 60:g}-"
+            f"minute budget, under the floor of {MIN_STEPS}: give more --budget-min, or --steps N"
+        )
+    return steps
+
+
+def budget_steps(budget_s: float, start: float, seeds: int, decoder_maps: bool) -> int:
+    """:func:`fitted_steps` at this machine's pace, timed now, as the models will train: side by side."""
+    models = 3 if decoder_maps else 2
+    timed = time.perf_counter()
+    pace = step_seconds(RECIPE, models)
+    jobs = 2 + (seeds - 1) + decoder_maps  # the evaluations, one process a core
+    rounds = -(-jobs // min(jobs, os.cpu_count() or 1))
+    steps = fitted_steps(budget_s, time.perf_counter() - start, pace, seeds, rounds)
+    print(f"steps: {steps}, the most that fit the budget at {pace:.3f} s a bare step ({models} side by side, "
+          f"timed in {time.perf_counter() - timed:.0f} s; bench/step_pace.py)")  # fmt: skip
+    return steps
 
 
 def train_all(
@@ -388,7 +433,9 @@ def scored_in_parallel(jobs: dict[str, tuple[Any, ...]]) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=STEPS, help="phase-3 steps of each model")
+    parser.add_argument(
+        "--steps", type=int, help="phase-3 steps of each model (default: the most that fit --budget-min)"
+    )
     parser.add_argument("--budget-min", type=float, default=15.0)
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
     parser.add_argument(
@@ -408,6 +455,8 @@ def main() -> None:
         "--segmenter", type=Path, help="segmenter file: judge mIoU and train codec-SE on its decoder maps"
     )
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 1 or args.seeds < 1 or args.budget_min <= 0:
+        parser.error("--steps and --seeds must be at least 1, --budget-min above 0")
     start = time.perf_counter()
     print(
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
@@ -416,10 +465,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jpdse-bench-quality-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        cfg_args = overrides(work, args.steps) + args.set
-        cfg = load_config(None, cfg_args)
+        # the shards do not depend on the steps, which may be fitted to the budget once they are built
+        cfg = load_config(None, overrides(work, args.steps or MIN_STEPS) + args.set)
         manifest = build_shards(cfg)
         sizes = {s: e.samples for s, e in manifest.splits.items()}
+        extra_shards = []
         print(f"shards: {cfg.data.width}x{cfg.data.height}, HEVC QP {QUALITIES}, frames per split {sizes}")
         if args.extra_size != "none":
             width, height = (int(v) for v in args.extra_size.split("x"))
@@ -429,11 +479,13 @@ def main() -> None:
             size = {"data.width": width, "data.height": height, "shards.output": str(extra),
                     "shards.label_downsample": downsample, "shards.splits": [cfg.loader.split]}  # fmt: skip
             build_shards(with_overrides(cfg, size))
-            cfg_args.append(f"loader.extra_shards=[{extra}]")
+            extra_shards.append(f"loader.extra_shards=[{extra}]")
             print(f"  training frames also at {args.extra_size} (loader.extra_shards)")
         print(f"  built in {time.perf_counter() - start:.0f} s")
         segmenter = args.segmenter.resolve() if args.segmenter else None
-        print(f"recipe: {' '.join(RECIPE)} phase3.steps={args.steps} (1 process x 1 thread per model)")
+        steps = args.steps or budget_steps(args.budget_min * 60, start, args.seeds, segmenter is not None)
+        cfg_args = overrides(work, steps) + args.set + extra_shards
+        print(f"recipe: {' '.join(RECIPE)} phase3.steps={steps} (1 process x 1 thread per model)")
         if args.set:
             print(f"  with --set {' '.join(args.set)}")
         seeds = [cfg.train.seed + i for i in range(args.seeds)]

@@ -1,0 +1,70 @@
+"""The pace of the quality benchmark's training step on this machine, measured without the trainer.
+
+``bench_generator_step.py`` compares generators with it; ``bench_quality.py`` measures it before training to
+fit its steps to its time budget (the development machines of this project have run the same step from 1x
+to 3.5x the time of the fastest).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+from pipeline.config import JobConfig, load_config
+from pipeline.model.networks import Generator, build_models
+
+CATEGORIES = 8  # Cityscapes' categories, the recipe's model.semantic_classes
+
+
+def step_config(recipe: list[str], *more: str) -> JobConfig:
+    """The default config with ``recipe``'s generator, crop and batch size, then ``more`` overrides."""
+    chosen = [o for o in recipe if o.startswith(("model.", "loader.crop=", "loader.batch_size="))]
+    return load_config(overrides=[*chosen, *more])
+
+
+def step_batch(cfg: JobConfig, generator: Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of ``cfg``'s crop and batch size for ``generator``, and a target near its image."""
+    height, width = cfg.loader.crop
+    torch.manual_seed(1)
+    x = torch.rand(cfg.loader.batch_size, generator.hparams["input_nc"], height, width) * 2 - 1
+    return x, (x[:, -3:] + 0.05 * torch.randn_like(x[:, -3:])).clamp(-1, 1)
+
+
+def time_steps(generator: Generator, x: torch.Tensor, target: torch.Tensor, steps: int) -> float:
+    """Seconds per step of ``steps`` MSE steps of the residual output (Adam)."""
+    optimizer = torch.optim.Adam(generator.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = (generator(x) - target).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def _paced(recipe: list[str], seconds: float) -> float:
+    """The median seconds per step of blocks of 5 steps run for ``seconds``, on one thread."""
+    torch.set_num_threads(1)
+    cfg = step_config(recipe)
+    torch.manual_seed(0)
+    generator, _ = build_models(cfg.model, CATEGORIES, use_instance=False)
+    x, target = step_batch(cfg, generator)
+    time_steps(generator, x, target, 3)  # warm-up
+    blocks: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(blocks) < 3:
+        blocks.append(time_steps(generator, x, target, 5))
+    return statistics.median(blocks)
+
+
+def step_seconds(recipe: list[str], processes: int, seconds: float = 10.0) -> float:
+    """Seconds per bare step of ``recipe``'s generator (no data loader, moving average or DeepSpeed) with
+    ``processes`` spawned processes of one thread stepping side by side, as the benchmark trains: the
+    median over the processes."""
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        paces = list(pool.map(_paced, [recipe] * processes, [seconds] * processes))
+    return statistics.median(paces)
