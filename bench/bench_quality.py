@@ -189,13 +189,18 @@ CACHE_MB = 512
 EXTRA_SIZE = "1024x512"
 
 
+def validation_every(steps: int) -> int:
+    """Steps between validations, in hundreds: VALIDATIONS of them after step 0, the last at ``steps``."""
+    return -(-steps // (VALIDATIONS * 100)) * 100
+
+
 def overrides(work: Path, steps: int) -> list[str]:
     return [
         f"shards.output={work / 'shards'}",
         f"shards.codecs=[{{name: hevc, qualities: {QUALITIES}}}]",
         *RECIPE,
         f"phase3.steps={steps}",
-        f"validate.every={-(-steps // (VALIDATIONS * 100)) * 100}",
+        f"validate.every={validation_every(steps)}",
         f"train.checkpoint_every={steps}",
         "train.log_every=100",
         "tracking.enabled=false",
@@ -485,7 +490,8 @@ def main() -> None:
         segmenter = args.segmenter.resolve() if args.segmenter else None
         steps = args.steps or budget_steps(args.budget_min * 60, start, args.seeds, segmenter is not None)
         cfg_args = overrides(work, steps) + args.set + extra_shards
-        print(f"recipe: {' '.join(RECIPE)} phase3.steps={steps} (1 process x 1 thread per model)")
+        print(f"recipe: {' '.join(RECIPE)} phase3.steps={steps} validate.every={validation_every(steps)} "
+              "(1 process x 1 thread per model)")  # fmt: skip
         if args.set:
             print(f"  with --set {' '.join(args.set)}")
         seeds = [cfg.train.seed + i for i in range(args.seeds)]
