@@ -168,10 +168,10 @@ RECIPE = [
 # fixes them). The same script has trained at paces 3.5 times apart on this project's development
 # machines (runs 21 to 26), so a fixed count either wastes the budget or overruns it. Once the shards are
 # built, the recipe's bare step is timed in as many processes side by side as models train
-# (step_pace.step_seconds) and the rest of the run is reckoned in that step's time, with the costs of run 49
-# (3600 steps, 0.177 s a bare step): a step of the trainer (its data, moving average and DeepSpeed) costs
-# STEP_COST bare steps, a training's start, its validation of the codec at step 0 and its later
-# validations TRAIN_FIXED, and the evaluation of one pair of models EVAL_COST.
+# (step_pace.step_seconds) and the rest of the run is reckoned in that step's time, with the costs of run
+# 49 (3600 steps; 0.176 and 0.183 s a bare step, timed right after it): a step of the trainer (its data,
+# moving average and DeepSpeed) costs STEP_COST bare steps, a training's start, its validation of the codec
+# at step 0 and its later validations TRAIN_FIXED, and the evaluation of one pair of models EVAL_COST.
 STEP_COST = 1.0
 TRAIN_FIXED = 240 + 40 * 4  # the start and step 0, then 40 for each of VALIDATIONS
 EVAL_COST = 550
