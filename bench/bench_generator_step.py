@@ -45,8 +45,8 @@ def main() -> None:
         parser.error("--steps, --repeats and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     generators = {}
-    for padding, kernel, activation in VARIANTS:
-        variant = (padding, kernel, activation)
+    for variant in VARIANTS:
+        padding, kernel, activation = variant
         cfg = step_config(RECIPE, f"model.padding={padding}", f"model.end_kernel={kernel}",
                           f"model.activation={activation}")  # fmt: skip
         torch.manual_seed(0)
