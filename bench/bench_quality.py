@@ -6,8 +6,10 @@ From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs
    validates, lindau (10) is reported; the training frames are also built at 1024x512 (those alone,
    ``shards.splits``) and trained on (``loader.extra_shards``; ``--extra-size none`` to leave them out);
 2. the codec-SE generator and its zero-semantics ablation are trained side by side, one process and one
-   CPU thread each, with the same recipe and step budget (``RECIPE`` below; ``--steps`` to change it);
-   each validates on munster and exports its best step (the codec itself, step 0, included);
+   CPU thread each, with the same recipe and steps (``RECIPE`` below): by default the most that fit the
+   budget at the pace of the recipe's step, timed on this machine once the shards are built
+   (``bench/step_pace.py``; ``--steps N`` fixes them); each validates on munster five times and exports
+   its best step (the codec itself, step 0, included);
 3. both are evaluated with ``python -m pipeline evaluate``'s code on the lindau frames (the figure) and on
    the training frames (to show over-fitting, ``eval.allow_training_frames``), the two side by side, one
    process per core.
@@ -41,13 +43,13 @@ The splits are ``configs/default.yaml``'s; ``--set "data.holdout=[...]"`` choose
 training and frankfurt held out), and the printed labels follow.
 
 With ``--seeds N`` each model is trained N times, with ``train.seed`` and the N-1 seeds after it, one pair
-after the other (N times the training time), and a last table gives per QP the held-out gains of every
-seed's models: their mean, lowest and highest, and in how many seeds codec-SE is ahead of its ablation.
-The tables above it are those of the first seed. The frame intervals say which frames were scored; only
-this table says how much another training run moves the gains.
+after the other (fitted steps share the budget among the seeds), and a last table gives per QP the held-out
+gains of every seed's models: their mean, lowest and highest, and in how many seeds codec-SE is ahead of its
+ablation. The tables above it are those of the first seed. The frame intervals say which frames were
+scored; only this table says how much another training run moves the gains.
 
-Usage:  python bench/bench_quality.py [--steps N] [--seeds N] [--keep DIR] [--extra-size WxH|none]
-                                      [--set KEY=VALUE] [--segmenter FILE]
+Usage:  python bench/bench_quality.py [--steps N] [--budget-min M] [--seeds N] [--keep DIR]
+                                      [--extra-size WxH|none] [--set KEY=VALUE] [--segmenter FILE]
 """
 
 from __future__ import annotations
@@ -441,7 +443,9 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, help="phase-3 steps of each model (default: the most that fit --budget-min)"
     )
-    parser.add_argument("--budget-min", type=float, default=15.0)
+    parser.add_argument(
+        "--budget-min", type=float, default=15.0, help="minutes the whole script may take; the steps fit it"
+    )
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
     parser.add_argument(
         "--extra-size",
@@ -453,7 +457,7 @@ def main() -> None:
         type=int,
         default=1,
         help="train each model with this many seeds (train.seed, +1, ...), one pair after the other, and "
-        "print the held-out gains across them; each seed adds the training time again",
+        "print the held-out gains across them; fitted steps share the budget among them",
     )
     parser.add_argument("--set", action="append", default=[], help="one more config override (repeatable)")
     parser.add_argument(
