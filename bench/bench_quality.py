@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -174,13 +175,13 @@ RECIPE = [
 # 49 (3600 steps; 0.176 and 0.183 s a bare step, timed right after it): a step of the trainer (its data,
 # moving average and DeepSpeed) costs STEP_COST bare steps, a training's start, its validation of the codec
 # at step 0 and its later validations TRAIN_FIXED, and the evaluation of one pair of models EVAL_COST.
-STEP_COST = 1.0
-TRAIN_FIXED = 240 + 40 * 4  # the start and step 0, then 40 for each of VALIDATIONS
-EVAL_COST = 550
-PLANNED_SHARE = 0.95  # of the budget: the machine's pace drifts within a run
 # Validations after step 0, whatever the steps: under the cosine decay the curve rises to its end (every
 # model of runs 29 to 49 but run 41's stalled codec-SE exported its last step), so more would cost steps.
 VALIDATIONS = 4
+STEP_COST = 1.0
+TRAIN_FIXED = 240 + 40 * VALIDATIONS  # the start and step 0, then 40 for each later validation
+EVAL_COST = 550
+PLANNED_SHARE = 0.95  # of the budget: the machine's pace drifts within a run
 # a floor: 1400 steps gained a half to three quarters of what 5000 did (runs 33 and 34 against 25 and 26)
 MIN_STEPS = 1000
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
@@ -193,7 +194,7 @@ EXTRA_SIZE = "1024x512"
 
 def validation_every(steps: int) -> int:
     """Steps between validations, in hundreds: VALIDATIONS of them after step 0, the last at ``steps``."""
-    return -(-steps // (VALIDATIONS * 100)) * 100
+    return math.ceil(steps / (VALIDATIONS * 100)) * 100
 
 
 def overrides(work: Path, steps: int) -> list[str]:
@@ -229,8 +230,8 @@ def budget_steps(budget_s: float, start: float, seeds: int, decoder_maps: bool) 
     models = 3 if decoder_maps else 2
     timed = time.perf_counter()
     pace = step_seconds(RECIPE, models)
-    jobs = 2 + (seeds - 1) + decoder_maps  # the evaluations, one process a core
-    rounds = -(-jobs // min(jobs, os.cpu_count() or 1))
+    jobs = 2 + (seeds - 1) + decoder_maps  # the evaluations of scored_in_parallel
+    rounds = math.ceil(jobs / evaluation_workers(jobs))
     steps = fitted_steps(budget_s, time.perf_counter() - start, pace, seeds, rounds)
     print(f"steps: {steps}, the most that fit the budget at {pace:.3f} s a bare step ({models} side by side, "
           f"timed in {time.perf_counter() - timed:.0f} s; bench/step_pace.py)")  # fmt: skip
@@ -424,12 +425,17 @@ def _scored_job(threads: int, job: tuple[Any, ...]) -> Path:
     return scored(*args, **more)
 
 
+def evaluation_workers(jobs: int) -> int:
+    """The processes :func:`scored_in_parallel` scores ``jobs`` jobs in: one a core, at most one a job."""
+    return min(jobs, os.cpu_count() or 1)
+
+
 def scored_in_parallel(jobs: dict[str, tuple[Any, ...]]) -> dict[str, Path]:
     """:func:`scored` of every job (its arguments, the last one its ``more``), in as many processes as there
     are jobs and cores, the cores shared out as threads: the evaluation's codecs, NIQE and MS-SSIM run on one
     core each, so one process per core keeps both cores busy where one process of two threads would not."""
     cores = os.cpu_count() or 1
-    workers = min(len(jobs), cores)
+    workers = evaluation_workers(len(jobs))
     spawn = multiprocessing.get_context("spawn")  # no fork of a process holding torch's thread pools
     with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
         futures = {
