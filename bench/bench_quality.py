@@ -189,8 +189,9 @@ CACHE_MB = 512
 
 # ``--extra-size WxH`` also builds the training frames at that size and trains on them (loader.extra_shards):
 # more content per frame, at another scale, each with HEVC's own artifacts at that size. Off since run 54:
-# with the steps a 15-minute budget buys, codec-SE validated better on munster without the training
-# frames at 1024x512 (README, "Checked after run 53"), which runs 1 to 53 trained on.
+# with the 2000 steps the budget buys on the machine of runs 53 to 55, codec-SE validated better on munster
+# without the training frames at 1024x512, which runs 1 to 53 trained on; with 3000 steps or more (a faster
+# machine's fit) they are worth keeping (README, "Checked after run 53").
 EXTRA_SIZE = "none"
 
 
