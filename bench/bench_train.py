@@ -49,9 +49,9 @@ from pipeline.data.shards import build_shards
 from pipeline.model.losses import GeneratorLosses, default_vgg19_path
 from pipeline.model.networks import build_models
 from pipeline.tracking import Tracker
-from pipeline.train.checkpoint import seed_everything
 from pipeline.train.engine import deepspeed_config, distributed
 from pipeline.train.gan_step import discriminator_terms, generator_terms, step_inputs
+from pipeline.train.rng import seed_everything
 from pipeline.train.trainer import PhaseRunner
 
 PHASE = 2

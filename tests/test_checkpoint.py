@@ -21,8 +21,9 @@ from pipeline.data.manifest import dataset_info
 from pipeline.model.export import load_generator
 from pipeline.tracking import Tracker
 from pipeline.train.batches import Batches
-from pipeline.train.checkpoint import PhaseCheckpoints, Progress, params_digest, read_latest, seed_everything
+from pipeline.train.checkpoint import PhaseCheckpoints, Progress, params_digest, read_latest
 from pipeline.train.engine import DistEnv, distributed
+from pipeline.train.rng import seed_everything
 from pipeline.train.trainer import PhaseRunner, train
 
 REPO = Path(__file__).resolve().parents[1]

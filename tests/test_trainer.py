@@ -319,6 +319,31 @@ def test_validation_resumes_with_its_best(
     assert load_generator(resumed)[1].selected["step"] == 2
 
 
+def test_how_often_a_phase_validates_does_not_change_its_training(
+    shards: Path, vgg_file: Path, tmp_path: Path
+) -> None:
+    """The real validator at every step and at the first and last only: the same weights at every step.
+    The semantic dropout draws from the torch RNG, which the validator's generator copy also draws from
+    when it is built, so a validation that moved the stream would change the steps after it."""
+    trained: dict[int, list[dict[str, torch.Tensor]]] = {1: [], 3: []}
+    for every, steps in trained.items():
+
+        def keep(event: trainer.StepEvent, steps: list = steps) -> None:
+            steps.append({k: v.detach().clone() for k, v in event.generator.state_dict().items()})
+
+        sets = (
+            "phase2.steps=3",
+            f"validate.every={every}",
+            "validate.images=1",
+            "train.semantic_dropout=0.5",
+        )
+        cfg = make_cfg(shards, vgg_file, tmp_path / f"every{every}", *sets)
+        trainer.train(cfg, [2], tracker=Tracker(), on_step=keep)
+    assert len(trained[1]) == len(trained[3]) == 3
+    assert all(same(a, b) for a, b in zip(trained[1], trained[3], strict=True))
+    assert not same(trained[1][0], trained[1][2])  # the steps train
+
+
 def test_resume_refuses_checkpoints_of_other_training_settings(
     shards: Path, vgg_file: Path, tmp_path: Path
 ) -> None:

@@ -59,7 +59,6 @@ from pipeline.train.checkpoint import (
     checkpoint_dir,
     discard_checkpoints,
     read_latest,
-    seed_everything,
 )
 from pipeline.train.engine import (
     DistEnv,
@@ -73,6 +72,7 @@ from pipeline.train.engine import (
     say,
 )
 from pipeline.train.preempt import STOP, Preempted
+from pipeline.train.rng import seed_everything
 
 SEGMENTER_FILE = "segmenter.safetensors"
 STEM = "segment"  # checkpoint tags: segment-step<NNNNNNNN>

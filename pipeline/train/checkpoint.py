@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -49,6 +47,7 @@ from pipeline.config import JobConfig
 from pipeline.train.batches import Batches
 from pipeline.train.ema import WeightAverage
 from pipeline.train.engine import DistEnv, Engines, barrier, say
+from pipeline.train.rng import rng_state, seed_everything, set_rng_state
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -155,35 +154,6 @@ def params_digest(module: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch (and CUDA) RNG states, as ``torch.load(weights_only=True)``
-    reads them back."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class PhaseCheckpoints:

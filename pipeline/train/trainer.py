@@ -77,12 +77,12 @@ from pipeline.train.checkpoint import (
     checkpoint_dir,
     discard_checkpoints,
     read_latest,
-    seed_everything,
 )
 from pipeline.train.ema import WeightAverage
 from pipeline.train.engine import DistEnv, Engines, barrier, build_engines, distributed, progress_bar, say
 from pipeline.train.gan_step import FiniteWatch, discriminator_terms, generator_terms, step_inputs
 from pipeline.train.preempt import STOP, Preempted
+from pipeline.train.rng import seed_everything
 from pipeline.train.validation import Validator, improves, load_frames
 
 GENERATOR_FILE = "generator.safetensors"

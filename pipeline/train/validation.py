@@ -24,6 +24,7 @@ from pipeline.eval.scoring import Scores, mean_scores
 from pipeline.model.inference import decoder_output
 from pipeline.model.networks import Generator
 from pipeline.model.spec import GeneratorSpec
+from pipeline.train.rng import rng_untouched
 
 # what "better" means for each selectable metric (validate.metric, checked by the config)
 DIRECTIONS: dict[ValidateMetric, str] = {"psnr": "max", "ms_ssim": "max", "niqe": "min"}
@@ -95,7 +96,11 @@ class Validator:
         return pairs
 
     def __call__(self, generator: nn.Module) -> dict[str, float]:
-        """``psnr``, ``ms_ssim``, ``niqe`` of codec-SE, the codec's as ``codec_*``, and ``delta_*``."""
-        se = mean_scores(self.enhanced(generator))
+        """``psnr``, ``ms_ssim``, ``niqe`` of codec-SE, the codec's as ``codec_*``, and ``delta_*``.
+
+        Every RNG is left as it was (the float32 copy draws its initial weights before loading): how often
+        a training validates must not change what it draws next."""
+        with rng_untouched():
+            se = mean_scores(self.enhanced(generator))
         deltas = {f"delta_{k}": v - getattr(self.codec, k) for k, v in se.as_dict().items()}
         return {**se.as_dict(), **self.codec.as_dict("codec_"), **deltas}
