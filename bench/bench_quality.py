@@ -189,10 +189,19 @@ CACHE_MB = 512
 
 # ``--extra-size WxH`` also builds the training frames at that size and trains on them (loader.extra_shards):
 # more content per frame, at another scale, each with HEVC's own artifacts at that size. Off since run 54:
-# with the 2000 steps the budget buys on the machine of runs 53 to 55, codec-SE validated better on munster
-# without the training frames at 1024x512, which runs 1 to 53 trained on; with 3000 steps or more (a faster
-# machine's fit) they are worth keeping (README, "Checked after run 53").
+# codec-SE validated on munster as well or better without the training frames at 1024x512, which runs 1 to
+# 53 trained on, at 2000, 2800, 3200 and 3600 steps (README, "Checked after run 53").
 EXTRA_SIZE = "none"
+
+
+def size_choice(text: str) -> str:
+    """``--extra-size``'s value, checked: ``none`` or WxH in pixels."""
+    if text == "none":
+        return text
+    width, _, height = text.partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected none or WIDTHxHEIGHT (e.g. 1024x512), got {text!r}")
+    return text
 
 
 def validation_every(steps: int) -> int:
@@ -458,6 +467,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
     parser.add_argument(
         "--extra-size",
+        type=size_choice,
         default=EXTRA_SIZE,
         help="WxH: the training frames also built at this size (loader.extra_shards); 'none': not",
     )
