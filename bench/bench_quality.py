@@ -190,7 +190,8 @@ CACHE_MB = 512
 # ``--extra-size WxH`` also builds the training frames at that size and trains on them (loader.extra_shards):
 # more content per frame, at another scale, each with HEVC's own artifacts at that size. Off since run 54:
 # codec-SE validated on munster as well or better without the training frames at 1024x512, which runs 1 to
-# 53 trained on, at 2000, 2800, 3200 and 3600 steps (README, "Checked after run 53").
+# 53 trained on, at 2000, 2800, 3200 and 3600 steps; a first 3600-step check that favoured them did not
+# repeat (README, "Checked after run 53").
 EXTRA_SIZE = "none"
 
 
