@@ -195,14 +195,14 @@ CACHE_MB = 512
 EXTRA_SIZE = "none"
 
 
-def size_choice(text: str) -> str:
-    """``--extra-size``'s value, checked: ``none`` or WxH in pixels."""
+def size_choice(text: str) -> tuple[int, int] | None:
+    """``--extra-size``'s value: ``(width, height)`` for WxH in pixels, ``None`` for ``none``."""
     if text == "none":
-        return text
+        return None
     width, _, height = text.partition("x")
     if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
         raise argparse.ArgumentTypeError(f"expected none or WIDTHxHEIGHT (e.g. 1024x512), got {text!r}")
-    return text
+    return int(width), int(height)
 
 
 def validation_every(steps: int) -> int:
@@ -500,16 +500,16 @@ def main() -> None:
         sizes = {s: e.samples for s, e in manifest.splits.items()}
         extra_shards = []
         print(f"shards: {cfg.data.width}x{cfg.data.height}, HEVC QP {QUALITIES}, frames per split {sizes}")
-        if args.extra_size != "none":
-            width, height = (int(v) for v in args.extra_size.split("x"))
-            extra = work / f"shards-{args.extra_size}"
+        if args.extra_size is not None:
+            width, height = args.extra_size
+            extra = work / f"shards-{width}x{height}"
             # the same label blocks on the content: a map twice the size is down-sampled twice as much
             downsample = max(1, cfg.shards.label_downsample * width // cfg.data.width)
             size = {"data.width": width, "data.height": height, "shards.output": str(extra),
                     "shards.label_downsample": downsample, "shards.splits": [cfg.loader.split]}  # fmt: skip
             build_shards(with_overrides(cfg, size))
             extra_shards.append(f"loader.extra_shards=[{extra}]")
-            print(f"  training frames also at {args.extra_size} (loader.extra_shards)")
+            print(f"  training frames also at {width}x{height} (loader.extra_shards)")
         print(f"  built in {time.perf_counter() - start:.0f} s")
         segmenter = args.segmenter.resolve() if args.segmenter else None
         steps = args.steps or budget_steps(args.budget_min * 60, start, args.seeds, segmenter is not None)

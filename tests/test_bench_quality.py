@@ -23,9 +23,11 @@ def bench_quality(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("text", ["none", "1024x512"])
-def test_extra_sizes_that_are_accepted(bench_quality: ModuleType, text: str) -> None:
-    assert bench_quality.size_choice(text) == text
+@pytest.mark.parametrize(("text", "size"), [("none", None), ("1024x512", (1024, 512))])
+def test_extra_sizes_that_are_accepted(
+    bench_quality: ModuleType, text: str, size: tuple[int, int] | None
+) -> None:
+    assert bench_quality.size_choice(text) == size
 
 
 @pytest.mark.parametrize("text", ["1024", "x512", "0x512", "1024x-5", "1024x512x2", "big", "auto"])
