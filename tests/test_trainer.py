@@ -344,6 +344,30 @@ def test_how_often_a_phase_validates_does_not_change_its_training(
     assert not same(trained[1][0], trained[1][2])  # the steps train
 
 
+def test_an_autocast_engine_computes_in_bf16_and_trains_fp32_weights(
+    shards: Path, vgg_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``zero0_autocast_bf16.json`` on CPU: the generator's convolutions run in bf16 inside the engine's
+    forward pass, its weights stay fp32, train, and are exported in fp32."""
+    outputs: list[torch.dtype] = []
+
+    def spy(generator, discriminator, cfg, phase_cfg, env=None):
+        first = next(m for m in generator.modules() if isinstance(m, torch.nn.Conv2d))
+        first.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+        return engine.build_engines(generator, discriminator, cfg, phase_cfg, env)
+
+    monkeypatch.setattr(trainer, "build_engines", spy)
+    autocast = REPO / "configs" / "deepspeed" / "zero0_autocast_bf16.json"
+    cfg = make_cfg(shards, vgg_file, tmp_path, f"train.deepspeed_config={autocast}")
+    exports = trainer.train(cfg, [3], tracker=Tracker())
+    assert outputs == [torch.bfloat16] * cfg.phase3.steps
+    exported = weights(exports[3])
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in exported.values())
+    head = [t for k, t in exported.items() if k.startswith("correction.")]
+    assert head and any(t.abs().sum() > 0 for t in head)  # the head starts at zero: the steps trained it
+
+
 def test_resume_refuses_checkpoints_of_other_training_settings(
     shards: Path, vgg_file: Path, tmp_path: Path
 ) -> None:

@@ -206,6 +206,17 @@ def deepspeed_config(cfg: JobConfig, phase_cfg: PhaseConfig, device: torch.devic
     return ds
 
 
+def autocast_dtype(ds: dict[str, Any], device_type: str = "cpu") -> torch.dtype | None:
+    """The dtype a DeepSpeed config's ``torch_autocast`` section runs the engine's forward pass in on
+    ``device_type`` (the parameters, gradients and optimizer staying fp32), or ``None`` when it does not
+    autocast."""
+    from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
+
+    if not get_torch_autocast_enabled(ds):
+        return None
+    return get_torch_autocast_dtype(ds) or torch.get_autocast_dtype(device_type)
+
+
 def engine_dtype(engine: DeepSpeedEngine) -> torch.dtype:
     """The dtype the engine's module computes in (its inputs must be cast to it)."""
     if engine.bfloat16_enabled():
