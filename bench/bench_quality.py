@@ -8,7 +8,8 @@ From scratch, on the embedded Cityscapes sample at 512x256 with HEVC at four QPs
 2. the codec-SE generator and its zero-semantics ablation are trained side by side, one process and one
    CPU thread each, with the same recipe and steps (``RECIPE`` below): by default the most that fit the
    budget at the pace of the recipe's step, timed on this machine once the shards are built
-   (``bench/step_pace.py``; ``--steps N`` fixes them); each validates on munster five times and exports
+   (``bench/step_pace.py``; ``--steps N`` fixes them), its forward pass in bf16 autocast where that step
+   is the faster here, else in fp32 (``AUTOCAST`` below); each validates on munster five times and exports
    its best step (the codec itself, step 0, included);
 3. both are evaluated with ``python -m pipeline evaluate``'s code on the lindau frames (the figure) and on
    the training frames (to show over-fitting, ``eval.allow_training_frames``), the two side by side, one
@@ -141,6 +142,14 @@ QUALITIES = [32, 37, 42, 47]
 # both ways, the mean over the QPs of the gain over HEVC): codec-SE +0.240 / +0.246 / +0.233 dB against
 # +0.232 / +0.237 / +0.225 in one pass, the ablation +0.231 / +0.190 / +0.209 against +0.223 / +0.187 /
 # +0.202; every QP of the six models gained. Training is unchanged.
+# The training step's precision since run 60: fp32 weights, gradients and Adam, the forward pass autocast to
+# bf16 (the DeepSpeed file's torch_autocast). On a 2-core CPU with AMX its bare step, two side by side, took
+# 0.134 to 0.138 s against 0.252 to 0.270 s in fp32, so about twice the steps fit the budget; where bf16
+# is not the faster, the fitted steps train in fp32 (budget_steps). On munster, frankfurt training, seeds 0
+# and 1 side by side, 8400 steps (trained in 915 s) validated +0.356 and +0.355 dB at step 4200, +0.371
+# and +0.353 at the end, against +0.364 and +0.330 for runs 56 and 58's 4200 fp32 steps.
+AUTOCAST = "train.deepspeed_config=configs/deepspeed/zero0_autocast_bf16.json"
+FP32 = "train.deepspeed_config=configs/deepspeed/zero0_fp32.json"
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
@@ -165,6 +174,7 @@ RECIPE = [
     "phase3.warmup_steps=250",
     "train.betas=[0.9, 0.999]",
     "validate.min_delta=0",
+    AUTOCAST,
 ]
 
 # The steps: the most, in hundreds, that fit the budget on the machine that runs the script (``--steps N``
@@ -174,11 +184,13 @@ RECIPE = [
 # (step_pace.step_seconds) and the rest of the run is reckoned in that step's time, with the costs of run
 # 49 (3600 steps; 0.176 and 0.183 s a bare step, timed right after it): a step of the trainer (its data,
 # moving average and DeepSpeed) costs STEP_COST bare steps, a training's start, its validation of the codec
-# at step 0 and its later validations TRAIN_FIXED, and the evaluation of one pair of models EVAL_COST.
+# at step 0 and its later validations TRAIN_FIXED, and the evaluation of one pair of models EVAL_COST, the
+# last two in bare fp32 steps (they run in fp32). The step in bf16 autocast, 0.71 of its bare step: the
+# munster pair above, with TRAIN_FIXED at the fp32 pace timed after it.
 # Validations after step 0, whatever the steps: under the cosine decay the curve rises to its end (every
 # model of runs 29 to 49 but run 41's stalled codec-SE exported its last step), so more would cost steps.
 VALIDATIONS = 4
-STEP_COST = 1.0
+STEP_COST = {FP32: 1.0, AUTOCAST: 0.71}  # the trainer's step in bare steps of its own precision
 TRAIN_FIXED = 240 + 40 * VALIDATIONS  # the start and step 0, then 40 for each later validation
 EVAL_COST = 550
 PLANNED_SHARE = 0.95  # of the budget: the machine's pace drifts within a run
@@ -224,31 +236,40 @@ def overrides(work: Path, steps: int) -> list[str]:
     ]
 
 
-def fitted_steps(budget_s: float, spent_s: float, pace: float, seeds: int, evaluations: int) -> int:
+def fitted_steps(
+    budget_s: float, spent_s: float, step_s: float, unit: float, seeds: int, evaluations: int
+) -> int:
     """The most phase-3 steps, in hundreds, that each of ``seeds`` trainings can take in what
     PLANNED_SHARE of ``budget_s`` leaves after ``spent_s`` and ``evaluations`` rounds of evaluation, at
-    ``pace`` seconds a bare step; below MIN_STEPS the budget is refused."""
-    left = budget_s * PLANNED_SHARE - spent_s - pace * EVAL_COST * evaluations
-    steps = int((left / seeds / pace - TRAIN_FIXED) / STEP_COST) // 100 * 100
+    ``step_s`` seconds a trainer's step, the fixed costs reckoned at ``unit`` seconds a bare fp32 step
+    (the start, validation and evaluation run in fp32); below MIN_STEPS the budget is refused."""
+    left = budget_s * PLANNED_SHARE - spent_s - unit * EVAL_COST * evaluations
+    steps = int((left / seeds - unit * TRAIN_FIXED) / step_s) // 100 * 100
     if steps < MIN_STEPS:
         raise SystemExit(
-            f"at {pace:.3f} s a step, {seeds} seed(s) fit {max(steps, 0)} steps in a {budget_s / 60:g}-"
+            f"at {step_s:.3f} s a step, {seeds} seed(s) fit {max(steps, 0)} steps in a {budget_s / 60:g}-"
             f"minute budget, under the floor of {MIN_STEPS}: give more --budget-min, or --steps N"
         )
     return steps
 
 
-def budget_steps(budget_s: float, start: float, seeds: int, decoder_maps: bool) -> int:
-    """:func:`fitted_steps` at this machine's pace, timed now, as the models will train: side by side."""
+def budget_steps(budget_s: float, start: float, seeds: int, decoder_maps: bool) -> tuple[int, str]:
+    """:func:`fitted_steps` at this machine's paces, timed now, as the models will train (side by side),
+    and the precision they train in: the recipe's bf16 autocast where its trainer's step is the faster
+    here, else fp32 (its DeepSpeed-file override)."""
     models = 3 if decoder_maps else 2
     timed = time.perf_counter()
-    pace = step_seconds(RECIPE, models)
+    paces = {AUTOCAST: step_seconds(RECIPE, models), FP32: step_seconds([*RECIPE, FP32], models)}
+    precision = min(paces, key=lambda p: paces[p] * STEP_COST[p])
     jobs = 2 + (seeds - 1) + decoder_maps  # the evaluations of scored_in_parallel
     rounds = math.ceil(jobs / evaluation_workers(jobs))
-    steps = fitted_steps(budget_s, time.perf_counter() - start, pace, seeds, rounds)
-    print(f"steps: {steps}, the most that fit the budget at {pace:.3f} s a bare step ({models} side by side, "
-          f"timed in {time.perf_counter() - timed:.0f} s; bench/step_pace.py)")  # fmt: skip
-    return steps
+    step_s = paces[precision] * STEP_COST[precision]
+    steps = fitted_steps(budget_s, time.perf_counter() - start, step_s, paces[FP32], seeds, rounds)
+    print(f"steps: {steps}, the most that fit the budget at {paces[AUTOCAST]:.3f} s a bare step in bf16 "
+          f"autocast and {paces[FP32]:.3f} in fp32 ({models} side by side, timed in "
+          f"{time.perf_counter() - timed:.0f} s; bench/step_pace.py); training in "
+          f"{'bf16 autocast' if precision == AUTOCAST else 'fp32'}")  # fmt: skip
+    return steps, precision
 
 
 def train_all(
@@ -512,8 +533,10 @@ def main() -> None:
             print(f"  training frames also at {width}x{height} (loader.extra_shards)")
         print(f"  built in {time.perf_counter() - start:.0f} s")
         segmenter = args.segmenter.resolve() if args.segmenter else None
-        steps = args.steps or budget_steps(args.budget_min * 60, start, args.seeds, segmenter is not None)
-        cfg_args = overrides(work, steps) + args.set + extra_shards
+        steps, precision = args.steps, AUTOCAST
+        if steps is None:
+            steps, precision = budget_steps(args.budget_min * 60, start, args.seeds, segmenter is not None)
+        cfg_args = overrides(work, steps) + [precision] + args.set + extra_shards
         print(f"recipe: {' '.join(RECIPE)} phase3.steps={steps} validate.every={validation_every(steps)} "
               "(1 process x 1 thread per model)")  # fmt: skip
         if args.set:

@@ -7,6 +7,7 @@ to 3.5x the time of the fastest).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -16,13 +17,16 @@ import torch
 
 from pipeline.config import JobConfig, load_config
 from pipeline.model.networks import Generator, build_models
+from pipeline.train.engine import autocast_dtype, read_deepspeed_config
 
 CATEGORIES = 8  # Cityscapes' categories, the recipe's model.semantic_classes
 
 
 def step_config(recipe: list[str], *more: str) -> JobConfig:
-    """The default config with ``recipe``'s generator, crop and batch size, then ``more`` overrides."""
-    chosen = [o for o in recipe if o.startswith(("model.", "loader.crop=", "loader.batch_size="))]
+    """The default config with ``recipe``'s generator, crop, batch size and DeepSpeed file (its precision),
+    then ``more`` overrides."""
+    prefixes = ("model.", "loader.crop=", "loader.batch_size=", "train.deepspeed_config=")
+    chosen = [o for o in recipe if o.startswith(prefixes)]
     return load_config(overrides=[*chosen, *more])
 
 
@@ -34,12 +38,29 @@ def step_batch(cfg: JobConfig, generator: Generator) -> tuple[torch.Tensor, torc
     return x, (x[:, -3:] + 0.05 * torch.randn_like(x[:, -3:])).clamp(-1, 1)
 
 
-def time_steps(generator: Generator, x: torch.Tensor, target: torch.Tensor, steps: int) -> float:
-    """Seconds per step of ``steps`` MSE steps of the residual output (Adam)."""
+def step_autocast(cfg: JobConfig) -> torch.dtype | None:
+    """The dtype the trainer's engine autocasts the forward pass to on CPU (``train.deepspeed_config``'s
+    ``torch_autocast``), or ``None`` for fp32."""
+    key = "train.deepspeed_config"
+    return autocast_dtype(read_deepspeed_config(cfg.train.deepspeed_config, torch.device("cpu"), key))
+
+
+def time_steps(
+    generator: Generator,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    autocast: torch.dtype | None = None,
+) -> float:
+    """Seconds per step of ``steps`` MSE steps of the residual output (Adam), the forward pass autocast to
+    ``autocast`` where it is given (as the trainer's engine does with its DeepSpeed file's
+    ``torch_autocast``)."""
     optimizer = torch.optim.Adam(generator.parameters(), lr=1e-3)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = (generator(x) - target).square().mean()
+        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+            out = generator(x)
+        loss = (out.float() - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -47,17 +68,19 @@ def time_steps(generator: Generator, x: torch.Tensor, target: torch.Tensor, step
 
 
 def _paced(recipe: list[str], seconds: float) -> float:
-    """The median seconds per step of blocks of 5 steps run for ``seconds``, on one thread."""
+    """The median seconds per step of blocks of 5 steps run for ``seconds``, on one thread, in the precision
+    of the recipe's DeepSpeed file."""
     torch.set_num_threads(1)
     cfg = step_config(recipe)
+    autocast = step_autocast(cfg)
     torch.manual_seed(0)
     generator, _ = build_models(cfg.model, CATEGORIES, use_instance=False)
     x, target = step_batch(cfg, generator)
-    time_steps(generator, x, target, 3)  # warm-up
+    time_steps(generator, x, target, 3, autocast)  # warm-up
     blocks: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(blocks) < 3:
-        blocks.append(time_steps(generator, x, target, 5))
+        blocks.append(time_steps(generator, x, target, 5, autocast))
     return statistics.median(blocks)
 
 
