@@ -196,7 +196,7 @@ VALIDATIONS = 4
 STEP_COST = {FP32: 1.0, AUTOCAST: 0.75}  # the trainer's step in bare steps of its own precision
 TRAIN_FIXED = 240 + 40 * VALIDATIONS  # the start and step 0, then 40 for each later validation
 EVAL_COST = 820
-PLANNED_SHARE = 0.95  # of the budget: the machine's pace drifts within a run
+PLANNED_SHARE = 0.9  # of the budget: the machine's pace drifts within a run (0.124 to 0.143 s a bf16 step)
 # a floor: 1400 steps gained a half to three quarters of what 5000 did (runs 33 and 34 against 25 and 26)
 MIN_STEPS = 1000
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.

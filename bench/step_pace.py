@@ -68,30 +68,32 @@ def time_steps(
 
 
 def _paced(recipes: list[list[str]], seconds: float) -> list[float]:
-    """Each recipe's median seconds per step over blocks of 5 steps, on one thread, each in the precision of
-    its DeepSpeed file; the recipes take turns, block by block, for ``seconds`` in all."""
+    """Each recipe's median seconds per step over blocks of 5 steps run for ``seconds``, on one thread, in
+    the precision of its DeepSpeed file; one recipe after the other, so that processes started together
+    time the same recipe side by side."""
     torch.set_num_threads(1)
-    runs = []
+    paces = []
     for recipe in recipes:
         cfg = step_config(recipe)
+        autocast = step_autocast(cfg)
         torch.manual_seed(0)
         generator, _ = build_models(cfg.model, CATEGORIES, use_instance=False)
         x, target = step_batch(cfg, generator)
-        autocast = step_autocast(cfg)
         time_steps(generator, x, target, 3, autocast)  # warm-up
-        runs.append((generator, x, target, autocast))
-    blocks: list[list[float]] = [[] for _ in recipes]
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or min(map(len, blocks)) < 3:
-        for (generator, x, target, autocast), times in zip(runs, blocks, strict=True):
-            times.append(time_steps(generator, x, target, 5, autocast))
-    return [statistics.median(times) for times in blocks]
+        blocks: list[float] = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(blocks) < 3:
+            blocks.append(time_steps(generator, x, target, 5, autocast))
+        paces.append(statistics.median(blocks))
+    return paces
 
 
-def step_seconds(recipes: list[list[str]], processes: int, seconds: float = 12.0) -> list[float]:
+def step_seconds(recipes: list[list[str]], processes: int, seconds: float = 8.0) -> list[float]:
     """Seconds per bare step of each recipe's generator (no data loader, moving average or DeepSpeed) with
-    ``processes`` spawned processes of one thread stepping side by side, as the benchmark trains: for each
-    recipe the median over the processes. Every process times every recipe, in turns: one start-up for all."""
+    ``processes`` spawned processes of one thread stepping side by side, as the benchmark trains, ``seconds``
+    each: for each recipe the median over the processes. Every process times every recipe, one after the
+    other: one start-up for all (taking turns block by block, a process would time one precision beside the
+    other's steps in the other, not as the models train)."""
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
         paces = list(pool.map(_paced, [recipes] * processes, [seconds] * processes))
     return [statistics.median(each) for each in zip(*paces, strict=True)]
