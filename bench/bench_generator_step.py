@@ -1,7 +1,8 @@
 """Generator step benchmark: pix2pixHD's layers against the quality benchmark's, per training step.
 
-Times the quality benchmark's phase-3 step (``bench_quality.RECIPE``'s generator and crop: the residual
-output, MSE against the original, backward, Adam) with four generators that differ only in three settings:
+Times the quality benchmark's phase-3 step in fp32 (``bench_quality.RECIPE``'s generator and crop: the
+residual output, MSE against the original, backward, Adam; the benchmark itself trains in bf16 autocast
+where that is the faster, ``bench/step_pace.py``) with four generators that differ only in three settings:
 ``model.padding`` (``reflect``: pix2pixHD's reflection-pad layers; ``zeros``: padded inside the convs),
 ``model.end_kernel`` (7: pix2pixHD's 7x7 front conv and heads; 3) and ``model.activation`` (pix2pixHD's
 ``relu``; ``leaky_relu``). All four run in one process, from the same seed and on the same batch, on one
