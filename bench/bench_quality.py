@@ -78,7 +78,7 @@ import torch
 # variable: tqdm reads it once, when the pipeline imports it, hence before those imports.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from pipeline.config import REPO_ROOT, JobConfig, load_config, with_overrides  # noqa: E402
+from pipeline.config import REPO_ROOT, JobConfig, TrainConfig, load_config, with_overrides  # noqa: E402
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
 from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
@@ -144,12 +144,12 @@ QUALITIES = [32, 37, 42, 47]
 # +0.202; every QP of the six models gained. Training is unchanged.
 # The training step's precision since run 60: fp32 weights, gradients and Adam, the forward pass autocast to
 # bf16 (the DeepSpeed file's torch_autocast). On a 2-core CPU with AMX its bare step, two side by side, took
-# 0.134 to 0.138 s against 0.252 to 0.270 s in fp32, so about twice the steps fit the budget; where bf16
+# 0.134 to 0.143 s against 0.265 to 0.298 s in fp32 (runs 60 to 62), so about twice the steps fit; where bf16
 # is not the faster, the fitted steps train in fp32 (budget_steps). On munster, frankfurt training, seeds 0
 # and 1 side by side, 8400 steps (trained in 915 s) validated +0.356 and +0.355 dB at step 4200, +0.371
 # and +0.353 at the end, against +0.364 and +0.330 for runs 56 and 58's 4200 fp32 steps.
 AUTOCAST = "train.deepspeed_config=configs/deepspeed/zero0_autocast_bf16.json"
-FP32 = "train.deepspeed_config=configs/deepspeed/zero0_fp32.json"
+FP32 = f"train.deepspeed_config={TrainConfig.deepspeed_config}"  # the default
 RECIPE = [
     "model.ngf=16",
     "model.n_downsample=1",
@@ -196,7 +196,7 @@ VALIDATIONS = 4
 STEP_COST = {FP32: 1.0, AUTOCAST: 0.75}  # the trainer's step in bare steps of its own precision
 TRAIN_FIXED = 240 + 40 * VALIDATIONS  # the start and step 0, then 40 for each later validation
 EVAL_COST = 820
-PLANNED_SHARE = 0.9  # of the budget: the machine's pace drifts within a run (0.124 to 0.143 s a bf16 step)
+PLANNED_SHARE = 0.9  # of the budget: the machine's pace drifts (runs 60 to 62: 0.134 to 0.143 s a bf16 step)
 # a floor: 1400 steps gained a half to three quarters of what 5000 did (runs 33 and 34 against 25 and 26)
 MIN_STEPS = 1000
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
@@ -539,7 +539,7 @@ def main() -> None:
         steps, precision = args.steps, AUTOCAST
         if steps is None:
             steps, precision = budget_steps(args.budget_min * 60, start, args.seeds, segmenter is not None)
-        fp32 = [] if precision in RECIPE else [precision]  # where bf16 is not the faster step here
+        fp32 = [] if precision == AUTOCAST else [precision]  # where bf16 is not the faster step here
         cfg_args = overrides(work, steps) + fp32 + args.set + extra_shards
         print(f"recipe: {' '.join(RECIPE)} phase3.steps={steps} validate.every={validation_every(steps)} "
               "(1 process x 1 thread per model)")  # fmt: skip
