@@ -196,6 +196,12 @@ VALIDATIONS = 4
 STEP_COST = {FP32: 1.0, AUTOCAST: 0.75}  # the trainer's step in bare steps of its own precision
 TRAIN_FIXED = 240 + 40 * VALIDATIONS  # the start and step 0, then 40 for each later validation
 EVAL_COST = 820
+# The other evaluation jobs, in shares of the held-out pair's (EVAL_COST). Run 63 (--segmenter, three jobs
+# on two workers) evaluated in 183 s where the fit had reckoned two full rounds, 454 s, and fitted 1600
+# steps, 7.8 minutes in all. Its jobs, scored again one by one, two side by side (a throwaway script):
+# the held-out pair 156 s, the training frames' pair 60 and 63 s, codec-SE on decoder maps 120 s.
+TRAIN_EVAL_SHARE = 0.4
+DECODER_EVAL_SHARE = 0.77
 PLANNED_SHARE = 0.9  # of the budget: the machine's pace drifts (runs 60 to 62: 0.134 to 0.143 s a bf16 step)
 # a floor: 1400 steps gained a half to three quarters of what 5000 did (runs 33 and 34 against 25 and 26)
 MIN_STEPS = 1000
@@ -240,10 +246,10 @@ def overrides(work: Path, steps: int) -> list[str]:
 
 
 def fitted_steps(
-    budget_s: float, spent_s: float, step_s: float, unit: float, seeds: int, evaluations: int
+    budget_s: float, spent_s: float, step_s: float, unit: float, seeds: int, evaluations: float
 ) -> int:
     """The most phase-3 steps, in hundreds, that each of ``seeds`` trainings can take in what
-    PLANNED_SHARE of ``budget_s`` leaves after ``spent_s`` and ``evaluations`` rounds of evaluation, at
+    PLANNED_SHARE of ``budget_s`` leaves after ``spent_s`` and ``evaluations`` held-out pair evaluations, at
     ``step_s`` seconds a trainer's step, the fixed costs reckoned at ``unit`` seconds a bare fp32 step
     (the start, validation and evaluation run in fp32); below MIN_STEPS the budget is refused."""
     left = budget_s * PLANNED_SHARE - spent_s - unit * EVAL_COST * evaluations
@@ -264,8 +270,7 @@ def budget_steps(budget_s: float, start: float, seeds: int, decoder_maps: bool) 
     timed = time.perf_counter()
     paces = dict(zip((AUTOCAST, FP32), step_seconds([RECIPE, [*RECIPE, FP32]], models), strict=True))
     precision = min(paces, key=lambda p: paces[p] * STEP_COST[p])
-    jobs = 2 + (seeds - 1) + decoder_maps  # the evaluations of scored_in_parallel
-    rounds = math.ceil(jobs / evaluation_workers(jobs))
+    rounds = evaluation_rounds(seeds, decoder_maps)
     step_s = paces[precision] * STEP_COST[precision]
     steps = fitted_steps(budget_s, time.perf_counter() - start, step_s, paces[FP32], seeds, rounds)
     print(f"steps: {steps}, the most that fit the budget at {paces[AUTOCAST]:.3f} s a bare step in bf16 "
@@ -273,6 +278,17 @@ def budget_steps(budget_s: float, start: float, seeds: int, decoder_maps: bool) 
           f"{time.perf_counter() - timed:.0f} s; bench/step_pace.py); training in "
           f"{'bf16 autocast' if precision == AUTOCAST else 'fp32'}")  # fmt: skip
     return steps, precision
+
+
+def evaluation_rounds(seeds: int, decoder_maps: bool) -> float:
+    """The evaluation's wall time in held-out pair evaluations (EVAL_COST): the jobs of
+    :func:`scored_in_parallel` in the order main submits them (the held-out pair, the training frames' pair,
+    codec-SE on decoder maps, one held-out pair a further seed), each taken by the first free worker."""
+    shares = [1.0, TRAIN_EVAL_SHARE] + [DECODER_EVAL_SHARE] * decoder_maps + [1.0] * (seeds - 1)
+    free = [0.0] * evaluation_workers(len(shares))
+    for share in shares:
+        free[free.index(min(free))] += share
+    return max(free)
 
 
 def train_all(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -47,6 +48,24 @@ def test_the_fitted_steps_fill_the_planned_share_of_the_budget(bench_quality: Mo
 
     assert steps % 100 == 0 and steps >= bq.MIN_STEPS
     assert reckoned(steps) <= budget * bq.PLANNED_SHARE < reckoned(steps + 100)
+
+
+@pytest.mark.parametrize(
+    ("cores", "seeds", "decoder_maps", "rounds"),
+    [
+        (2, 1, False, lambda bq: 1.0),  # the training frames' pair beside the held-out pair
+        (2, 1, True, lambda bq: bq.TRAIN_EVAL_SHARE + bq.DECODER_EVAL_SHARE),  # decoder maps after it
+        (2, 2, False, lambda bq: bq.TRAIN_EVAL_SHARE + 1.0),  # the second seed's pair after it
+        (1, 1, False, lambda bq: 1.0 + bq.TRAIN_EVAL_SHARE),  # one worker: one after the other
+        (4, 3, False, lambda bq: 1.0),  # a worker a job
+    ],
+)
+def test_the_evaluation_is_reckoned_as_its_workers_take_its_jobs(
+    bench_quality: ModuleType, monkeypatch: pytest.MonkeyPatch, cores: int, seeds: int, decoder_maps: bool,
+    rounds: Callable[[ModuleType], float],
+) -> None:  # fmt: skip
+    monkeypatch.setattr(bench_quality.os, "cpu_count", lambda: cores)
+    assert bench_quality.evaluation_rounds(seeds, decoder_maps) == pytest.approx(rounds(bench_quality))
 
 
 def test_a_budget_under_the_floor_of_steps_is_refused(bench_quality: ModuleType) -> None:
