@@ -212,7 +212,7 @@ CACHE_MB = 512
 # more content per frame, at another scale, each with HEVC's own artifacts at that size. Off since run 54:
 # codec-SE validated on munster as well or better without the training frames at 1024x512, which runs 1 to
 # 53 trained on, at 2000, 2800, 3200 and 3600 steps; a first 3600-step check that favoured them did not
-# repeat (README, "Checked after run 53").
+# repeat (docs/recipe_choices.md, "Checked after run 53").
 EXTRA_SIZE = "none"
 
 
