@@ -15,7 +15,13 @@ from pipeline.model.inputs import (
     input_channels,
     semantic_channels,
 )
-from pipeline.model.networks import Generator, MultiscaleDiscriminator, build_models, zero_correction
+from pipeline.model.networks import (
+    Generator,
+    MultiscaleDiscriminator,
+    build_models,
+    generator_from_state,
+    zero_correction,
+)
 
 LABEL_NC = 34
 B, H, W = 2, 64, 128
@@ -218,6 +224,26 @@ def test_norms_and_init(norm: str) -> None:
     assert bool(norms) == (norm == "batch")
     for m in norms:
         assert torch.all(m.bias == 0) and abs(float(m.weight.detach().mean()) - 1) < 0.02
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_a_generator_from_a_state_copies_it_in_float32_and_draws_nothing(norm: str) -> None:
+    source = Generator(5, ngf=4, n_downsample=1, n_blocks=1, norm=norm, residual=True)
+    perturb_correction(source)
+    state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    before = torch.get_rng_state()
+    copy = generator_from_state(source.hparams, state)
+    assert torch.equal(torch.get_rng_state(), before)
+    for name, tensor in copy.state_dict().items():
+        assert tensor.device.type == "cpu" and tensor.dtype == source.state_dict()[name].dtype
+        assert torch.equal(tensor, state[name].to(tensor.dtype))
+        assert tensor.data_ptr() != state[name].data_ptr()
+    reference = Generator(**source.hparams)
+    reference.load_state_dict(state)
+    x = torch.rand(1, 5, 8, 8)
+    assert torch.equal(copy.eval()(x), reference.eval()(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        generator_from_state({**source.hparams, "ngf": 8}, state)
 
 
 def test_bad_configuration_is_refused() -> None:

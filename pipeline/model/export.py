@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from pipeline.atomic import atomic_path
-from pipeline.model.networks import Generator
+from pipeline.model.networks import Generator, generator_from_state
 from pipeline.model.spec import FORMAT_VERSION, SPEC_KEYS, GeneratorSpec
 
 SPEC_KEY = "spec"
@@ -212,10 +212,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     bounds, the memory it needs and the weights' shapes are checked before anything is allocated."""
     spec = read_spec(path)
     check_weights(path, spec)
-    generator = spec.build_generator()
+    spec.weight_shapes()
     state = load_file(str(path), device="cpu")
     try:
-        generator.load_state_dict(state, strict=True)
+        generator = generator_from_state(spec.generator_kwargs, state)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not match the spec {spec.to_json()}: {err}") from err
     return generator.to(device).eval(), spec

@@ -65,7 +65,7 @@ from pipeline.model.export import (
     weights_sha256,
 )
 from pipeline.model.losses import GeneratorLosses
-from pipeline.model.networks import Generator, build_models, zero_correction
+from pipeline.model.networks import Generator, build_models, generator_from_state, zero_correction
 from pipeline.model.spec import GeneratorSpec, label_source_spec
 from pipeline.tracking import Tracker, make_tracker, registry_name, run_tags
 from pipeline.tracking.registry import REGISTERED_FILE, check_names, is_registered, mark_registered
@@ -379,8 +379,8 @@ class PhaseRunner:
             generator: nn.Module = self.engines.generator if self.average is None else self.average.module
             best = self.progress.best
             if self.progress.best_weights is not None:
-                generator = Generator(**self.engines.generator.module.hparams)
-                generator.load_state_dict(self.progress.best_weights)
+                hparams = self.engines.generator.module.hparams
+                generator = generator_from_state(hparams, self.progress.best_weights)
                 extra["selected"] = {**best, "split": self.cfg.validate.split}
                 say(
                     self.env,

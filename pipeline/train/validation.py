@@ -22,7 +22,7 @@ from pipeline.data.manifest import DatasetInfo
 from pipeline.eval.inputs import EvalSample, ShardInput, with_label_source
 from pipeline.eval.scoring import Scores, mean_scores
 from pipeline.model.inference import decoder_output
-from pipeline.model.networks import Generator
+from pipeline.model.networks import generator_from_state
 from pipeline.model.spec import GeneratorSpec
 from pipeline.train.rng import rng_untouched
 
@@ -85,9 +85,7 @@ class Validator:
     def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(original, codec-SE)`` for every frame x quality, codec-SE as its decoder outputs it (with the
         encoder's scale or gains, ``model.correction_scale``)."""
-        net = Generator(**generator.hparams)
-        net.load_state_dict({k: v.detach().float() for k, v in generator.state_dict().items()})
-        net = net.to(self.device).eval()
+        net = generator_from_state(generator.hparams, generator.state_dict()).to(self.device).eval()
         pairs = []
         for s in self.samples:
             for q in self.qualities:
@@ -98,8 +96,8 @@ class Validator:
     def __call__(self, generator: nn.Module) -> dict[str, float]:
         """``psnr``, ``ms_ssim``, ``niqe`` of codec-SE, the codec's as ``codec_*``, and ``delta_*``.
 
-        Every RNG is left as it was (the float32 copy draws its initial weights before loading): how often
-        a training validates must not change what it draws next."""
+        Every RNG is left as it was, whatever the scoring calls: how often a training validates must not
+        change what it draws next."""
         with rng_untouched():
             se = mean_scores(self.enhanced(generator))
         deltas = {f"delta_{k}": v - getattr(self.codec, k) for k, v in se.as_dict().items()}
