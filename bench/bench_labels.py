@@ -23,8 +23,10 @@ import os
 import platform
 import statistics
 import struct
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import imagecodecs
@@ -36,6 +38,9 @@ from pipeline.data.codecs import LabelCoder, get_codec
 from pipeline.data.sources import open_source
 from pipeline.eval.segmentation import segmentation_scores
 from pipeline.segment.labels import label_to_train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sizes import frame_size  # noqa: E402
 
 Coder = tuple[Callable[[np.ndarray], bytes], Callable[[bytes], np.ndarray]]
 
@@ -153,7 +158,7 @@ def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--root", default=JobConfig().data.root)
-    parser.add_argument("--sizes", nargs="+", default=["512x256", "1024x512"])
+    parser.add_argument("--sizes", nargs="+", type=frame_size, default=[(512, 256), (1024, 512)])
     parser.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--qps", nargs="+", type=int, default=[32, 37, 42, 47])
     args = parser.parse_args()
@@ -161,8 +166,7 @@ def main() -> None:
         f"machine: {os.cpu_count()} cores, {platform.machine()}; imagecodecs {imagecodecs.__version__}"
         f" ({imagecodecs.jpegxl_version()}), OpenCV {cv2.__version__}; one thread per coder"
     )
-    for size in args.sizes:
-        width, height = (int(v) for v in size.lower().split("x"))
+    for width, height in args.sizes:
         measure(args.root, width, height, args.factors, args.qps)
 
 

@@ -87,6 +87,7 @@ from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa
 from pipeline.model.export import read_spec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from sizes import frame_size  # noqa: E402
 from step_pace import step_seconds  # noqa: E402
 
 QUALITIES = [32, 37, 42, 47]
@@ -218,12 +219,7 @@ EXTRA_SIZE = "none"
 
 def size_choice(text: str) -> tuple[int, int] | None:
     """``--extra-size``'s value: ``(width, height)`` for WxH in pixels, ``None`` for ``none``."""
-    if text == "none":
-        return None
-    width, _, height = text.partition("x")
-    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
-        raise argparse.ArgumentTypeError(f"expected none or WIDTHxHEIGHT (e.g. 1024x512), got {text!r}")
-    return int(width), int(height)
+    return None if text == "none" else frame_size(text)
 
 
 def validation_every(steps: int) -> int:
