@@ -38,7 +38,7 @@ third model is trained beside them on the label maps that segmenter predicts fro
 (``data.label_source=decoder``: 0 label bits), the same segmenter judges downstream accuracy (mIoU against the
 ground truth, ``eval.segmenter``), and a second table gives per QP the PSNR gains of codec-SE on ground-truth
 maps and on decoder maps, each at its total bits, and the mIoU of every reconstruction. Three models share
-the 2 cores then, so fewer steps fit the budget (run 64 in the README: 4000 steps in 13.6 minutes).
+the 2 cores then, so fewer steps fit the budget (run 64, docs/quality_runs.md: 4000 steps in 13.6 minutes).
 
 The splits are ``configs/default.yaml``'s; ``--set "data.holdout=[...]"`` chooses others (e.g. lindau
 training and frankfurt held out), and the printed labels follow.
