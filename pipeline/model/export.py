@@ -212,7 +212,6 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     bounds, the memory it needs and the weights' shapes are checked before anything is allocated."""
     spec = read_spec(path)
     check_weights(path, spec)
-    spec.weight_shapes()
     state = load_file(str(path), device="cpu")
     try:
         generator = generator_from_state(spec.generator_kwargs, state)
