@@ -219,7 +219,13 @@ EXTRA_SIZE = "none"
 
 def size_choice(text: str) -> tuple[int, int] | None:
     """``--extra-size``'s value: ``(width, height)`` for WxH in pixels, ``None`` for ``none``."""
-    return None if text == "none" else frame_size(text)
+    if text == "none":
+        return None
+    try:
+        return frame_size(text)
+    except argparse.ArgumentTypeError:
+        message = f"expected none or WIDTHxHEIGHT (e.g. 1024x512), got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def validation_every(steps: int) -> int:
