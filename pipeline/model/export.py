@@ -214,7 +214,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     check_weights(path, spec)
     state = load_file(str(path), device="cpu")
     try:
-        generator = generator_from_state(spec.generator_kwargs, state)
+        generator = generator_from_state(spec.generator_kwargs, state, device)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not match the spec {spec.to_json()}: {err}") from err
-    return generator.to(device).eval(), spec
+    return generator.eval(), spec

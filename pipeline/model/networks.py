@@ -237,14 +237,16 @@ class Generator(nn.Module):
         return F.conv2d(padded, weight, padding=conv.padding, groups=groups)
 
 
-def generator_from_state(hparams: dict[str, typing.Any], state: dict[str, Tensor]) -> Generator:
-    """A float32 generator of ``hparams`` holding copies of ``state`` (any dtype or device), built on the
-    meta device: it draws no initial weights, so it neither spends the time nor moves the torch RNG
-    (a validation between training steps must not change what the steps draw next)."""
+def generator_from_state(
+    hparams: dict[str, typing.Any], state: dict[str, Tensor], device: str | torch.device = "cpu"
+) -> Generator:
+    """A float32 generator of ``hparams`` on ``device`` holding copies of ``state`` (any dtype or device),
+    built on the meta device: it draws no initial weights, so it neither spends the time nor moves the torch
+    RNG (a validation between training steps must not change what the steps draw next)."""
     with torch.device("meta"):
         generator = Generator(**hparams)
     copies = {
-        name: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+        name: t.detach().to(device, torch.float32 if t.is_floating_point() else t.dtype, copy=True)
         for name, t in state.items()
     }
     generator.load_state_dict(copies, strict=True, assign=True)

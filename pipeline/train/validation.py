@@ -85,7 +85,7 @@ class Validator:
     def enhanced(self, generator: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(original, codec-SE)`` for every frame x quality, codec-SE as its decoder outputs it (with the
         encoder's scale or gains, ``model.correction_scale``)."""
-        net = generator_from_state(generator.hparams, generator.state_dict()).to(self.device).eval()
+        net = generator_from_state(generator.hparams, generator.state_dict(), self.device).eval()
         pairs = []
         for s in self.samples:
             for q in self.qualities:
