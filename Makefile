@@ -19,7 +19,7 @@ lint: install
 
 test: install
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q --durations=25
+	$(PYTHON) -m pytest -q -n auto --dist loadfile --durations=25
 
 bench: install
 	for b in bench/bench_*.py; do $(PYTHON) $$b || exit 1; done

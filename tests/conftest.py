@@ -9,6 +9,10 @@ import pytest
 
 # No network here: MLflow's usage telemetry would only fail in the background.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Under pytest-xdist (make test runs a worker per core) each worker, and what it starts, computes on one
+# thread: two workers of two threads each on two cores would only take turns.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
 

@@ -18,7 +18,9 @@ from pipeline.data.members import MemberError, decode_instance, encode_instance,
 def npz(payload: bytes, name: str = "instance.npy") -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(name, payload)
+        # a fixed date: the bytes, hence the parametrized ids below, are the same in every process
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        archive.writestr(info, payload, compress_type=zipfile.ZIP_DEFLATED)
     return out.getvalue()
 
 
