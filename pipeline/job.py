@@ -268,6 +268,21 @@ def evaluation_figures(
     return {k: v for k, v in figures.items() if not math.isnan(v)}
 
 
+def codec_step_note(cfg: JobConfig, exports: list[Path]) -> str | None:
+    """A note when models exported step 0, the codec's own image (no validation step beat it by
+    ``validate.min_delta``): their rows equal the codec's, which a user should not read as a result."""
+    unmoved = [e for e in exports if (read_spec(e).selected or {}).get("step") == 0]
+    if not unmoved:
+        return None
+    return (
+        f"[job] NOTE: {len(unmoved)} of {len(exports)} models exported step 0, the codec itself: no "
+        f"validation step beat it by validate.min_delta ({cfg.validate.min_delta:g} dB) on the "
+        f"{cfg.validate.split!r} frames, so their rows are the codec's. Train more steps (phase2.steps, "
+        "phase3.steps; the default's small preset trains tens, a smoke run), or see bench/bench_quality.py "
+        "for the measured CPU recipe (README: 'Does codec-SE beat its codec?')."
+    )
+
+
 def tag_registered_models(
     cfg: JobConfig, exports: list[Path], results: Path, run_id: str | None
 ) -> list[str]:
@@ -362,6 +377,9 @@ def _run(cfg: JobConfig) -> Path:
         }
         maps = "class map" if cfg.model.semantic_classes == "categories" else "label map"
         print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample, maps))
+        note = codec_step_note(cfg, [*exports, *decoder_exports])
+        if note is not None:
+            print(note, flush=True)
         decoder_results = None
         if segmenter is not None:
             dec_cfg = _decoder_eval_config(cfg, segmenter)

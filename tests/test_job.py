@@ -98,10 +98,17 @@ def test_main_job_end_to_end(
     for reference in references:  # codec-SE against each reference codec, on total bits, in the printed table
         assert report["references"][reference]["methods"]["hevc-SE"]["available"]
     assert "BD-rate against the reference codecs" in out
-    for q in qualities:
-        for name in (f"hevc_q{q}", f"hevc_q{q}_nosem"):
-            assert (tmp_path / "runs" / "train" / name / "phase3" / "generator.safetensors").is_file()
+    names = [name for q in qualities for name in (f"hevc_q{q}", f"hevc_q{q}_nosem")]
+    for name in names:
+        assert (tmp_path / "runs" / "train" / name / "phase3" / "generator.safetensors").is_file()
     assert (tmp_path / "runs" / "train" / "prior" / "phase1" / "generator.safetensors").is_file()
+    # models that kept the codec's image are named as such, not left to read as a result
+    exports = [tmp_path / "runs" / "train" / n / "phase3" / "generator.safetensors" for n in names]
+    unmoved = sum((read_spec(e).selected or {}).get("step") == 0 for e in exports)
+    if unmoved:
+        assert f"[job] NOTE: {unmoved} of {len(exports)} models exported step 0, the codec itself" in out
+    else:
+        assert "[job] NOTE:" not in out
 
     from mlflow import MlflowClient
 
