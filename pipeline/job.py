@@ -49,7 +49,7 @@ from pipeline.model.export import read_spec, weights_sha256
 from pipeline.model.inputs import class_map
 from pipeline.segment.train import check_settings, train_segmenter
 from pipeline.tracking import default_tracking_uri, make_tracker, run_tags
-from pipeline.tracking.registry import REGISTERED_FILE, set_version_evaluation
+from pipeline.tracking.registry import REGISTERED_FILE, selected_metrics, set_version_evaluation
 from pipeline.train.trainer import train
 
 # rpd_mean.csv column -> the model version's figure (eval_<name>); dPSNR and the other deltas are against the
@@ -271,7 +271,7 @@ def evaluation_figures(
 def codec_step_note(cfg: JobConfig, exports: list[Path]) -> str | None:
     """A note when models exported step 0, the codec's own image (no validation step beat it by
     ``validate.min_delta``): their rows equal the codec's, which a user should not read as a result."""
-    unmoved = [e for e in exports if (read_spec(e).selected or {}).get("step") == 0]
+    unmoved = [e for e in exports if selected_metrics(read_spec(e)).get("selected_step") == 0]
     if not unmoved:
         return None
     return (
