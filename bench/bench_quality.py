@@ -73,12 +73,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 # No progress bars, here (the evaluation) and in the training processes started below, which inherit the
 # variable: tqdm reads it once, when the pipeline imports it, hence before those imports.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from pipeline.config import REPO_ROOT, JobConfig, TrainConfig, load_config, with_overrides  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    REPO_ROOT,
+    JobConfig,
+    TrainConfig,
+    flatten,
+    load_config,
+    with_overrides,
+)
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
 from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
@@ -90,93 +98,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sizes import frame_size  # noqa: E402
 from step_pace import step_seconds  # noqa: E402
 
-QUALITIES = [32, 37, 42, 47]
-# The CPU recipe: a small residual generator (one down-sampling, no normalisation), trained on all four
-# QPs at once (one QP drawn per sample) and told which (model.quality_input: on munster, 2800 steps, +0.148
-# and +0.118 dB at the best step for seeds 0 and 1, against +0.133 and +0.116 without; 2200 steps with it:
-# +0.144 and +0.126), distortion only (phase 3, MSE, Adam 1e-3 with a cosine decay),
-# from the identity, with half the samples' semantics dropped (train.semantic_dropout: chosen on the
-# munster validation frames, +0.163 dB over HEVC against +0.144 dB without it), validated and exported as
-# the moving average of its weights (train.ema_decay: on munster a steady curve to +0.13 dB where the
-# last step's weights jump between -0.06 and +0.16 dB from one validation to the next), seeing the 8
-# Cityscapes categories instead of the 34 label ids (model.semantic_classes; the mean over the QPs of the
-# exported step's gain over HEVC, validation frames only: munster +0.142 and +0.142 dB against +0.133 and
-# +0.109 with label ids, seeds 0 and 1, measured with a first version that kept the 34 input channels, 26
-# of them always zero; 3 frankfurt frames held out of the training frames, seed 0, +0.133
-# against +0.124). The label maps are sent at a quarter of the size on each side (shards.label_downsample: on
-# munster, PSNR BD-rate against HEVC +13.3 % on total bits and -2.72 % on codec bits, against +54.3 % and
-# -3.19 % at full size, seed 0; the zero-semantics ablation -2.40 %). The best validation step exported
-# however small its lead (validate.min_delta=0): with the moving average the validation curve is steady,
-# and the 0.02 dB margin froze the export at an early step (on munster, seeds 0 and 1, the best validation
-# gain of codec-SE +0.143 and +0.123 dB, of the ablation +0.127 and +0.096, against +0.112 and +0.101,
-# +0.101 and +0.067 exported by 2200 steps with the margin). 5000 steps, what fit the budget on the
-# development machine of runs 21 and 22 with the decoded samples cached (loader.cache_mb, which does not
-# change the batches): on munster, seed 0, with the scale below, codec-SE's exported step +0.191 dB over
-# HEVC and the ablation's +0.156, against +0.168 and +0.140 for 3000 steps. The encoder scales each frame's
-# correction by its least-squares factor, one byte a frame (model.correction_scale=frame): the models
-# trained on frankfurt over-correct other cities, most at QP 32 (the table's scale column; on munster,
-# codec-SE's exported step +0.168 and +0.140 dB over HEVC with it, seeds 0 and 1, against +0.143 and +0.123
-# without). Since run 25 the encoder sends a gain per part of the correction head instead (ngf + 1 = 17
-# bytes a frame, model.correction_scale=channels), chosen on munster only: a throwaway least-squares fit on
-# run 23's exports found it ahead of the one scale for both models at every QP (its figures are in issue 7's
-# notes: that script is not in this repository). On the machine of runs 23 to 34, 3.5 times slower, 1400
-# steps took 14.7 to 15.4 minutes with the reflection padding (runs 27 to 30); with zeros (below) 1500 took
-# 14.5 and 15.3 (runs 31 and 32) and 1400 (the default) 13.5 and 13.1 (runs 33 and 34). The warm-up is 250
-# steps whatever the steps (5 % of 5000, as before): with 5 % of 1400, 70 steps, seed 0's codec-SE trained
-# on lindau stalled at the codec for 800 steps (run 28); with 250, nothing else changed, it trained (run
-# 30). Since run 31 the generator pads with zeros inside its convs (model.padding=zeros;
-# bench/bench_generator_step.py times the step): on munster, seed 0, 1400 steps side by side, codec-SE
-# trained in 636 s against 724 s with pix2pixHD's reflection, validating +0.151 and +0.159 dB at steps 1200
-# and 1400 against +0.157 and +0.167. Since run 38 its front conv and heads are 3x3, not pix2pixHD's 7x7
-# (model.end_kernel=3; bench_generator_step.py times the step), which buys 1800 steps (the default) in the
-# time of 1400: on munster, seed 0, the two models side by side on run 35's shards, codec-SE validated
-# +0.185 and +0.198 dB at steps 1400 and 1800 (1800-step schedule; run 35, 7x7, 1400 steps: +0.154 at step
-# 1400) and the ablation +0.195 and +0.201 (+0.135); run 38 trained the pair's 1800 steps in 619 s, run 35
-# 1400 with 7x7 ends in 627 s. Since run 42 every activation of the generator is a leaky ReLU
-# (model.activation=leaky_relu): with ReLUs and no norm, codec-SE's correction head lost its inputs to dead
-# ReLUs and validated at the codec for hundreds of steps or for good (runs 28, 39 and 41). On munster, 1800
-# steps, the exported step of each: with frankfurt training, seed 0, codec-SE +0.232 dB (ReLU +0.198) and
-# the ablation +0.223 (+0.201); with lindau training, codec-SE +0.237 for seed 0 (ReLU stalled: +0.000 to
-# step 600, +0.110 at the end) and +0.225 for seed 1 (+0.197). bench/bench_generator_step.py finds no cost.
-# Since run 45 the decoder averages the outputs on the frame and on its mirror image
-# (model.self_ensemble=hflip), chosen on munster with runs 42 to 44's exports (the same weights decoded
-# both ways, the mean over the QPs of the gain over HEVC): codec-SE +0.240 / +0.246 / +0.233 dB against
-# +0.232 / +0.237 / +0.225 in one pass, the ablation +0.231 / +0.190 / +0.209 against +0.223 / +0.187 /
-# +0.202; every QP of the six models gained. Training is unchanged.
-# The training step's precision since run 60: fp32 weights, gradients and Adam, the forward pass autocast to
-# bf16 (the DeepSpeed file's torch_autocast). On a 2-core CPU with AMX its bare step, two side by side, took
-# 0.134 to 0.143 s against 0.265 to 0.298 s in fp32 (runs 60 to 62), so about twice the steps fit; where bf16
-# is not the faster, the fitted steps train in fp32 (budget_steps). On munster, frankfurt training, seeds 0
-# and 1 side by side, 8400 steps (trained in 915 s) validated +0.356 and +0.355 dB at step 4200, +0.371
-# and +0.353 at the end, against +0.364 and +0.330 for runs 56 and 58's 4200 fp32 steps.
-AUTOCAST = "train.deepspeed_config=configs/deepspeed/zero0_autocast_bf16.json"
+# The CPU recipe (configs/presets/cpu_recipe.yaml, with the figures behind each of its values) as the
+# overrides each training is given; its DeepSpeed file autocasts the forward pass to bf16 (AUTOCAST), and
+# FP32 is the default file, taken where bf16 is not the faster step on this machine (budget_steps).
+RECIPE_FILE = REPO_ROOT / "configs" / "presets" / "cpu_recipe.yaml"
+
+
+def preset_overrides(tree: dict[str, Any]) -> list[str]:
+    """A preset's settings as ``key=value`` overrides (``model.ngf=16``, ``loader.crop=[128, 256]``)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in flatten(tree).items()]
+
+
+PRESET = yaml.safe_load(RECIPE_FILE.read_text())
+RECIPE = preset_overrides(PRESET)
+AUTOCAST = next(o for o in RECIPE if o.startswith("train.deepspeed_config="))
 FP32 = f"train.deepspeed_config={TrainConfig.deepspeed_config}"  # the default
-RECIPE = [
-    "model.ngf=16",
-    "model.n_downsample=1",
-    "model.n_blocks=4",
-    "model.norm=none",
-    "model.padding=zeros",
-    "model.end_kernel=3",
-    "model.activation=leaky_relu",
-    "model.quality_input=true",
-    "model.semantic_classes=categories",
-    "model.correction_scale=channels",
-    "model.self_ensemble=hflip",
-    "shards.label_downsample=4",
-    f"loader.qualities={QUALITIES}",
-    "loader.crop=[128, 256]",
-    "loader.batch_size=2",
-    "loss.distortion=mse",
-    "train.semantic_dropout=0.5",
-    "train.ema_decay=0.999",
-    "phase3.lr=1e-3",
-    "phase3.lr_schedule=cosine",
-    "phase3.warmup_steps=250",
-    "train.betas=[0.9, 0.999]",
-    "validate.min_delta=0",
-    AUTOCAST,
-]
+QUALITIES: list[int] = PRESET["loader"]["qualities"]
 
 # The steps: the most, in hundreds, that fit the budget on the machine that runs the script (``--steps N``
 # fixes them). The same script has trained at paces 3.5 times apart on this project's development

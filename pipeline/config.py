@@ -46,6 +46,7 @@ TuneMetric = Literal["val_psnr", "val_niqe", "val_score"]
 Mode = Literal["max", "min"]
 TuneSearch = Literal["random", "optuna"]
 TuneScheduler = Literal["asha", "median", "fifo"]
+JobModels = Literal["per_quality", "shared"]
 
 # the direction of each sweep objective: PSNR and the score are higher-better, NIQE lower-better
 TUNE_MODES: dict[str, Mode] = {"val_psnr": "max", "val_niqe": "min", "val_score": "max"}
@@ -604,6 +605,24 @@ class SegmentConfig:
 
 
 @dataclass
+class MainJobConfig:
+    """``python -m pipeline run``: which generators the main job trains (:mod:`pipeline.job`)."""
+
+    # per_quality: a codec-SE model and its ablation per codec quality, as in the paper; shared: one of each
+    # for every quality of the job, trained on all of them (loader.qualities; model.quality_input tells the
+    # model which), as bench/bench_quality.py trains
+    models: JobModels = "per_quality"
+    # the phases each model trains, phase 3 always; with phase 1 the semantic prior is trained once and
+    # starts each codec-SE model (the ablations start from the identity generator)
+    phases: list[int] = field(default_factory=lambda: [1, 2, 3])
+
+    def __post_init__(self) -> None:
+        known = set(self.phases) <= {1, 2, 3} and self.phases == sorted(set(self.phases))
+        if not known or 3 not in self.phases:
+            raise ConfigError(f"phases must be increasing phases of 1, 2 and 3 ending in 3: {self.phases}")
+
+
+@dataclass
 class JobConfig:
     """Everything one job needs; every command reads this.
 
@@ -638,6 +657,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=NOT_WEIGHTS)
     tune: TuneConfig = field(default_factory=TuneConfig, metadata=NOT_WEIGHTS)
     segment: SegmentConfig = field(default_factory=SegmentConfig, metadata=NOT_WEIGHTS)
+    job: MainJobConfig = field(default_factory=MainJobConfig, metadata=NOT_WEIGHTS)
 
     def phase(self, number: int) -> PhaseConfig:
         if number not in (1, 2, 3):

@@ -1,12 +1,14 @@
 """The main job, end to end: shards -> three phases per quality -> R-PD evaluation, in one tracked run.
 
 The semantic prior (phase 1) does not see the decoded image, so it is trained once and shared;
-phases 2 and 3 are trained per codec quality, one model per codec x quality as in the paper. Beside each
-codec-SE model the zero-semantics ablation is trained with the same phases 2-3 budget (from the identity
-generator: a prior drawn from zeroed semantics would be a constant), so the semantics' contribution is
-measured, not assumed. Training, checkpoint selection and the reported figures use three disjoint splits
-(``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.data.splits`). Each registered
-model's version then gets its held-out figures (:func:`tag_registered_models`).
+phases 2 and 3 are trained per codec quality, one model per codec x quality as in the paper
+(``job.models: per_quality``), or once for all the job's qualities (``shared``: one model told each
+sample's quality, the CPU recipe of ``configs/recipe.yaml``, which trains phase 3 alone: ``job.phases``).
+Beside each codec-SE model the zero-semantics ablation is trained with the same phases 2-3 budget (from the
+identity generator: a prior drawn from zeroed semantics would be a constant), so the semantics'
+contribution is measured, not assumed. Training, checkpoint selection and the reported figures use three
+disjoint splits (``loader.split``, ``validate.split``, ``eval.split``; see :mod:`pipeline.data.splits`).
+Each registered model's version then gets its held-out figures (:func:`tag_registered_models`).
 
 With ``segment.in_main_job`` the job also trains the segmenter of the ``segment`` section on the training
 split (all the job's qualities: ``loader.qualities``, else every built one; a finished run in
@@ -69,20 +71,45 @@ def job_qualities(cfg: JobConfig, manifest: Manifest) -> list[int]:
     return manifest.qualities(cfg.loader.codec, cfg.eval.qualities, setting="eval.qualities")
 
 
-def _for_quality(
-    cfg: JobConfig, quality: int, prior: Path | None, ablation: bool, segmenter: Path | None = None
+def model_groups(cfg: JobConfig, qualities: list[int]) -> list[list[int]]:
+    """The qualities of each codec-SE model the job trains (``job.models``): one model per quality, or one
+    for all of them (``loader.qualities`` when set, which must cover the job's)."""
+    if cfg.job.models == "per_quality":
+        return [[q] for q in qualities]
+    trained = sorted(set(cfg.loader.qualities)) or list(qualities)
+    missing = sorted(set(qualities) - set(trained))
+    if missing:
+        raise ConfigError(
+            f"job.models=shared trains one model on loader.qualities {trained}, which lacks the job's "
+            f"qualities {missing} (eval.qualities, else every built one): add them, or leave it empty"
+        )
+    return [trained]
+
+
+def model_tag(qualities: list[int]) -> str:
+    """``q42`` for a model of one quality, ``q32-37-42-47`` for one of several (folder and run names)."""
+    return "q" + "-".join(str(q) for q in qualities)
+
+
+def _for_qualities(
+    cfg: JobConfig, qualities: list[int], prior: Path | None, ablation: bool, segmenter: Path | None = None
 ) -> JobConfig:
-    """The phases 2-3 config of one model; with ``segmenter``: codec-SE on its decoder maps."""
-    name = f"{cfg.loader.codec}_q{quality}" + ("_nosem" if ablation else "")
+    """The config of one model of the job (see :func:`model_groups`) after phase 1; with ``segmenter``:
+    codec-SE on its decoder maps."""
+    name = f"{cfg.loader.codec}_{model_tag(qualities)}" + ("_nosem" if ablation else "")
     data, model = cfg.data, replace(cfg.model, zero_semantics=ablation)
     if segmenter is not None:  # a decoder has no instance maps either
         name += f"_decoder-{weights_sha256(segmenter)[:12]}"
         data = replace(cfg.data, label_source="decoder", segmenter=str(segmenter))
         model = replace(model, use_instance=False)
+    loader = replace(cfg.loader, quality=qualities[0])
+    if len(qualities) > 1:  # loader.quality then only names the model (its spec's quality): kept when trained
+        nominal = cfg.loader.quality if cfg.loader.quality in qualities else qualities[0]
+        loader = replace(loader, quality=nominal, qualities=list(qualities))
     return replace(
         cfg,
         data=data,
-        loader=replace(cfg.loader, quality=quality),
+        loader=loader,
         model=model,
         train=replace(
             cfg.train, output_dir=str(Path(cfg.train.output_dir) / name), init_from=str(prior or "")
@@ -278,8 +305,8 @@ def codec_step_note(cfg: JobConfig, exports: list[Path]) -> str | None:
         f"[job] NOTE: {len(unmoved)} of {len(exports)} models exported step 0, the codec itself: no "
         f"validation step beat it by validate.min_delta ({cfg.validate.min_delta:g} dB) on the "
         f"{cfg.validate.split!r} frames, so their rows are the codec's. Train more steps (phase2.steps, "
-        "phase3.steps; the default's small preset trains tens, a smoke run), or see bench/bench_quality.py "
-        "for the measured CPU recipe (README: 'Does codec-SE beat its codec?')."
+        "phase3.steps; the default's small preset trains tens, a smoke run), or run the measured CPU recipe: "
+        "make recipe (configs/recipe.yaml; README: 'Does codec-SE beat its codec?')."
     )
 
 
@@ -287,9 +314,9 @@ def tag_registered_models(
     cfg: JobConfig, exports: list[Path], results: Path, run_id: str | None
 ) -> list[str]:
     """Put the held-out R-PD figures of each registered export (:func:`evaluation_figures`, at its
-    quality) on its model version, beside the validation figures it was registered with; returns the
-    versions so tagged. An export counts as registered when its ``registered.json`` marker names these
-    weights."""
+    quality; a model of several qualities gets each one's, ``eval_psnr_q32``, ...) on its model version,
+    beside the validation figures it was registered with; returns the versions so tagged. An export counts
+    as registered when its ``registered.json`` marker names these weights."""
     means = read_means(results)
     try:
         gains = json.loads((results / BDRATE_FILE).read_text()).get("frame_gains", [])
@@ -304,10 +331,19 @@ def tag_registered_models(
         sha = weights_sha256(export)
         if not isinstance(marker, dict) or marker.get("sha256") != sha or not marker.get("uri"):
             continue
-        quality = read_spec(export).quality
-        if quality is None:
+        spec = read_spec(export)
+        if spec.quality is None:
             continue
-        figures = evaluation_figures(means, f"{export}#{sha[:12]}", cfg.loader.codec, quality, gains)
+        model, trained = f"{export}#{sha[:12]}", spec.trained_qualities
+        if len(trained) == 1:
+            figures = evaluation_figures(means, model, cfg.loader.codec, trained[0], gains)
+        else:  # one model of several qualities: each quality's figures, suffixed with it
+            figures = {
+                f"{name}_q{q}": value
+                for q in trained
+                for name, value in evaluation_figures(means, model, cfg.loader.codec, q, gains).items()
+                if name != "eval_quality"
+            }
         if not figures:
             print(f"[job] WARNING: {export} has no row in {results / MEANS_FILE}; {marker['uri']} not tagged")
             continue
@@ -339,6 +375,7 @@ def _run(cfg: JobConfig) -> Path:
     for warning in check_disjoint(manifest, cfg):
         print(f"[job] WARNING: {warning}", flush=True)
     qualities = job_qualities(cfg, manifest)
+    groups = model_groups(cfg, qualities)
     tracker = make_tracker(cfg)
     with tracker.start_run(cfg.name, params=cfg.flat(), tags={**run_tags(cfg), "job": "main"}):
         segmenter = None
@@ -346,28 +383,30 @@ def _run(cfg: JobConfig) -> Path:
             segmenter = train_segmenter(segmenter_config(cfg, qualities), resume=True, tracker=tracker)
             # the same judge for both evaluations: eval.segmenter, else the segmenter of the decoder maps
             cfg = replace(cfg, eval=replace(cfg.eval, segmenter=cfg.eval.segmenter or str(segmenter)))
-        prior_dir = str(Path(cfg.train.output_dir) / "prior")
-        # Phase 1 zeroes the decoded image; any built quality satisfies the loader.
-        loader = replace(cfg.loader, quality=qualities[0])
-        prior_cfg = replace(cfg, loader=loader, train=replace(cfg.train, output_dir=prior_dir))
-        prior = train(prior_cfg, [1], resume=True, tracker=tracker, run_name="semantic-prior")[1]
+        later = [phase for phase in cfg.job.phases if phase != 1]
+        prior = None
+        if 1 in cfg.job.phases:
+            prior_dir = str(Path(cfg.train.output_dir) / "prior")
+            # Phase 1 zeroes the decoded image; any built quality satisfies the loader.
+            loader = replace(cfg.loader, quality=qualities[0])
+            prior_cfg = replace(cfg, loader=loader, train=replace(cfg.train, output_dir=prior_dir))
+            prior = train(prior_cfg, [1], resume=True, tracker=tracker, run_name="semantic-prior")[1]
         exports, decoder_exports = [], []
         if segmenter is not None:  # every quality's maps in one pass, not a redo of the shards per quality
             all_members = replace(cfg.loader, qualities=list(qualities))
             build_predicted_labels(
-                replace(_for_quality(cfg, qualities[0], None, False, segmenter), loader=all_members)
+                replace(_for_qualities(cfg, qualities[:1], None, False, segmenter), loader=all_members)
             )
-        for q in qualities:
-            qcfg = _for_quality(cfg, q, prior, ablation=False)
-            exports.append(train(qcfg, [2, 3], resume=True, tracker=tracker, run_name=f"train-q{q}")[3])
-            acfg = _for_quality(cfg, q, None, ablation=True)
-            run_name = f"train-q{q}-nosem"
-            exports.append(train(acfg, [2, 3], resume=True, tracker=tracker, run_name=run_name)[3])
+        for group in groups:
+            run_name = f"train-{model_tag(group)}"
+            qcfg = _for_qualities(cfg, group, prior, ablation=False)
+            exports.append(train(qcfg, later, resume=True, tracker=tracker, run_name=run_name)[3])
+            acfg = _for_qualities(cfg, group, None, ablation=True)
+            exports.append(train(acfg, later, resume=True, tracker=tracker, run_name=f"{run_name}-nosem")[3])
             if segmenter is not None:
-                dcfg = _for_quality(cfg, q, None, ablation=False, segmenter=segmenter)
-                run_name = f"train-q{q}-decoder"
+                dcfg = _for_qualities(cfg, group, None, ablation=False, segmenter=segmenter)
                 decoder_exports.append(
-                    train(dcfg, [2, 3], resume=True, tracker=tracker, run_name=run_name)[3]
+                    train(dcfg, later, resume=True, tracker=tracker, run_name=f"{run_name}-decoder")[3]
                 )
         results = evaluate(cfg, models=[str(e) for e in exports], tracker=tracker)
         codec_bpp = {
@@ -376,7 +415,8 @@ def _run(cfg: JobConfig) -> Path:
             if method == cfg.loader.codec
         }
         maps = "class map" if cfg.model.semantic_classes == "categories" else "label map"
-        print(format_label_costs(label_costs(cfg), codec_bpp, cfg.shards.label_downsample, maps))
+        factors = tuple(sorted({1, 2, cfg.shards.label_downsample}))
+        print(format_label_costs(label_costs(cfg, factors), codec_bpp, cfg.shards.label_downsample, maps))
         note = codec_step_note(cfg, [*exports, *decoder_exports])
         if note is not None:
             print(note, flush=True)

@@ -1,11 +1,13 @@
 """The main job end to end, at a tiny size: shards, shared prior, per-quality phases, evaluation, registry;
-with segment.in_main_job also the segmenter and codec-SE on its decoder label maps beside the gt maps' one."""
+with segment.in_main_job also the segmenter and codec-SE on its decoder label maps beside the gt maps' one;
+and the recipe's job (configs/recipe.yaml), one model for every quality."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import re
 import shutil
 from contextlib import redirect_stdout
@@ -16,6 +18,7 @@ import pytest
 from torch import Tensor, nn
 
 from pipeline.cli import main
+from pipeline.config import REPO_ROOT
 from pipeline.model.export import read_spec, weights_sha256
 from pipeline.segment import base as segment_base
 from pipeline.segment.base import Segmenter, register_segmenter
@@ -139,6 +142,59 @@ def test_main_job_end_to_end(
     job_environment(monkeypatch, tmp_path)
     assert main(["run", *overrides]) == 0
     assert "phase 3 already complete" in capsys.readouterr().out
+
+
+def test_the_recipe_job_trains_one_model_for_every_quality(
+    main_job: dict[str, Any],
+    tmp_path: Path,
+    cityscapes_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """configs/recipe.yaml (make recipe): job.models=shared and job.phases=[3] train one codec-SE model and
+    one ablation for the four QPs, phase 3 alone, each scored and registered at every QP."""
+    job_environment(monkeypatch, tmp_path)
+    shutil.copytree(main_job["folder"] / "shards", tmp_path / "shards")  # the shards of MAIN_JOB's settings
+    overrides = [
+        "--config",
+        str(REPO_ROOT / "configs" / "recipe.yaml"),
+        f"data.root={cityscapes_root}",
+        *MAIN_JOB,
+        "shards.label_downsample=1",  # the recipe's is 4: the copied shards are at 1
+        "phase3.warmup_steps=0",
+        "eval.reference_codecs=[]",
+    ]
+    assert main(["run", *overrides]) == 0
+    out = capsys.readouterr().out
+    qualities = (32, 37, 42, 47)
+    train = tmp_path / "runs" / "recipe" / "train"
+    assert sorted(p.name for p in train.iterdir()) == ["hevc_q32-37-42-47", "hevc_q32-37-42-47_nosem"]
+    se, nosem = (train / name / "phase3" / "generator.safetensors" for name in sorted(os.listdir(train)))
+    for export in (se, nosem):
+        spec = read_spec(export)
+        assert spec.trained_qualities == qualities and spec.quality_input
+        assert not (export.parents[1] / "phase2").exists()  # phase 3 alone, from the identity
+    with open(tmp_path / "runs" / "recipe" / "eval" / "rpd_mean.csv") as f:
+        means = {(r["method"], int(r["quality"])): r for r in csv.DictReader(f)}
+    for method, export in (("hevc-SE", se), ("hevc-SE (no semantics)", nosem)):
+        models = {means[(method, q)]["model"] for q in qualities}  # one model, a point at each QP
+        assert models == {f"{export}#{weights_sha256(export)[:12]}"}
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    names = {m.name for m in client.search_registered_models()}
+    assert names == {"hevc-se-q32-37-42-47", "hevc-nosem-q32-37-42-47"}
+    version = client.get_model_version_by_alias("hevc-se-q32-37-42-47", "champion")
+    for q in qualities:  # each QP's held-out figures on the one version
+        assert float(version.tags[f"eval_psnr_q{q}"]) == pytest.approx(float(means[("hevc-SE", q)]["psnr"]))
+        delta = float(means[("hevc-SE", q)]["psnr"]) - float(means[("hevc", q)]["psnr"])
+        assert float(version.tags[f"eval_delta_psnr_q{q}"]) == pytest.approx(delta)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run_names = {r.info.run_name for r in runs}
+    assert {"cityscapes-hevc-recipe", "train-q32-37-42-47", "train-q32-37-42-47-nosem"} <= run_names
+    assert "semantic-prior" not in run_names and "phase1" not in run_names
+    assert "R-PD results: " in out and f"{SCORED} frames of split 'test'" in out
 
 
 class TinyJobSegmenter(Segmenter):

@@ -29,5 +29,5 @@ def test_the_note_counts_the_models_that_kept_the_codec(tmp_path: Path) -> None:
     assert note is not None
     assert note.startswith("[job] NOTE: 1 of 3 models exported step 0, the codec itself")
     assert "validate.min_delta (0.05 dB) on the 'valid' frames" in note
-    assert "bench/bench_quality.py" in note
+    assert "make recipe (configs/recipe.yaml" in note
     assert codec_step_note(cfg, [trained, unvalidated]) is None

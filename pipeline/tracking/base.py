@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -165,13 +165,16 @@ def run_tags(cfg: JobConfig, phase: int | None = None) -> dict[str, str]:
     return tags
 
 
-def registry_name(codec: str, quality: int, zero_semantics: bool = False, label_source: str = "gt") -> str:
+def registry_name(
+    codec: str, quality: int | Sequence[int], zero_semantics: bool = False, label_source: str = "gt"
+) -> str:
     """Registered-model name of a generator: ``hevc-se-q42`` on ground-truth maps, ``hevc-se-decoder-q42``
     and ``hevc-se-encoder-q42`` on predicted ones (``data.label_source``: a model of one source does not
     decode with another's maps, so each has its own versions and aliases), ``hevc-nosem-q42`` without
-    semantics (whatever the source)."""
+    semantics (whatever the source); ``hevc-se-q32-37-42-47`` for one model of several qualities."""
     kind = "nosem" if zero_semantics else "se" if label_source == "gt" else f"se-{label_source}"
-    name = f"{codec}-{kind}-q{int(quality)}"
+    qualities = [quality] if isinstance(quality, int) else sorted(set(quality))
+    name = f"{codec}-{kind}-q" + "-".join(str(int(q)) for q in qualities)
     if not REGISTRY_NAME.match(name):
         raise ValueError(f"codec name {codec!r} gives an invalid registered-model name {name!r}")
     return name

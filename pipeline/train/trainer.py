@@ -548,9 +548,8 @@ def _registered_name(cfg: JobConfig, phase: int) -> str | None:
     wanted = phase == 3 or (phase == 2 and tracking.register_phase2)
     if not (tracking.enabled and tracking.register and wanted):
         return None
-    name = registry_name(
-        cfg.loader.codec, cfg.loader.quality, cfg.model.zero_semantics, cfg.data.label_source
-    )
+    qualities = training_qualities(cfg) if cfg.phase(phase).visual_input else [cfg.loader.quality]
+    name = registry_name(cfg.loader.codec, qualities, cfg.model.zero_semantics, cfg.data.label_source)
     return name + "-perceptual" if phase == 2 else name
 
 
