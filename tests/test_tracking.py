@@ -22,7 +22,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import Model
 
-from pipeline.config import JobConfig, ModelConfig
+from pipeline.config import JobConfig, ModelConfig, load_config
 from pipeline.model.export import export_generator, load_generator
 from pipeline.model.inputs import generator_input
 from pipeline.model.networks import build_models
@@ -187,7 +187,9 @@ def test_run_tags_and_names(tmp_path: Path) -> None:
         "dataset": cfg.data.source,
         "phase": "3",
     }
-    assert "phase" not in run_tags(cfg)
+    assert "phase" not in run_tags(cfg) and "qualities" not in tags
+    several = run_tags(load_config(None, ["loader.qualities=[47, 32, 42]"]))
+    assert several["qualities"] == "32,42,47"
     assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"]), tags["git_commit"]
     assert git_commit(tmp_path) == "unknown"
     assert registry_name("hevc", 42) == "hevc-se-q42"

@@ -148,7 +148,8 @@ def git_commit(repo: str | Path = REPO_ROOT) -> str:
 
 
 def run_tags(cfg: JobConfig, phase: int | None = None) -> dict[str, str]:
-    """Tags every run of a job carries: codec, quality, dataset, git commit, config hash (and phase)."""
+    """Tags every run of a job carries: codec, quality (and the qualities of a model trained on several),
+    dataset, git commit, config hash (and phase)."""
     commit = git_commit()
     tags = {
         "job": cfg.name,
@@ -160,6 +161,8 @@ def run_tags(cfg: JobConfig, phase: int | None = None) -> dict[str, str]:
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
     }
+    if cfg.loader.qualities:  # a model of several qualities (loader.quality then only names it)
+        tags["qualities"] = ",".join(str(q) for q in sorted(set(cfg.loader.qualities)))
     if phase is not None:
         tags["phase"] = str(phase)
     return tags
