@@ -402,8 +402,13 @@ class TrainConfig:
     # > 0: validation, best-step selection, export and sweeps take an exponential moving average of the
     # generator's weights with this decay (e.g. 0.999) instead of the last step's (pipeline.train.ema)
     ema_decay: float = field(default=0.0, metadata=WEIGHTS_WHEN_SET)
+    # each residual block of the generator skipped per training sample with this probability (stochastic
+    # depth; Generator.set_stochastic_depth), a regulariser against over-fitting few training frames
+    stochastic_depth: float = field(default=0.0, metadata=WEIGHTS_WHEN_SET)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.stochastic_depth < 1:
+            raise ConfigError(f"stochastic_depth must be in [0, 1), got {self.stochastic_depth}")
         if not 0 <= self.semantic_dropout < 1:
             raise ConfigError(f"semantic_dropout must be in [0, 1), got {self.semantic_dropout}")
         if not 0 <= self.ema_decay < 1:

@@ -19,6 +19,7 @@ from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.data.manifest import dataset_info
 from pipeline.model.export import load_generator
 from pipeline.model.losses import VGG19
+from pipeline.model.networks import ResnetBlock
 from pipeline.tracking import Tracker
 from pipeline.train.checkpoint import read_latest
 from pipeline.train.gan_step import FiniteWatch, generator_terms, step_inputs
@@ -222,6 +223,25 @@ def test_residual_phases_2_3_without_a_prior_start_at_the_codec(
     with torch.no_grad():
         assert torch.equal(net(x.g_in), batch["decoded"])  # step 0: codec-SE is the codec, exactly
         assert not torch.equal(generator(x.g_in), batch["decoded"])  # and training moved it
+
+
+def test_stochastic_depth_reaches_the_trained_generator_and_not_its_export(
+    shards: Path, vgg_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.stochastic_depth is set on every residual block of the network that trains; the export
+    (built again from its hparams) is the same network without it."""
+    drops: list[list[float]] = []
+
+    def spy(generator, discriminator, cfg, phase_cfg, env=None):
+        drops.append([b.drop for b in generator.modules() if isinstance(b, ResnetBlock)])
+        return engine.build_engines(generator, discriminator, cfg, phase_cfg, env)
+
+    monkeypatch.setattr(trainer, "build_engines", spy)
+    cfg = make_cfg(shards, vgg_file, tmp_path, "train.stochastic_depth=0.25")
+    export = trainer.train(cfg, [3], tracker=Tracker())[3]
+    assert drops == [[0.25] * cfg.model.n_blocks]
+    generator, _ = load_generator(export)
+    assert all(b.drop == 0 for b in generator.modules() if isinstance(b, ResnetBlock))
 
 
 def test_phase1_trains_the_synthesis_head_and_hands_over_a_zero_correction(chain: dict[str, Any]) -> None:

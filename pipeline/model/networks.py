@@ -58,7 +58,11 @@ def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Mod
 
 
 class ResnetBlock(nn.Module):
-    """Two padded 3x3 convs with a skip connection."""
+    """Two padded 3x3 convs with a skip connection. In training, with ``drop`` > 0 (stochastic depth,
+    :meth:`Generator.set_stochastic_depth`), each sample skips the convs with that probability and the
+    others' outputs are scaled by ``1 / (1 - drop)``; in eval mode every sample takes them."""
+
+    drop: float = 0.0
 
     def __init__(
         self,
@@ -77,7 +81,11 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv_block(x)
+        out = self.conv_block(x)
+        if self.training and self.drop > 0:
+            keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.drop
+            out = out * keep.to(out.dtype) / (1 - self.drop)
+        return x + out
 
 
 class Generator(nn.Module):
@@ -172,6 +180,15 @@ class Generator(nn.Module):
         if residual:
             self.correction = nn.Sequential(*same_conv(ngf, output_nc, end_kernel, padding))
             zero_correction(self)
+
+    def set_stochastic_depth(self, drop: float) -> None:
+        """Let each residual block be skipped per sample with probability ``drop`` in training
+        (``train.stochastic_depth``); weights, hparams and eval-mode outputs are unchanged."""
+        if not 0 <= drop < 1:
+            raise ValueError(f"stochastic depth must be in [0, 1), got {drop}")
+        for block in self.modules():
+            if isinstance(block, ResnetBlock):
+                block.drop = drop
 
     @property
     def residual(self) -> bool:

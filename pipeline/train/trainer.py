@@ -189,6 +189,7 @@ class PhaseRunner:
         cfg, data = self.cfg, self.data
         seed_everything(cfg.train.seed + self.phase)  # identical initial weights on every rank
         generator, discriminator = build_models(cfg.model, data.class_nc, data.use_instance)
+        generator.set_stochastic_depth(cfg.train.stochastic_depth)
         if self.init is not None:
             self._load_init(generator, discriminator)
         self.engines: Engines = build_engines(generator, discriminator, cfg, self.phase_cfg, self.env)
