@@ -102,10 +102,11 @@ def _for_qualities(
         name += f"_decoder-{weights_sha256(segmenter)[:12]}"
         data = replace(cfg.data, label_source="decoder", segmenter=str(segmenter))
         model = replace(model, use_instance=False)
-    loader = replace(cfg.loader, quality=qualities[0])
-    if len(qualities) > 1:  # loader.quality then only names the model (its spec's quality): kept when trained
+    if len(qualities) == 1:
+        loader = replace(cfg.loader, quality=qualities[0])
+    else:  # loader.quality then only names the model (its spec's quality): kept when trained
         nominal = cfg.loader.quality if cfg.loader.quality in qualities else qualities[0]
-        loader = replace(loader, quality=nominal, qualities=list(qualities))
+        loader = replace(cfg.loader, quality=nominal, qualities=list(qualities))
     return replace(
         cfg,
         data=data,
