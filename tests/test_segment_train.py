@@ -142,6 +142,7 @@ def test_trains_checkpoints_exports_and_registers(
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "seg"
     monkeypatch.chdir(tmp_path)  # MLflow's offline record, should the store fail, stays in the test's folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # for MLflow's own look-ups (list_artifacts, load_model)
     path = train_segmenter(job(small_shards, out, store))
     assert path == out / SEGMENTER_FILE
     spec = read_spec(path)

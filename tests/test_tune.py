@@ -100,7 +100,35 @@ def sweep(
 ) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sweep")
     cfg = sweep_cfg(shards, phase1, root)
-    return {"cfg": cfg, "result": tune(cfg), "experiment": root / "tune" / "sweep", "root": root}
+    before = mlflow_process_uris()
+    result = tune(cfg)
+    return {
+        "cfg": cfg,
+        "result": result,
+        "experiment": root / "tune" / "sweep",
+        "root": root,
+        "uris": (before, mlflow_process_uris()),
+    }
+
+
+def mlflow_process_uris() -> tuple[str, str, str | None, str | None]:
+    """The MLflow tracking and registry URIs this process would use, and their environment variables."""
+    import mlflow
+
+    env = os.environ
+    return (
+        mlflow.get_tracking_uri(),
+        mlflow.get_registry_uri(),
+        env.get("MLFLOW_TRACKING_URI"),
+        env.get("MLFLOW_REGISTRY_URI"),
+    )
+
+
+def test_the_sweep_leaves_the_process_mlflow_uris_as_it_found_them(sweep: dict[str, Any]) -> None:
+    """Ray's MLflow callback sets the process-wide URIs to the sweep's store; a later
+    ``mlflow.pyfunc.load_model("models:/...")`` in the same process must not read that store."""
+    before, after = sweep["uris"]
+    assert after == before
 
 
 def ray_results(trial_dir: Path) -> list[dict[str, Any]]:

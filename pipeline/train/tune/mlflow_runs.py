@@ -11,8 +11,11 @@ once and never stops the sweep.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -34,6 +37,28 @@ def _own_metrics(result: dict[str, Any]) -> dict[str, float]:
         if own and isinstance(value, int | float) and math.isfinite(value):
             out[key] = float(value)
     return out
+
+
+@contextlib.contextmanager
+def process_uris_kept() -> Iterator[None]:
+    """Restore MLflow's process-wide tracking and registry URIs (and their environment variables) after
+    the block. Ray's callback sets them to the sweep's store in the driver; left set, a caller's later
+    ``mlflow.pyfunc.load_model("models:/...")`` or default store would read the sweep's store instead."""
+    import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    tracking, registry = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
+    env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)  # None: unset, as it was
+        mlflow.set_registry_uri(registry)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class TrialRuns(MLflowLoggerCallback):

@@ -531,7 +531,7 @@ def _tune(
     import ray
     from ray import tune as ray_tune
 
-    from pipeline.train.tune.mlflow_runs import TrialRuns
+    from pipeline.train.tune.mlflow_runs import TrialRuns, process_uris_kept
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         raise ConfigError(
@@ -605,7 +605,8 @@ def _tune(
                         checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                     ),
                 )
-            grid: ResultGrid = tuner.fit()
+            with process_uris_kept():
+                grid: ResultGrid = tuner.fit()
             trials = [_summary(r) for r in grid]
             unfinished = _unfinished(experiment, None if restore else settings.num_samples)
             if unfinished:  # Ray returns from fit() on Ctrl-C or SIGUSR1, having saved the experiment's state
