@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import shutil
 from contextlib import redirect_stdout
@@ -144,15 +143,18 @@ def test_main_job_end_to_end(
     assert "phase 3 already complete" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("phases", [[3], [1, 2, 3]], ids=["recipe", "three-phases"])
 def test_the_recipe_job_trains_one_model_for_every_quality(
+    phases: list[int],
     main_job: dict[str, Any],
     tmp_path: Path,
     cityscapes_root: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """configs/recipe.yaml (make recipe): job.models=shared and job.phases=[3] train one codec-SE model and
-    one ablation for the four QPs, phase 3 alone, each scored and registered at every QP."""
+    """configs/recipe.yaml (make recipe): job.models=shared trains one codec-SE model and one ablation for the
+    four QPs, each scored and registered at every QP; with job.phases=[3] (the recipe) phase 3 alone, with
+    [1, 2, 3] the paper's phases, the prior shared and the adversarial phase 2 on all four QPs."""
     job_environment(monkeypatch, tmp_path)
     shutil.copytree(main_job["folder"] / "shards", tmp_path / "shards")  # the shards of MAIN_JOB's settings
     overrides = [
@@ -163,17 +165,22 @@ def test_the_recipe_job_trains_one_model_for_every_quality(
         "shards.label_downsample=1",  # the recipe's is 4: the copied shards are at 1
         "phase3.warmup_steps=0",
         "eval.reference_codecs=[]",
+        f"job.phases={phases}",
     ]
     assert main(["run", *overrides]) == 0
     out = capsys.readouterr().out
     qualities = (32, 37, 42, 47)
     train = tmp_path / "runs" / "recipe" / "train"
-    assert sorted(p.name for p in train.iterdir()) == ["hevc_q32-37-42-47", "hevc_q32-37-42-47_nosem"]
-    se, nosem = (train / name / "phase3" / "generator.safetensors" for name in sorted(os.listdir(train)))
+    models = ["hevc_q32-37-42-47", "hevc_q32-37-42-47_nosem"]
+    assert sorted(p.name for p in train.iterdir()) == sorted([*models, *(["prior"] if 1 in phases else [])])
+    se, nosem = (train / name / "phase3" / "generator.safetensors" for name in models)
     for export in (se, nosem):
-        spec = read_spec(export)
-        assert spec.trained_qualities == qualities and spec.quality_input
-        assert not (export.parents[1] / "phase2").exists()  # phase 3 alone, from the identity
+        for phase in (2, 3):
+            path = export.parents[1] / f"phase{phase}" / "generator.safetensors"
+            assert path.is_file() == (phase in phases)
+            if path.is_file():
+                spec = read_spec(path)
+                assert spec.trained_qualities == qualities and spec.quality_input
     with open(tmp_path / "runs" / "recipe" / "eval" / "rpd_mean.csv") as f:
         means = {(r["method"], int(r["quality"])): r for r in csv.DictReader(f)}
     for method, export in (("hevc-SE", se), ("hevc-SE (no semantics)", nosem)):
@@ -193,7 +200,8 @@ def test_the_recipe_job_trains_one_model_for_every_quality(
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_names = {r.info.run_name for r in runs}
     assert {"cityscapes-hevc-recipe", "train-q32-37-42-47", "train-q32-37-42-47-nosem"} <= run_names
-    assert "semantic-prior" not in run_names and "phase1" not in run_names
+    assert ("semantic-prior" in run_names) == ("phase1" in run_names) == (1 in phases)
+    assert ("phase2" in run_names) == (2 in phases)
     assert "R-PD results: " in out and f"{SCORED} frames of split 'test'" in out
 
 
