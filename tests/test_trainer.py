@@ -232,9 +232,9 @@ def test_stochastic_depth_reaches_the_trained_generator_and_not_its_export(
     (built again from its hparams) is the same network without it."""
     drops: list[list[float]] = []
 
-    def spy(generator, discriminator, cfg, phase_cfg, env=None):
+    def spy(generator: torch.nn.Module, *args: Any) -> Any:
         drops.append([b.drop for b in generator.modules() if isinstance(b, ResnetBlock)])
-        return engine.build_engines(generator, discriminator, cfg, phase_cfg, env)
+        return engine.build_engines(generator, *args)
 
     monkeypatch.setattr(trainer, "build_engines", spy)
     cfg = make_cfg(shards, vgg_file, tmp_path, "train.stochastic_depth=0.25")
