@@ -1,3 +1,7 @@
 from pipeline.cli import main
+from pipeline.rank_exit import launched_rank, leave
 
-raise SystemExit(main())
+code = main()
+if launched_rank():
+    leave(code)
+raise SystemExit(code)

@@ -1,0 +1,65 @@
+"""A launched rank leaves through :func:`pipeline.rank_exit.leave`: the ``atexit`` handlers run, buffered
+output reaches the pipe, and the exit status is the command's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.rank_exit import launched_rank
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "expected"), [(None, False), ("1", False), ("2", True), ("16", True), ("", False)]
+)
+def test_a_launched_rank_is_one_of_several(
+    monkeypatch: pytest.MonkeyPatch, world_size: str | None, expected: bool
+) -> None:
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert launched_rank() is expected
+
+
+def test_leave_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path: Path) -> None:
+    marker = tmp_path / "handler-ran"
+    script = textwrap.dedent(
+        f"""
+        import atexit, pathlib, sys
+        from pipeline.rank_exit import leave
+        atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("ran"))
+        print("buffered on stdout")
+        sys.stderr.write("buffered on stderr")
+        leave(3)
+        print("after leave")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered on stdout\n"
+    assert done.stderr == "buffered on stderr"
+    assert marker.read_text() == "ran"
+
+
+def test_a_launched_rank_of_the_cli_keeps_its_exit_status(tmp_path: Path) -> None:
+    env = {"WORLD_SIZE": "2", "RANK": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "absent.yaml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "absent.yaml" in done.stderr
