@@ -15,6 +15,12 @@ from pipeline.rank_exit import launched_rank
 REPO = Path(__file__).resolve().parents[1]
 
 
+def python(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
 @pytest.mark.parametrize(
     ("world_size", "expected"), [(None, False), ("1", False), ("2", True), ("16", True), ("", False)]
 )
@@ -41,9 +47,7 @@ def test_leave_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path: Pat
         print("after leave")
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
-    )
+    done = python("-c", script, cwd=REPO)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "buffered on stdout\n"
     assert done.stderr == "buffered on stderr"
@@ -52,14 +56,6 @@ def test_leave_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path: Pat
 
 def test_a_launched_rank_of_the_cli_keeps_its_exit_status(tmp_path: Path) -> None:
     env = {"WORLD_SIZE": "2", "RANK": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--config", str(tmp_path / "absent.yaml")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = python("-m", "pipeline", "train", "--config", str(tmp_path / "absent.yaml"), cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "absent.yaml" in done.stderr
