@@ -54,8 +54,23 @@ def test_leave_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path: Pat
     assert marker.read_text() == "ran"
 
 
-def test_a_launched_rank_of_the_cli_keeps_its_exit_status(tmp_path: Path) -> None:
-    env = {"WORLD_SIZE": "2", "RANK": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-    done = python("-m", "pipeline", "train", "--config", str(tmp_path / "absent.yaml"), cwd=tmp_path, env=env)
+# ``python -m pipeline`` run as __main__; a SystemExit that reaches the wrapper is the ordinary exit
+RUN_CLI = """
+import runpy
+try:
+    runpy.run_module("pipeline", run_name="__main__")
+except SystemExit as exit:
+    print(f"ordinary exit {exit.code}")
+    raise
+"""
+
+
+@pytest.mark.parametrize(("world_size", "ordinary"), [("2", False), ("1", True)])
+def test_only_a_launched_rank_of_the_cli_leaves_through_leave_with_its_status(
+    tmp_path: Path, world_size: str, ordinary: bool
+) -> None:
+    env = {"WORLD_SIZE": world_size, "RANK": "0", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    done = python("-c", RUN_CLI, "train", "--config", str(tmp_path / "absent.yaml"), cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "absent.yaml" in done.stderr
+    assert ("ordinary exit 2" in done.stdout) is ordinary, done.stdout
