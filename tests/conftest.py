@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,43 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # thread: two workers of two threads each on two cores would only take turns.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _mlflow_uris() -> tuple[str | None, ...]:
+    """MLflow's process-wide tracking and registry URIs (None when MLflow is not imported yet) and their
+    environment variables."""
+    if "mlflow" in sys.modules:
+        from mlflow.tracking import _model_registry, _tracking_service
+
+        own = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
+    else:
+        own = (None, None)
+    return (*own, *(os.environ.get(key) for key in MLFLOW_URI_VARIABLES))
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uris_kept() -> Iterator[None]:
+    """Fail a test that leaves MLflow's process-wide URIs changed, and restore them. Left set, they send a
+    later test's ``models:/`` look-ups, in the same worker, to another test's store: a failure that shows
+    only in some test orders."""
+    before = _mlflow_uris()
+    yield
+    after = _mlflow_uris()
+    if after == before:
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+    for key, value in zip(MLFLOW_URI_VARIABLES, before[2:], strict=True):
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    pytest.fail(f"the test left MLflow's URIs changed: {before} -> {after}")
+
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
 

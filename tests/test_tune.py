@@ -361,7 +361,19 @@ class FakeTrial:
         return f"run_trial_{self.trial_id}"
 
 
-def test_trial_runs_nest_under_the_sweep_and_end_in_the_trial_state(tmp_path: Path) -> None:
+@pytest.fixture
+def process_uris() -> Iterator[None]:
+    """Ray's callback sets MLflow's process-wide URIs in its setup; the sweep restores them after the run
+    (:func:`~pipeline.train.tune.mlflow_runs.process_uris_kept`), so does a test that drives it."""
+    from pipeline.train.tune.mlflow_runs import process_uris_kept
+
+    with process_uris_kept():
+        yield
+
+
+def test_trial_runs_nest_under_the_sweep_and_end_in_the_trial_state(
+    tmp_path: Path, process_uris: None
+) -> None:
     from mlflow import MlflowClient
 
     from pipeline.train.tune.mlflow_runs import TrialRuns
