@@ -22,6 +22,7 @@ from ray.tune import Callback
 
 from pipeline.config import ConfigError, JobConfig, load_config
 from pipeline.model.export import read_spec
+from pipeline.ray_session import SIGNALS
 from pipeline.tracking import Tracker
 from pipeline.train.trainer import train
 from pipeline.train.tune import BEST_FILE, run_trial, search_space, trial_base, tune
@@ -100,15 +101,19 @@ def sweep(
 ) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sweep")
     cfg = sweep_cfg(shards, phase1, root)
-    before = mlflow_process_uris()
+    before = mlflow_process_uris(), signal_handlers()
     result = tune(cfg)
     return {
         "cfg": cfg,
         "result": result,
         "experiment": root / "tune" / "sweep",
         "root": root,
-        "uris": (before, mlflow_process_uris()),
+        "process": (before, (mlflow_process_uris(), signal_handlers())),
     }
+
+
+def signal_handlers() -> dict[int, Any]:
+    return {number: signal.getsignal(number) for number in SIGNALS}
 
 
 def mlflow_process_uris() -> tuple[str, str, str | None, str | None]:
@@ -124,11 +129,13 @@ def mlflow_process_uris() -> tuple[str, str, str | None, str | None]:
     )
 
 
-def test_the_sweep_leaves_the_process_mlflow_uris_as_it_found_them(sweep: dict[str, Any]) -> None:
+def test_the_sweep_leaves_the_process_as_it_found_it(sweep: dict[str, Any]) -> None:
     """Ray's MLflow callback sets the process-wide URIs to the sweep's store; a later
-    ``mlflow.pyfunc.load_model("models:/...")`` in the same process must not read that store."""
-    before, after = sweep["uris"]
-    assert after == before
+    ``mlflow.pyfunc.load_model("models:/...")`` in the same process must not read that store. Tune's
+    ``fit`` installs its SIGINT and SIGUSR1 handlers, which would swallow the next Ctrl-C."""
+    (uris_before, handlers_before), (uris_after, handlers_after) = sweep["process"]
+    assert uris_after == uris_before
+    assert handlers_after == handlers_before
 
 
 def ray_results(trial_dir: Path) -> list[dict[str, Any]]:

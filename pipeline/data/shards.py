@@ -59,6 +59,7 @@ from pipeline.data.members import INSTANCE_MEMBER, encode_instance, relative_sou
 from pipeline.data.sources import BadSample, Sample, fit, open_source
 from pipeline.data.splits import plan_splits
 from pipeline.lock import LOCK_FILE, folder_lock, process_alive, read_holder
+from pipeline.ray_session import ray_session
 
 log = logging.getLogger(__name__)
 
@@ -436,16 +437,11 @@ def _run_ray(
     """One Ray task per shard; needs ``shards.output`` on a filesystem every node sees."""
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        runtime_env = {"env_vars": {"PYTHONPATH": path}}
-        try:
-            ray.init(address="auto", runtime_env=runtime_env, log_to_driver=False)
-        except ConnectionError:
-            ray.init(num_cpus=workers, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": path}}
+    cluster = {"address": "auto", "runtime_env": runtime_env, "log_to_driver": False}  # a running cluster
+    local = {**cluster, "address": None, "num_cpus": workers, "include_dashboard": False}  # else this machine
+    with ray_session(cluster, local):
         task = ray.remote(num_cpus=1)(_build_whole_shard)
         pending = {task.remote(ctx, str(out.resolve()), job): job for job in jobs}
         while pending:
@@ -454,9 +450,6 @@ def _run_ray(
                 job = pending.pop(ref)
                 yield ray.get(ref)
                 bar.update(len(job.samples))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _context(cfg: JobConfig, *, output_defaults: bool = True) -> _Context:

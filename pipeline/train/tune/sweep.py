@@ -60,6 +60,7 @@ from pipeline.eval.inputs import EvalSample
 from pipeline.eval.scoring import Scores
 from pipeline.lock import folder_lock
 from pipeline.model.export import load_generator, read_spec
+from pipeline.ray_session import ray_session
 from pipeline.tracking import Tracker, default_tracking_uri, make_tracker, run_tags
 from pipeline.train.checkpoint import LATEST, checkpoint_dir, discard_checkpoints, read_latest
 from pipeline.train.trainer import StepEvent, train
@@ -528,7 +529,6 @@ def _tune(
     callbacks: Sequence[Callback],
     trial_fn: Callable[[dict[str, Any], _Setup], None],
 ) -> TuneResult:
-    import ray
     from ray import tune as ray_tune
 
     from pipeline.train.tune.mlflow_runs import TrialRuns, process_uris_kept
@@ -562,10 +562,7 @@ def _tune(
     baseline = driver.baseline
 
     tracker = make_tracker(base)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=settings.address or None, include_dashboard=False)
-    try:
+    with ray_session({"address": settings.address or None, "include_dashboard": False}):
         params = {k: json.dumps(v) for k, v in (settings.search_space or DEFAULT_SPACE).items()}
         name, tags = _sweep_run_tags(base, experiment, restore)
         with tracker.start_run(name, params={**base.flat(), **params}, tags=tags):
@@ -631,9 +628,6 @@ def _tune(
             for artifact in (pareto.CSV_FILE, pareto.PLOT_FILE, pareto.CONFIG_DIR):
                 if (experiment / artifact).exists():
                     tracker.log_artifact(experiment / artifact, "pareto")
-    finally:
-        if started_ray:
-            ray.shutdown()
     print(format_table(result))
     print(f"[tune] best trial {result.best.trial_id}: {result.best.params} -> {result.best.generator}")
     if front:

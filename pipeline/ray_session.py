@@ -1,0 +1,58 @@
+"""Ray inside one call of the pipeline (the shard build, the sweep): started only where no session runs,
+and the process left with the signal handlers it had.
+
+``ray.init`` installs a SIGTERM handler and Tune's ``fit`` handlers for SIGINT and SIGUSR1, and neither
+puts them back. After a sweep inside a longer process (a notebook, a script that trains next), Tune's
+SIGINT handler would swallow the next Ctrl-C, setting a flag of the finished sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Put back the handlers of :data:`SIGNALS` after the block (only the main thread may set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {number: signal.getsignal(number) for number in SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            if handler is not None:  # None: installed outside Python, nothing to put back
+                signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def ray_session(*inits: dict[str, Any]) -> Iterator[None]:
+    """Ray for the block: the session already running, else one started with the first of ``inits``
+    (``ray.init``'s keywords) that does not raise ``ConnectionError``, shut down after the block. The
+    signal handlers are put back either way."""
+    import ray
+
+    with signal_handlers_kept():
+        started = not ray.is_initialized()
+        if started:
+            *fallbacks, last = inits
+            for kwargs in fallbacks:
+                try:
+                    ray.init(**kwargs)
+                    break
+                except ConnectionError:
+                    continue
+            else:
+                ray.init(**last)
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
