@@ -1,13 +1,12 @@
 """JPD-SE: semantic-aware enhancement of any image codec, trained at scale.
 
-Modules, one concern each: ``config`` (typed job config), ``codecs`` (image codecs and
-the lossless label-map coder), ``sources`` (Cityscapes, ADE20K, folder datasets),
-``shards`` (WebDataset shard builder), ``loader`` (shard -> tensor pipeline),
-``models`` and ``losses`` (pix2pixHD-style networks and objectives), ``export``
-(portable generator files), ``engine`` (DeepSpeed set-up and checkpoints),
-``trainer`` (the three phases), ``tracking`` (MLflow and its registry), ``metrics``,
-``bdrate`` and ``evaluate`` (R-PD evaluation), ``tune`` (Ray Tune), ``job`` (the
-end-to-end main job) and ``cli``.
+One sub-package a concept (docs/ARCHITECTURE.md draws the tree): ``data`` (codecs, datasets, WebDataset
+shards and their loader), ``model`` (the pix2pixHD-style networks, their losses and exported files),
+``train`` (the three phases under DeepSpeed, checkpoints, validation, and ``train.tune``, the Ray Tune
+sweep), ``eval`` (R-PD evaluation: PSNR, MS-SSIM, NIQE, LPIPS, FID, BD-rate), ``tracking`` (MLflow runs
+and the model registry), ``segment`` (the decoder-side segmenter), ``compress`` (the ``.jse`` file
+commands); beside them ``config`` (the one typed job config), ``job`` (the end-to-end main job), ``cli``
+and small process helpers (``atomic``, ``lock``, ``rank_exit``, ``ray_session``).
 """
 
 __version__ = "0.1.0"

@@ -1,13 +1,20 @@
-"""Shared fixtures: the read-only Cityscapes sample beside the project."""
+"""Shared fixtures: the read-only Cityscapes sample beside the project, the benchmark script as a module,
+and a check that no test leaves the process changed for the next (:func:`process_state_kept`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+
+from pipeline.ray_session import SIGNALS
 
 # No network here: MLflow's usage telemetry would only fail in the background.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -16,41 +23,63 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+# What the pipeline reads from the process's environment. DeepSpeed sets LOCAL_RANK (0) in a single
+# process for its own engine, which the pipeline reads the same way, so it is not among them.
+WATCHED_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "TQDM_DISABLE",
+    "RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
-def _mlflow_uris() -> tuple[str | None, ...]:
-    """MLflow's process-wide tracking and registry URIs (None when MLflow is not imported yet) and their
-    environment variables."""
+def _process_state() -> dict[str, Any]:
+    """What one test may leave changed for the next in the same worker: MLflow's process-wide tracking and
+    registry URIs (None until MLflow is imported), :data:`WATCHED_VARIABLES`, the working folder and the
+    handlers of the signals Ray and the trainer catch (:data:`pipeline.ray_session.SIGNALS`)."""
+    state: dict[str, Any] = {"tracking URI": None, "registry URI": None, "cwd": os.getcwd()}
     if "mlflow" in sys.modules:
         from mlflow.tracking import _model_registry, _tracking_service
 
-        own = (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri)
-    else:
-        own = (None, None)
-    return (*own, *(os.environ.get(key) for key in MLFLOW_URI_VARIABLES))
+        state["tracking URI"] = _tracking_service.utils._tracking_uri
+        state["registry URI"] = _model_registry.utils._registry_uri
+    state.update({key: os.environ.get(key) for key in WATCHED_VARIABLES})
+    state.update({number: signal.getsignal(number) for number in SIGNALS})
+    return state
+
+
+def _restore(state: dict[str, Any]) -> None:
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(state["tracking URI"])
+        mlflow.set_registry_uri(state["registry URI"])
+    for key in WATCHED_VARIABLES:
+        if state[key] is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = state[key]
+    os.chdir(state["cwd"])
+    for number in SIGNALS:
+        if state[number] is not None:
+            signal.signal(number, state[number])
 
 
 @pytest.fixture(autouse=True)
-def mlflow_uris_kept() -> Iterator[None]:
-    """Fail a test that leaves MLflow's process-wide URIs changed, and restore them. Left set, they send a
-    later test's ``models:/`` look-ups, in the same worker, to another test's store: a failure that shows
-    only in some test orders."""
-    before = _mlflow_uris()
+def process_state_kept() -> Iterator[None]:
+    """Fail a test that leaves :func:`_process_state` changed, and restore it. Left changed, it reaches
+    whichever test the same worker runs next, and fails that one only in some test orders (a later test's
+    ``models:/`` look-up read another test's MLflow store; a progress bar went missing)."""
+    before = _process_state()
     yield
-    after = _mlflow_uris()
-    if after == before:
-        return
-    import mlflow
-
-    mlflow.set_tracking_uri(before[0])
-    mlflow.set_registry_uri(before[1])
-    for key, value in zip(MLFLOW_URI_VARIABLES, before[2:], strict=True):
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    pytest.fail(f"the test left MLflow's URIs changed: {before} -> {after}")
+    after = _process_state()
+    changed = {key: (before[key], after[key]) for key in before if after[key] != before[key]}
+    if changed:
+        _restore(before)
+        pytest.fail(f"the test left the process changed (before, after): {changed}")
 
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
@@ -124,3 +153,16 @@ def png_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(loader, "_png", counting)
     return decoded
+
+
+@pytest.fixture
+def bench_quality(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``bench/bench_quality.py`` as a module; the progress-bar switch it sets for its children on import
+    (``TQDM_DISABLE``) is undone afterwards."""
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

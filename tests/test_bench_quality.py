@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py"
-
-
-@pytest.fixture
-def bench_quality(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The script as a module; the progress-bar switch it sets for its children is undone afterwards."""
-    monkeypatch.setenv("TQDM_DISABLE", "")
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(("text", "size"), [("none", None), ("1024x512", (1024, 512))])

@@ -3,8 +3,8 @@ phases each trains (job.phases), and the recipe's config (configs/recipe.yaml) a
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -61,17 +61,13 @@ def test_a_model_of_several_qualities_is_registered_under_all_of_them() -> None:
     assert registry_name("hevc", [42]) == "hevc-se-q42"
 
 
-def test_the_recipe_job_trains_the_benchmark_models() -> None:
+def test_the_recipe_job_trains_the_benchmark_models(bench_quality: ModuleType) -> None:
     """configs/recipe.yaml's codec-SE model has the training digest of bench/bench_quality.py's codec-SE at
     the same steps: the same data, model, loss, optimiser and schedule (paths, step counts, validation and
     tracking are not in the digest)."""
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO_ROOT / "bench" / "bench_quality.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     recipe = load_config(REPO_ROOT / "configs" / "recipe.yaml")
     assert recipe.job.models == "shared" and recipe.job.phases == [3]
     job_model = _for_qualities(recipe, model_groups(recipe, QUALITIES)[0], None, ablation=False)
-    bench_model = load_config(None, bench.overrides(Path("work"), recipe.phase3.steps))
+    bench_model = load_config(None, bench_quality.overrides(Path("work"), recipe.phase3.steps))
     assert job_model.training_digest() == bench_model.training_digest()
     assert job_model.phase3 == bench_model.phase3 and job_model.model == bench_model.model
