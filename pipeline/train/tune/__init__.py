@@ -1,5 +1,5 @@
 """Ray Tune sweep of the phase-2 perception-distortion weights (:mod:`.sweep`), its trials' MLflow runs
-(:mod:`.mlflow_runs`) and its Pareto front (:mod:`.pareto`)."""
+(:mod:`.mlflow_runs`), its Pareto front (:mod:`.pareto`) and trials of several workers (:mod:`.workers`)."""
 
 from pipeline.train.tune.sweep import (
     BEST_FILE,
