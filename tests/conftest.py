@@ -23,8 +23,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# What the pipeline reads from the process's environment. DeepSpeed sets LOCAL_RANK (0) in a single
-# process for its own engine, which the pipeline reads the same way, so it is not among them.
+# What the pipeline reads from the process's environment, and PYTHONBREAKPOINT, which ray.init points at
+# its remote debugger (pipeline/ray_session.py). DeepSpeed sets LOCAL_RANK (0) in a single process for its
+# own engine, which the pipeline reads the same way, so it is not among them.
 WATCHED_VARIABLES = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_REGISTRY_URI",
@@ -33,6 +34,7 @@ WATCHED_VARIABLES = (
     "WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
+    "PYTHONBREAKPOINT",
 )
 
 

@@ -1,7 +1,9 @@
-"""Ray inside one call: started only where none runs, shut down after, the signal handlers put back."""
+"""Ray inside one call: started only where none runs, shut down after, the signal handlers and Ray's
+environment variables put back."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -27,7 +29,7 @@ def test_the_handlers_changed_in_the_block_are_put_back_even_on_an_error() -> No
 
 class FakeRay:
     """``ray``'s session calls, recorded; ``ray.init`` raises ConnectionError for ``refused`` addresses and,
-    as the real one, installs a SIGTERM handler."""
+    as the real one, installs a SIGTERM handler and sets variables of its own."""
 
     def __init__(self, running: bool, refused: tuple[str, ...] = ()) -> None:
         self.running, self.refused, self.calls = running, refused, []
@@ -40,6 +42,7 @@ class FakeRay:
         if kwargs.get("address") in self.refused:
             raise ConnectionError(f"no cluster at {kwargs['address']}")
         signal.signal(signal.SIGTERM, _handler)
+        os.environ.update(PYTHONBREAKPOINT="ray.util.rpdb._driver_set_trace", RAY_USAGE_STATS_ENABLED="0")
         self.running = True
 
     def shutdown(self) -> None:
@@ -54,16 +57,22 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> FakeRay:
     return ray
 
 
-def test_a_refused_cluster_falls_back_to_a_local_session_shut_down_after(fake_ray: FakeRay) -> None:
+def test_a_refused_cluster_falls_back_to_a_local_session_shut_down_after(
+    fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")  # the user's own, kept
     sigterm = signal.getsignal(signal.SIGTERM)
     with ray_session({"address": "auto"}, {"address": None, "num_cpus": 2}):
         assert fake_ray.running and signal.getsignal(signal.SIGTERM) is _handler
+        assert os.environ["PYTHONBREAKPOINT"].startswith("ray.")
     assert fake_ray.calls == [
         ("init", {"address": "auto"}),
         ("init", {"address": None, "num_cpus": 2}),
         ("shutdown", {}),
     ]
     assert not fake_ray.running and signal.getsignal(signal.SIGTERM) is sigterm
+    assert "PYTHONBREAKPOINT" not in os.environ and os.environ["RAY_USAGE_STATS_ENABLED"] == "1"
 
 
 def test_the_last_way_to_start_raises_its_own_error(fake_ray: FakeRay) -> None:
