@@ -126,14 +126,16 @@ QUALITIES: list[int] = PRESET["loader"]["qualities"]
 # of models EVAL_COST, the last two in bare fp32 steps (they run in fp32). Run 60 (the first in bf16
 # autocast; 0.143 s a bare bf16 step and 0.266 in fp32) ran over its budget, 15.7 minutes: its 5200 steps
 # trained in 659 s, 0.74 of a bare step each once TRAIN_FIXED is taken off (fitted at 0.71, from the munster
-# pair above), and its evaluation took 217 s, 816 bare fp32 steps (run 56: 101 s at 0.159 s, 635). The
-# costs below are run 60's.
+# pair above), and its evaluation took 217 s, 816 bare fp32 steps (run 56: 101 s at 0.159 s, 635).
+# STEP_COST and TRAIN_FIXED are run 60's; the fitted runs since have trained at 0.68 to 0.77 of a bare step
+# (runs 71, 72, 77 and 80). EVAL_COST is re-fitted to those four runs, whose evaluations took 424 to 575
+# bare fp32 steps (71 to 88 s), where run 60's 820 had reckoned 37 to 78 s more than each took.
 # Validations after step 0, whatever the steps: under the cosine decay the curve rises to its end (every
 # model of runs 29 to 49 but run 41's stalled codec-SE exported its last step), so more would cost steps.
 VALIDATIONS = 4
 STEP_COST = {FP32: 1.0, AUTOCAST: 0.75}  # the trainer's step in bare steps of its own precision
 TRAIN_FIXED = 240 + 40 * VALIDATIONS  # the start and step 0, then 40 for each later validation
-EVAL_COST = 820
+EVAL_COST = 600
 # The other evaluation jobs, in shares of the held-out pair's (EVAL_COST). Run 63 (--segmenter, three jobs
 # on two workers) evaluated in 183 s where the fit had reckoned two full rounds, 454 s, and fitted 1600
 # steps, 7.8 minutes in all. Its jobs, scored again one by one, two side by side (a throwaway script):
