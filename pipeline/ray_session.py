@@ -62,17 +62,19 @@ def ray_session(*inits: dict[str, Any]) -> Iterator[None]:
     with signal_handlers_kept(), ray_environment_kept():
         started = not ray.is_initialized()
         if started:
-            *fallbacks, last = inits
-            for kwargs in fallbacks:
-                try:
-                    ray.init(**kwargs)
-                    break
-                except ConnectionError:
-                    continue
-            else:
-                ray.init(**last)
+            _init_first(ray, inits)
         try:
             yield
         finally:
             if started:
                 ray.shutdown()
+
+
+def _init_first(ray: Any, inits: tuple[dict[str, Any], ...]) -> None:
+    """``ray.init`` with each of ``inits`` in turn until one does not refuse to connect; the last one's
+    error is raised."""
+    for kwargs in inits[:-1]:
+        with contextlib.suppress(ConnectionError):
+            ray.init(**kwargs)
+            return
+    ray.init(**inits[-1])
