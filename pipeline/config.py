@@ -284,6 +284,11 @@ class ModelConfig:
     # which keeps a gradient through every unit: without a norm (model.norm=none) a ReLU trunk can die
     # at the start of training, and the correction head, which reads its last ReLU, with it
     activation: Activation = field(default="relu", metadata=WEIGHTS_WHEN_SET)
+    # every residual block also reads the semantic channels, pooled to its resolution: a 1x1 conv of them
+    # (initialised at zero) scales and shifts the block's input, channel by channel (SPADE-like, without a
+    # norm), so the classes steer the whole trunk rather than the front conv alone. Off: pix2pixHD's
+    # generator, which sees them only in its input
+    semantic_modulation: bool = field(default=False, metadata=WEIGHTS_WHEN_SET)
     ndf: int = 64
     n_layers_d: int = 3
     num_d: int = 2

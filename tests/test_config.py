@@ -263,6 +263,7 @@ def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
         ["model.end_kernel=3"],
         ["model.activation=leaky_relu"],
         ["model.self_ensemble=hflip"],
+        ["model.semantic_modulation=true"],
     ):
         assert load_config(None, changes).training_digest() != same.training_digest(), changes
 
@@ -281,13 +282,14 @@ def _previous_training_digest(cfg: JobConfig) -> str:
     assert all(tree[n]["warmup_steps"] == 0 for n in names)
     phases = {n: {k: v for k, v in tree[n].items() if k not in ("steps", "warmup_steps")} for n in names}
     train = {k: tree["train"][k] for k in ("seed", "betas", "deepspeed_config")}
-    # model.quality_input, semantic_classes, correction_scale, padding, end_kernel, activation and
-    # self_ensemble came later too: at their defaults they leave it as it was
+    # model.quality_input, semantic_classes, correction_scale, padding, end_kernel, activation,
+    # self_ensemble and semantic_modulation came later too: at their defaults they leave it as it was
     assert not cfg.model.quality_input and cfg.model.semantic_classes == "labels"
     assert cfg.model.correction_scale == "none" and cfg.model.padding == "reflect"
     assert cfg.model.end_kernel == 7 and cfg.model.activation == "relu" and cfg.model.self_ensemble == "none"
+    assert not cfg.model.semantic_modulation
     later = ("quality_input", "semantic_classes", "correction_scale", "padding", "end_kernel", "activation")
-    later += ("self_ensemble",)
+    later += ("self_ensemble", "semantic_modulation")
     model = {**{k: v for k, v in tree["model"].items() if k not in later}, "label_nc": 0}
     # data.label_source and data.segmenter came later: at their defaults they leave the digest as it was
     assert cfg.data.label_source == "gt" and not cfg.data.segmenter

@@ -204,9 +204,9 @@ def test_unversioned_files_load_as_version_1(tmp_path: Path) -> None:
 
 def test_version_2_spec_keys_follow_model_config(tmp_path: Path) -> None:
     generator, spec = trained_like("instance")
-    # versions 4-11, each written only when set
+    # versions 4-12, each written only when set
     added_later = {"quality_input", "semantic_classes", "correction_scale", "padding", "end_kernel"}
-    added_later |= {"activation", "self_ensemble"}
+    added_later |= {"activation", "self_ensemble", "semantic_modulation"}
     assert set(f.name for f in dataclasses.fields(ModelConfig)) - added_later <= set(spec.to_json())
     selected = {"step": 40, "metric": "psnr", "value": 31.2}
     path = export_generator(

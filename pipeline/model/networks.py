@@ -60,7 +60,11 @@ def same_conv(in_nc: int, out_nc: int, kernel: int, padding: str) -> list[nn.Mod
 class ResnetBlock(nn.Module):
     """Two padded 3x3 convs with a skip connection. In training, with ``drop`` > 0 (stochastic depth,
     :meth:`Generator.set_stochastic_depth`), each sample skips the convs with that probability and the
-    others' outputs are scaled by ``1 / (1 - drop)``; in eval mode every sample takes them."""
+    others' outputs are scaled by ``1 / (1 - drop)``; in eval mode every sample takes them.
+
+    With ``semantic_nc`` > 0 (``model.semantic_modulation``) the convs read ``x * (1 + gamma) + beta``, where
+    ``gamma`` and ``beta`` are a 1x1 conv of the ``semantics`` given to :meth:`forward` (its
+    ``semantic_nc`` channels at the block's resolution); :func:`build_models` starts that conv at zero."""
 
     drop: float = 0.0
 
@@ -70,8 +74,10 @@ class ResnetBlock(nn.Module):
         norm: Callable[[int], nn.Module],
         padding: str = "reflect",
         activation: str = "relu",
+        semantic_nc: int = 0,
     ) -> None:
         super().__init__()
+        self.modulation = nn.Conv2d(semantic_nc, 2 * dim, 1) if semantic_nc else None
         self.conv_block = nn.Sequential(
             *same_conv(dim, dim, 3, padding),
             norm(dim),
@@ -80,8 +86,14 @@ class ResnetBlock(nn.Module):
             norm(dim),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv_block(x)
+    def forward(self, x: Tensor, semantics: Tensor | None = None) -> Tensor:
+        if self.modulation is None:
+            out = self.conv_block(x)
+        else:
+            if semantics is None:
+                raise ValueError("a semantically modulated block needs the semantics")
+            gamma, beta = self.modulation(semantics).chunk(2, 1)
+            out = self.conv_block(x * (1 + gamma) + beta)
         if self.training and self.drop > 0:
             keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= self.drop
             out = out * keep.to(out.dtype) / (1 - self.drop)
@@ -122,14 +134,20 @@ class Generator(nn.Module):
         padding: str = "reflect",
         end_kernel: int = 7,
         activation: str = "relu",
+        semantic_nc: int = 0,
     ) -> None:
         super().__init__()
         if end_kernel < 1 or end_kernel % 2 == 0:
             raise ValueError(f"end_kernel must be odd and positive (a size-keeping conv), got {end_kernel}")
-        if min(input_nc, output_nc, ngf) <= 0 or n_downsample < 0 or n_blocks < 0:
+        if min(input_nc, output_nc, ngf) <= 0 or n_downsample < 0 or n_blocks < 0 or semantic_nc < 0:
             raise ValueError(
                 f"invalid generator size: input_nc={input_nc} output_nc={output_nc} ngf={ngf} "
-                f"n_downsample={n_downsample} n_blocks={n_blocks}"
+                f"n_downsample={n_downsample} n_blocks={n_blocks} semantic_nc={semantic_nc}"
+            )
+        if semantic_nc and semantic_nc > input_nc - IMAGE_CHANNELS:
+            raise ValueError(
+                f"semantic_nc={semantic_nc}: the semantic channels lead the input, before the decoded "
+                f"image's {IMAGE_CHANNELS}; input_nc={input_nc} leaves room for {input_nc - IMAGE_CHANNELS}"
             )
         self.hparams = {
             "input_nc": input_nc,
@@ -142,6 +160,9 @@ class Generator(nn.Module):
         }
         options = {"padding": padding, "end_kernel": end_kernel, "activation": activation}
         self.hparams.update({k: v for k, v in options.items() if v != PIX2PIXHD_OPTIONS[k]})
+        if semantic_nc:  # recorded only when set, as the options above
+            self.hparams["semantic_nc"] = semantic_nc
+        self.semantic_nc = semantic_nc
         if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
             raise ValueError(
                 f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "
@@ -162,7 +183,9 @@ class Generator(nn.Module):
                 act(),
             ]
         mult = 2**n_downsample
-        layers += [ResnetBlock(ngf * mult, make_norm, padding, activation) for _ in range(n_blocks)]
+        layers += [
+            ResnetBlock(ngf * mult, make_norm, padding, activation, semantic_nc) for _ in range(n_blocks)
+        ]
         for i in range(n_downsample):
             mult = 2 ** (n_downsample - i)
             layers += [
@@ -203,7 +226,12 @@ class Generator(nn.Module):
         if self.correction is None or synthesis:
             if gains is not None:
                 raise ValueError("gains scale the correction head: a residual generator's, not synthesis")
-            return self.model(x)
+            if not self.semantic_nc:
+                return self.model(x)
+            features = self.trunk(x)
+            for layer in self.model[len(self.model) - self.synthesis_layers :]:
+                features = layer(features)
+            return features
         return self.corrected(x, self.trunk(x), gains)
 
     def corrected(self, x: Tensor, features: Tensor, gains: Tensor | None = None) -> Tensor:
@@ -227,8 +255,11 @@ class Generator(nn.Module):
 
     def trunk(self, x: Tensor) -> Tensor:
         """The features both heads read (``B x ngf x H x W``)."""
+        semantics = None
+        if self.semantic_nc:  # the residual blocks' resolution: each pooled value a share of its classes
+            semantics = F.avg_pool2d(x[:, : self.semantic_nc], 2 ** self.hparams["n_downsample"])
         for layer in itertools.islice(self.model, len(self.model) - self.synthesis_layers):
-            x = layer(x)
+            x = layer(x, semantics) if isinstance(layer, ResnetBlock) else layer(x)
         return x
 
     def correction_parts(self, features: Tensor) -> Tensor:
@@ -372,6 +403,7 @@ def build_models(
         padding=model_cfg.padding,
         end_kernel=model_cfg.end_kernel,
         activation=model_cfg.activation,
+        semantic_nc=semantic_channels(class_nc, use_instance) if model_cfg.semantic_modulation else 0,
     )
     discriminator = MultiscaleDiscriminator(
         semantic_channels(class_nc, use_instance) + IMAGE_CHANNELS,
@@ -383,5 +415,10 @@ def build_models(
     init_weights(generator)
     if generator.residual:
         zero_correction(generator)  # init_weights drew it from N(0, 0.02)
+    for block in generator.modules():
+        if isinstance(block, ResnetBlock) and block.modulation is not None:
+            # no modulation at first: the trunk starts as the unmodulated generator's
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
     init_weights(discriminator)
     return generator, discriminator

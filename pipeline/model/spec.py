@@ -50,6 +50,10 @@ another rule:
   the frame and on its mirror image, :mod:`pipeline.model.inference`). A spec without it
   (``model.self_ensemble: none``) is written as version 10 or older, and a pipeline that predates version
   11 refuses a generator it would decode with one pass, unlike its encoder's gain fit.
+* version 12: version 11 plus ``semantic_modulation`` (``true``: every residual block scales and shifts its
+  input by a 1x1 conv of the semantic channels, which adds weights). A spec without it
+  (``model.semantic_modulation: false``) is written as version 11 or older, and a pipeline that predates
+  version 12 refuses a generator it would build without those layers.
 
 Optional keys absent from the JSON are ``None`` here, and :meth:`GeneratorSpec.to_json` leaves ``None``
 out again: a spec written by this code is the JSON the previous version wrote for the same content, so
@@ -77,10 +81,17 @@ from pipeline.config import (
     SelfEnsemble,
     SemanticClasses,
 )
-from pipeline.model.inputs import IMAGE_CHANNELS, Qualities, class_count, input_channels, quality_level
+from pipeline.model.inputs import (
+    IMAGE_CHANNELS,
+    Qualities,
+    class_count,
+    input_channels,
+    quality_level,
+    semantic_channels,
+)
 from pipeline.model.networks import ACTIVATIONS, NORMS, PADDINGS, PIX2PIXHD_OPTIONS, Generator
 
-FORMAT_VERSION = 11  # the newest version this code reads and writes
+FORMAT_VERSION = 12  # the newest version this code reads and writes
 REQUIRED_SPEC_KEYS = ("ngf", "n_downsample", "n_blocks", "norm", "label_nc", "use_instance")
 # The range of every architecture number a spec may hold (ModelConfig's, and label_nc): a model file's
 # metadata decides what is allocated, so it is checked before anything is built.
@@ -98,6 +109,7 @@ DEFAULTED_CHOICES: dict[str, tuple[Any, ...]] = {
     "end_kernel": END_KERNELS,
     "activation": ACTIVATIONS,
     "self_ensemble": SELF_ENSEMBLES,
+    "semantic_modulation": (True,),
 }
 MODEL_DEFAULTS = ModelConfig()
 MAX_GENERATOR_BYTES = 4 << 30  # float32 weights of a generator this code builds (the default is 0.7 GB)
@@ -147,6 +159,7 @@ class GeneratorSpec:
     end_kernel: int | None = None  # None: 7 (version 8 and earlier)
     activation: str | None = None  # None: relu (version 9 and earlier)
     self_ensemble: str | None = None  # None: one pass (version 10 and earlier)
+    semantic_modulation: bool | None = None  # None: off (version 11 and earlier)
 
     def __post_init__(self) -> None:
         if self.label_source not in (None, *LABEL_SOURCES):
@@ -318,6 +331,11 @@ class GeneratorSpec:
             "norm": self.norm,
             "residual": self.residual,
             **{k: getattr(self, k) for k in PIX2PIXHD_OPTIONS if getattr(self, k) is not None},
+            **(
+                {"semantic_nc": semantic_channels(self.class_nc, self.use_instance)}
+                if self.semantic_modulation
+                else {}
+            ),
         }
 
     def weight_shapes(self, max_bytes: int = MAX_GENERATOR_BYTES) -> dict[str, tuple[int, ...]]:
@@ -339,7 +357,7 @@ class GeneratorSpec:
         return Generator(**self.generator_kwargs)
 
 
-# The keys each format version added; versions 1 to 10 are closed: the spec as it was then, so a field added
+# The keys each format version added; versions 1 to 11 are closed: the spec as it was then, so a field added
 # later is never taken for part of an older file. The newest version is GeneratorSpec's fields.
 ADDED_KEYS: dict[int, frozenset[str]] = {
     3: frozenset({"label_source", "segmenter"}),
@@ -351,6 +369,7 @@ ADDED_KEYS: dict[int, frozenset[str]] = {
     9: frozenset({"end_kernel"}),
     10: frozenset({"activation"}),
     11: frozenset({"self_ensemble"}),
+    12: frozenset({"semantic_modulation"}),
 }
 _ALL_KEYS = frozenset(f.name for f in dataclasses.fields(GeneratorSpec))
 SPEC_KEYS: dict[int, frozenset[str]] = {
