@@ -120,6 +120,10 @@ class Generator(nn.Module):
     weight; the correction head stays at zero until phase 2 trains it. ``forward(x, synthesis=True)``
     picks the synthesis head; a plain generator ignores the flag. ``forward(x, gains=g)`` scales each part
     of the correction (:meth:`correction_parts`) by the encoder's per-frame gains.
+
+    With ``semantic_nc`` > 0 the input's first ``semantic_nc`` channels (the one-hot classes and instance
+    edges, :func:`pipeline.model.inputs.generator_input`) also modulate every residual block
+    (:class:`ResnetBlock`), average-pooled to the blocks' resolution.
     """
 
     def __init__(
@@ -226,8 +230,6 @@ class Generator(nn.Module):
         if self.correction is None or synthesis:
             if gains is not None:
                 raise ValueError("gains scale the correction head: a residual generator's, not synthesis")
-            if not self.semantic_nc:
-                return self.model(x)
             features = self.trunk(x)
             for layer in self.model[len(self.model) - self.synthesis_layers :]:
                 features = layer(features)
