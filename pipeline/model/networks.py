@@ -166,7 +166,6 @@ class Generator(nn.Module):
         self.hparams.update({k: v for k, v in options.items() if v != PIX2PIXHD_OPTIONS[k]})
         if semantic_nc:  # recorded only when set, as the options above
             self.hparams["semantic_nc"] = semantic_nc
-        self.semantic_nc = semantic_nc
         if residual and (input_nc < IMAGE_CHANNELS or output_nc != IMAGE_CHANNELS):
             raise ValueError(
                 f"a residual generator adds its output to the decoded RGB image (the last {IMAGE_CHANNELS} "
@@ -216,6 +215,11 @@ class Generator(nn.Module):
         for block in self.modules():
             if isinstance(block, ResnetBlock):
                 block.drop = drop
+
+    @property
+    def semantic_nc(self) -> int:
+        """The leading input channels that modulate the residual blocks (0: none)."""
+        return self.hparams.get("semantic_nc", 0)
 
     @property
     def residual(self) -> bool:
