@@ -130,7 +130,9 @@ QUALITIES: list[int] = PRESET["loader"]["qualities"]
 # STEP_COST and TRAIN_FIXED are run 60's; the fitted runs since have trained at 0.68 to 0.77 of a bare step
 # (runs 71, 72, 77 and 80). EVAL_COST is re-fitted to those four runs, whose evaluations took 424 to 575
 # bare fp32 steps (71 to 88 s over each run's printed fp32 pace, by hand), where run 60's 820 had reckoned
-# 37 to 78 s more than each took.
+# 37 to 78 s more than each took. With the semantic modulation the fitted runs 82 and 83 trained at 0.76 and
+# 0.81 of a bare step (by hand) and took 13.4 and 14.3 minutes: the second beyond PLANNED_SHARE's 13.5,
+# within the budget. Two runs do not re-fit STEP_COST; more such overruns would.
 # Validations after step 0, whatever the steps: under the cosine decay the curve rises to its end (every
 # model of runs 29 to 49 but run 41's stalled codec-SE exported its last step), so more would cost steps.
 VALIDATIONS = 4
