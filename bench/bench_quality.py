@@ -327,9 +327,10 @@ def _tag(seeds: list[int], seed: int) -> str:
     return f"-seed{seed}" if len(seeds) > 1 else ""
 
 
-def seeds_table(held: dict[int, Path]) -> str:
+def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     """The held-out gains of codec-SE and the ablation over HEVC, and of codec-SE over the ablation, for
-    each seed and their mean: what the frame intervals leave out, how much training noise moves them."""
+    each seed and their mean: what the frame intervals leave out, how much training noise moves them.
+    ``held`` maps each seed (or run, ``what`` says which: ``bench/seed_runs.py``) to its evaluation folder."""
     se, ab = "hevc-SE", "hevc-SE (no semantics)"
     means = {seed: means_by_curve(folder) for seed, folder in held.items()}
     rates = {
@@ -337,7 +338,7 @@ def seeds_table(held: dict[int, Path]) -> str:
     }
     seeds = list(held)
     lines = [
-        f"held-out gains across the seeds {seeds} (mean over the seeds [lowest, highest]; every seed's "
+        f"held-out gains across the {what} {seeds} (mean over the {what} [lowest, highest]; every one's "
         "models trained anew; NIQE: lower is better):",
         f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>24} | SE ahead | "
         f"{'dNIQE SE - abl':>24} | SE lower | {'SE - SE no map':>24} | SE ahead",
@@ -352,15 +353,15 @@ def seeds_table(held: dict[int, Path]) -> str:
         cells = [_spread(gains[se]), _spread(gains[ab]), _spread(diff)]
         ahead, lower = sum(d > 0 for d in diff), sum(d < 0 for d in niqe)
         lines.append(
-            f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} seeds | {_spread(niqe)} | "
-            f"{lower}/{len(seeds)} seeds | {_spread(own)} | {sum(d > 0 for d in own)}/{len(seeds)} seeds"
+            f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} {what} | {_spread(niqe)} | "
+            f"{lower}/{len(seeds)} {what} | {_spread(own)} | {sum(d > 0 for d in own)}/{len(seeds)} {what}"
         )
     for name in (se, ab, se + CHOSEN_SUFFIX):
         values = [r[name]["bd_rate_pct"]["psnr/bpp_codec"] for r in rates.values() if r[name]["available"]]
         totals = [r[name]["bd_rate_pct"]["psnr/bpp_total"] for r in rates.values() if r[name]["available"]]
         each = " ".join(f"{v:+.2f}" for v in values)
         lines.append(
-            f"  {name:<24} PSNR BD-rate vs HEVC, codec bits {np.mean(values):+7.2f} % (seeds: {each}), "
+            f"  {name:<24} PSNR BD-rate vs HEVC, codec bits {np.mean(values):+7.2f} % ({what}: {each}), "
             f"total bits {np.mean(totals):+7.2f} %"
         )
     return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""``bench/seed_runs.py``: the quality benchmark's table across separate runs, and the runs it refuses."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pipeline.eval.gains import WITHHELD_SUFFIX
+from pipeline.eval.methods import CHOSEN_SUFFIX
+
+SE, AB = "hevc-SE", "hevc-SE (no semantics)"
+
+
+@pytest.fixture
+def seed_runs(bench_quality: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The script as a module; the ``bench_quality`` it imports is the fixture's, and the path it adds to
+    ``sys.path`` is dropped afterwards."""
+    monkeypatch.setitem(sys.modules, "bench_quality", bench_quality)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    script = Path(__file__).resolve().parents[1] / "bench" / "seed_runs.py"
+    spec = importlib.util.spec_from_file_location("seed_runs", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_rows(path: Path, rows: list[dict[str, object]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fake_run(
+    root: Path,
+    qualities: list[int],
+    se_gain: float,
+    ablation_gain: float,
+    frames: tuple[str, ...] = ("a", "b"),
+) -> Path:
+    """A ``--keep`` folder with what a finished run leaves in ``eval-test``: HEVC at 30 dB, codec-SE and
+    its ablation the given gains above it, codec-SE 0.01 dB less with its map withheld."""
+    run = root / f"run-{len(list(root.iterdir()))}"
+    folder = run / "eval-test"
+    folder.mkdir(parents=True)
+    write_rows(
+        folder / "rpd.csv",
+        [{"key": key, "method": "hevc", "quality": q, "psnr": 30.0} for key in frames for q in qualities],
+    )
+    psnr = {"hevc": 30.0, SE: 30.0 + se_gain, AB: 30.0 + ablation_gain, SE + WITHHELD_SUFFIX: 29.99 + se_gain}
+    write_rows(
+        folder / "rpd_mean.csv",
+        [{"method": m, "quality": q, "psnr": p, "niqe": 5.0} for m, p in psnr.items() for q in qualities],
+    )
+    rates = {"available": True, "bd_rate_pct": {"psnr/bpp_codec": -7.0, "psnr/bpp_total": 5.0}}
+    methods = {name: rates for name in (SE, AB, SE + CHOSEN_SUFFIX)}
+    (folder / "bdrate.json").write_text(json.dumps({"methods": methods}))
+    return run
+
+
+def test_the_table_gives_the_mean_lowest_and_highest_over_the_runs(
+    seed_runs: ModuleType, tmp_path: Path
+) -> None:
+    qualities = seed_runs.QUALITIES
+    runs = [fake_run(tmp_path, qualities, 0.30, 0.29), fake_run(tmp_path, qualities, 0.34, 0.35)]
+    table = seed_runs.seeds_table(seed_runs.held_out_folders(runs), what="runs")
+    lines = table.splitlines()
+    assert lines[0].startswith(f"held-out gains across the runs {[str(r) for r in runs]}")
+    for q in qualities:
+        row = next(line for line in lines if line.startswith(f"{q:>3} |"))
+        # codec-SE, the ablation, codec-SE over it (ahead in one run of two), codec-SE over itself withheld
+        assert "+0.320 [+0.300, +0.340]" in row and "+0.320 [+0.290, +0.350]" in row
+        assert "+0.000 [-0.010, +0.010] | 1/2 runs" in row
+        assert "+0.010 [+0.010, +0.010] | 2/2 runs" in row
+
+
+def test_runs_of_other_frames_or_qps_are_refused(seed_runs: ModuleType, tmp_path: Path) -> None:
+    qualities = seed_runs.QUALITIES
+    first = fake_run(tmp_path, qualities, 0.3, 0.3)
+    other_frames = fake_run(tmp_path, qualities, 0.3, 0.3, frames=("a", "c"))
+    with pytest.raises(SystemExit, match="other held-out frames than"):
+        seed_runs.held_out_folders([first, other_frames])
+    fewer_qps = fake_run(tmp_path, qualities[:-1], 0.3, 0.3)
+    with pytest.raises(SystemExit, match=r"scored QPs .* the benchmark's are"):
+        seed_runs.held_out_folders([first, fewer_qps])
+    with pytest.raises(SystemExit, match="given twice"):
+        seed_runs.held_out_folders([first, first])
+
+
+def test_a_folder_without_a_finished_run_is_refused(seed_runs: ModuleType, tmp_path: Path) -> None:
+    run = fake_run(tmp_path, seed_runs.QUALITIES, 0.3, 0.3)
+    (run / "eval-test" / "bdrate.json").unlink()
+    with pytest.raises(SystemExit, match=r"no bdrate.json in eval-test/: not the --keep folder"):
+        seed_runs.held_out_folders([run])
