@@ -157,14 +157,28 @@ def png_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return decoded
 
 
+def bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module, not entered in ``sys.modules``."""
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def bench_quality(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """``bench/bench_quality.py`` as a module; the progress-bar switch it sets for its children on import
     (``TQDM_DISABLE``) is undone afterwards."""
     monkeypatch.setenv("TQDM_DISABLE", "")
-    script = Path(__file__).resolve().parents[1] / "bench" / "bench_quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("bench_quality")
+
+
+@pytest.fixture
+def seed_runs(bench_quality: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``bench/seed_runs.py`` as a module; the ``bench_quality`` it imports is the fixture's, and the path
+    it adds to ``sys.path`` is dropped afterwards."""
+    monkeypatch.setitem(sys.modules, "bench_quality", bench_quality)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return bench_script("seed_runs")

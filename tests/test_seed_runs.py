@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,20 +13,6 @@ from pipeline.eval.gains import WITHHELD_SUFFIX
 from pipeline.eval.methods import CHOSEN_SUFFIX
 
 SE, AB = "hevc-SE", "hevc-SE (no semantics)"
-
-
-@pytest.fixture
-def seed_runs(bench_quality: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The script as a module; the ``bench_quality`` it imports is the fixture's, and the path it adds to
-    ``sys.path`` is dropped afterwards."""
-    monkeypatch.setitem(sys.modules, "bench_quality", bench_quality)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    script = Path(__file__).resolve().parents[1] / "bench" / "seed_runs.py"
-    spec = importlib.util.spec_from_file_location("seed_runs", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_rows(path: Path, rows: list[dict[str, object]]) -> None:
