@@ -91,7 +91,7 @@ from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
 from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
 from pipeline.eval.methods import CHOSEN_SUFFIX  # noqa: E402
-from pipeline.eval.report import format_reference_bdrate, means_by_curve  # noqa: E402
+from pipeline.eval.report import BDRATE_FILE, format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -148,6 +148,8 @@ DECODER_EVAL_SHARE = 0.77
 PLANNED_SHARE = 0.9  # of the budget: the machine's pace drifts (runs 60 to 62: 0.134 to 0.143 s a bf16 step)
 # a floor: 1400 steps gained a half to three quarters of what 5000 did (runs 33 and 34 against 25 and 26)
 MIN_STEPS = 1000
+# The first seed's evaluation on the held-out frames, in the work folder (bench/seed_runs.py reads it).
+HELD_OUT_EVAL = "eval-test"
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
 CACHE_MB = 512
 
@@ -333,9 +335,7 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     ``held`` maps each seed (or run, ``what`` says which: ``bench/seed_runs.py``) to its evaluation folder."""
     se, ab = "hevc-SE", "hevc-SE (no semantics)"
     means = {seed: means_by_curve(folder) for seed, folder in held.items()}
-    rates = {
-        seed: json.loads((folder / "bdrate.json").read_text())["methods"] for seed, folder in held.items()
-    }
+    rates = {seed: json.loads((folder / BDRATE_FILE).read_text())["methods"] for seed, folder in held.items()}
     seeds = list(held)
     lines = [
         f"held-out gains across the {what} {seeds} (mean over the {what} [lowest, highest]; every one's "
@@ -529,22 +529,24 @@ def main() -> None:
         models = [exports["codec-SE"], exports["ablation"]]
         judge = {"eval.segmenter": str(segmenter)} if segmenter else {}
         jobs: dict[str, tuple[Any, ...]] = {
-            "held": (cfg, models, "test", work / "eval-test", False, judge),
+            "held": (cfg, models, "test", work / HELD_OUT_EVAL, False, judge),
             "train": (cfg, models, "val", work / "eval-train", True, {}),
         }
         if segmenter is not None:
             source = {"data.label_source": "decoder", "data.segmenter": str(segmenter), **judge}
-            jobs["held_dec"] = (cfg, [exports["codec-SE-dec"]], "test", work / "eval-test-dec", False, source)
+            decoder_eval = work / f"{HELD_OUT_EVAL}-dec"
+            jobs["held_dec"] = (cfg, [exports["codec-SE-dec"]], "test", decoder_eval, False, source)
         for seed in seeds[1:]:
             pair = [runs[seed]["codec-SE"], runs[seed]["ablation"]]
-            jobs[f"seed {seed}"] = (cfg, pair, "test", work / f"eval-test{_tag(seeds, seed)}", False, {})
+            seed_eval = work / f"{HELD_OUT_EVAL}{_tag(seeds, seed)}"
+            jobs[f"seed {seed}"] = (cfg, pair, "test", seed_eval, False, {})
         done = scored_in_parallel(jobs)
         held, train, held_dec = done["held"], done["train"], done.get("held_dec")
         held_seeds = {seeds[0]: held, **{seed: done[f"seed {seed}"] for seed in seeds[1:]}}
         print(f"  evaluated in {time.perf_counter() - t:.0f} s")
-        report = json.loads((held / "bdrate.json").read_text())
+        report = json.loads((held / BDRATE_FILE).read_text())
         first = f", seed {seeds[0]}" if len(seeds) > 1 else ""
-        trained_on = json.loads((train / "bdrate.json").read_text())["frames"]["count"]
+        trained_on = json.loads((train / BDRATE_FILE).read_text())["frames"]["count"]
         print(f"held-out: {report['frames']['count']} {report['frames']['split']} frames "
               f"({where(cfg, 'test')}); train: the {trained_on} training frames "
               f"({where(cfg, cfg.loader.split)}){first}")  # fmt: skip
@@ -555,7 +557,7 @@ def main() -> None:
         if len(seeds) > 1:
             print(seeds_table(held_seeds))
         if held_dec is not None:
-            report_dec = json.loads((held_dec / "bdrate.json").read_text())
+            report_dec = json.loads((held_dec / BDRATE_FILE).read_text())
             accuracy = json.loads((held / "segmentation.json").read_text())
             print(decoder_table(means_by_curve(held), means_by_curve(held_dec), report, report_dec, accuracy))
             print("codec-SE on decoder maps against the reference codecs:")

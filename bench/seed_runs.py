@@ -18,15 +18,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import QUALITIES, seeds_table  # noqa: E402
+from bench_quality import HELD_OUT_EVAL, QUALITIES, seeds_table  # noqa: E402
 
-HELD_OUT = "eval-test"  # bench_quality.py's held-out evaluation folder, in a single-seed run's --keep DIR
-NEEDED = ("rpd.csv", "rpd_mean.csv", "bdrate.json")
+from pipeline.eval.report import BDRATE_FILE, MEANS_FILE, ROWS_FILE  # noqa: E402
 
 
 def scored(folder: Path) -> set[tuple[str, int]]:
     """The (frame, QP) pairs HEVC was scored on in an evaluation folder."""
-    with (folder / "rpd.csv").open(newline="") as f:
+    with (folder / ROWS_FILE).open(newline="") as f:
         return {(row["key"], int(row["quality"])) for row in csv.DictReader(f) if row["method"] == "hevc"}
 
 
@@ -35,11 +34,13 @@ def held_out_folders(runs: list[Path]) -> dict[str, Path]:
     held: dict[str, Path] = {}
     first: tuple[Path, set[tuple[str, int]]] | None = None
     for run in runs:
-        folder = run / HELD_OUT
-        missing = [name for name in NEEDED if not (folder / name).is_file()]
+        if str(run) in held:
+            raise SystemExit(f"{run} is given twice")
+        folder = run / HELD_OUT_EVAL
+        missing = [name for name in (ROWS_FILE, MEANS_FILE, BDRATE_FILE) if not (folder / name).is_file()]
         if missing:
             raise SystemExit(
-                f"{run}: no {', '.join(missing)} in {HELD_OUT}/: not the --keep folder of a finished "
+                f"{run}: no {', '.join(missing)} in {HELD_OUT_EVAL}/: not the --keep folder of a finished "
                 "single-seed run of bench/bench_quality.py"
             )
         pairs = scored(folder)
@@ -50,8 +51,6 @@ def held_out_folders(runs: list[Path]) -> dict[str, Path]:
             first = (run, pairs)
         elif pairs != first[1]:
             raise SystemExit(f"{run} scored other held-out frames than {first[0]}: the runs do not compare")
-        if str(run) in held:
-            raise SystemExit(f"{run} is given twice")
         held[str(run)] = folder
     return held
 

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.eval.gains import WITHHELD_SUFFIX
 from pipeline.eval.methods import CHOSEN_SUFFIX
+from pipeline.eval.report import BDRATE_FILE, MEANS_FILE, ROWS_FILE
 
 SE, AB = "hevc-SE", "hevc-SE (no semantics)"
 
@@ -35,17 +36,17 @@ def fake_run(
     folder = run / "eval-test"
     folder.mkdir(parents=True)
     write_rows(
-        folder / "rpd.csv",
+        folder / ROWS_FILE,
         [{"key": key, "method": "hevc", "quality": q, "psnr": 30.0} for key in frames for q in qualities],
     )
     psnr = {"hevc": 30.0, SE: 30.0 + se_gain, AB: 30.0 + ablation_gain, SE + WITHHELD_SUFFIX: 29.99 + se_gain}
     write_rows(
-        folder / "rpd_mean.csv",
+        folder / MEANS_FILE,
         [{"method": m, "quality": q, "psnr": p, "niqe": 5.0} for m, p in psnr.items() for q in qualities],
     )
     rates = {"available": True, "bd_rate_pct": {"psnr/bpp_codec": -7.0, "psnr/bpp_total": 5.0}}
     methods = {name: rates for name in (SE, AB, SE + CHOSEN_SUFFIX)}
-    (folder / "bdrate.json").write_text(json.dumps({"methods": methods}))
+    (folder / BDRATE_FILE).write_text(json.dumps({"methods": methods}))
     return run
 
 
@@ -80,6 +81,6 @@ def test_runs_of_other_frames_or_qps_are_refused(seed_runs: ModuleType, tmp_path
 
 def test_a_folder_without_a_finished_run_is_refused(seed_runs: ModuleType, tmp_path: Path) -> None:
     run = fake_run(tmp_path, seed_runs.QUALITIES, 0.3, 0.3)
-    (run / "eval-test" / "bdrate.json").unlink()
+    (run / seed_runs.HELD_OUT_EVAL / BDRATE_FILE).unlink()
     with pytest.raises(SystemExit, match=r"no bdrate.json in eval-test/: not the --keep folder"):
         seed_runs.held_out_folders([run])
