@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -221,6 +222,10 @@ class LoaderConfig:
     # train one model on several qualities: each sample's decoded image is drawn from these (a uniform
     # pick per sample); empty: loader.quality only. Validation then averages over them.
     qualities: list[int] = field(default_factory=list)
+    # how often each of loader.qualities is drawn: one positive weight per entry, in the same order (only
+    # their ratios count); empty: all equally often. E.g. [1, 1, 1.5, 2] with [32, 37, 42, 47] draws QP 47
+    # twice as often as QP 32, for a model short of its gain at the low rates
+    quality_weights: list[float] = field(default_factory=list, metadata=WEIGHTS_WHEN_SET)
     crop: list[int] = field(default_factory=lambda: [128, 256])  # [height, width]; [] = none
     flip: bool = True
     # also swap rows and columns of half the training samples (a crop [h, w] is cut w x h for them, so the
@@ -252,6 +257,15 @@ class LoaderConfig:
             )
         if self.transpose and not self.crop:
             raise ConfigError("loader.transpose needs loader.crop: whole frames would not stack in a batch")
+        if self.quality_weights:
+            distinct = len(set(self.qualities)) == len(self.qualities)
+            if len(self.quality_weights) != len(self.qualities) or not distinct:
+                raise ConfigError(
+                    f"quality_weights needs one weight per entry of loader.qualities, each quality once: "
+                    f"got weights {self.quality_weights} for qualities {self.qualities}"
+                )
+            if not all(math.isfinite(w) and w > 0 for w in self.quality_weights):
+                raise ConfigError(f"quality_weights must be positive numbers, got {self.quality_weights}")
 
 
 # The range of each architecture number (also what an exported generator's spec may hold)

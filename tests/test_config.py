@@ -133,6 +133,16 @@ def test_enumerations_are_literals_checked_by_the_loader() -> None:
         (["loader.crop=[8, 8, 8]"], r"^loader.crop must be \[\]"),
         (["loader.num_workers=-1"], r"^loader.num_workers must be >= 0, got -1$"),
         (["loader.shuffle=-1"], r"^loader.shuffle must be >= 0"),
+        (["loader.quality_weights=[1, 2]"], r"^loader.quality_weights needs one weight per entry of loader"),
+        (
+            ["loader.qualities=[37, 37]", "loader.quality_weights=[1, 2]"],
+            r"^loader.quality_weights needs .* each quality once",
+        ),
+        (
+            ["loader.qualities=[37, 42]", "loader.quality_weights=[1, 0]"],
+            r"^loader.quality_weights must be positive numbers, got \[1.0, 0.0\]$",
+        ),
+        (["loader.qualities=[37, 42]", "loader.quality_weights=[1, .nan]"], r"^loader.quality_weights must"),
         (["model.ngf=0"], r"^model.ngf must be >= 1, got 0$"),
         (["model.n_blocks=-1"], r"^model.n_blocks must be >= 0"),
         (["phase2.loss.dist=-1"], r"^phase2.loss.dist must be >= 0, got -1.0$"),
@@ -266,16 +276,20 @@ def test_training_digest_ignores_steps_paths_and_logging_only() -> None:
         ["model.semantic_modulation=true"],
     ):
         assert load_config(None, changes).training_digest() != same.training_digest(), changes
+    uniform = load_config(None, ["loader.qualities=[37, 42]"])
+    weighted = load_config(None, ["loader.qualities=[37, 42]", "loader.quality_weights=[1, 2]"])
+    assert weighted.training_digest() != uniform.training_digest()
 
 
 def _previous_training_digest(cfg: JobConfig) -> str:
     """``training_digest`` as the previous version computed it, from its hand list of fields (its
     ``model.label_nc``, now ``data.label_nc``, at its default 0)."""
     tree = cfg.to_dict()
-    # loader.extra_shards and loader.transpose came later: at their defaults (unused, off) they must leave
-    # the digest as it was; loader.cache_mb came later too and never enters it (the batches are the same)
-    assert not cfg.loader.extra_shards and not cfg.loader.transpose
-    skipped = ("num_workers", "shards", "extra_shards", "transpose", "cache_mb")
+    # loader.extra_shards, transpose and quality_weights came later: at their defaults (unused, off,
+    # uniform) they must leave the digest as it was; loader.cache_mb came later too and never enters it
+    # (the batches are the same)
+    assert not cfg.loader.extra_shards and not cfg.loader.transpose and not cfg.loader.quality_weights
+    skipped = ("num_workers", "shards", "extra_shards", "transpose", "cache_mb", "quality_weights")
     loader = {k: v for k, v in tree["loader"].items() if k not in skipped}
     # phaseN.warmup_steps came later: at its default (5 % of the steps) it leaves the digest as it was
     names = ("phase1", "phase2", "phase3")

@@ -257,6 +257,24 @@ def test_several_qualities_are_drawn_per_sample(built: tuple[JobConfig, Manifest
         shard_urls(_with(cfg, qualities=[32, 42]))
 
 
+def test_quality_weights_set_how_often_each_quality_is_drawn(built: tuple[JobConfig, Manifest]) -> None:
+    """loader.quality_weights, in loader.qualities' order (not sorted), sets how often each is drawn."""
+    cfg, _ = built
+
+    def counts(qualities: list[int], weights: list[float]) -> dict[int, int]:
+        weighted = _with(cfg, qualities=qualities, quality_weights=weights, crop=[], flip=False)
+        drawn: dict[int, int] = {37: 0, 42: 0}
+        for _ in range(6):  # six epochs of 10 frames
+            for batch in make_dataset(weighted, seed=3):
+                for quality in batch["quality"].tolist():
+                    drawn[quality] += 1
+        return drawn
+
+    assert counts([42, 37], [1, 9])[37] >= 48  # 54 expected of 60
+    assert counts([37, 42], [1, 9])[42] >= 48
+    assert counts([37, 42], [1, 1]) == counts([42, 37], [2, 2])  # only the ratios count
+
+
 def test_clear_errors(built: tuple[JobConfig, Manifest], tmp_path: Path) -> None:
     cfg, manifest = built
     with pytest.raises(ManifestError, match=r"hevc_q32 .*not built.*\['hevc_q37', 'hevc_q42'\]"):

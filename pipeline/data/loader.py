@@ -4,7 +4,8 @@
 
     shard list (SimpleShardList, or ResampledShards when loader.resampled)
     -> split shards over rank x worker units -> tar samples -> split samples (only with too few shards)
-    -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities)
+    -> shuffle (train) -> keep the members needed (one quality drawn per sample with loader.qualities,
+      as often as loader.quality_weights says)
     -> the predicted label map in place of the dataset's (data.label_source decoder or encoder)
     -> decode PNGs with OpenCV (pixel budget from the header first), JSON; with a DecodedCache
        (loader.cache_mb), a sample and quality decoded before comes from memory
@@ -83,6 +84,15 @@ def training_qualities(cfg: JobConfig) -> list[int]:
 def codec_members(cfg: JobConfig) -> list[str]:
     """The shard members of every training quality, e.g. ``["hevc_q37", "hevc_q42"]``."""
     return [codec_tag(cfg.loader.codec, q) for q in training_qualities(cfg)]
+
+
+def quality_draw_weights(cfg: JobConfig) -> list[float] | None:
+    """How often each of :func:`training_qualities` is drawn (``loader.quality_weights``, in that order);
+    ``None``: equally often."""
+    if not cfg.loader.quality_weights:
+        return None
+    weight = dict(zip(cfg.loader.qualities, cfg.loader.quality_weights, strict=True))
+    return [weight[q] for q in training_qualities(cfg)]
 
 
 def _split_entry(cfg: JobConfig, manifest: Manifest, split: str) -> SplitEntry:
@@ -266,16 +276,31 @@ class BadSamples:
 
 
 class _PickQuality(_Stage):
-    """One of ``members`` per sample, drawn uniformly (one member: no randomness used)."""
+    """One of ``members`` per sample, drawn uniformly or with ``weights`` (one member: no randomness used)."""
 
-    def __init__(self, rank: int, world_size: int, seed: int, members: list[str], bad: BadSamples):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        seed: int,
+        members: list[str],
+        bad: BadSamples,
+        weights: list[float] | None = None,
+    ):
         super().__init__(rank, world_size, seed)
-        self.members, self.bad = members, bad
+        self.members, self.bad, self.weights = members, bad, weights
+
+    def _draw(self, rng: random.Random) -> str:
+        if len(self.members) == 1:
+            return self.members[0]
+        if self.weights is None:
+            return rng.choice(self.members)
+        return rng.choices(self.members, weights=self.weights)[0]
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rng = self._next_rng(_QUALITY, per_unit=True)
         for sample in src:
-            member = self.members[0] if len(self.members) == 1 else rng.choice(self.members)
+            member = self._draw(rng)
             try:
                 selected = _select(sample, member)
             except LoaderError as err:
@@ -539,6 +564,7 @@ def make_dataset(
     urls = shard_urls(cfg, split)
     rank, world_size = resolve_rank(rank, world_size)
     members = codec_members(cfg) if train else [codec_member(cfg)]
+    weights = quality_draw_weights(cfg) if train else None
     if loader.resampled:
         source = [
             wds.ResampledShards(urls, seed=seed, worker_seed=partial(_unit_seed, rank), deterministic=True)
@@ -554,7 +580,7 @@ def make_dataset(
         samples.append(_SplitSamples(rank, world_size, len(urls)))
     if train and loader.shuffle > 1:
         samples.append(_Shuffle(rank, world_size, seed, loader.shuffle))
-    samples.append(_PickQuality(rank, world_size, seed, members, bad))
+    samples.append(_PickQuality(rank, world_size, seed, members, bad, weights))
     predicted = predicted_labels.reader(cfg)
     if predicted is not None:
         samples.append(_PredictedLabels(predicted, bad))
