@@ -252,11 +252,11 @@ class LoaderConfig:
             raise ConfigError(f"crop must be [] or [height, width] of positive sizes, got {self.crop}")
         if self.cache_mb and self.num_workers:
             raise ConfigError(
-                "loader.cache_mb needs loader.num_workers=0: DataLoader workers start anew every epoch, and "
+                "cache_mb needs loader.num_workers=0: DataLoader workers start anew every epoch, and "
                 "a cache of decoded samples with them"
             )
         if self.transpose and not self.crop:
-            raise ConfigError("loader.transpose needs loader.crop: whole frames would not stack in a batch")
+            raise ConfigError("transpose needs loader.crop: whole frames would not stack in a batch")
         if self.quality_weights:
             distinct = len(set(self.qualities)) == len(self.qualities)
             if len(self.quality_weights) != len(self.qualities) or not distinct:
@@ -340,7 +340,7 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be <= {high}, got {getattr(self, name)}")
         if self.correction_scale == "channels" and not self.residual:
             raise ConfigError(
-                "model.correction_scale=channels gains the correction head: needs model.residual=true"
+                "correction_scale=channels gains the correction head: needs model.residual=true"
             )
 
 

@@ -165,7 +165,7 @@ def test_transpose_refuses_a_window_that_does_not_fit(built: tuple[JobConfig, Ma
     with pytest.raises(LoaderError, match=r"transposed, a 200x64 window\) is larger than sample"):
         for _ in make_dataset(_with(cfg, crop=[64, 200], transpose=True), seed=0):
             pass
-    with pytest.raises(ConfigError, match="loader.transpose needs loader.crop"):
+    with pytest.raises(ConfigError, match="^transpose needs loader.crop"):
         _with(cfg, crop=[], transpose=True)
 
 
