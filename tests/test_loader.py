@@ -233,8 +233,9 @@ def test_several_qualities_are_drawn_per_sample(built: tuple[JobConfig, Manifest
 
     def drawn(seed: int) -> list[tuple[str, str]]:
         out = []
-        for _ in range(3):  # three epochs of 10 frames
-            for batch in make_dataset(mixed, seed=seed):
+        dataset = make_dataset(mixed, seed=seed)
+        for _ in range(3):  # three epochs of 10 frames: each pass over one dataset draws anew
+            for batch in dataset:
                 for i, key in enumerate(batch["key"]):
                     decoded = _to_uint8(batch["decoded"][i])
                     member = [
@@ -264,8 +265,9 @@ def test_quality_weights_set_how_often_each_quality_is_drawn(built: tuple[JobCon
     def counts(qualities: list[int], weights: list[float]) -> dict[int, int]:
         weighted = _with(cfg, qualities=qualities, quality_weights=weights, crop=[], flip=False)
         drawn: dict[int, int] = {37: 0, 42: 0}
-        for _ in range(6):  # six epochs of 10 frames
-            for batch in make_dataset(weighted, seed=3):
+        dataset = make_dataset(weighted, seed=3)
+        for _ in range(6):  # six epochs of 10 frames: each pass over one dataset draws anew
+            for batch in dataset:
                 for quality in batch["quality"].tolist():
                     drawn[quality] += 1
         return drawn
