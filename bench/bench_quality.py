@@ -45,8 +45,9 @@ training and frankfurt held out), and the printed labels follow.
 
 With ``--seeds N`` each model is trained N times, with ``train.seed`` and the N-1 seeds after it, one pair
 after the other (fitted steps share the budget among the seeds), and a last table gives per QP the held-out
-gains of every seed's models: their mean, lowest and highest, and in how many seeds codec-SE is ahead of its
-ablation. The tables above it are those of the first seed. The frame intervals say which frames were
+gains of every seed's models: their mean, lowest and highest (and for codec-SE over its ablation the 95 %
+Student-t interval of the mean over the seeds), and in how many seeds codec-SE is ahead of its ablation.
+The tables above it are those of the first seed. The frame intervals say which frames were
 scored; only this table says how much another training run moves the gains.
 
 Usage:  python bench/bench_quality.py [--steps N] [--budget-min M] [--seeds N] [--keep DIR]
@@ -74,6 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from scipy import stats
 
 # No progress bars, here (the evaluation) and in the training processes started below, which inherit the
 # variable: tqdm reads it once, when the pipeline imports it, hence before those imports.
@@ -338,9 +340,10 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     rates = {seed: json.loads((folder / BDRATE_FILE).read_text())["methods"] for seed, folder in held.items()}
     seeds = list(held)
     lines = [
-        f"held-out gains across the {what} {seeds} (mean over the {what} [lowest, highest]; every one's "
-        "models trained anew; NIQE: lower is better):",
-        f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>24} | SE ahead | "
+        f"held-out gains across the {what} {seeds} (mean over the {what} [lowest, highest]; SE - abl also "
+        f"± the 95 % interval of its mean over the {what}; every one's models trained anew; NIQE: lower is "
+        "better):",
+        f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>32} | SE ahead | "
         f"{'dNIQE SE - abl':>24} | SE lower | {'SE - SE no map':>24} | SE ahead",
     ]
     for q in QUALITIES:
@@ -350,7 +353,7 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
         diff = [a - b for a, b in zip(gains[se], gains[ab], strict=True)]
         own = [a - b for a, b in zip(gains[se], gains[se + WITHHELD_SUFFIX], strict=True)]
         niqe = [f(m[(se, q)], "niqe") - f(m[(ab, q)], "niqe") for m in means.values()]
-        cells = [_spread(gains[se]), _spread(gains[ab]), _spread(diff)]
+        cells = [_spread(gains[se]), _spread(gains[ab]), _spread(diff, interval=True)]
         ahead, lower = sum(d > 0 for d in diff), sum(d < 0 for d in niqe)
         lines.append(
             f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} {what} | {_spread(niqe)} | "
@@ -367,8 +370,16 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     return "\n".join(lines)
 
 
-def _spread(values: list[float]) -> str:
-    return f"{np.mean(values):+.3f} [{min(values):+.3f}, {max(values):+.3f}]"
+def _spread(values: list[float], interval: bool = False) -> str:
+    """``mean [lowest, highest]``; with ``interval`` also the half-width of the mean's 95 % Student-t
+    interval over the values (``nan`` for one value): each value is one training run's, so this is the
+    interval that says whether a mean over seeds is more than their noise."""
+    mean = f"{np.mean(values):+.3f}"
+    if interval:
+        n = len(values)
+        half = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n) if n > 1 else math.nan
+        mean += f" ±{half:.3f}"
+    return f"{mean} [{min(values):+.3f}, {max(values):+.3f}]"
 
 
 def reference_table(report: dict[str, Any]) -> str:

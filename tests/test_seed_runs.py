@@ -29,11 +29,21 @@ def fake_run(
     se_gain: float,
     ablation_gain: float,
     frames: tuple[str, ...] = ("a", "b"),
+    later_seeds: dict[int, tuple[float, float]] | None = None,
 ) -> Path:
     """A ``--keep`` folder with what a finished run leaves in ``eval-test``: HEVC at 30 dB, codec-SE and
-    its ablation the given gains above it, codec-SE 0.01 dB less with its map withheld."""
+    its ablation the given gains above it, codec-SE 0.01 dB less with its map withheld; ``later_seeds``
+    adds a ``--seeds N`` run's ``eval-test-seed<S>`` folders, each with its (codec-SE, ablation) gains."""
     run = root / f"run-{len(list(root.iterdir()))}"
-    folder = run / "eval-test"
+    fake_evaluation(run / "eval-test", qualities, se_gain, ablation_gain, frames)
+    for seed, (se, ablation) in (later_seeds or {}).items():
+        fake_evaluation(run / f"eval-test-seed{seed}", qualities, se, ablation, frames)
+    return run
+
+
+def fake_evaluation(
+    folder: Path, qualities: list[int], se_gain: float, ablation_gain: float, frames: tuple[str, ...]
+) -> None:
     folder.mkdir(parents=True)
     write_rows(
         folder / ROWS_FILE,
@@ -47,7 +57,6 @@ def fake_run(
     rates = {"available": True, "bd_rate_pct": {"psnr/bpp_codec": -7.0, "psnr/bpp_total": 5.0}}
     methods = {name: rates for name in (SE, AB, SE + CHOSEN_SUFFIX)}
     (folder / BDRATE_FILE).write_text(json.dumps({"methods": methods}))
-    return run
 
 
 def test_the_table_gives_the_mean_lowest_and_highest_over_the_runs(
@@ -62,8 +71,26 @@ def test_the_table_gives_the_mean_lowest_and_highest_over_the_runs(
         row = next(line for line in lines if line.startswith(f"{q:>3} |"))
         # codec-SE, the ablation, codec-SE over it (ahead in one run of two), codec-SE over itself withheld
         assert "+0.320 [+0.300, +0.340]" in row and "+0.320 [+0.290, +0.350]" in row
-        assert "+0.000 [-0.010, +0.010] | 1/2 runs" in row
+        # the 95 % interval of two runs 0.02 dB apart: t(0.975, 1) = 12.706 times a standard error of 0.01
+        assert "+0.000 ±0.127 [-0.010, +0.010] | 1/2 runs" in row
         assert "+0.010 [+0.010, +0.010] | 2/2 runs" in row
+
+
+def test_a_multi_seed_folder_counts_each_seed_as_a_run(seed_runs: ModuleType, tmp_path: Path) -> None:
+    qualities = seed_runs.QUALITIES
+    single = fake_run(tmp_path, qualities, 0.30, 0.28)
+    multi = fake_run(tmp_path, qualities, 0.31, 0.30, later_seeds={5: (0.32, 0.29), 6: (0.33, 0.31)})
+    (multi / "eval-test-dec").mkdir()  # a --segmenter run's decoder-map evaluation: not a seed
+    held = seed_runs.held_out_folders([single, multi])
+    assert held == {
+        str(single): single / "eval-test",
+        f"{multi} seed 4": multi / "eval-test",
+        f"{multi} seed 5": multi / "eval-test-seed5",
+        f"{multi} seed 6": multi / "eval-test-seed6",
+    }
+    row = next(line for line in seed_runs.seeds_table(held, "runs").splitlines() if line.startswith(" 32 |"))
+    # codec-SE over its ablation: +0.02, +0.01, +0.03, +0.02 dB; mean +0.02, sd 0.00816, t(0.975, 3) 3.182
+    assert "+0.020 ±0.013 [+0.010, +0.030] | 4/4 runs" in row
 
 
 def test_runs_of_other_frames_or_qps_are_refused(seed_runs: ModuleType, tmp_path: Path) -> None:
