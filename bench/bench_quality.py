@@ -75,7 +75,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from scipy import stats
 
 # No progress bars, here (the evaluation) and in the training processes started below, which inherit the
 # variable: tqdm reads it once, when the pipeline imports it, hence before those imports.
@@ -91,7 +90,7 @@ from pipeline.config import (  # noqa: E402
 )
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
-from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, format_gains  # noqa: E402
+from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, ci95_half_width, format_gains  # noqa: E402
 from pipeline.eval.methods import CHOSEN_SUFFIX  # noqa: E402
 from pipeline.eval.report import BDRATE_FILE, format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
@@ -376,9 +375,7 @@ def _spread(values: list[float], interval: bool = False) -> str:
     interval that says whether a mean over seeds is more than their noise."""
     mean = f"{np.mean(values):+.3f}"
     if interval:
-        n = len(values)
-        half = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n) if n > 1 else math.nan
-        mean += f" ±{half:.3f}"
+        mean += f" ±{ci95_half_width(values):.3f}"
     return f"{mean} [{min(values):+.3f}, {max(values):+.3f}]"
 
 

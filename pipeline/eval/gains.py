@@ -53,6 +53,12 @@ class Gain:
         return cls(**{k: math.nan if v is None else v for k, v in entry.items()})
 
 
+def ci95_half_width(values: Sequence[float] | np.ndarray) -> float:
+    """The half-width of the 95 % Student-t interval of the mean of ``values`` (``nan`` for one value)."""
+    n = len(values)
+    return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+
 def paired(rows: Sequence[RPDRow], test: str, anchor: str, quality: int, measure: str) -> Gain:
     """``test`` minus ``anchor`` (curve names, :attr:`RPDRow.method`), frame by frame; every frame of one
     must be a frame of the other."""
@@ -67,7 +73,7 @@ def paired(rows: Sequence[RPDRow], test: str, anchor: str, quality: int, measure
         )
     diff = np.array([values[test][key] - values[anchor][key] for key in sorted(values[test])])
     n = len(diff)
-    ci95 = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    ci95 = ci95_half_width(diff)
     sign = 1.0 if measure == "psnr" else -1.0  # +1 where higher is better
     return Gain(
         test=test,
