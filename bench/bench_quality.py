@@ -345,10 +345,12 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
         f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>32} | SE ahead | "
         f"{'dNIQE SE - abl':>24} | SE lower | {'SE - SE no map':>24} | SE ahead",
     ]
+    by_quality = {}
     for q in QUALITIES:
         gains = {}
         for name in (se, ab, se + WITHHELD_SUFFIX):
             gains[name] = [f(m[(name, q)], "psnr") - f(m[("hevc", q)], "psnr") for m in means.values()]
+        by_quality[q] = gains
         diff = [a - b for a, b in zip(gains[se], gains[ab], strict=True)]
         own = [a - b for a, b in zip(gains[se], gains[se + WITHHELD_SUFFIX], strict=True)]
         niqe = [f(m[(se, q)], "niqe") - f(m[(ab, q)], "niqe") for m in means.values()]
@@ -358,6 +360,7 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
             f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} {what} | {_spread(niqe)} | "
             f"{lower}/{len(seeds)} {what} | {_spread(own)} | {sum(d > 0 for d in own)}/{len(seeds)} {what}"
         )
+    lines.append(each_seed_table(by_quality, seeds, what))
     for name in (se, ab, se + CHOSEN_SUFFIX):
         values = [r[name]["bd_rate_pct"]["psnr/bpp_codec"] for r in rates.values() if r[name]["available"]]
         totals = [r[name]["bd_rate_pct"]["psnr/bpp_total"] for r in rates.values() if r[name]["available"]]
@@ -366,6 +369,26 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
             f"  {name:<24} PSNR BD-rate vs HEVC, codec bits {np.mean(values):+7.2f} % ({what}: {each}), "
             f"total bits {np.mean(totals):+7.2f} %"
         )
+    return "\n".join(lines)
+
+
+def each_seed_table(by_quality: dict[int, dict[str, list[float]]], seeds: list[Any], what: str) -> str:
+    """One row per seed (or run) of :func:`seeds_table`: its own gains over HEVC at each QP, codec-SE's,
+    the ablation's and codec-SE's over the ablation. ``by_quality`` maps each QP to each curve's gains,
+    listed in the order of ``seeds``."""
+    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    width = max(len(what), *(len(str(seed)) for seed in seeds))
+    qps = " / ".join(str(q) for q in QUALITIES)
+    cell = 7 * len(QUALITIES) - 1  # each gain "+0.123" and a space between
+    lines = [
+        f"  each one's gains in dB at QP {qps}:",
+        f"  {what:<{width}} | {'SE - hevc':<{cell}} | {'abl - hevc':<{cell}} | SE - abl",
+    ]
+    for i, seed in enumerate(seeds):
+        se_gains = [by_quality[q][se][i] for q in QUALITIES]
+        ab_gains = [by_quality[q][ab][i] for q in QUALITIES]
+        cells = [se_gains, ab_gains, [a - b for a, b in zip(se_gains, ab_gains, strict=True)]]
+        lines.append(f"  {seed!s:<{width}} | " + " | ".join(" ".join(f"{v:+.3f}" for v in c) for c in cells))
     return "\n".join(lines)
 
 

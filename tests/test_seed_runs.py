@@ -93,6 +93,22 @@ def test_a_multi_seed_folder_counts_each_seed_as_a_run(seed_runs: ModuleType, tm
     assert "+0.020 ±0.013 [+0.010, +0.030] | 4/4 runs" in row
 
 
+def test_each_run_prints_its_own_row(seed_runs: ModuleType, tmp_path: Path) -> None:
+    qualities = seed_runs.QUALITIES
+    multi = fake_run(tmp_path, qualities, 0.31, 0.30, later_seeds={5: (0.32, 0.35)})
+    lines = seed_runs.seeds_table(seed_runs.held_out_folders([multi]), "runs").splitlines()
+    rows = {
+        line.split(" | ")[0].strip(): line.split(" | ")[1:]
+        for line in lines
+        if line.startswith(f"  {multi} seed")
+    }
+    n = len(qualities)
+    assert rows == {
+        f"{multi} seed 4": [" ".join(["+0.310"] * n), " ".join(["+0.300"] * n), " ".join(["+0.010"] * n)],
+        f"{multi} seed 5": [" ".join(["+0.320"] * n), " ".join(["+0.350"] * n), " ".join(["-0.030"] * n)],
+    }
+
+
 def test_runs_of_other_frames_or_qps_are_refused(seed_runs: ModuleType, tmp_path: Path) -> None:
     qualities = seed_runs.QUALITIES
     first = fake_run(tmp_path, qualities, 0.3, 0.3)
