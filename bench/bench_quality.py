@@ -364,10 +364,10 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     for name in (se, ab, se + CHOSEN_SUFFIX):
         values = [r[name]["bd_rate_pct"]["psnr/bpp_codec"] for r in rates.values() if r[name]["available"]]
         totals = [r[name]["bd_rate_pct"]["psnr/bpp_total"] for r in rates.values() if r[name]["available"]]
-        each = " ".join(f"{v:+.2f}" for v in values)
+        each, each_total = (" ".join(f"{v:+.2f}" for v in vs) for vs in (values, totals))
         lines.append(
             f"  {name:<24} PSNR BD-rate vs HEVC, codec bits {np.mean(values):+7.2f} % ({what}: {each}), "
-            f"total bits {np.mean(totals):+7.2f} %"
+            f"total bits {np.mean(totals):+7.2f} % ({what}: {each_total})"
         )
     return "\n".join(lines)
 

@@ -54,7 +54,7 @@ def fake_evaluation(
         folder / MEANS_FILE,
         [{"method": m, "quality": q, "psnr": p, "niqe": 5.0} for m, p in psnr.items() for q in qualities],
     )
-    rates = {"available": True, "bd_rate_pct": {"psnr/bpp_codec": -7.0, "psnr/bpp_total": 5.0}}
+    rates = {"available": True, "bd_rate_pct": {"psnr/bpp_codec": -7.0, "psnr/bpp_total": 5.0 + se_gain}}
     methods = {name: rates for name in (SE, AB, SE + CHOSEN_SUFFIX)}
     (folder / BDRATE_FILE).write_text(json.dumps({"methods": methods}))
 
@@ -93,9 +93,9 @@ def test_a_multi_seed_folder_counts_each_seed_as_a_run(seed_runs: ModuleType, tm
     assert "+0.020 ±0.013 [+0.010, +0.030] | 4/4 runs" in row
 
 
-def test_each_run_prints_its_own_row(seed_runs: ModuleType, tmp_path: Path) -> None:
+def test_each_run_prints_its_own_gains_and_bd_rates(seed_runs: ModuleType, tmp_path: Path) -> None:
     qualities = seed_runs.QUALITIES
-    multi = fake_run(tmp_path, qualities, 0.31, 0.30, later_seeds={5: (0.32, 0.35)})
+    multi = fake_run(tmp_path, qualities, 0.31, 0.30, later_seeds={5: (0.33, 0.35)})
     lines = seed_runs.seeds_table(seed_runs.held_out_folders([multi]), "runs").splitlines()
     rows = {
         line.split(" | ")[0].strip(): line.split(" | ")[1:]
@@ -103,9 +103,11 @@ def test_each_run_prints_its_own_row(seed_runs: ModuleType, tmp_path: Path) -> N
         if line.startswith(f"  {multi} seed")
     }
     n = len(qualities)
+    bd_rate = next(line for line in lines if line.startswith(f"  {SE} "))
+    assert "codec bits   -7.00 % (runs: -7.00 -7.00), total bits   +5.32 % (runs: +5.31 +5.33)" in bd_rate
     assert rows == {
         f"{multi} seed 4": [" ".join(["+0.310"] * n), " ".join(["+0.300"] * n), " ".join(["+0.010"] * n)],
-        f"{multi} seed 5": [" ".join(["+0.320"] * n), " ".join(["+0.350"] * n), " ".join(["-0.030"] * n)],
+        f"{multi} seed 5": [" ".join(["+0.330"] * n), " ".join(["+0.350"] * n), " ".join(["-0.020"] * n)],
     }
 
 
