@@ -151,6 +151,8 @@ PLANNED_SHARE = 0.9  # of the budget: the machine's pace drifts (runs 60 to 62: 
 MIN_STEPS = 1000
 # The first seed's evaluation on the held-out frames, in the work folder (bench/seed_runs.py reads it).
 HELD_OUT_EVAL = "eval-test"
+# The two curves every table compares: codec-SE and its zero-semantics ablation.
+SE, ABLATION = "hevc-SE", "hevc-SE (no semantics)"
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
 CACHE_MB = 512
 
@@ -270,7 +272,7 @@ def f(row: dict[str, Any], key: str) -> float:
 
 
 def table(held: dict, train: dict, report: dict) -> str:
-    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    se, ab = SE, ABLATION
     lines = [
         f"{'QP':>3} {'bpp':>6} {'bpp+map':>7} | {'PSNR hevc':>9} {'SE':>7} {'abl':>7} | "
         f"{'dPSNR SE':>8} {'abl':>7} {'train SE':>8} {'abl':>7} | "
@@ -334,7 +336,7 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     """The held-out gains of codec-SE and the ablation over HEVC, and of codec-SE over the ablation, for
     each seed and their mean: what the frame intervals leave out, how much training noise moves them.
     ``held`` maps each seed (or run, ``what`` says which: ``bench/seed_runs.py``) to its evaluation folder."""
-    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    se, ab = SE, ABLATION
     means = {seed: means_by_curve(folder) for seed, folder in held.items()}
     rates = {seed: json.loads((folder / BDRATE_FILE).read_text())["methods"] for seed, folder in held.items()}
     seeds = list(held)
@@ -345,7 +347,7 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
         f"{'QP':>3} | {'SE - hevc':>24} | {'abl - hevc':>24} | {'SE - abl':>32} | SE ahead | "
         f"{'dNIQE SE - abl':>24} | SE lower | {'SE - SE no map':>24} | SE ahead",
     ]
-    by_quality = {}
+    by_quality: dict[int, dict[str, list[float]]] = {}
     for q in QUALITIES:
         gains = {}
         for name in (se, ab, se + WITHHELD_SUFFIX):
@@ -376,7 +378,7 @@ def each_seed_table(by_quality: dict[int, dict[str, list[float]]], seeds: list[A
     """One row per seed (or run) of :func:`seeds_table`: its own gains over HEVC at each QP, codec-SE's,
     the ablation's and codec-SE's over the ablation. ``by_quality`` maps each QP to each curve's gains,
     listed in the order of ``seeds``."""
-    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    se, ab = SE, ABLATION
     width = max(len(what), *(len(str(seed)) for seed in seeds))
     qps = " / ".join(str(q) for q in QUALITIES)
     cell = 7 * len(QUALITIES) - 1  # each gain "+0.123" and a space between
@@ -412,7 +414,7 @@ def reference_table(report: dict[str, Any]) -> str:
 def decoder_table(held: dict, held_dec: dict, report: dict, report_dec: dict, accuracy: dict) -> str:
     """Codec-SE on ground-truth maps and on decoder maps, each at its total bits, with the mIoU of every
     reconstruction (the judge is the segmenter that made the decoder maps)."""
-    se, ab = "hevc-SE", "hevc-SE (no semantics)"
+    se, ab = SE, ABLATION
     lines = [
         f"decoder label maps (0 label bits) beside ground-truth maps, held-out; mIoU judged by "
         f"{accuracy['judge']['name']}; original frames' mIoU {accuracy['original']['miou']:.4f}",
