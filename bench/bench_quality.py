@@ -90,7 +90,7 @@ from pipeline.config import (  # noqa: E402
 )
 from pipeline.data.shards import build_shards  # noqa: E402
 from pipeline.eval.evaluate import evaluate  # noqa: E402
-from pipeline.eval.gains import WITHHELD_SUFFIX, Gain, ci95_half_width, format_gains  # noqa: E402
+from pipeline.eval.gains import SEMANTICS_SUFFIX, WITHHELD_SUFFIX, Gain, ci95_half_width, format_gains  # noqa: E402
 from pipeline.eval.methods import CHOSEN_SUFFIX  # noqa: E402
 from pipeline.eval.report import BDRATE_FILE, format_reference_bdrate, means_by_curve  # noqa: E402
 from pipeline.model.export import read_spec  # noqa: E402
@@ -152,7 +152,8 @@ MIN_STEPS = 1000
 # The first seed's evaluation on the held-out frames, in the work folder (bench/seed_runs.py reads it).
 HELD_OUT_EVAL = "eval-test"
 # The two curves every table compares: codec-SE and its zero-semantics ablation.
-SE, ABLATION = "hevc-SE", "hevc-SE (no semantics)"
+SE = "hevc-SE"
+ABLATION = SE + SEMANTICS_SUFFIX
 # Decoded training samples kept in memory (MiB per model): the PNGs are decoded once, not every epoch.
 CACHE_MB = 512
 
@@ -272,7 +273,6 @@ def f(row: dict[str, Any], key: str) -> float:
 
 
 def table(held: dict, train: dict, report: dict) -> str:
-    se, ab = SE, ABLATION
     lines = [
         f"{'QP':>3} {'bpp':>6} {'bpp+map':>7} | {'PSNR hevc':>9} {'SE':>7} {'abl':>7} | "
         f"{'dPSNR SE':>8} {'abl':>7} {'train SE':>8} {'abl':>7} | "
@@ -281,9 +281,9 @@ def table(held: dict, train: dict, report: dict) -> str:
         f"{'SE map chosen':>13} {'bpp+map':>7} {'maps':>4}"
     ]
     for q in QUALITIES:
-        h, s, a, w = held[("hevc", q)], held[(se, q)], held[(ab, q)], held[(se + WITHHELD_SUFFIX, q)]
-        c = held[(se + CHOSEN_SUFFIX, q)]
-        th, ts, ta = train[("hevc", q)], train[(se, q)], train[(ab, q)]
+        h, s, a, w = held[("hevc", q)], held[(SE, q)], held[(ABLATION, q)], held[(SE + WITHHELD_SUFFIX, q)]
+        c = held[(SE + CHOSEN_SUFFIX, q)]
+        th, ts, ta = train[("hevc", q)], train[(SE, q)], train[(ABLATION, q)]
         lines.append(
             f"{q:>3} {f(h, 'bpp_codec'):>6.4f} {f(s, 'bpp_total'):>7.4f} | {f(h, 'psnr'):>9.3f} "
             f"{f(s, 'psnr'):>7.3f} {f(a, 'psnr'):>7.3f} | {f(s, 'psnr') - f(h, 'psnr'):>+8.3f} "
@@ -295,7 +295,7 @@ def table(held: dict, train: dict, report: dict) -> str:
             f"{f(c, 'bpp_total'):>7.4f} {f(c, 'map_sent'):>4.0%}"
         )
     lines.append("BD-rate vs HEVC (negative = fewer bits at equal quality), held-out frames:")
-    for name in (se, ab, se + CHOSEN_SUFFIX):
+    for name in (SE, ABLATION, SE + CHOSEN_SUFFIX):
         entry = report["methods"][name]
         if not entry["available"]:
             lines.append(f"  {name}: {entry['reason']}")
@@ -336,7 +336,6 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     """The held-out gains of codec-SE and the ablation over HEVC, and of codec-SE over the ablation, for
     each seed and their mean: what the frame intervals leave out, how much training noise moves them.
     ``held`` maps each seed (or run, ``what`` says which: ``bench/seed_runs.py``) to its evaluation folder."""
-    se, ab = SE, ABLATION
     means = {seed: means_by_curve(folder) for seed, folder in held.items()}
     rates = {seed: json.loads((folder / BDRATE_FILE).read_text())["methods"] for seed, folder in held.items()}
     seeds = list(held)
@@ -350,20 +349,20 @@ def seeds_table(held: dict[Any, Path], what: str = "seeds") -> str:
     by_quality: dict[int, dict[str, list[float]]] = {}
     for q in QUALITIES:
         gains = {}
-        for name in (se, ab, se + WITHHELD_SUFFIX):
+        for name in (SE, ABLATION, SE + WITHHELD_SUFFIX):
             gains[name] = [f(m[(name, q)], "psnr") - f(m[("hevc", q)], "psnr") for m in means.values()]
         by_quality[q] = gains
-        diff = [a - b for a, b in zip(gains[se], gains[ab], strict=True)]
-        own = [a - b for a, b in zip(gains[se], gains[se + WITHHELD_SUFFIX], strict=True)]
-        niqe = [f(m[(se, q)], "niqe") - f(m[(ab, q)], "niqe") for m in means.values()]
-        cells = [_spread(gains[se]), _spread(gains[ab]), _spread(diff, interval=True)]
+        diff = [a - b for a, b in zip(gains[SE], gains[ABLATION], strict=True)]
+        own = [a - b for a, b in zip(gains[SE], gains[SE + WITHHELD_SUFFIX], strict=True)]
+        niqe = [f(m[(SE, q)], "niqe") - f(m[(ABLATION, q)], "niqe") for m in means.values()]
+        cells = [_spread(gains[SE]), _spread(gains[ABLATION]), _spread(diff, interval=True)]
         ahead, lower = sum(d > 0 for d in diff), sum(d < 0 for d in niqe)
         lines.append(
             f"{q:>3} | " + " | ".join(cells) + f" | {ahead}/{len(seeds)} {what} | {_spread(niqe)} | "
             f"{lower}/{len(seeds)} {what} | {_spread(own)} | {sum(d > 0 for d in own)}/{len(seeds)} {what}"
         )
     lines.append(each_seed_table(by_quality, seeds, what))
-    for name in (se, ab, se + CHOSEN_SUFFIX):
+    for name in (SE, ABLATION, SE + CHOSEN_SUFFIX):
         values = [r[name]["bd_rate_pct"]["psnr/bpp_codec"] for r in rates.values() if r[name]["available"]]
         totals = [r[name]["bd_rate_pct"]["psnr/bpp_total"] for r in rates.values() if r[name]["available"]]
         each, each_total = (" ".join(f"{v:+.2f}" for v in vs) for vs in (values, totals))
@@ -378,7 +377,6 @@ def each_seed_table(by_quality: dict[int, dict[str, list[float]]], seeds: list[A
     """One row per seed (or run) of :func:`seeds_table`: its own gains over HEVC at each QP, codec-SE's,
     the ablation's and codec-SE's over the ablation. ``by_quality`` maps each QP to each curve's gains,
     listed in the order of ``seeds``."""
-    se, ab = SE, ABLATION
     width = max(len(what), *(len(str(seed)) for seed in seeds))
     qps = " / ".join(str(q) for q in QUALITIES)
     cell = 7 * len(QUALITIES) - 1  # each gain "+0.123" and a space between
@@ -387,8 +385,8 @@ def each_seed_table(by_quality: dict[int, dict[str, list[float]]], seeds: list[A
         f"  {what:<{width}} | {'SE - hevc':<{cell}} | {'abl - hevc':<{cell}} | SE - abl",
     ]
     for i, seed in enumerate(seeds):
-        se_gains = [by_quality[q][se][i] for q in QUALITIES]
-        ab_gains = [by_quality[q][ab][i] for q in QUALITIES]
+        se_gains = [by_quality[q][SE][i] for q in QUALITIES]
+        ab_gains = [by_quality[q][ABLATION][i] for q in QUALITIES]
         cells = [se_gains, ab_gains, [a - b for a, b in zip(se_gains, ab_gains, strict=True)]]
         lines.append(f"  {seed!s:<{width}} | " + " | ".join(" ".join(f"{v:+.3f}" for v in c) for c in cells))
     return "\n".join(lines)
@@ -414,7 +412,6 @@ def reference_table(report: dict[str, Any]) -> str:
 def decoder_table(held: dict, held_dec: dict, report: dict, report_dec: dict, accuracy: dict) -> str:
     """Codec-SE on ground-truth maps and on decoder maps, each at its total bits, with the mIoU of every
     reconstruction (the judge is the segmenter that made the decoder maps)."""
-    se, ab = SE, ABLATION
     lines = [
         f"decoder label maps (0 label bits) beside ground-truth maps, held-out; mIoU judged by "
         f"{accuracy['judge']['name']}; original frames' mIoU {accuracy['original']['miou']:.4f}",
@@ -422,14 +419,14 @@ def decoder_table(held: dict, held_dec: dict, report: dict, report_dec: dict, ac
         f"{'mIoU hevc':>9} {'SE':>7} {'SE-dec':>7} {'abl':>7}",
     ]
     for q in QUALITIES:
-        h, s, a, d = held[("hevc", q)], held[(se, q)], held[(ab, q)], held_dec[(se, q)]
+        h, s, a, d = held[("hevc", q)], held[(SE, q)], held[(ABLATION, q)], held_dec[(SE, q)]
         gains = " ".join(f"{f(m, 'psnr') - f(h, 'psnr'):>+{w}.3f}" for m, w in ((s, 8), (d, 7), (a, 7)))
         mious = " ".join(f"{f(m, 'miou'):>{w}.4f}" for m, w in ((h, 9), (s, 7), (d, 7), (a, 7)))
         lines.append(f"{q:>3} {f(h, 'bpp_codec'):>6.4f} {f(s, 'bpp_total'):>7.4f} | {gains} | {mious}")
     lines.append("BD-rate (PSNR) vs HEVC on total bits (codec bits + label map):")
     for name, entry in (
-        (f"{se} (gt maps)", report["methods"][se]),
-        (f"{se} (decoder maps)", report_dec["methods"][se]),
+        (f"{SE} (gt maps)", report["methods"][SE]),
+        (f"{SE} (decoder maps)", report_dec["methods"][SE]),
     ):
         rate = entry["bd_rate_pct"]["psnr/bpp_total"] if entry["available"] else None
         lines.append(

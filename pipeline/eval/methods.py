@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.data.codecs import Codec, CodecResult, CodecUnavailable, get_codec
-from pipeline.eval.gains import WITHHELD_SUFFIX
+from pipeline.eval.gains import SEMANTICS_SUFFIX, WITHHELD_SUFFIX
 from pipeline.eval.inputs import EvalSample
 from pipeline.model.correction_scale import SCALE_UNIT, side_bits
 from pipeline.model.export import load_generator, read_train_frames, weights_sha256
@@ -131,7 +131,7 @@ def load_methods(
         seen[sha] = identity
         methods += [
             Method(
-                name=f"{codec}-SE (no semantics)" if spec.zero_semantics else f"{codec}-SE",
+                name=f"{codec}-SE{SEMANTICS_SUFFIX}" if spec.zero_semantics else f"{codec}-SE",
                 quality=quality,
                 generator=generator.eval(),
                 spec=spec,
