@@ -45,6 +45,7 @@ from pipeline.data.shards import build_shards, format_summary
 from pipeline.data.sources import label_categories, open_source
 from pipeline.data.splits import check_disjoint, plan_splits
 from pipeline.eval.evaluate import check_reference_codecs, evaluate
+from pipeline.eval.gains import SEMANTICS_SUFFIX
 from pipeline.eval.report import BDRATE_FILE, MEANS_FILE, means_by_curve, read_means, slug
 from pipeline.lock import folder_lock
 from pipeline.model.export import read_spec, weights_sha256
@@ -174,8 +175,9 @@ def decoder_summary(codec: str, gt: Path, decoder: Path, segmenter: Path) -> tup
     then the PSNR BD-rate of each on total bits against the codec and each reference codec. Returns the table
     and its BD-rates as metrics (``job.bdrate_psnr_total[_vs_<reference>].<curve>``)."""
     means = {gt: means_by_curve(gt), decoder: means_by_curve(decoder)}
-    reports = {folder: json.loads((folder / "bdrate.json").read_text()) for folder in (gt, decoder)}
-    se, ablation = f"{codec}-SE", f"{codec}-SE (no semantics)"
+    reports = {folder: json.loads((folder / BDRATE_FILE).read_text()) for folder in (gt, decoder)}
+    se = f"{codec}-SE"
+    ablation = se + SEMANTICS_SUFFIX
     # (name, folder, method): the curves compared, each from its own evaluation
     curves = [(f"{se} (gt maps)", gt, se), (f"{se} (decoder maps)", decoder, se), (ablation, gt, ablation)]
     judged = (gt / "segmentation.json").is_file()
